@@ -1,0 +1,8 @@
+"""cljax: continual learning for language models in JAX."""
+
+from cljax.hf import load_pretrained, load_tokenizer, save_pretrained
+from cljax.model import GPT2Classifier, GPT2Config
+
+__version__ = "0.1.0"
+__all__ = ["GPT2Classifier", "GPT2Config", "load_pretrained", "load_tokenizer",
+           "save_pretrained"]

@@ -1,0 +1,155 @@
+"""Throughput of the jitted train and eval steps, and of the PyTorch baseline."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cljax import steps
+from cljax.model import GPT2Classifier, GPT2Config, init_params
+
+# Dense bf16 peak FLOP/s per chip, for model-FLOPs utilization.
+PEAK_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def peak_flops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return flops
+  return None
+
+
+def train_flops_per_example(config: GPT2Config, seq_len: int) -> float:
+  """Matmul FLOPs of forward + backward for one sequence (6N per token plus
+  attention's 12 L T D per token, as in the PaLM appendix); embeddings excluded."""
+  d, L = config.n_embd, config.n_layer
+  n = L * (4 * d * d + 2 * d * config.inner_dim)
+  return 6.0 * n * seq_len + 12.0 * L * seq_len * seq_len * d
+
+
+def random_batch(config: GPT2Config, batch_size: int, seq_len: int, seed: int = 0):
+  rs = np.random.RandomState(seed)
+  ids = rs.randint(0, config.vocab_size - 1, (batch_size, seq_len)).astype(np.int32)
+  return {
+      "input_ids": ids,
+      "attention_mask": np.ones_like(ids),
+      "labels": rs.randint(0, config.num_labels, (batch_size,)).astype(np.int32),
+      "weights": np.ones((batch_size,), np.float32),
+      "class_mask": np.ones((batch_size, config.num_labels), bool),
+      "task_ids": np.zeros((batch_size,), np.int32),
+  }
+
+
+def _time(fn, steps: int, warmup: int) -> float:
+  for _ in range(warmup):
+    fn()
+  start = time.perf_counter()
+  for _ in range(steps):
+    fn()
+  return (time.perf_counter() - start) / steps
+
+
+def bench_jax(config: GPT2Config, batch_size: int, seq_len: int, steps_: int,
+              warmup: int) -> dict[str, Any]:
+  model = GPT2Classifier(config)
+  params = jax.jit(functools.partial(init_params, model))(jax.random.key(0))
+  tx, _ = steps.make_optimizer(total_steps=10_000)
+  state = steps.init_train_state(params, tx, jax.random.key(1))
+  batch = jax.device_put(random_batch(config, batch_size, seq_len))
+  train = jax.jit(functools.partial(steps.train_step, model=model, tx=tx), donate_argnums=0)
+  evaluate = jax.jit(functools.partial(steps.eval_step, model=model))
+  box = [state]
+
+  def train_once():
+    box[0], m = train(box[0], batch)
+    jax.block_until_ready(m)
+
+  t0 = time.perf_counter()
+  train_once()
+  compile_s = time.perf_counter() - t0
+  train_s = _time(train_once, steps_, max(warmup - 1, 0))
+  eval_s = _time(lambda: jax.block_until_ready(evaluate(box[0].params, batch)), steps_, warmup)
+  out = {"jax_train_examples_per_s": batch_size / train_s,
+         "jax_eval_examples_per_s": batch_size / eval_s,
+         "jax_train_compile_s": compile_s}
+  peak = peak_flops(jax.devices()[0])
+  flops = train_flops_per_example(config, seq_len) * batch_size
+  out["jax_train_tflops_per_s"] = flops / train_s / 1e12
+  if peak:
+    out["mfu"] = flops / train_s / (peak * jax.device_count())
+  return out
+
+
+def bench_torch(config: GPT2Config, batch_size: int, seq_len: int, steps_: int,
+                warmup: int, device: str | None = None) -> dict[str, Any]:
+  """The same step in transformers' PyTorch GPT2ForSequenceClassification:
+  AdamW, linear decay, clipping at 1.0, dropout on in training."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from cljax.model import as_dtype  # pylint: disable=import-outside-toplevel
+  device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+  if device == "cpu":
+    torch.set_num_threads(os.cpu_count() or 1)
+  hf = transformers.GPT2Config(**{k: v for k, v in config.to_hf().items()
+                                  if k not in ("architectures", "torch_dtype")})
+  model = transformers.GPT2ForSequenceClassification(hf).to(device)
+  opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0)
+  sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / 10_000))
+  b = random_batch(config, batch_size, seq_len)
+  ids = torch.tensor(b["input_ids"], dtype=torch.long, device=device)
+  mask = torch.tensor(b["attention_mask"], device=device)
+  labels = torch.tensor(b["labels"], dtype=torch.long, device=device)
+  autocast = as_dtype(config.dtype) != jnp.float32
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def train_once():
+    model.train()
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+      loss = model(ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+
+  def eval_once():
+    model.eval()
+    with torch.inference_mode(), torch.autocast(device, dtype=torch.bfloat16,
+                                                 enabled=autocast):
+      model(ids, attention_mask=mask).logits.float().cpu()
+    sync()
+
+  return {"torch_train_examples_per_s": batch_size / _time(train_once, steps_, warmup),
+          "torch_eval_examples_per_s": batch_size / _time(eval_once, steps_, warmup),
+          "torch_version": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def run(size: str, batch_size: int, seq_len: int, steps_: int, warmup: int,
+        dtype: str = "float32", remat: bool = False, compare_torch: bool = False,
+        num_labels: int = 4) -> dict[str, Any]:
+  """Runs the JAX (and optionally PyTorch) benchmark; returns one flat dict."""
+  config = GPT2Config.from_size(size, num_labels=num_labels, dtype=dtype, remat=remat)
+  if seq_len > config.n_positions:
+    raise ValueError(f"seq_len {seq_len} exceeds n_positions {config.n_positions}.")
+  out = {"size": size, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype,
+         "steps": steps_, "backend": jax.default_backend(),
+         "device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
+         "jax_version": jax.__version__}
+  out.update(bench_jax(config, batch_size, seq_len, steps_, warmup))
+  if compare_torch:
+    out.update(bench_torch(config, batch_size, seq_len, steps_, warmup))
+    out["train_speedup"] = out["jax_train_examples_per_s"] / out["torch_train_examples_per_s"]
+    out["eval_speedup"] = out["jax_eval_examples_per_s"] / out["torch_eval_examples_per_s"]
+  return out

@@ -1,0 +1,281 @@
+"""Hugging Face interop: config, tokenizer and weights in and out.
+
+Weights are matched by one declarative rule (``hf_name``) that maps every cljax
+parameter path to its transformers name, so that loading and saving are the same
+table read in two directions. Anything unmatched is an error that lists it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cljax import model as model_lib
+from cljax.model import GPT2Classifier, GPT2Config
+
+PREFIX = "transformer."
+
+# cljax path -> transformers name, applied in order (see ``hf_name``).
+_RENAMES: tuple[tuple[str, str], ...] = (
+    (r"^h_(\d+)/", r"h.\1."),
+    (r"/(kernel|scale|embedding)$", r".weight"),
+    (r"/bias$", r".bias"),
+    (r"/", r"."),
+)
+# Parameters stored transposed in transformers (nn.Linear is (out, in); Conv1D and
+# Flax's Dense are both (in, out)).
+_TRANSPOSED = ("score/kernel",)
+# Checkpoint entries that are not parameters of a classifier: the causal-mask
+# buffers of older GPT-2 checkpoints and a language-model head tied to ``wte``.
+_IGNORED = (r"^h\.\d+\.attn\.(bias|masked_bias)$", r"^lm_head\.weight$")
+HEAD = "score/kernel"
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def hf_name(path: str) -> str:
+  """The transformers tensor name (without ``transformer.``) of a cljax param path."""
+  for pattern, repl in _RENAMES:
+    path = re.sub(pattern, repl, path)
+  return path
+
+
+def flatten(params: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
+  """Flattens a nested params dict to ``{"h_0/attn/c_attn/kernel": leaf}``."""
+  return {sep.join(str(getattr(k, "key", k)) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
+  out: dict[str, Any] = {}
+  for path, leaf in flat.items():
+    node = out
+    *parents, last = path.split(sep)
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[last] = leaf
+  return out
+
+
+# ----------------------------------------------------------------------------
+# Locating and reading checkpoints
+# ----------------------------------------------------------------------------
+
+def _looks_like_path(name: str) -> bool:
+  """A hub id is 'name' or 'org/name'; anything else is meant as a local path."""
+  return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.path.exists(name)
+
+
+def resolve(name_or_path: str, allow_patterns: list[str] | None = None) -> str:
+  """A local folder for ``name_or_path``: itself if it is a folder, else a hub download."""
+  path = os.path.expanduser(str(name_or_path))
+  if os.path.isdir(path):
+    return path
+  if _looks_like_path(str(name_or_path)):
+    raise FileNotFoundError(
+        f"{name_or_path!r} is not a folder. Pass a folder holding config.json and "
+        "model.safetensors (or pytorch_model.bin), or a Hugging Face hub id such as 'gpt2'.")
+  try:
+    import huggingface_hub  # pylint: disable=import-outside-toplevel
+    return huggingface_hub.snapshot_download(repo_id=str(name_or_path),
+                                             allow_patterns=allow_patterns)
+  except Exception as e:  # offline, unknown repo, gated repo, ...
+    raise OSError(
+        f"Could not fetch {name_or_path!r} from the Hugging Face hub "
+        f"({type(e).__name__}: {e}). If this machine is offline, download the model "
+        "elsewhere (for example `huggingface-cli download gpt2`) and pass the local "
+        "folder holding config.json and model.safetensors or pytorch_model.bin.") from e
+
+
+def _read_safetensors(filename: str) -> dict[str, np.ndarray]:
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  out = {}
+  # The "flax" framework reads bfloat16 too; convert to float32 numpy on the host.
+  with safe_open(filename, framework="flax") as f:
+    for k in f.keys():
+      out[k] = np.asarray(f.get_tensor(k), dtype=np.float32)
+  return out
+
+
+def read_state_dict(folder: str) -> dict[str, np.ndarray]:
+  """All tensors of a checkpoint folder as float32 numpy arrays, keyed by HF name."""
+  single = os.path.join(folder, "model.safetensors")
+  index = os.path.join(folder, "model.safetensors.index.json")
+  torch_bin = os.path.join(folder, "pytorch_model.bin")
+  if os.path.exists(single):
+    return _read_safetensors(single)
+  if os.path.exists(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+    out: dict[str, np.ndarray] = {}
+    for name in files:
+      out.update(_read_safetensors(os.path.join(folder, name)))
+    return out
+  if os.path.exists(torch_bin):
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise ImportError(f"{torch_bin} is a PyTorch checkpoint and reading it needs torch "
+                        "(pip install torch), or convert it to model.safetensors.") from e
+    sd = torch.load(torch_bin, map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in sd.items()}
+  raise FileNotFoundError(
+      f"No weights in {folder!r}: expected one of {', '.join(WEIGHT_FILES)}; found "
+      f"{sorted(os.listdir(folder))}.")
+
+
+# ----------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------
+
+def merge_weights(state_dict: Mapping[str, np.ndarray], target_shapes: Mapping[str, Any],
+                  fresh_params: Mapping[str, Any] | None = None) -> tuple[dict, list[str]]:
+  """Maps a transformers state dict onto cljax param paths, checking every shape.
+
+  Args:
+    state_dict: tensors by transformers name, with or without ``transformer.``.
+    target_shapes: flat ``{path: ShapeDtypeStruct}`` from ``jax.eval_shape``.
+    fresh_params: flat initial params used for the head when the checkpoint has no
+      ``score`` of the right shape.
+
+  Returns:
+    (flat params, list of paths that were freshly initialized).
+
+  Raises:
+    ValueError listing every missing, unexpected and mis-shaped tensor.
+  """
+  sd = {(k[len(PREFIX):] if k.startswith(PREFIX) else k): v for k, v in state_dict.items()}
+  used, missing, mismatched, fresh = set(), [], [], []
+  out = {}
+  for path, target in target_shapes.items():
+    name = hf_name(path)
+    value = sd.get(name)
+    if value is not None and path in _TRANSPOSED:
+      value = value.T
+    if path == HEAD and (value is None or value.shape != tuple(target.shape)):
+      why = ("not in the checkpoint" if value is None
+             else f"of shape {value.shape}, not {tuple(target.shape)}")
+      logging.warning("Classification head 'score' is %s: initializing it freshly "
+                      "(normal, std = initializer_range).", why)
+      used.add(name)
+      fresh.append(path)
+      out[path] = fresh_params[path]
+      continue
+    if value is None:
+      missing.append(f"{name} (expected shape {tuple(target.shape)})")
+      continue
+    used.add(name)
+    if value.shape != tuple(target.shape):
+      mismatched.append(f"{name}: checkpoint {value.shape}, model {tuple(target.shape)}")
+      continue
+    out[path] = jnp.asarray(value, dtype=target.dtype)
+  extra = [k for k in sd if k not in used and not any(re.match(p, k) for p in _IGNORED)]
+  if missing or extra or mismatched:
+    lines = ["The checkpoint does not match the GPT-2 classifier built from its config:"]
+    for title, items in (("missing", missing), ("unexpected", extra),
+                         ("mis-shaped", mismatched)):
+      if items:
+        lines.append(f"  {len(items)} {title}: " + "; ".join(sorted(items)))
+    lines.append("Check that the folder holds a GPT-2 checkpoint whose config.json "
+                 "matches its weights.")
+    raise ValueError("\n".join(lines))
+  return out, fresh
+
+
+def load_pretrained(name_or_path: str, *, num_labels: int, dtype: str = "float32",
+                    seed: int = 0, **config_overrides) -> tuple[GPT2Classifier, dict]:
+  """Loads a GPT-2 classifier from a hub id or a local Hugging Face folder.
+
+  Args:
+    name_or_path: a hub id ("gpt2") or a folder with ``config.json`` and
+      ``model.safetensors`` (single or sharded) or ``pytorch_model.bin``.
+    num_labels: size of the classification head.
+    dtype: compute dtype ("float32" or "bfloat16"); params are stored in float32.
+    seed: seed of the fresh head, when the checkpoint has none of the right shape.
+    **config_overrides: further ``GPT2Config`` fields (``remat=True``, dropout, ...).
+
+  Returns:
+    (model, params) with ``model.apply({"params": params}, input_ids, ...)``.
+  """
+  folder = resolve(name_or_path, ["config.json", "*.safetensors",
+                                  "model.safetensors.index.json"])
+  if not any(os.path.exists(os.path.join(folder, f)) for f in WEIGHT_FILES):
+    if not os.path.isdir(os.path.expanduser(str(name_or_path))):
+      folder = resolve(name_or_path, ["config.json", "pytorch_model.bin"])
+  config_file = os.path.join(folder, "config.json")
+  if not os.path.exists(config_file):
+    raise FileNotFoundError(f"No config.json in {folder!r}; a Hugging Face GPT-2 folder "
+                            "holds config.json next to its weights.")
+  config = GPT2Config.from_hf(config_file, num_labels=num_labels, dtype=dtype,
+                              **config_overrides)
+  model = GPT2Classifier(config)
+  targets = model_lib.param_shapes(model)
+  state_dict = read_state_dict(folder)
+  fresh_head = {HEAD: jax.jit(
+      lambda k: jax.random.normal(k, targets["score"]["kernel"].shape)
+      * config.initializer_range)(jax.random.key(seed))}
+  flat, fresh = merge_weights(state_dict, flatten(targets), fresh_head)
+  logging.info("Loaded %d tensors from %s%s.", len(flat) - len(fresh), folder,
+               " (fresh classification head)" if fresh else "")
+  return model, unflatten(flat)
+
+
+# ----------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------
+
+def save_pretrained(params: Mapping[str, Any], config: GPT2Config, folder: str) -> None:
+  """Writes a Hugging Face folder that ``GPT2ForSequenceClassification`` loads.
+
+  ``config.json`` and ``model.safetensors`` (float32, keys ``transformer.*`` and
+  ``score.weight``), so that ``from_pretrained(folder)`` gives the same logits.
+  """
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  os.makedirs(folder, exist_ok=True)
+  tensors = {}
+  for path, value in flatten(params).items():
+    value = np.asarray(jax.device_get(value), dtype=np.float32)
+    if path in _TRANSPOSED:
+      value = value.T
+    name = hf_name(path)
+    tensors[name if path == HEAD else PREFIX + name] = np.ascontiguousarray(value)
+  save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config.to_hf(), f, indent=2)
+
+
+# ----------------------------------------------------------------------------
+# Tokenizer
+# ----------------------------------------------------------------------------
+
+def load_tokenizer(name_or_path: str):
+  """A Hugging Face tokenizer with pad = eos and right padding.
+
+  Loads a folder (or hub id) with ``AutoTokenizer.from_pretrained``; this avoids
+  transformers 5's ``GPT2TokenizerFast(vocab_file=..., merges_file=...)``, which
+  silently encodes everything to ``[]``.
+  """
+  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+  path = os.path.expanduser(str(name_or_path))
+  if not os.path.isdir(path):
+    if _looks_like_path(str(name_or_path)):
+      raise FileNotFoundError(f"Tokenizer folder {name_or_path!r} does not exist.")
+  try:
+    tok = AutoTokenizer.from_pretrained(path if os.path.isdir(path) else str(name_or_path))
+  except OSError as e:
+    raise OSError(f"Could not load a tokenizer from {name_or_path!r} ({e}). Offline, pass "
+                  "a local folder holding vocab.json and merges.txt (or tokenizer.json).") from e
+  if tok.pad_token is None:
+    tok.pad_token = tok.eos_token
+  tok.padding_side = "right"
+  if not tok("hello world")["input_ids"]:
+    raise ValueError(f"The tokenizer loaded from {name_or_path!r} encodes 'hello world' "
+                     "to no tokens; its vocabulary files were not read.")
+  return tok

@@ -1,0 +1,3 @@
+"""Continual-learning methods as pure functions (see ``base.Method``)."""
+
+from cljax.methods.base import Method, TaskContext, compose, finetune

@@ -1,0 +1,319 @@
+"""GPT-2 sequence classifier in Flax Linen, numerically matching Hugging Face.
+
+Attribute names follow transformers' ``GPT2ForSequenceClassification`` (``wte``,
+``wpe``, ``h_i``, ``ln_1``, ``attn/c_attn``, ``mlp/c_fc``, ``ln_f``, ``score``) so
+that weight loading is a small declarative table (see ``cljax/hf.py``).
+
+This is the only module that imports ``flax.linen``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# ----------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------
+
+# Standard sizes (n_layer, n_embd, n_head), as in Hugging Face's hub configs, plus
+# tiny sizes for tests and CPU smoke runs.
+SIZES: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16),
+    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),
+    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),
+    # Small random-init sizes for CPU runs and tests.
+    "mini": dict(n_layer=4, n_embd=256, n_head=4),
+    "tiny": dict(n_layer=2, n_embd=64, n_head=4),
+}
+SIZE_ALIASES = {"small": "gpt2", "medium": "gpt2-medium", "large": "gpt2-large",
+                "xl": "gpt2-xl"}
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(dtype: Any) -> Any:
+  """Maps 'float32' / 'bfloat16' / a jnp dtype to a jnp dtype, with a clear error."""
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise ValueError(f"Unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}.")
+    return _DTYPES[dtype]
+  return jnp.dtype(dtype).type
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+  """Hyperparameters of a GPT-2 classifier (Hugging Face names where they exist).
+
+  ``dtype`` is the compute dtype (activations, matmuls); ``param_dtype`` is the
+  storage dtype of the parameters (float32 master weights by default). Logits are
+  always returned in float32.
+  """
+
+  vocab_size: int = 50257
+  n_positions: int = 1024
+  n_embd: int = 768
+  n_layer: int = 12
+  n_head: int = 12
+  n_inner: int | None = None
+  layer_norm_epsilon: float = 1e-5
+  embd_pdrop: float = 0.1
+  attn_pdrop: float = 0.1
+  resid_pdrop: float = 0.1
+  initializer_range: float = 0.02
+  num_labels: int = 2
+  pad_token_id: int | None = 50256
+  eos_token_id: int = 50256
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    if self.n_embd % self.n_head:
+      raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}).")
+    as_dtype(self.dtype), as_dtype(self.param_dtype)
+
+  @property
+  def head_dim(self) -> int:
+    return self.n_embd // self.n_head
+
+  @property
+  def inner_dim(self) -> int:
+    return self.n_inner or 4 * self.n_embd
+
+  def replace(self, **kwargs) -> "GPT2Config":
+    return dataclasses.replace(self, **kwargs)
+
+  @classmethod
+  def from_size(cls, size: str, **overrides) -> "GPT2Config":
+    """A config of a named size: gpt2 / gpt2-medium / gpt2-large / gpt2-xl (or
+    small / medium / large / xl), or the random-init sizes mini / tiny."""
+    name = SIZE_ALIASES.get(size, size)
+    if name not in SIZES:
+      raise ValueError(
+          f"Unknown GPT-2 size {size!r}; expected one of "
+          f"{sorted(SIZES) + sorted(SIZE_ALIASES)}.")
+    return cls(**{**SIZES[name], **overrides})
+
+  @classmethod
+  def from_hf(cls, hf_config: Mapping[str, Any] | str | os.PathLike,
+              **overrides) -> "GPT2Config":
+    """Builds a config from a Hugging Face ``config.json`` (a dict or a path).
+
+    The pad id is the checkpoint's ``pad_token_id``, or its ``eos_token_id`` when
+    it has none (pad = eos, as the study does).
+    """
+    if not isinstance(hf_config, Mapping):
+      with open(hf_config) as f:
+        hf_config = json.load(f)
+    model_type = hf_config.get("model_type")
+    if model_type != "gpt2":
+      raise ValueError(
+          f"This checkpoint's config.json has model_type={model_type!r}, expected "
+          "'gpt2': cljax implements the GPT-2 architecture only. Pass a GPT-2 "
+          "checkpoint (for example 'gpt2' or a folder saved from GPT2Model / "
+          "GPT2ForSequenceClassification).")
+    act = hf_config.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+      raise ValueError(f"Unsupported activation_function {act!r}; cljax implements "
+                       "GPT-2's tanh-approximate GELU ('gelu_new').")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+                 "add_cross_attention"):
+      if hf_config.get(flag):
+        raise ValueError(f"Unsupported GPT-2 option {flag}=True in config.json.")
+    if hf_config.get("scale_attn_weights", True) is False:
+      raise ValueError("Unsupported GPT-2 option scale_attn_weights=False.")
+    eos = hf_config.get("eos_token_id", 50256)
+    pad = hf_config.get("pad_token_id")
+    kwargs = dict(
+        vocab_size=hf_config["vocab_size"],
+        n_positions=hf_config.get("n_positions", 1024),
+        n_embd=hf_config["n_embd"],
+        n_layer=hf_config["n_layer"],
+        n_head=hf_config["n_head"],
+        n_inner=hf_config.get("n_inner"),
+        layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-5),
+        embd_pdrop=hf_config.get("embd_pdrop", 0.1),
+        attn_pdrop=hf_config.get("attn_pdrop", 0.1),
+        resid_pdrop=hf_config.get("resid_pdrop", 0.1),
+        initializer_range=hf_config.get("initializer_range", 0.02),
+        num_labels=hf_config.get("num_labels", len(hf_config.get("id2label", {})) or 2),
+        eos_token_id=eos,
+        pad_token_id=eos if pad is None else pad,
+    )
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+  def to_hf(self) -> dict[str, Any]:
+    """The Hugging Face ``config.json`` dict of a GPT2ForSequenceClassification."""
+    return {
+        "architectures": ["GPT2ForSequenceClassification"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "vocab_size": self.vocab_size,
+        "n_positions": self.n_positions,
+        "n_ctx": self.n_positions,
+        "n_embd": self.n_embd,
+        "n_layer": self.n_layer,
+        "n_head": self.n_head,
+        "n_inner": self.n_inner,
+        "layer_norm_epsilon": self.layer_norm_epsilon,
+        "embd_pdrop": self.embd_pdrop,
+        "attn_pdrop": self.attn_pdrop,
+        "resid_pdrop": self.resid_pdrop,
+        "summary_first_dropout": 0.1,
+        "initializer_range": self.initializer_range,
+        "bos_token_id": self.eos_token_id,
+        "eos_token_id": self.eos_token_id,
+        "pad_token_id": self.pad_token_id,
+        "num_labels": self.num_labels,
+        "id2label": {str(i): f"LABEL_{i}" for i in range(self.num_labels)},
+        "label2id": {f"LABEL_{i}": i for i in range(self.num_labels)},
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+
+
+# ----------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------
+
+def _dense(features: int, config: GPT2Config, name: str, use_bias: bool = True):
+  # HF's Conv1D stores its weight as (in, out), exactly Flax's Dense kernel layout.
+  return nn.Dense(features, use_bias=use_bias, dtype=as_dtype(config.dtype),
+                  param_dtype=as_dtype(config.param_dtype),
+                  kernel_init=nn.initializers.normal(config.initializer_range),
+                  name=name)
+
+
+def _layer_norm(config: GPT2Config, name: str):
+  # Hugging Face uses epsilon 1e-5; Linen's default is 1e-6.
+  return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=as_dtype(config.dtype),
+                      param_dtype=as_dtype(config.param_dtype), name=name)
+
+
+class CausalSelfAttention(nn.Module):
+  """Multi-head causal self-attention; padded keys are masked as transformers does."""
+
+  config: GPT2Config
+
+  @nn.compact
+  def __call__(self, x_BTD, mask_BT, deterministic: bool):
+    cfg = self.config
+    B, T, _ = x_BTD.shape
+    qkv = _dense(3 * cfg.n_embd, cfg, "c_attn")(x_BTD)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    q_BTNH, k_BTNH, v_BTNH = (a.reshape(B, T, cfg.n_head, cfg.head_dim) for a in (q, k, v))
+    # Padded keys are masked (as transformers does); causality is added below.
+    pad_B11S = None if mask_BT is None else mask_BT[:, None, None, :].astype(bool)
+    if not deterministic and cfg.attn_pdrop > 0.0:
+      # jax.nn.dot_product_attention has no attention dropout; spell it out.
+      keep_11TS = jnp.tril(jnp.ones((T, T), dtype=bool))[None, None]
+      if pad_B11S is not None:
+        keep_11TS = keep_11TS & pad_B11S
+      scale = jnp.asarray(1.0 / cfg.head_dim ** 0.5, q_BTNH.dtype)
+      logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH * scale, k_BTNH)
+      logits_BNTS = jnp.where(keep_11TS, logits_BNTS.astype(jnp.float32),
+                              jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits_BNTS, axis=-1).astype(q_BTNH.dtype)
+      probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=False)
+      out_BTNH = jnp.einsum("bnts,bsnh->btnh", probs, v_BTNH)
+    else:
+      out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, mask=pad_B11S,
+                                              is_causal=True)
+    out_BTD = out_BTNH.reshape(B, T, cfg.n_embd)
+    out_BTD = _dense(cfg.n_embd, cfg, "c_proj")(out_BTD)
+    return nn.Dropout(cfg.resid_pdrop)(out_BTD, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+  config: GPT2Config
+
+  @nn.compact
+  def __call__(self, x_BTD, deterministic: bool):
+    cfg = self.config
+    h = _dense(cfg.inner_dim, cfg, "c_fc")(x_BTD)
+    h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
+    h = _dense(cfg.n_embd, cfg, "c_proj")(h)
+    return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  """Pre-LayerNorm transformer block."""
+
+  config: GPT2Config
+
+  @nn.compact
+  def __call__(self, x_BTD, mask_BT, deterministic: bool):
+    cfg = self.config
+    x_BTD = x_BTD + CausalSelfAttention(cfg, name="attn")(
+        _layer_norm(cfg, "ln_1")(x_BTD), mask_BT, deterministic)
+    x_BTD = x_BTD + MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BTD), deterministic)
+    return x_BTD
+
+
+def pool_index(input_ids_BT: jax.Array, pad_token_id: int | None) -> jax.Array:
+  """Index of the rightmost token that is not the pad id (0 if all are pad).
+
+  Exactly transformers' rule, which reads ``input_ids`` and not the attention mask.
+  """
+  T = input_ids_BT.shape[-1]
+  if pad_token_id is None:
+    return jnp.full(input_ids_BT.shape[:-1], T - 1, dtype=jnp.int32)
+  not_pad = (input_ids_BT != pad_token_id).astype(jnp.int32)
+  return jnp.argmax(jnp.arange(T, dtype=jnp.int32) * not_pad, axis=-1)
+
+
+class GPT2Classifier(nn.Module):
+  """GPT-2 trunk with a bias-free linear ``score`` head at the pooled token.
+
+  Call: ``model.apply({"params": params}, input_ids, attention_mask=None,
+  deterministic=True)`` -> float32 logits ``[batch, num_labels]``. Dropout needs
+  ``deterministic=False`` and ``rngs={"dropout": key}``.
+  """
+
+  config: GPT2Config
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, deterministic: bool = True):
+    cfg = self.config
+    B, T = input_ids.shape
+    if T > cfg.n_positions:
+      raise ValueError(f"Sequence length {T} exceeds n_positions={cfg.n_positions}.")
+    init = nn.initializers.normal(cfg.initializer_range)
+    wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init,
+                   dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
+                   name="wte")
+    wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init,
+                   dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
+                   name="wpe")
+    x_BTD = wte(input_ids) + wpe(jnp.arange(T)[None])
+    x_BTD = nn.Dropout(cfg.embd_pdrop)(x_BTD, deterministic=deterministic)
+    block_cls = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
+    for i in range(cfg.n_layer):
+      x_BTD = block_cls(cfg, name=f"h_{i}")(x_BTD, attention_mask, deterministic)
+    # Only the pooled token reaches the head, so pool before ln_f and score.
+    idx_B = pool_index(input_ids, cfg.pad_token_id)
+    x_BD = jnp.take_along_axis(x_BTD, idx_B[:, None, None], axis=1)[:, 0]
+    x_BD = _layer_norm(cfg, "ln_f")(x_BD)
+    logits_BC = _dense(cfg.num_labels, cfg, "score", use_bias=False)(x_BD)
+    return logits_BC.astype(jnp.float32)
+
+
+def init_params(model: GPT2Classifier, rng: jax.Array, seq_len: int = 8):
+  """Randomly initialized params of ``model`` (float32 unless ``param_dtype`` says)."""
+  ids = jnp.zeros((1, seq_len), jnp.int32)
+  return model.init(rng, ids)["params"]
+
+
+def param_shapes(model: GPT2Classifier):
+  """The params' ShapeDtypeStructs, computed without allocating (jax.eval_shape)."""
+  ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  return jax.eval_shape(lambda r, i: model.init(r, i)["params"], jax.random.key(0), ids)

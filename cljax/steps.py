@@ -1,0 +1,179 @@
+"""Pure train and eval steps.
+
+Both are plain functions; jit them where the loop is built, e.g.::
+
+    step = jax.jit(functools.partial(train_step, model=model, tx=tx),
+                   donate_argnums=0)
+
+A batch is a dict of fixed-shape arrays:
+  ``input_ids`` [B, T] int32, ``attention_mask`` [B, T] int32, ``labels`` [B] int32,
+  ``weights`` [B] float32 (0 for padding examples of a last, partial batch),
+  ``class_mask`` [B, C] bool (the classes of each example's task, for task-aware
+  accuracy and methods that need it), ``task_ids`` [B] int32.
+
+Steps return sums and counts; the host divides.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cljax.methods.base import Method, finetune
+
+Batch = dict[str, jax.Array]
+
+
+class TrainState(NamedTuple):
+  """Everything a training step reads and writes."""
+  step: jax.Array          # int32 scalar, optimizer steps taken in this run
+  params: Any
+  opt_state: Any
+  rng: jax.Array           # base key; folded with ``step`` for dropout
+  method_state: Any = ()   # the mitigation's state (EWC anchors, replay buffer, ...)
+
+
+# ----------------------------------------------------------------------------
+# Optimizer
+# ----------------------------------------------------------------------------
+
+def decay_mask(params):
+  """True for matrices (kernels, embeddings), False for biases and LayerNorm
+  parameters: the Hugging Face Trainer's weight-decay rule."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) not in ("bias", "scale"), params)
+
+
+def make_optimizer(*, learning_rate: float = 5e-5, total_steps: int, warmup_steps: int = 0,
+                   weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   grad_accum_steps: int = 1, trainable_mask=None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with the Hugging Face Trainer's defaults: lr 5e-5 decayed linearly to 0
+  over ``total_steps`` (after an optional linear warmup), weight decay 0, gradient
+  clipping at global norm 1.0.
+
+  ``total_steps`` counts optimizer updates (after gradient accumulation).
+  ``trainable_mask`` (a pytree of bools like the params, or a function of them)
+  freezes the parameters where it is False: their updates are exactly zero.
+
+  Returns:
+    (optimizer, learning-rate schedule).
+  """
+  total_steps = max(int(total_steps), 1)
+  warmup_steps = min(int(warmup_steps), total_steps)
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
+       optax.linear_schedule(learning_rate, 0.0, total_steps - warmup_steps)],
+      [warmup_steps]) if warmup_steps else optax.linear_schedule(
+          learning_rate, 0.0, total_steps)
+  parts = []
+  if max_grad_norm:
+    parts.append(optax.clip_by_global_norm(max_grad_norm))
+  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                           mask=decay_mask))
+  tx = optax.chain(*parts)
+  if trainable_mask is not None:
+    # Frozen leaves get no optimizer state and a zero update.
+    tx = optax.multi_transform(
+        {"train": tx, "freeze": optax.set_to_zero()},
+        lambda p: jax.tree.map(lambda t: "train" if t else "freeze",
+                               trainable_mask(p) if callable(trainable_mask)
+                               else trainable_mask))
+  if grad_accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps)
+  return tx, schedule
+
+
+def init_train_state(params, tx: optax.GradientTransformation, rng: jax.Array,
+                     method: Method = finetune(), method_state=None) -> TrainState:
+  """A fresh train state (step 0) for ``params``."""
+  if method_state is None:
+    method_state = method.init(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=tx.init(params), rng=rng, method_state=method_state)
+
+
+# ----------------------------------------------------------------------------
+# Steps
+# ----------------------------------------------------------------------------
+
+def cross_entropy(logits_BC, labels_B, weights_B):
+  """Sum over examples of ``weights * CE`` (the host or caller divides)."""
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits_BC, labels_B)
+  return jnp.sum(losses * weights_B)
+
+
+def _forward(model, params, batch, *, deterministic, rng=None):
+  rngs = None if deterministic else {"dropout": rng}
+  return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                     deterministic=deterministic, rngs=rngs)
+
+
+def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransformation,
+               method: Method = finetune(), deterministic: bool = False
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step: CE on the pooled logits plus the method's terms, AdamW.
+
+  Returns the new state and metric sums (``loss_sum``, ``correct``, ``count``,
+  ``grad_norm`` and ``finite``: 1.0 when loss and gradients are all finite).
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  batch_rng, drop_rng, method_rng = jax.random.split(rng, 3)
+  batch = method.prepare_batch(state.method_state, batch, batch_rng)
+
+  def apply_fn(params, inputs, deterministic=deterministic, rng=drop_rng):
+    return _forward(model, params, inputs, deterministic=deterministic, rng=rng)
+
+  def loss_fn(params):
+    logits = apply_fn(params, batch)
+    count = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+    ce = cross_entropy(logits, batch["labels"], batch["weights"]) / count
+    extra, aux = method.loss(params, state.method_state, batch, logits, apply_fn, method_rng)
+    return ce + extra, (ce, extra, logits, aux)
+
+  (loss, (ce, extra, logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  grads = method.transform_grads(grads, state.params, state.method_state, batch, apply_fn)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  method_state = method.after_step(state.method_state, state.params, params, grads,
+                                   batch, logits, aux)
+  grad_norm = optax.global_norm(grads)
+  weights = batch["weights"]
+  metrics = {
+      "loss_sum": ce * jnp.sum(weights),
+      "penalty": extra,
+      "correct": jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * weights),
+      "count": jnp.sum(weights),
+      "grad_norm": grad_norm,
+      "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
+  }
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                         rng=state.rng, method_state=method_state)
+  return new_state, metrics
+
+
+def eval_step(params, batch: Batch, *, model) -> dict[str, jax.Array]:
+  """Sums over a batch: loss, class-incremental and task-aware correct, count.
+
+  Class-incremental accuracy takes the argmax over all classes of the shared head;
+  task-aware accuracy restricts the argmax to the classes of the example's task.
+  """
+  logits = _forward(model, params, batch, deterministic=True)
+  weights = batch["weights"]
+  task_logits = jnp.where(batch["class_mask"], logits, -jnp.inf)
+  return {
+      "loss_sum": cross_entropy(logits, batch["labels"], weights),
+      "correct": jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * weights),
+      "task_correct": jnp.sum((jnp.argmax(task_logits, -1) == batch["labels"]) * weights),
+      "count": jnp.sum(weights),
+  }
+
+
+def logits_step(params, batch: Batch, *, model) -> jax.Array:
+  """Deterministic logits of a batch (for distillation targets and analysis)."""
+  return _forward(model, params, batch, deterministic=True)

@@ -1,0 +1,47 @@
+r"""Examples per second of the jitted train and eval steps (and PyTorch's).
+
+  python experiments/benchmark.py --size=gpt2 --batch_size=8 --seq_len=128 \
+      --compare_torch
+
+Prints one JSON line: JAX train/eval examples/s, with --compare_torch the
+transformers PyTorch model's figures measured in the same run and their ratios,
+and on a GPU/TPU the model-FLOPs utilization.
+"""
+
+import json
+
+from absl import app
+from absl import flags
+
+from cljax import bench
+
+_SIZE = flags.DEFINE_string("size", "gpt2", "Model size: gpt2 (small), gpt2-medium, "
+                            "gpt2-large, gpt2-xl, mini or tiny. Random init.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Examples per step (global).")
+_SEQ = flags.DEFINE_integer("seq_len", 128, "Tokens per example.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after warmup).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps before timing (the first "
+                               "compiles).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype; params and optimizer state stay float32.")
+_REMAT = flags.DEFINE_bool("remat", False, "Rematerialize each block in the backward pass.")
+_TORCH = flags.DEFINE_bool("compare_torch", False, "Also time transformers' PyTorch "
+                           "GPT2ForSequenceClassification with the same config and "
+                           "optimizer, in this run.")
+_OUT = flags.DEFINE_string("output", None, "Also append the JSON line to this file.")
+
+
+def main(argv):
+  del argv
+  result = bench.run(_SIZE.value, _BATCH.value, _SEQ.value, _STEPS.value, _WARMUP.value,
+                     dtype=_DTYPE.value, remat=_REMAT.value,
+                     compare_torch=_TORCH.value)
+  line = json.dumps(result)
+  print(line)
+  if _OUT.value:
+    with open(_OUT.value, "a") as f:
+      f.write(line + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
