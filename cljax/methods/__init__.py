@@ -1,3 +1,4 @@
 """Continual-learning methods as pure functions (see ``base.Method``)."""
 
 from cljax.methods.base import Method, TaskContext, compose, finetune
+from cljax.methods.registry import BuildContext, MethodConfig, build, names
