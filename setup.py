@@ -20,7 +20,7 @@ setup(
     install_requires=[
         "jax>=0.4.30",
         "flax>=0.8.5",
-        "optax>=0.2.3",
+        "optax>=0.2.5",
         "orbax-checkpoint>=0.6",
         "transformers>=4.40",
         "tokenizers>=0.19",

@@ -142,7 +142,7 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
   params = optax.apply_updates(state.params, updates)
   method_state = method.after_step(state.method_state, state.params, params, grads,
                                    batch, logits, aux)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   weights = batch["weights"]
   metrics = {
       "loss_sum": ce * jnp.sum(weights),

@@ -70,6 +70,9 @@ class StudyConfig:
   cache_dir: str | None = None
   stop_after_steps: int | None = None  # testing: stop as if killed after N steps
 
+  def replace(self, **kwargs) -> "StudyConfig":
+    return dataclasses.replace(self, **kwargs)
+
 
 class Interrupted(RuntimeError):
   """Raised by ``stop_after_steps``: the run stopped as if killed."""

@@ -46,3 +46,76 @@ def torch_tiny(tmp_path_factory):
 def tiny_batch():
   return padded_batch([16, 10, 3, 7, 1, 16], 16, TINY_HF["vocab_size"],
                       TINY_HF["pad_token_id"])
+
+
+# ----------------------------------------------------------------------------
+# Tiny tokenizer and data: no download, no ../shared needed
+# ----------------------------------------------------------------------------
+
+POSITIVE = ["good", "great", "wonderful", "superb", "lovely", "fine", "best", "enjoyable"]
+NEGATIVE = ["bad", "awful", "boring", "terrible", "poor", "worst", "dull", "weak"]
+FILLER = ["the", "movie", "film", "plot", "acting", "was", "really", "quite", "and", "a",
+          "story", "cast", "it"]
+TOPICS = {0: ["election", "minister", "war", "treaty"], 1: ["match", "goal", "team", "coach"],
+          2: ["market", "shares", "profit", "bank"], 3: ["software", "chip", "internet",
+                                                         "space"]}
+NEWS_FILLER = ["the", "report", "said", "on", "monday", "new", "after", "in", "a", "of"]
+
+
+def _sentences(rs, words, filler, n_words):
+  return " ".join(rs.choice(words) if rs.rand() < 0.4 else rs.choice(filler)
+                  for _ in range(n_words))
+
+
+def write_tiny_data(root, n_train=64, n_test=32, seed=0):
+  """IMDb-like (sorted by label, as the real files) and AG-News-like JSONL tasks."""
+  import json
+  rs = np.random.RandomState(seed)
+  for split, n in (("train", n_train), ("test", n_test)):
+    os.makedirs(os.path.join(root, "imdb"), exist_ok=True)
+    with open(os.path.join(root, "imdb", f"{split}.jsonl"), "w") as f:
+      for label in (0, 1):
+        for _ in range(n // 2):
+          words = NEGATIVE if label == 0 else POSITIVE
+          f.write(json.dumps({"text": _sentences(rs, words, FILLER, rs.randint(5, 20)),
+                              "label": label}) + "\n")
+    os.makedirs(os.path.join(root, "ag_news"), exist_ok=True)
+    with open(os.path.join(root, "ag_news", f"{split}.jsonl"), "w") as f:
+      for i in range(2 * n):
+        label = i % 4
+        f.write(json.dumps({"text": _sentences(rs, TOPICS[label], NEWS_FILLER,
+                                               rs.randint(5, 15)), "label": label}) + "\n")
+  return str(root)
+
+
+def build_tiny_tokenizer(folder):
+  """A word-level tokenizer over the tiny data's words, with GPT-2's eos as pad,
+  saved as a Hugging Face folder that ``cljax.load_tokenizer`` loads."""
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  words = sorted(set(POSITIVE + NEGATIVE + FILLER + NEWS_FILLER +
+                     sum(TOPICS.values(), [])))
+  vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(words)}}
+  vocab["<|endoftext|>"] = len(vocab)
+  tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                                 eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+  fast.save_pretrained(folder)
+  return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+  return write_tiny_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+  return build_tiny_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizer_dir):
+  import cljax
+  return cljax.load_tokenizer(tiny_tokenizer_dir)

@@ -1,0 +1,106 @@
+"""End to end: the study script on a tiny random-init model and tiny local data."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cljax import study
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir, tokenizer_dir, **overrides):
+  """2 tasks x 32 examples, 2 epochs of batch 8: 8 steps per task."""
+  kwargs = dict(tasks=("imdb", "ag_news"), data_dir=data_dir, tokenizer=tokenizer_dir,
+                init="random", size="tiny", num_train=32, num_test=16, max_length=24,
+                batch_size=8, eval_batch_size=16, epochs=2, learning_rate=2e-3,
+                checkpoint_every=0, log_every=2, seed=0)
+  kwargs.update(overrides)
+  return study.StudyConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data_dir, tiny_tokenizer_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("full"))
+  return study.run(tiny_config(tiny_data_dir, tiny_tokenizer_dir), workdir), workdir
+
+
+def test_script_writes_the_results_contract(tiny_data_dir, tiny_tokenizer_dir, tmp_path,
+                                            uninterrupted):
+  workdir = str(tmp_path / "run")
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "forgetting.py"),
+         f"--workdir={workdir}", f"--data_dir={tiny_data_dir}",
+         f"--tokenizer={tiny_tokenizer_dir}", "--init=random", "--size=tiny",
+         "--num_train=32", "--num_test=16", "--max_length=24", "--batch_size=8",
+         "--eval_batch_size=16", "--epochs=2", "--learning_rate=2e-3", "--checkpoint_every=0",
+         "--log_every=2", "--seed=0"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "average accuracy" in proc.stdout
+  with open(os.path.join(workdir, "results.json")) as f:
+    r = json.load(f)
+  assert r["tasks"] == ["imdb", "ag_news"]
+  assert r["task_classes"]["ag_news"] == {"classes": ["sci_tech", "sports"],
+                                          "head_labels": [2, 3]}
+  for key in ("accuracy_matrix", "task_aware_accuracy_matrix"):
+    m = np.array(r[key])
+    assert m.shape == (2, 2) and ((0 <= m) & (m <= 1)).all()
+  assert r["metrics"]["average_accuracy"] == pytest.approx(np.mean(r["accuracy_matrix"][-1]))
+  assert set(r["metrics"]) >= {"average_accuracy", "forgetting", "backward_transfer",
+                               "forward_transfer"}
+  assert r["method"] == "finetune" and r["seed"] == 0
+  assert r["flags"]["learning_rate"] == 2e-3 and r["flags"]["workdir"] == workdir
+  assert r["timing"]["train_seconds"] > 0 and r["timing"]["steps_per_task"] == [8, 8]
+  assert r["data"]["imdb"] == {"train": 32, "test": 16, "val": 0}
+  # The same seed gives the same accuracy matrices (in-process run vs. this script).
+  assert r["accuracy_matrix"] == uninterrupted[0]["accuracy_matrix"]
+  assert r["task_aware_accuracy_matrix"] == uninterrupted[0]["task_aware_accuracy_matrix"]
+  # Step log, figures, TensorBoard.
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  train = [x for x in records if "loss" in x]
+  assert [x["global_step"] for x in train] == [2, 4, 6, 8, 10, 12, 14, 16]
+  assert all(np.isfinite(x["loss"]) and x["examples_per_s"] > 0 for x in train)
+  assert train[0]["learning_rate"] > train[3]["learning_rate"]
+  for name in ("accuracy_matrix.png", "accuracy_curve.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 1000
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+
+
+def test_the_model_learns_then_forgets(uninterrupted):
+  r, _ = uninterrupted
+  acc = np.array(r["accuracy_matrix"])
+  assert acc[0, 0] >= 0.8          # learned task A
+  assert acc[1, 1] >= 0.8          # learned task B
+  assert acc[1, 0] <= 0.2          # class-incremental: A is forgotten after B
+  assert r["metrics"]["forgetting"] >= 0.6
+
+
+def test_resume_after_interruption_gives_the_same_matrices(tiny_data_dir, tiny_tokenizer_dir,
+                                                           tmp_path, uninterrupted):
+  workdir = str(tmp_path / "resumed")
+  cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, checkpoint_every=3,
+                    stop_after_steps=11)
+  with pytest.raises(study.Interrupted):
+    study.run(cfg, workdir)  # stops mid-task B; last checkpoint at global step 9
+  with pytest.raises(FileExistsError, match="--resume"):
+    study.run(cfg, workdir)
+  resumed = study.run(cfg.replace(stop_after_steps=None), workdir, resume=True)
+  full, _ = uninterrupted
+  assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+  assert resumed["task_aware_accuracy_matrix"] == full["task_aware_accuracy_matrix"]
+  assert resumed["baseline_accuracy"] == full["baseline_accuracy"]
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tiny_data_dir, tiny_tokenizer_dir,
+                                                  tmp_path):
+  cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, learning_rate=1e30, max_grad_norm=0.0,
+                    checkpoint_every=1, tasks=("imdb",))
+  with pytest.raises(FloatingPointError, match="Non-finite loss or gradient at task 0"):
+    study.run(cfg, str(tmp_path / "nan"))
+  assert not os.path.exists(tmp_path / "nan" / "results.json")
