@@ -122,7 +122,7 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
   ``grad_norm`` and ``finite``: 1.0 when loss and gradients are all finite).
   """
   rng = jax.random.fold_in(state.rng, state.step)
-  batch_rng, drop_rng, method_rng = jax.random.split(rng, 3)
+  batch_rng, drop_rng, method_rng, grad_rng, after_rng = jax.random.split(rng, 5)
   batch = method.prepare_batch(state.method_state, batch, batch_rng)
 
   def apply_fn(params, inputs, deterministic=deterministic, rng=drop_rng):
@@ -137,11 +137,12 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
 
   (loss, (ce, extra, logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  grads = method.transform_grads(grads, state.params, state.method_state, batch, apply_fn)
+  grads = method.transform_grads(grads, state.params, state.method_state, batch, apply_fn,
+                                 grad_rng)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   method_state = method.after_step(state.method_state, state.params, params, grads,
-                                   batch, logits, aux)
+                                   batch, logits, aux, after_rng)
   grad_norm = optax.tree.norm(grads)
   weights = batch["weights"]
   metrics = {

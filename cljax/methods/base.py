@@ -8,8 +8,8 @@ shape-stable; hooks marked (host) run between tasks, outside jit.
   before_task(state, params, ctx) -> state                      (host)
   prepare_batch(state, batch, rng) -> batch                     (jit)  e.g. replay mixing
   loss(params, state, batch, logits, apply_fn, rng) -> (scalar, aux)   (jit)  penalties
-  transform_grads(grads, params, state, batch, apply_fn) -> grads      (jit)  A-GEM
-  after_step(state, old_params, new_params, grads, batch, logits, aux) -> state (jit)
+  transform_grads(grads, params, state, batch, apply_fn, rng) -> grads (jit)  A-GEM
+  after_step(state, old_params, new_params, grads, batch, logits, aux, rng) -> state (jit)
   after_task(state, params, ctx) -> state                       (host) Fisher, anchors
 
 ``apply_fn(params, batch, deterministic=..., rng=...)`` returns logits.
@@ -51,8 +51,8 @@ class Method(NamedTuple):
   before_task: Callable = lambda state, params, ctx: state
   prepare_batch: Callable = lambda state, batch, rng: batch
   loss: Callable = _no_loss
-  transform_grads: Callable = lambda grads, params, state, batch, apply_fn: grads
-  after_step: Callable = lambda state, old, new, grads, batch, logits, aux: state
+  transform_grads: Callable = lambda grads, params, state, batch, apply_fn, rng: grads
+  after_step: Callable = lambda state, old, new, grads, batch, logits, aux, rng: state
   after_task: Callable = lambda state, params, ctx: state
   trainable: Callable | None = None
   joint: bool = False
@@ -93,14 +93,14 @@ def compose(*methods: Method) -> Method:
       total, auxes = total + value, auxes + [aux]
     return total, tuple(auxes)
 
-  def transform_grads(grads, params, state, batch, apply_fn):
-    for m, s in zip(methods, state):
-      grads = m.transform_grads(grads, params, s, batch, apply_fn)
+  def transform_grads(grads, params, state, batch, apply_fn, rng):
+    for i, (m, s) in enumerate(zip(methods, state)):
+      grads = m.transform_grads(grads, params, s, batch, apply_fn, jax.random.fold_in(rng, i))
     return grads
 
-  def after_step(state, old, new, grads, batch, logits, aux):
-    return tuple(m.after_step(s, old, new, grads, batch, logits, a)
-                 for m, s, a in zip(methods, state, aux))
+  def after_step(state, old, new, grads, batch, logits, aux, rng):
+    return tuple(m.after_step(s, old, new, grads, batch, logits, a, jax.random.fold_in(rng, i))
+                 for i, (m, s, a) in enumerate(zip(methods, state, aux)))
 
   def after_task(state, params, ctx):
     return tuple(m.after_task(s, params, ctx) for m, s in zip(methods, state))

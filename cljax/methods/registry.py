@@ -70,6 +70,7 @@ def names() -> list[str]:
 
 def build(spec: str, hparams: MethodConfig, ctx: BuildContext) -> Method:
   """``spec`` is a method name or several joined by '+' (``ewc+replay``)."""
+  spec = spec.replace("der++", "derpp")
   parts = [p.strip() for p in spec.split("+") if p.strip()]
   unknown = [p for p in parts if p not in _FACTORIES]
   if not parts or unknown:

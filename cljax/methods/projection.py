@@ -1,0 +1,90 @@
+"""A-GEM (Chaudhry et al. 2019): project the gradient when it conflicts with the
+gradient on a batch from the episodic memory.
+
+``g <- g - (g . g_ref) / (g_ref . g_ref) * g_ref`` whenever ``g . g_ref < 0``, so
+the update never increases the memory loss to first order. The memory is a replay
+buffer (``replay.py``) filled by reservoir sampling over each finished task's
+training data.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from cljax import data as data_lib
+from cljax.methods import replay
+from cljax.methods.base import Method, TaskContext
+from cljax.methods.registry import BuildContext, MethodConfig, register
+
+
+def tree_dot(a, b) -> jax.Array:
+  return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def project(grads, ref):
+  """A-GEM's projection of ``grads`` against the reference gradient ``ref``."""
+  dot = tree_dot(grads, ref)
+  ref_sq = tree_dot(ref, ref)
+  coef = jnp.where(dot < 0, dot / jnp.maximum(ref_sq, 1e-12), 0.0)
+  return jax.tree.map(lambda g, r: g - (coef * r).astype(g.dtype), grads, ref)
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_add(policy: str):
+  return jax.jit(functools.partial(replay.add, policy=policy))
+
+
+@register("agem", "A-GEM: project gradients that conflict with the memory gradient "
+          "(Chaudhry et al. 2019)")
+def agem(hp: MethodConfig, ctx: BuildContext) -> Method:
+  def init(params):
+    del params
+    return replay.init(hp.replay_size, ctx.max_length, ctx.num_labels)
+
+  def transform_grads(grads, params, buf, batch, apply_fn, rng):
+    del batch
+    mem = replay.sample(buf, rng, hp.agem_batch_size)
+
+    def mem_loss(p):
+      logits = apply_fn(p, mem, deterministic=True)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, mem["labels"])
+      return jnp.sum(ce * mem["weights"]) / jnp.maximum(jnp.sum(mem["weights"]), 1.0)
+
+    ref = jax.grad(mem_loss)(params)
+    projected = project(grads, ref)
+    return jax.tree.map(lambda a, b: jnp.where(buf.size > 0, a, b), projected, grads)
+
+  def after_task(buf, params, tctx: TaskContext):
+    del params
+    add = _jitted_add(hp.replay_policy)
+    for i, batch in enumerate(data_lib.batches(tctx.train, tctx.batch_size,
+                                               seed=tctx.task_index)):
+      buf = add(buf, batch, jax.random.fold_in(tctx.rng, i))
+    return buf
+
+  return Method(name="agem", init=init, transform_grads=transform_grads,
+                after_task=after_task)
+
+
+@register("freeze", "layer freezing: train only the head (--freeze=head) or the head, "
+          "final LayerNorm and last k blocks (--freeze=last_k)")
+def freeze(hp: MethodConfig, ctx: BuildContext) -> Method:
+  if hp.freeze not in ("head", "last_k"):
+    raise ValueError(f"Unknown --freeze={hp.freeze!r}; expected 'head' or 'last_k'.")
+  if hp.freeze == "last_k" and not 0 < hp.freeze_k <= ctx.n_layer:
+    raise ValueError(f"--freeze_k={hp.freeze_k} must be in 1..{ctx.n_layer}.")
+  trainable_blocks = ({f"h_{i}" for i in range(ctx.n_layer - hp.freeze_k, ctx.n_layer)}
+                      if hp.freeze == "last_k" else set())
+  trainable_tops = {"score"} | ({"ln_f"} if hp.freeze == "last_k" else set())
+
+  def trainable(params):
+    return {name: jax.tree.map(lambda _, keep=(name in trainable_tops or
+                                               name in trainable_blocks): keep, sub)
+            for name, sub in params.items()}
+
+  return Method(name="freeze", trainable=trainable)

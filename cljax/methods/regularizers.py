@@ -1,0 +1,294 @@
+"""Importance-weighted quadratic penalties: EWC, online EWC, SI, MAS, L2.
+
+Each keeps a :class:`QuadraticState` ``(importance, anchor)`` and adds
+``scale * sum(importance * (theta - anchor)**2)`` to the loss, so the penalty goes
+through the optimizer (Adam) as in the papers. They differ in how the importance
+is estimated and consolidated at the end of each task:
+
+- EWC (Kirkpatrick et al. 2017): diagonal Fisher from per-example gradients of
+  log p(y|x); one penalty per past task, ``lam/2 * sum_t F_t (theta - theta*_t)^2``.
+  That sum equals ``lam/2 * A (theta - m)^2 + const`` with ``A = sum_t F_t`` and
+  ``m = sum_t F_t theta*_t / A``, so cljax keeps ``(A, m)``: exact gradients with
+  two param-sized trees whatever the number of tasks.
+- Online EWC (Schwarz et al. 2018): ``F <- gamma * F + F_t``, anchor the latest solution.
+- SI (Zenke et al. 2017): path integral ``w -= g * delta_theta`` over each step,
+  ``Omega += w / (delta_total^2 + xi)`` per task; penalty ``c * sum Omega (theta - theta*)^2``.
+- MAS (Aljundi et al. 2018): ``Omega`` the mean over examples of
+  ``|d ||f(x)||_2^2 / d theta|``, accumulated over tasks; penalty
+  ``lam * sum Omega (theta - theta*)^2``.
+- L2: ``lam/2 * sum (theta - theta_prev)^2``.
+
+The Fisher (and MAS importance) is estimated from per-example gradients (a vmap
+over a chunk of examples), ``F = 1/N sum_i g_i^2`` over N examples. Squaring the
+gradient of a batch mean instead, as many implementations do, is a different,
+biased estimator (it equals the per-example one only for batch size 1); cljax does
+not offer it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cljax.methods.base import Method, TaskContext
+from cljax.methods.registry import BuildContext, MethodConfig, register
+
+
+class QuadraticState(NamedTuple):
+  importance: Any           # pytree like params (F, Omega, or ones for L2)
+  anchor: Any               # pytree like params
+  active: jax.Array         # float32 scalar: 0 before the first task ends
+
+
+class SIState(NamedTuple):
+  quad: QuadraticState
+  path: Any                 # running path integral w of the current task
+  start: Any                # params at the start of the current task
+
+
+def _f32_copy(params):
+  """A float32 copy (never an alias: the train step donates params)."""
+  return jax.tree.map(lambda p: jnp.array(p, dtype=jnp.float32, copy=True), params)
+
+
+def quadratic_penalty(params, state: QuadraticState) -> jax.Array:
+  """``sum(importance * (params - anchor)^2)`` over every leaf (unscaled)."""
+  leaves = jax.tree.map(lambda p, a, f: jnp.sum(f * jnp.square(p.astype(jnp.float32) - a)),
+                        params, state.anchor, state.importance)
+  return sum(jax.tree.leaves(leaves)) * state.active
+
+
+def _zeros_state(params) -> QuadraticState:
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  return QuadraticState(zeros, jax.tree.map(jnp.copy, zeros), jnp.zeros((), jnp.float32))
+
+
+def _penalty_method(name: str, scale: float, consolidate: Callable, **kwargs) -> Method:
+  """A method whose loss adds ``scale * quadratic_penalty``."""
+  def loss(params, state, batch, logits, apply_fn, rng):
+    del batch, logits, apply_fn, rng
+    quad = state.quad if isinstance(state, SIState) else state
+    return scale * quadratic_penalty(params, quad), ()
+  return Method(name=name, init=kwargs.pop("init", _zeros_state), loss=loss,
+                after_task=consolidate, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# Per-example gradient statistics (Fisher, MAS)
+# ----------------------------------------------------------------------------
+
+def fisher_log_prob(model, params, input_ids, attention_mask, label, rng, mode: str):
+  """log p(y|x) of one example; y the true label (empirical Fisher) or a label
+  sampled from the model's predictive distribution (true Fisher)."""
+  logits = model.apply({"params": params}, input_ids[None], attention_mask[None],
+                       deterministic=True)[0]
+  logp = jax.nn.log_softmax(logits)
+  if mode == "true":
+    label = jax.random.categorical(rng, jax.lax.stop_gradient(logits))
+  elif mode != "empirical":
+    raise ValueError(f"Unknown Fisher estimator {mode!r}; expected 'empirical' or 'true'.")
+  return logp[label]
+
+
+def mas_output_norm(model, params, input_ids, attention_mask, label, rng):
+  """||f(x)||_2^2 of one example's logits (Aljundi et al. 2018)."""
+  del label, rng
+  logits = model.apply({"params": params}, input_ids[None], attention_mask[None],
+                       deterministic=True)[0]
+  return jnp.sum(jnp.square(logits))
+
+
+def _chunk_stat(params, chunk, rng, *, fn, reduce):
+  """Sum over a chunk of ``reduce(per-example gradient)``, padded rows excluded."""
+  keys = jax.random.split(rng, chunk["labels"].shape[0])
+  grads = jax.vmap(jax.grad(fn), in_axes=(None, 0, 0, 0, 0))(
+      params, chunk["input_ids"], chunk["attention_mask"], chunk["labels"], keys)
+  w = chunk["weights"]
+  return jax.tree.map(lambda g: jnp.tensordot(w, reduce(g.astype(jnp.float32)), axes=1),
+                      grads)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_chunk_stat(fn, reduce):
+  return jax.jit(functools.partial(_chunk_stat, fn=fn, reduce=reduce))
+
+
+def per_example_statistic(params, arrays: dict[str, np.ndarray], fn, reduce, *,
+                          num_samples: int, chunk: int, rng) -> Any:
+  """``1/N sum_i reduce(grad fn(params, x_i))`` over N = min(num_samples, |data|)
+  examples drawn without replacement (seeded by ``rng``).
+
+  ``fn(params, input_ids, attention_mask, label, key) -> scalar`` is one example's
+  function; ``reduce`` is ``jnp.square`` (Fisher) or ``jnp.abs`` (MAS). Examples
+  are processed ``chunk`` at a time so memory stays ``chunk`` x params.
+  """
+  from cljax import data as data_lib  # pylint: disable=import-outside-toplevel
+  n_total = data_lib.size(arrays)
+  n = min(num_samples, n_total)
+  seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
+  idx = np.random.RandomState(seed).permutation(n_total)[:n]
+  subset = {k: v[idx] for k, v in arrays.items()}
+  stat_fn = _jitted_chunk_stat(fn, reduce)
+  total = None
+  for i, batch in enumerate(data_lib.batches(subset, chunk)):
+    part = stat_fn(params, {k: batch[k] for k in ("input_ids", "attention_mask", "labels",
+                                                    "weights")}, jax.random.fold_in(rng, i))
+    total = part if total is None else jax.tree.map(jnp.add, total, part)
+  return jax.tree.map(lambda t: t / n, total)
+
+
+def fisher_diagonal(model, params, arrays, *, mode="empirical", num_samples=512, chunk=8,
+                    rng=None):
+  """Diagonal Fisher ``1/N sum_i (d log p(y_i|x_i) / d theta)^2`` from per-example
+  gradients; ``mode`` 'empirical' (true labels) or 'true' (sampled labels)."""
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  fn = _ModelFn(fisher_log_prob, model, mode)
+  return per_example_statistic(params, arrays, fn, jnp.square, num_samples=num_samples,
+                               chunk=chunk, rng=rng)
+
+
+def mas_importance(model, params, arrays, *, num_samples=512, chunk=8, rng=None):
+  """MAS importance ``1/N sum_i |d ||f(x_i)||^2 / d theta|``."""
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  fn = _ModelFn(mas_output_norm, model)
+  return per_example_statistic(params, arrays, fn, jnp.abs, num_samples=num_samples,
+                               chunk=chunk, rng=rng)
+
+
+class _ModelFn:
+  """A hashable ``fn(params, ids, mask, label, key)`` bound to a model (jit cache key)."""
+
+  def __init__(self, fn, model, *args):
+    self.fn, self.model, self.args = fn, model, args
+
+  def __call__(self, params, ids, mask, label, key):
+    return self.fn(self.model, params, ids, mask, label, key, *self.args)
+
+  def __hash__(self):
+    return hash((self.fn, self.model, self.args))
+
+  def __eq__(self, other):
+    return isinstance(other, _ModelFn) and (self.fn, self.model, self.args) == (
+        other.fn, other.model, other.args)
+
+
+# ----------------------------------------------------------------------------
+# Consolidation rules
+# ----------------------------------------------------------------------------
+
+def consolidate_ewc(state: QuadraticState, fisher, params) -> QuadraticState:
+  """``A <- A + F``; ``m <- (A m + F theta) / (A + F)``: the sum of per-task penalties."""
+  new_a = jax.tree.map(jnp.add, state.importance, fisher)
+  anchor = jax.tree.map(
+      lambda a, m, f, p, na: jnp.where(na > 0, (a * m + f * p) / jnp.where(na > 0, na, 1.0),
+                                       p.astype(jnp.float32)),
+      state.importance, state.anchor, fisher, params, new_a)
+  return QuadraticState(new_a, anchor, jnp.ones((), jnp.float32))
+
+
+def consolidate_online(state: QuadraticState, importance, params, gamma: float
+                       ) -> QuadraticState:
+  """``F <- gamma * F + F_t`` and the anchor moves to the latest solution."""
+  new = jax.tree.map(lambda a, f: gamma * a + f, state.importance, importance)
+  return QuadraticState(new, _f32_copy(params),
+                        jnp.ones((), jnp.float32))
+
+
+def _log_importance(name, tree):
+  leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
+  total = sum(float(x.sum()) for x in leaves)
+  biggest = max(float(x.max()) for x in leaves)
+  logging.info("%s importance: sum %.4g, max %.4g over %d parameters.", name, total, biggest,
+               sum(x.size for x in leaves))
+
+
+# ----------------------------------------------------------------------------
+# The methods
+# ----------------------------------------------------------------------------
+
+@register("ewc", "EWC: one Fisher-weighted penalty per past task (Kirkpatrick et al. 2017)")
+def ewc(hp: MethodConfig, ctx: BuildContext, online: bool = False) -> Method:
+  def after_task(state, params, tctx: TaskContext):
+    fisher = fisher_diagonal(tctx.model, params, tctx.train, mode=hp.fisher,
+                             num_samples=hp.fisher_samples, chunk=hp.fisher_chunk,
+                             rng=tctx.rng)
+    _log_importance("Fisher", fisher)
+    if online:
+      return consolidate_online(state, fisher, params, hp.online_gamma)
+    return consolidate_ewc(state, fisher, params)
+  return _penalty_method("online_ewc" if online else "ewc", hp.ewc_lambda / 2, after_task)
+
+
+@register("online_ewc", "online EWC: one running Fisher decayed by gamma (Schwarz et al. "
+          "2018)")
+def online_ewc(hp: MethodConfig, ctx: BuildContext) -> Method:
+  return ewc(hp, ctx, online=True)
+
+
+@register("mas", "MAS: importance from the gradient of the squared output norm "
+          "(Aljundi et al. 2018)")
+def mas(hp: MethodConfig, ctx: BuildContext) -> Method:
+  def after_task(state, params, tctx: TaskContext):
+    omega = mas_importance(tctx.model, params, tctx.train, num_samples=hp.mas_samples,
+                           chunk=hp.fisher_chunk, rng=tctx.rng)
+    _log_importance("MAS", omega)
+    return consolidate_online(state, omega, params, 1.0)
+  return _penalty_method("mas", hp.mas_lambda, after_task)
+
+
+@register("l2", "L2 penalty to the previous task's solution")
+def l2(hp: MethodConfig, ctx: BuildContext) -> Method:
+  def after_task(state, params, tctx):
+    del tctx
+    ones = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.float32), params)
+    return QuadraticState(ones, _f32_copy(params),
+                          jnp.ones((), jnp.float32))
+  return _penalty_method("l2", hp.l2_lambda / 2, after_task)
+
+
+def si_path_update(path, old_params, new_params, grads):
+  """One step of SI's path integral: ``w -= g * (theta_new - theta_old)``."""
+  return jax.tree.map(lambda w, g, a, b: w - g.astype(jnp.float32) * (b - a).astype(
+      jnp.float32), path, grads, old_params, new_params)
+
+
+def si_consolidate(state: SIState, params, xi: float) -> SIState:
+  """``Omega += w / (delta^2 + xi)`` with delta the task's total parameter change;
+  the anchor and the next task's start are the current params; w resets."""
+  delta = jax.tree.map(lambda p, s: p.astype(jnp.float32) - s, params, state.start)
+  omega = jax.tree.map(lambda o, w, d: o + jnp.maximum(w, 0.0) / (jnp.square(d) + xi),
+                       state.quad.importance, state.path, delta)
+  current = _f32_copy(params)
+  return SIState(QuadraticState(omega, current, jnp.ones((), jnp.float32)),
+                 jax.tree.map(jnp.zeros_like, state.path), jax.tree.map(jnp.copy, current))
+
+
+@register("si", "SI: importance from the path integral of each step (Zenke et al. 2017)")
+def si(hp: MethodConfig, ctx: BuildContext) -> Method:
+  def init(params):
+    quad = _zeros_state(params)
+    return SIState(quad, jax.tree.map(jnp.zeros_like, quad.anchor),
+                   _f32_copy(params))
+
+  def before_task(state: SIState, params, tctx):
+    del tctx
+    return state._replace(start=_f32_copy(params),
+                          path=jax.tree.map(jnp.zeros_like, state.path))
+
+  def after_step(state: SIState, old, new, grads, batch, logits, aux, rng):
+    del batch, logits, aux, rng
+    return state._replace(path=si_path_update(state.path, old, new, grads))
+
+  def after_task(state: SIState, params, tctx):
+    del tctx
+    out = si_consolidate(state, params, hp.si_xi)
+    _log_importance("SI", out.quad.importance)
+    return out
+
+  return _penalty_method("si", hp.si_c, after_task, init=init, before_task=before_task,
+                         after_step=after_step)
