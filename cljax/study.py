@@ -192,17 +192,27 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
       return data_lib.concat([d.train for d in task_data[:k + 1]])
     return task_data[k].train
 
+  optimizers: dict[int, tuple] = {}   # by number of updates: equal tasks share one
+  train_fns: dict[int, Any] = {}      # compiled step per optimizer
+
   def optimizer_for(k: int):
     n = data_lib.size(train_arrays(k))
     batches_per_epoch = data_lib.num_batches(n, cfg.batch_size)
     updates = -(-batches_per_epoch * cfg.epochs // cfg.grad_accum_steps)
-    trainable = method.trainable
-    tx, schedule = steps.make_optimizer(
-        learning_rate=cfg.learning_rate, total_steps=updates,
-        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, grad_accum_steps=cfg.grad_accum_steps,
-        trainable_mask=trainable)
+    if updates not in optimizers:
+      optimizers[updates] = steps.make_optimizer(
+          learning_rate=cfg.learning_rate, total_steps=updates,
+          warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+          max_grad_norm=cfg.max_grad_norm, grad_accum_steps=cfg.grad_accum_steps,
+          trainable_mask=method.trainable)
+    tx, schedule = optimizers[updates]
     return tx, schedule, batches_per_epoch
+
+  def train_fn_for(tx):
+    if id(tx) not in train_fns:
+      train_fns[id(tx)] = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
+                                                    method=method), donate_argnums=0)
+    return train_fns[id(tx)]
 
   def fresh_state(k: int, p, method_state):
     tx, _, _ = optimizer_for(k)
@@ -248,8 +258,7 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
           cfg.batch_size))
       state = fresh_state(k, p, mstate)
       meta["train_seconds"].append(0.0)
-    train_fn = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, method=method),
-                       donate_argnums=0)
+    train_fn = train_fn_for(tx)
     logging.info("Task %d/%d %s: %d examples, %d steps of batch %d (%s).", k + 1, len(tasks),
                  task.name, data_lib.size(arrays), total_batches, cfg.batch_size, method.name)
 

@@ -104,3 +104,33 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_data_dir, tiny_tokenizer_
   with pytest.raises(FloatingPointError, match="Non-finite loss or gradient at task 0"):
     study.run(cfg, str(tmp_path / "nan"))
   assert not os.path.exists(tmp_path / "nan" / "results.json")
+
+
+SMALL_HP = dict(fisher_samples=16, mas_samples=16, replay_size=16, replay_batch_size=4,
+                agem_batch_size=4, ewc_lambda=100.0)
+
+
+@pytest.mark.parametrize("method", ["ewc", "online_ewc", "si", "mas", "l2", "replay", "der",
+                                    "derpp", "lwf", "agem", "freeze", "joint"])
+def test_every_method_runs_end_to_end(method, tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+  from cljax.methods import MethodConfig
+  cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, method=method, epochs=1,
+                    method_config=MethodConfig(**SMALL_HP))
+  r = study.run(cfg, str(tmp_path))
+  assert r["method"] == method
+  assert np.array(r["accuracy_matrix"]).shape == (2, 2)
+  assert r["method_config"]["replay_size"] == 16
+
+
+def test_resume_restores_method_state(tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+  """Quadratic (online EWC, SI), buffer (DER++) and teacher (LwF) states survive an
+  interruption mid-task: the resumed run ends with the uninterrupted matrices."""
+  from cljax.methods import MethodConfig
+  cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, method="online_ewc+si+derpp+lwf",
+                    method_config=MethodConfig(**SMALL_HP), checkpoint_every=5)
+  full = study.run(cfg, str(tmp_path / "full"))
+  with pytest.raises(study.Interrupted):
+    study.run(cfg.replace(stop_after_steps=12), str(tmp_path / "cut"))
+  resumed = study.run(cfg, str(tmp_path / "cut"), resume=True)
+  assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+  assert resumed["task_aware_accuracy_matrix"] == full["task_aware_accuracy_matrix"]
