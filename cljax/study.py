@@ -347,6 +347,11 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
     method_seconds = time.time() - t0
     t0 = time.time()
     acc, task_acc = evaluate_all(state.params)
+    if cfg.num_val:
+      # Validation splits (carved from training data): for choosing strengths.
+      val = [evaluate(eval_fn, state.params, d.val, cfg.eval_batch_size) for d in task_data]
+      meta.setdefault("val_rows", []).append([v[0] for v in val])
+      meta.setdefault("val_task_rows", []).append([v[1] for v in val])
     meta["eval_seconds"] += time.time() - t0
     meta["rows"].append(acc)
     meta["task_rows"].append(task_acc)
@@ -397,6 +402,10 @@ def _results(cfg: StudyConfig, tasks, task_data, model, meta, flags, wall_s) -> 
       "metrics": metrics_lib.summarize(meta["rows"], baseline=baseline),
       "task_aware_metrics": metrics_lib.summarize(meta["task_rows"],
                                                   baseline=meta["task_aware_baseline"]),
+      "val_accuracy_matrix": meta.get("val_rows"),
+      "val_task_aware_accuracy_matrix": meta.get("val_task_rows"),
+      "val_metrics": (metrics_lib.summarize(meta["val_rows"]) if meta.get("val_rows")
+                      else None),
       "method": cfg.method,
       "method_config": dataclasses.asdict(cfg.method_config),
       "seed": cfg.seed,

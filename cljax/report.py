@@ -1,0 +1,246 @@
+"""Tables and figures over many runs: mean +- std over seeds per method.
+
+``collect(root)`` reads every ``results.json`` under ``root``; ``aggregate`` groups
+them by method and strength; ``write_report`` writes Markdown and CSV tables and
+the figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections import defaultdict
+from typing import Any, Sequence
+
+import numpy as np
+
+# (column key, header, function of one results dict)
+def _task0_after(i):
+  return lambda r, key="accuracy_matrix": r[key][i][0] if i < len(r[key]) else None
+
+
+def metric_columns(num_tasks: int, first_task: str) -> list[tuple[str, str, Any]]:
+  cols = [
+      ("average_accuracy", "avg acc", lambda r: r["metrics"]["average_accuracy"]),
+      ("forgetting", "forgetting", lambda r: r["metrics"]["forgetting"]),
+      ("backward_transfer", "BWT", lambda r: r["metrics"]["backward_transfer"]),
+      ("forward_transfer", "FWT", lambda r: r["metrics"]["forward_transfer"]),
+  ]
+  for i in range(num_tasks):
+    cols.append((f"task0_after_{i}", f"{first_task} after task {i + 1}", _task0_after(i)))
+  cols += [
+      ("ta_average_accuracy", "task-aware avg acc",
+       lambda r: r["task_aware_metrics"]["average_accuracy"]),
+      ("ta_forgetting", "task-aware forgetting",
+       lambda r: r["task_aware_metrics"]["forgetting"]),
+      ("ta_task0_final", f"task-aware {first_task} final",
+       lambda r: r["task_aware_accuracy_matrix"][-1][0]),
+      ("train_seconds", "train s", lambda r: r["timing"]["train_seconds"]),
+  ]
+  return cols
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
+  """Mean, sample standard deviation (ddof=1; 0 for one value) and count of the
+  values that are not None."""
+  v = np.array([x for x in values if x is not None], dtype=np.float64)
+  if v.size == 0:
+    return math.nan, math.nan, 0
+  return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
+
+
+def collect(root: str) -> list[dict]:
+  """Every results.json under ``root``, with its ``workdir`` and strength ``tag``."""
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    dirnames[:] = sorted(d for d in dirnames if d not in ("checkpoints", "tensorboard",
+                                                          ".jax_cache"))
+    if "results.json" in filenames:
+      with open(os.path.join(dirpath, "results.json")) as f:
+        r = json.load(f)
+      r["workdir"] = dirpath
+      parent = os.path.basename(os.path.dirname(dirpath))
+      r["tag"] = parent if os.path.basename(dirpath).startswith("seed") and parent != \
+          r["method"] else "default"
+      out.append(r)
+  return out
+
+
+def aggregate(results: list[dict], selection: dict | None = None) -> list[dict]:
+  """One row per method (at its selected strength): mean, std and n of each column.
+
+  Runs at strengths that were not selected are left out of the table (they are
+  candidates, shown in the strength figure).
+  """
+  if not results:
+    raise ValueError("No results.json found.")
+  selection = selection or {}
+  tasks = results[0]["tasks"]
+  cols = metric_columns(len(tasks), tasks[0])
+  groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+  for r in results:
+    groups[(r["method"], r["tag"])].append(r)
+  rows = []
+  for (method, tg), runs in sorted(groups.items()):
+    chosen = selection.get(method, {}).get("tag")
+    if chosen is not None and tg != chosen:
+      continue
+    row = {"method": method, "strength": tg, "seeds": sorted(r["seed"] for r in runs),
+           "n": len(runs), "runs": runs}
+    for key, _, fn in cols:
+      row[key] = mean_std([fn(r) for r in runs])
+    rows.append(row)
+  return rows
+
+
+def _fmt(ms: tuple[float, float, int], digits: int = 3) -> str:
+  mean, std, n = ms
+  if n == 0 or math.isnan(mean):
+    return "-"
+  return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+
+
+def markdown_table(rows: list[dict], tasks: Sequence[str]) -> str:
+  cols = metric_columns(len(tasks), tasks[0])
+  header = ["method", "strength", "seeds"] + [h for _, h, _ in cols]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for row in rows:
+    cells = [row["method"], row["strength"], str(row["n"])]
+    cells += [_fmt(row[key], 1 if key == "train_seconds" else 3) for key, _, _ in cols]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], tasks: Sequence[str], path: str) -> None:
+  cols = metric_columns(len(tasks), tasks[0])
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["method", "strength", "n_seeds", "seeds"] +
+               [f"{k}_{s}" for k, _, _ in cols for s in ("mean", "std")])
+    for row in rows:
+      w.writerow([row["method"], row["strength"], row["n"], " ".join(map(str, row["seeds"]))]
+                 + [x for k, _, _ in cols for x in row[k][:2]])
+
+
+# ----------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------
+
+def figures(rows: list[dict], results: list[dict], selection: dict, outdir: str) -> list[str]:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  from cljax.plots import accuracy_matrix_axes  # pylint: disable=import-outside-toplevel
+  tasks = results[0]["tasks"]
+  paths = []
+
+  # Mean accuracy matrices per method (class-incremental on top, task-aware below).
+  n = len(rows)
+  fig, axes = plt.subplots(2, n, figsize=(2.6 * n + 1, 5.5), squeeze=False)
+  for i, row in enumerate(rows):
+    for j, key in enumerate(("accuracy_matrix", "task_aware_accuracy_matrix")):
+      mean = np.mean([r[key] for r in row["runs"]], axis=0)
+      accuracy_matrix_axes(axes[j][i], mean, tasks,
+                           f"{row['method']}\n{'class-incr.' if j == 0 else 'task-aware'}")
+      if i:
+        axes[j][i].set_yticks([])
+  fig.suptitle("Mean accuracy matrices (row: after task; column: evaluated on)")
+  paths.append(os.path.join(outdir, "report_matrices.png"))
+  fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+  plt.close(fig)
+
+  # Accuracy on each task through the run, mean over seeds.
+  fig, axes = plt.subplots(1, n, figsize=(2.8 * n + 1, 3.2), sharey=True, squeeze=False)
+  for i, row in enumerate(rows):
+    ax = axes[0][i]
+    steps = [c["global_step"] for c in row["runs"][0]["curve"]]
+    for j, name in enumerate(tasks):
+      curves = [[c["accuracy"][j] for c in r["curve"]] for r in row["runs"]
+                if len(r["curve"]) == len(steps)]
+      ax.plot(steps, np.mean(curves, axis=0), marker="o", ms=3, label=name)
+    for b in np.cumsum(row["runs"][0]["timing"]["steps_per_task"])[:-1]:
+      ax.axvline(b, color="gray", ls=":", lw=1)
+    ax.set_title(row["method"])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("step")
+  axes[0][0].set_ylabel("test accuracy (class-incr.)")
+  axes[0][-1].legend(fontsize=8)
+  paths.append(os.path.join(outdir, "report_curves.png"))
+  fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+  plt.close(fig)
+
+  # Forgetting against final average accuracy.
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  for row in rows:
+    (fm, fs, _), (am, as_, _) = row["forgetting"], row["average_accuracy"]
+    ax.errorbar(fm, am, xerr=fs, yerr=as_, fmt="o", capsize=3)
+    ax.annotate(row["method"], (fm, am), textcoords="offset points", xytext=(4, 4),
+                fontsize=8)
+  ax.set_xlabel("forgetting (lower is better)")
+  ax.set_ylabel("average accuracy after the last task")
+  ax.grid(alpha=0.3)
+  paths.append(os.path.join(outdir, "report_forgetting_vs_accuracy.png"))
+  fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+  plt.close(fig)
+
+  # EWC-family strength against forgetting.
+  grid = [(m, s) for m, s in selection.items() if s.get("candidates")]
+  if grid:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, sel in grid:
+      pts = sorted((r["method_config"][sel["field"]], r["metrics"]["forgetting"],
+                    r["metrics"]["average_accuracy"]) for r in results
+                   if r["method"] == method and r["seed"] == sel["seed"])
+      if pts:
+        x, f, a = zip(*pts)
+        line, = ax.plot(x, f, marker="o", label=f"{method} forgetting")
+        ax.plot(x, a, marker="s", ls="--", color=line.get_color(),
+                label=f"{method} avg acc")
+    ax.set_xscale("log")
+    ax.set_xlabel("strength")
+    ax.set_ylabel("test metric (seed of the selection)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    paths.append(os.path.join(outdir, "report_strength.png"))
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+  return paths
+
+
+def write_report(root: str, outdir: str | None = None) -> dict:
+  """Writes report.md, report.csv and figures for the runs under ``root``."""
+  outdir = outdir or root
+  os.makedirs(outdir, exist_ok=True)
+  results = collect(root)
+  selection = {}
+  if os.path.exists(os.path.join(root, "selection.json")):
+    with open(os.path.join(root, "selection.json")) as f:
+      selection = json.load(f)
+  rows = aggregate(results, selection)
+  tasks = results[0]["tasks"]
+  first = results[0]
+  lines = [
+      "# Forgetting study report", "",
+      f"Tasks: {' -> '.join(tasks)}; model {first['model']['source']} "
+      f"({first['model']['n_layer']} layers, width {first['model']['n_embd']}); "
+      f"data per task {first['data']}; devices {first['environment']['devices']}.", "",
+      "Class-incremental accuracy takes the argmax over every class of the shared head; "
+      "task-aware restricts it to the task's own classes. Mean ± sample std over seeds.", "",
+      markdown_table(rows, tasks), ""]
+  if selection:
+    lines += ["Strengths chosen on validation data carved from the training files "
+              "(never on test):", ""]
+    for method, sel in sorted(selection.items()):
+      cands = ", ".join(f"{c['value']:g}: {c['val_average_accuracy']:.3f}"
+                        for c in sel["candidates"]) or "one value"
+      lines.append(f"- {method}: {sel['field']}={sel['chosen']:g} ({sel['chosen_on']}; "
+                   f"candidates {cands})")
+    lines.append("")
+  paths = figures(rows, results, selection, outdir)
+  lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in paths]
+  with open(os.path.join(outdir, "report.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  write_csv(rows, tasks, os.path.join(outdir, "report.csv"))
+  return {"rows": rows, "markdown": "\n".join(lines), "figures": paths}

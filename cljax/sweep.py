@@ -1,0 +1,130 @@
+"""Sweeps over methods x seeds x method strengths, run one after another in one
+process, each into its own workdir; an interrupted sweep continues where it stopped.
+
+Strengths are chosen on validation data carved from the training files, never on
+test sets: every candidate strength of a method runs on the first seed, the one
+with the best validation average accuracy is kept, and only it runs on the other
+seeds. The choice and its candidates are written to ``ROOT/selection.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Sequence
+
+from absl import logging
+import jax
+
+from cljax import study
+from cljax.methods import MethodConfig
+
+RESULTS = "results.json"
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, tuple[str, list[float]]]:
+  """``["ewc:ewc_lambda=1e2,1e4"]`` -> ``{"ewc": ("ewc_lambda", [100.0, 10000.0])}``."""
+  fields = {f.name: f.type for f in dataclasses.fields(MethodConfig)}
+  out = {}
+  for item in items:
+    method, _, rest = item.partition(":")
+    name, _, values = rest.partition("=")
+    if not method or not name or not values:
+      raise ValueError(f"Strength grid {item!r}: expected METHOD:FIELD=v1,v2.")
+    if name not in fields:
+      raise ValueError(f"Strength grid {item!r}: {name!r} is not a method hyperparameter; "
+                       f"expected one of {sorted(fields)}.")
+    cast = int if fields[name] in (int, "int") else float
+    out[method.strip()] = (name, [cast(v) for v in values.split(",")])
+  return out
+
+
+def tag(field: str | None, value) -> str:
+  return "default" if field is None else f"{field}={value:g}"
+
+
+def run_dir(root: str, method: str, field: str | None, value, seed: int) -> str:
+  return os.path.join(root, method, tag(field, value), f"seed{seed}")
+
+
+def run_one(cfg: study.StudyConfig, workdir: str, flags: dict | None = None) -> dict:
+  """Runs (or resumes, or just reads) one configuration."""
+  path = os.path.join(workdir, RESULTS)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  resume = os.path.isdir(os.path.join(workdir, "checkpoints"))
+  flags = dict(flags or {}, method=cfg.method, seed=cfg.seed, workdir=workdir)
+  return study.run(cfg, workdir, resume=resume, flags=flags)
+
+
+def _val_score(results: dict) -> float:
+  if not results.get("val_metrics"):
+    raise ValueError("Choosing a strength needs validation data: set --num_val > 0.")
+  return results["val_metrics"]["average_accuracy"]
+
+
+def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
+              seeds: Sequence[int], grids: dict[str, tuple[str, list]] | None = None,
+              flags: dict | None = None) -> dict:
+  """Runs every method on every seed (strengths chosen on validation; see module doc).
+
+  Returns ``{"selection": ..., "runs": [workdir, ...]}``.
+  """
+  grids = dict(grids or {})
+  unknown = set(grids) - set(methods)
+  if unknown:
+    raise ValueError(f"Strength grids for {sorted(unknown)}, which are not in --methods.")
+  os.makedirs(root, exist_ok=True)
+  # One persistent compilation cache for the whole sweep: later runs reuse compiled steps.
+  jax.config.update("jax_compilation_cache_dir", os.path.join(root, ".jax_cache"))
+  selection_path = os.path.join(root, "selection.json")
+  selection = {}
+  if os.path.exists(selection_path):
+    with open(selection_path) as f:
+      selection = json.load(f)
+  runs, total = [], sum(len(seeds) + (len(grids[m][1]) - 1 if m in grids else 0)
+                        for m in methods)
+  t0 = time.time()
+
+  def one(method, field, value, seed):
+    hp = base.method_config
+    if field is not None:
+      hp = dataclasses.replace(hp, **{field: value})
+    workdir = run_dir(root, method, field, value, seed)
+    logging.info("[sweep %d/%d, %s elapsed] %s %s seed %d -> %s", len(runs) + 1, total,
+                 study._fmt_time(time.time() - t0), method, tag(field, value), seed, workdir)
+    results = run_one(base.replace(method=method, seed=seed, method_config=hp), workdir,
+                      dict(flags or {}, **({field: value} if field else {})))
+    runs.append(workdir)
+    return results
+
+  for method in methods:
+    field, values = grids.get(method, (None, [None]))
+    if len(values) > 1:
+      scores = []
+      for value in values:
+        scores.append(_val_score(one(method, field, value, seeds[0])))
+      best = max(range(len(values)), key=lambda i: scores[i])
+      selection[method] = {
+          "field": field, "chosen": values[best], "chosen_on": "validation average accuracy",
+          "seed": seeds[0], "tag": tag(field, values[best]),
+          "candidates": [{"value": v, "val_average_accuracy": s}
+                         for v, s in zip(values, scores)]}
+      with open(selection_path, "w") as f:
+        json.dump(selection, f, indent=2)
+      logging.info("%s: chose %s=%s on validation (%s).", method, field, values[best],
+                   ", ".join(f"{v:g}: {s:.3f}" for v, s in zip(values, scores)))
+      chosen, rest = values[best], seeds[1:]
+    else:
+      chosen, rest = values[0], seeds
+      if field is not None:
+        selection[method] = {"field": field, "chosen": chosen, "chosen_on": "single value",
+                             "tag": tag(field, chosen), "candidates": []}
+    for seed in rest:
+      one(method, field, chosen, seed)
+  with open(selection_path, "w") as f:
+    json.dump(selection, f, indent=2)
+  return {"selection": selection, "runs": runs}

@@ -1,0 +1,115 @@
+"""Sweep bookkeeping (resume, strength selection) and report aggregation."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from cljax import report, study, sweep
+from cljax.methods import MethodConfig
+
+
+def fake_results(method, seed, matrix, ta_matrix=None, val_avg=0.5, strength=None,
+                 train_seconds=10.0):
+  ta_matrix = ta_matrix or matrix
+  from cljax.metrics import summarize
+  hp = MethodConfig()
+  if strength:
+    hp = MethodConfig(**{strength[0]: strength[1]})
+  return {"tasks": ["imdb", "ag_news"], "method": method, "seed": seed,
+          "accuracy_matrix": matrix, "task_aware_accuracy_matrix": ta_matrix,
+          "metrics": summarize(matrix, baseline=[0.5, 0.5]),
+          "task_aware_metrics": summarize(ta_matrix, baseline=[0.5, 0.5]),
+          "val_metrics": {"average_accuracy": val_avg},
+          "method_config": {"ewc_lambda": hp.ewc_lambda},
+          "timing": {"train_seconds": train_seconds, "steps_per_task": [4, 4]},
+          "curve": [{"global_step": 0, "accuracy": [0.5, 0.5]},
+                    {"global_step": 4, "accuracy": matrix[0]},
+                    {"global_step": 8, "accuracy": matrix[1]}],
+          "model": {"source": "random:tiny", "n_layer": 2, "n_embd": 64},
+          "data": {}, "environment": {"devices": ["cpu"]}}
+
+
+def test_mean_std_by_hand():
+  assert report.mean_std([0.5, 0.7, 0.9]) == pytest.approx((0.7, 0.2, 3))
+  assert report.mean_std([0.4, None]) == (0.4, 0.0, 1)
+  assert report.mean_std([None])[2] == 0
+
+
+def test_aggregate_groups_seeds_and_keeps_the_selected_strength():
+  results = [
+      dict(fake_results("finetune", 0, [[0.9, 0.0], [0.1, 0.8]]), tag="default"),
+      dict(fake_results("finetune", 1, [[0.8, 0.0], [0.3, 0.9]]), tag="default"),
+      dict(fake_results("finetune", 2, [[0.7, 0.0], [0.2, 1.0]]), tag="default"),
+      dict(fake_results("ewc", 0, [[0.9, 0.0], [0.5, 0.6]]), tag="ewc_lambda=100"),
+      dict(fake_results("ewc", 0, [[0.9, 0.0], [0.0, 0.9]]), tag="ewc_lambda=1"),
+  ]
+  rows = report.aggregate(results, {"ewc": {"tag": "ewc_lambda=100"}})
+  by = {r["method"]: r for r in rows}
+  ft = by["finetune"]
+  assert ft["n"] == 3 and ft["seeds"] == [0, 1, 2]
+  # average accuracy per seed: 0.45, 0.6, 0.6
+  assert ft["average_accuracy"] == pytest.approx((0.55, np.std([0.45, 0.6, 0.6], ddof=1), 3))
+  # forgetting per seed: 0.8, 0.5, 0.5
+  assert ft["forgetting"][0] == pytest.approx(0.6)
+  assert ft["task0_after_1"][0] == pytest.approx(0.2)
+  assert by["ewc"]["strength"] == "ewc_lambda=100" and by["ewc"]["n"] == 1
+  assert by["ewc"]["average_accuracy"] == pytest.approx((0.55, 0.0, 1))
+  table = report.markdown_table(rows, ["imdb", "ag_news"])
+  assert "| finetune | default | 3 | 0.550 ± 0.087 | 0.600 ± 0.173 |" in table
+
+
+def test_sweep_resumes_and_selects_strength_on_validation(tmp_path, monkeypatch):
+  """An interrupted sweep reruns only what is missing; the strength with the best
+  validation accuracy (not test) is chosen on the first seed."""
+  calls = []
+  # Validation favours lambda=1, test favours lambda=100: the sweep must follow val.
+  val = {1.0: 0.8, 100.0: 0.6}
+  test_matrix = {1.0: [[0.9, 0.0], [0.1, 0.8]], 100.0: [[0.9, 0.0], [0.6, 0.8]]}
+
+  def fake_run(cfg, workdir, *, resume=False, flags=None):
+    calls.append((cfg.method, cfg.method_config.ewc_lambda, cfg.seed, resume))
+    if len(calls) == 3 and not os.path.exists(tmp_path / "crashed"):
+      os.makedirs(tmp_path / "crashed")
+      os.makedirs(os.path.join(workdir, "checkpoints"))
+      raise KeyboardInterrupt
+    lam = cfg.method_config.ewc_lambda
+    r = fake_results(cfg.method, cfg.seed, test_matrix.get(lam, [[0.9, 0.0], [0.0, 0.9]]),
+                     val_avg=val.get(lam, 0.5))
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(r, f)
+    return r
+
+  monkeypatch.setattr(study, "run", fake_run)
+  base = study.StudyConfig(num_val=10)
+  args = (base, str(tmp_path / "sweep"), ["finetune", "ewc"], [0, 1],
+          {"ewc": ("ewc_lambda", [1.0, 100.0])})
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run_sweep(*args)
+  assert calls == [("finetune", 1e4, 0, False), ("finetune", 1e4, 1, False),
+                   ("ewc", 1.0, 0, False)]
+  calls.clear()
+  out = sweep.run_sweep(*args)
+  # finetune's runs are done; ewc lambda=1 resumes from its checkpoints.
+  assert calls == [("ewc", 1.0, 0, True), ("ewc", 100.0, 0, False), ("ewc", 1.0, 1, False)]
+  assert out["selection"]["ewc"]["chosen"] == 1.0
+  calls.clear()
+  sweep.run_sweep(*args)
+  assert calls == []  # everything done
+  rows = report.write_report(str(tmp_path / "sweep"))["rows"]
+  assert {(r["method"], r["strength"], r["n"]) for r in rows} == {
+      ("finetune", "default", 2), ("ewc", "ewc_lambda=1", 2)}
+  assert os.path.exists(tmp_path / "sweep" / "report.csv")
+  assert os.path.exists(tmp_path / "sweep" / "report_strength.png")
+
+
+def test_grid_parsing_errors():
+  assert sweep.parse_grid(["ewc:ewc_lambda=1e2,1e4"]) == {"ewc": ("ewc_lambda", [100.0,
+                                                                              10000.0])}
+  assert sweep.parse_grid(["replay:replay_size=50,100"])["replay"][1] == [50, 100]
+  with pytest.raises(ValueError, match="not a method hyperparameter"):
+    sweep.parse_grid(["ewc:lambda=1"])
+  with pytest.raises(ValueError, match="METHOD:FIELD"):
+    sweep.parse_grid(["ewc"])
