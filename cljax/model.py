@@ -200,37 +200,49 @@ def _layer_norm(config: GPT2Config, name: str):
 
 
 class CausalSelfAttention(nn.Module):
-  """Multi-head causal self-attention; padded keys are masked as transformers does."""
+  """Multi-head causal self-attention; padded keys are masked as transformers does.
+
+  With ``query_idx_B`` only that position's query is computed (keys and values still
+  cover every position): the classifier needs nothing else from its last block.
+  """
 
   config: GPT2Config
 
   @nn.compact
-  def __call__(self, x_BTD, mask_BT, deterministic: bool):
+  def __call__(self, x_BTD, mask_BT, deterministic: bool, query_idx_B=None):
     cfg = self.config
     B, T, _ = x_BTD.shape
     qkv = _dense(3 * cfg.n_embd, cfg, "c_attn")(x_BTD)
     q, k, v = jnp.split(qkv, 3, axis=-1)
-    q_BTNH, k_BTNH, v_BTNH = (a.reshape(B, T, cfg.n_head, cfg.head_dim) for a in (q, k, v))
-    # Padded keys are masked (as transformers does); causality is added below.
+    q_BQNH, k_BTNH, v_BTNH = (a.reshape(B, T, cfg.n_head, cfg.head_dim) for a in (q, k, v))
+    # Padded keys are masked, as transformers does.
     pad_B11S = None if mask_BT is None else mask_BT[:, None, None, :].astype(bool)
+    if query_idx_B is None:
+      keep_B1QS = jnp.tril(jnp.ones((T, T), dtype=bool))[None, None]
+    else:
+      q_BQNH = jnp.take_along_axis(q_BQNH, query_idx_B[:, None, None, None], axis=1)
+      keep_B1QS = (jnp.arange(T)[None, :] <= query_idx_B[:, None])[:, None, None, :]
+    if pad_B11S is not None:
+      keep_B1QS = keep_B1QS & pad_B11S
+    Q = q_BQNH.shape[1]
     if not deterministic and cfg.attn_pdrop > 0.0:
       # jax.nn.dot_product_attention has no attention dropout; spell it out.
-      keep_11TS = jnp.tril(jnp.ones((T, T), dtype=bool))[None, None]
-      if pad_B11S is not None:
-        keep_11TS = keep_11TS & pad_B11S
-      scale = jnp.asarray(1.0 / cfg.head_dim ** 0.5, q_BTNH.dtype)
-      logits_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH * scale, k_BTNH)
-      logits_BNTS = jnp.where(keep_11TS, logits_BNTS.astype(jnp.float32),
+      scale = jnp.asarray(1.0 / cfg.head_dim ** 0.5, q_BQNH.dtype)
+      logits_BNQS = jnp.einsum("bqnh,bsnh->bnqs", q_BQNH * scale, k_BTNH)
+      logits_BNQS = jnp.where(keep_B1QS, logits_BNQS.astype(jnp.float32),
                               jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(logits_BNTS, axis=-1).astype(q_BTNH.dtype)
+      probs = jax.nn.softmax(logits_BNQS, axis=-1).astype(q_BQNH.dtype)
       probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=False)
-      out_BTNH = jnp.einsum("bnts,bsnh->btnh", probs, v_BTNH)
-    else:
-      out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, mask=pad_B11S,
+      out_BQNH = jnp.einsum("bnqs,bsnh->bqnh", probs, v_BTNH)
+    elif query_idx_B is None:
+      # The causal flag (rather than an explicit mask) lets GPUs use fused kernels.
+      out_BQNH = jax.nn.dot_product_attention(q_BQNH, k_BTNH, v_BTNH, mask=pad_B11S,
                                               is_causal=True)
-    out_BTD = out_BTNH.reshape(B, T, cfg.n_embd)
-    out_BTD = _dense(cfg.n_embd, cfg, "c_proj")(out_BTD)
-    return nn.Dropout(cfg.resid_pdrop)(out_BTD, deterministic=deterministic)
+    else:
+      out_BQNH = jax.nn.dot_product_attention(q_BQNH, k_BTNH, v_BTNH, mask=keep_B1QS)
+    out_BQD = out_BQNH.reshape(B, Q, cfg.n_embd)
+    out_BQD = _dense(cfg.n_embd, cfg, "c_proj")(out_BQD)
+    return nn.Dropout(cfg.resid_pdrop)(out_BQD, deterministic=deterministic)
 
 
 class MLP(nn.Module):
@@ -246,15 +258,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm transformer block."""
+  """Pre-LayerNorm transformer block; with ``query_idx_B``, outputs only that
+  position of each sequence (``[B, 1, D]``)."""
 
   config: GPT2Config
 
   @nn.compact
-  def __call__(self, x_BTD, mask_BT, deterministic: bool):
+  def __call__(self, x_BTD, mask_BT, deterministic: bool, query_idx_B=None):
     cfg = self.config
-    x_BTD = x_BTD + CausalSelfAttention(cfg, name="attn")(
-        _layer_norm(cfg, "ln_1")(x_BTD), mask_BT, deterministic)
+    attn = CausalSelfAttention(cfg, name="attn")(
+        _layer_norm(cfg, "ln_1")(x_BTD), mask_BT, deterministic, query_idx_B)
+    if query_idx_B is not None:
+      x_BTD = jnp.take_along_axis(x_BTD, query_idx_B[:, None, None], axis=1)
+    x_BTD = x_BTD + attn
     x_BTD = x_BTD + MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BTD), deterministic)
     return x_BTD
 
@@ -297,11 +313,14 @@ class GPT2Classifier(nn.Module):
     x_BTD = wte(input_ids) + wpe(jnp.arange(T)[None])
     x_BTD = nn.Dropout(cfg.embd_pdrop)(x_BTD, deterministic=deterministic)
     block_cls = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
-    for i in range(cfg.n_layer):
-      x_BTD = block_cls(cfg, name=f"h_{i}")(x_BTD, attention_mask, deterministic)
-    # Only the pooled token reaches the head, so pool before ln_f and score.
+    # Only the pooled token reaches the head: the last block computes its query,
+    # attention output and MLP at that position alone (exactly, with less work).
     idx_B = pool_index(input_ids, cfg.pad_token_id)
-    x_BD = jnp.take_along_axis(x_BTD, idx_B[:, None, None], axis=1)[:, 0]
+    for i in range(cfg.n_layer):
+      last = i == cfg.n_layer - 1
+      x_BTD = block_cls(cfg, name=f"h_{i}")(x_BTD, attention_mask, deterministic,
+                                            idx_B if last else None)
+    x_BD = x_BTD[:, 0]
     x_BD = _layer_norm(cfg, "ln_f")(x_BD)
     logits_BC = _dense(cfg.num_labels, cfg, "score", use_bias=False)(x_BD)
     return logits_BC.astype(jnp.float32)
