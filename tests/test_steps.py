@@ -80,8 +80,11 @@ def test_gradient_accumulation_equals_one_big_batch(setup):
   s2 = steps.init_train_state(params, tx2, jax.random.PRNGKey(0))
   for h in halves:
     s2, _ = step2(s2, h)
-  for x, y in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
-    np.testing.assert_allclose(x, y, atol=1e-6)
+  # Within float32 roundoff of an lr-1e-3 Adam step (which normalizes tiny gradients).
+  for x, y, p in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params),
+                     jax.tree.leaves(params)):
+    np.testing.assert_allclose(x, y, atol=1e-5)
+    assert np.abs(np.asarray(x) - np.asarray(p)).max() > 1e-4  # and it did move
 
 
 def test_schedule_is_linear_decay_from_peak():
