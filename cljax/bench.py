@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cljax import sharding
 from cljax import steps
 from cljax.model import GPT2Classifier, GPT2Config, init_params
 
@@ -61,13 +62,20 @@ def _time(fn, steps: int, warmup: int) -> float:
 
 
 def bench_jax(config: GPT2Config, batch_size: int, seq_len: int, steps_: int,
-              warmup: int) -> dict[str, Any]:
+              warmup: int, mesh_data: int = -1, mesh_model: int = 1) -> dict[str, Any]:
+  mesh = sharding.make_mesh(mesh_data, mesh_model)
+  sharding.check_batch_size(batch_size, mesh)
   model = GPT2Classifier(config)
-  params = jax.jit(functools.partial(init_params, model))(jax.random.key(0))
+  params = jax.jit(functools.partial(init_params, model))(jax.random.PRNGKey(0))
+  params = jax.device_put(params, sharding.param_shardings(mesh, params))
   tx, _ = steps.make_optimizer(total_steps=10_000)
-  state = steps.init_train_state(params, tx, jax.random.key(1))
-  batch = jax.device_put(random_batch(config, batch_size, seq_len))
-  train = jax.jit(functools.partial(steps.train_step, model=model, tx=tx), donate_argnums=0)
+  state = steps.init_train_state(params, tx, jax.random.PRNGKey(1))
+  state_sh = sharding.state_shardings(mesh, state, params)
+  state = jax.device_put(state, state_sh)
+  batch = sharding.shard_batch(random_batch(config, batch_size, seq_len), mesh)
+  train = jax.jit(functools.partial(steps.train_step, model=model, tx=tx),
+                  in_shardings=(state_sh, sharding.batch_sharding(mesh)),
+                  out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
   evaluate = jax.jit(functools.partial(steps.eval_step, model=model))
   box = [state]
 
@@ -138,7 +146,7 @@ def bench_torch(config: GPT2Config, batch_size: int, seq_len: int, steps_: int,
 
 def run(size: str, batch_size: int, seq_len: int, steps_: int, warmup: int,
         dtype: str = "float32", remat: bool = False, compare_torch: bool = False,
-        num_labels: int = 4) -> dict[str, Any]:
+        num_labels: int = 4, mesh_data: int = -1, mesh_model: int = 1) -> dict[str, Any]:
   """Runs the JAX (and optionally PyTorch) benchmark; returns one flat dict."""
   config = GPT2Config.from_size(size, num_labels=num_labels, dtype=dtype, remat=remat)
   if seq_len > config.n_positions:
@@ -147,7 +155,8 @@ def run(size: str, batch_size: int, seq_len: int, steps_: int, warmup: int,
          "steps": steps_, "backend": jax.default_backend(),
          "device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
          "jax_version": jax.__version__}
-  out.update(bench_jax(config, batch_size, seq_len, steps_, warmup))
+  out.update(bench_jax(config, batch_size, seq_len, steps_, warmup, mesh_data, mesh_model))
+  out["mesh"] = {"data": mesh_data, "model": mesh_model}
   if compare_torch:
     out.update(bench_torch(config, batch_size, seq_len, steps_, warmup))
     out["train_speedup"] = out["jax_train_examples_per_s"] / out["torch_train_examples_per_s"]

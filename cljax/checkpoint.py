@@ -58,7 +58,9 @@ class Checkpointer:
     """Restores (state, meta); ``target`` is a state (or its ``jax.eval_shape``) with
     the same structure, whose shardings the restored arrays take."""
     step = self.latest_step() if step is None else step
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    abstract = jax.tree.map(
+        lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
+        ocp.utils.to_shape_dtype_struct(x), target)
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
     return out["state"], out["meta"]

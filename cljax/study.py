@@ -23,6 +23,7 @@ import numpy as np
 from cljax import data as data_lib
 from cljax import hf
 from cljax import metrics as metrics_lib
+from cljax import sharding
 from cljax import steps
 from cljax.checkpoint import Checkpointer
 from cljax.methods import BuildContext, MethodConfig, TaskContext
@@ -69,6 +70,10 @@ class StudyConfig:
   eval_every: int = 0
   cache_dir: str | None = None
   stop_after_steps: int | None = None  # testing: stop as if killed after N steps
+  # Devices.
+  mesh_data: int = -1                 # data-parallel axis (-1: every device left)
+  mesh_model: int = 1                 # parameter-sharding axis
+  distributed: bool = False           # multi-host: jax.distributed.initialize()
 
   def replace(self, **kwargs) -> "StudyConfig":
     return dataclasses.replace(self, **kwargs)
@@ -105,12 +110,12 @@ def build_model(cfg: StudyConfig, tokenizer, num_labels: int):
   return model, params
 
 
-def evaluate(eval_fn, params, arrays: dict[str, np.ndarray], batch_size: int
-             ) -> tuple[float, float, float]:
+def evaluate(eval_fn, params, arrays: dict[str, np.ndarray], batch_size: int,
+             mesh=None) -> tuple[float, float, float]:
   """(class-incremental accuracy, task-aware accuracy, mean loss) over every example."""
   totals = None
   for batch in data_lib.batches(arrays, batch_size):
-    out = eval_fn(params, batch)
+    out = eval_fn(params, batch if mesh is None else sharding.shard_batch(batch, mesh))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   n = float(totals["count"])
@@ -158,6 +163,11 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
         flags: dict | None = None) -> dict:
   """Runs the sequential study and returns the results dict (also in results.json)."""
   t_start = time.time()
+  if cfg.distributed:
+    sharding.initialize_distributed()
+  mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)
+  sharding.check_batch_size(cfg.batch_size, mesh)
+  sharding.check_batch_size(cfg.eval_batch_size, mesh, "--eval_batch_size")
   os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
   if ckpt.latest_step() is not None and not resume:
@@ -173,16 +183,20 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
       num_test=cfg.num_test, num_val=cfg.num_val, subset=cfg.subset,
       max_length=cfg.max_length, seed=cfg.seed, cache_dir=cache_dir)
   model, params = build_model(cfg, tokenizer, total_labels)
+  params = jax.device_put(params, sharding.param_shardings(mesh, params))
   method = build_method(cfg.method, cfg.method_config, BuildContext(
       num_labels=total_labels, num_tasks=len(tasks), max_length=cfg.max_length,
       n_layer=model.config.n_layer))
-  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model))
+  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
+                    in_shardings=(sharding.param_shardings(mesh, params),
+                                  sharding.batch_sharding(mesh)),
+                    out_shardings=sharding.replicated(mesh))
   base_rng = jax.random.PRNGKey(cfg.seed)
 
   def evaluate_all(p) -> tuple[list[float], list[float]]:
     acc, task_acc = [], []
     for d in task_data:
-      a, ta, _ = evaluate(eval_fn, p, d.test, cfg.eval_batch_size)
+      a, ta, _ = evaluate(eval_fn, p, d.test, cfg.eval_batch_size, mesh)
       acc.append(a)
       task_acc.append(ta)
     return acc, task_acc
@@ -208,23 +222,29 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
     tx, schedule = optimizers[updates]
     return tx, schedule, batches_per_epoch
 
-  def train_fn_for(tx):
+  def train_fn_for(tx, state):
     if id(tx) not in train_fns:
-      train_fns[id(tx)] = jax.jit(functools.partial(steps.train_step, model=model, tx=tx,
-                                                    method=method), donate_argnums=0)
+      shardings = sharding.state_shardings(mesh, state, params)
+      train_fns[id(tx)] = jax.jit(
+          functools.partial(steps.train_step, model=model, tx=tx, method=method),
+          in_shardings=(shardings, sharding.batch_sharding(mesh)),
+          out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
     return train_fns[id(tx)]
 
   def fresh_state(k: int, p, method_state):
     tx, _, _ = optimizer_for(k)
-    return steps.init_train_state(p, tx, jax.random.fold_in(base_rng, k), method,
-                                  method_state)
+    state = steps.init_train_state(p, tx, jax.random.fold_in(base_rng, k), method,
+                                   method_state)
+    return jax.device_put(state, sharding.state_shardings(mesh, state, params))
 
   # --- start or resume -------------------------------------------------------
   writers = _Writers(workdir)
   if resume and ckpt.latest_step() is not None:
     meta = ckpt.restore_meta()
     k0 = min(meta["task"], len(tasks) - 1)
-    target = jax.eval_shape(lambda: fresh_state(k0, params, method.init(params)))
+    abstract = jax.eval_shape(lambda: fresh_state(k0, params, method.init(params)))
+    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                          abstract, sharding.state_shardings(mesh, abstract, params))
     state, meta = ckpt.restore(target)
     logging.info("Resumed from %s at task %d, step %d in the task (global step %d).",
                  ckpt.directory, meta["task"], meta["step_in_task"], meta["global_step"])
@@ -258,7 +278,7 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
           cfg.batch_size))
       state = fresh_state(k, p, mstate)
       meta["train_seconds"].append(0.0)
-    train_fn = train_fn_for(tx)
+    train_fn = train_fn_for(tx, state)
     logging.info("Task %d/%d %s: %d examples, %d steps of batch %d (%s).", k + 1, len(tasks),
                  task.name, data_lib.size(arrays), total_batches, cfg.batch_size, method.name)
 
@@ -307,7 +327,7 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
       if b == 0 or s == start:
         batch_iter = data_lib.batches(arrays, cfg.batch_size,
                                       seed=_epoch_seed(cfg.seed, k, epoch), start=b)
-      state, m = train_fn(state, next(batch_iter))
+      state, m = train_fn(state, sharding.shard_batch(next(batch_iter), mesh))
       g = meta["global_step"] + 1
       meta["global_step"], meta["step_in_task"] = g, s + 1
       if pending is not None:
@@ -349,7 +369,8 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
     acc, task_acc = evaluate_all(state.params)
     if cfg.num_val:
       # Validation splits (carved from training data): for choosing strengths.
-      val = [evaluate(eval_fn, state.params, d.val, cfg.eval_batch_size) for d in task_data]
+      val = [evaluate(eval_fn, state.params, d.val, cfg.eval_batch_size, mesh)
+             for d in task_data]
       meta.setdefault("val_rows", []).append([v[0] for v in val])
       meta.setdefault("val_task_rows", []).append([v[1] for v in val])
     meta["eval_seconds"] += time.time() - t0

@@ -28,6 +28,9 @@ _REMAT = flags.DEFINE_bool("remat", False, "Rematerialize each block in the back
 _TORCH = flags.DEFINE_bool("compare_torch", False, "Also time transformers' PyTorch "
                            "GPT2ForSequenceClassification with the same config and "
                            "optimizer, in this run.")
+_MESH_DATA = flags.DEFINE_integer("mesh_data", -1, "Devices on the data axis (-1: all).")
+_MESH_MODEL = flags.DEFINE_integer("mesh_model", 1, "Devices sharding params and optimizer "
+                                   "state.")
 _OUT = flags.DEFINE_string("output", None, "Also append the JSON line to this file.")
 
 
@@ -35,7 +38,8 @@ def main(argv):
   del argv
   result = bench.run(_SIZE.value, _BATCH.value, _SEQ.value, _STEPS.value, _WARMUP.value,
                      dtype=_DTYPE.value, remat=_REMAT.value,
-                     compare_torch=_TORCH.value)
+                     compare_torch=_TORCH.value, mesh_data=_MESH_DATA.value,
+                     mesh_model=_MESH_MODEL.value)
   line = json.dumps(result)
   print(line)
   if _OUT.value:

@@ -104,6 +104,13 @@ flags.DEFINE_integer("log_every", _D.log_every, "Log step metrics every N steps.
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate every task every N steps, for "
                      "the accuracy curve (0: only after each task).")
 flags.DEFINE_integer("stop_after_steps", None, "Testing: stop after N steps as if killed.")
+# --- devices ------------------------------------------------------------------
+flags.DEFINE_integer("mesh_data", _D.mesh_data, "Devices on the data-parallel mesh axis "
+                     "(-1: all devices that --mesh_model leaves). --batch_size is global.")
+flags.DEFINE_integer("mesh_model", _D.mesh_model, "Devices on the parameter-sharding axis "
+                     "(params, optimizer state and EWC state split; for large/xl sizes).")
+flags.DEFINE_bool("distributed", _D.distributed, "Multi-host: call "
+                  "jax.distributed.initialize() (TPU pods, SLURM, or JAX_COORDINATOR_*).")
 
 FLAGS = flags.FLAGS
 
@@ -143,7 +150,8 @@ def study_config(**overrides) -> StudyConfig:
       seed=FLAGS.seed, method=FLAGS.method, method_config=method_config(),
       checkpoint_every=FLAGS.checkpoint_every, log_every=FLAGS.log_every,
       eval_every=FLAGS.eval_every, cache_dir=FLAGS.cache_dir,
-      stop_after_steps=FLAGS.stop_after_steps)
+      stop_after_steps=FLAGS.stop_after_steps, mesh_data=FLAGS.mesh_data,
+      mesh_model=FLAGS.mesh_model, distributed=FLAGS.distributed)
   kwargs.update(overrides)
   return StudyConfig(**kwargs)
 
