@@ -162,3 +162,114 @@ def run(size: str, batch_size: int, seq_len: int, steps_: int, warmup: int,
     out["train_speedup"] = out["jax_train_examples_per_s"] / out["torch_train_examples_per_s"]
     out["eval_speedup"] = out["jax_eval_examples_per_s"] / out["torch_eval_examples_per_s"]
   return out
+
+
+def _peak_memory_bytes() -> dict[str, float]:
+  """Peak device memory (accelerators) and the process's peak resident set (host)."""
+  import resource  # pylint: disable=import-outside-toplevel
+  out = {"host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    out["device_peak_gb"] = stats["peak_bytes_in_use"] / 2 ** 30
+  return out
+
+
+def bench_fisher(size: str, seq_len: int, num_samples: int, chunk: int,
+                 num_labels: int = 4) -> dict[str, Any]:
+  """Examples/s and peak memory of the per-example diagonal Fisher (EWC)."""
+  from cljax.methods import regularizers  # pylint: disable=import-outside-toplevel
+  config = GPT2Config.from_size(size, num_labels=num_labels)
+  model = GPT2Classifier(config)
+  params = jax.jit(functools.partial(init_params, model))(jax.random.PRNGKey(0))
+  before = _peak_memory_bytes()
+  arrays = random_batch(config, num_samples, seq_len)
+  warm = {k: v[:chunk] for k, v in arrays.items()}
+  t0 = time.perf_counter()
+  jax.block_until_ready(regularizers.fisher_diagonal(model, params, warm, num_samples=chunk,
+                                                     chunk=chunk))
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  jax.block_until_ready(regularizers.fisher_diagonal(model, params, arrays,
+                                                     num_samples=num_samples, chunk=chunk))
+  dt = time.perf_counter() - t0
+  return {"size": size, "seq_len": seq_len, "fisher_samples": num_samples,
+          "fisher_chunk": chunk, "fisher_examples_per_s": num_samples / dt,
+          "fisher_compile_s": compile_s, "memory_before": before,
+          "memory_after": _peak_memory_bytes(), "device": jax.devices()[0].device_kind}
+
+
+def torch_study(cfg, device: str | None = None) -> dict[str, Any]:
+  """The sequential study in plain PyTorch with transformers'
+  GPT2ForSequenceClassification: the same data arrays, random init of the same size,
+  AdamW with linear decay and clipping, fresh optimizer per task, evaluation of every
+  task before training and after each task. The baseline for ``cljax.study.run``."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from cljax import data as data_lib, hf  # pylint: disable=import-outside-toplevel
+  device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+  t_start = time.perf_counter()
+  tasks = data_lib.resolve_tasks(cfg.tasks, dict(cfg.classes), cfg.data_dir)
+  tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
+  task_data = data_lib.load_task_data(
+      tasks, tokenizer, data_dir=cfg.data_dir, num_train=cfg.num_train,
+      num_test=cfg.num_test, subset=cfg.subset, max_length=cfg.max_length, seed=cfg.seed,
+      cache_dir=cfg.cache_dir)
+  config = GPT2Config.from_size(cfg.size, vocab_size=len(tokenizer),
+                                num_labels=data_lib.num_labels(tasks),
+                                pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
+  hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf().items()
+                                         if k not in ("architectures", "torch_dtype")})
+  torch.manual_seed(cfg.seed)
+  model = transformers.GPT2ForSequenceClassification(hf_config).to(device)
+  autocast = cfg.dtype == "bfloat16"
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def to_torch(batch):
+    return {k: torch.as_tensor(batch[k]).to(device, non_blocking=True)
+            for k in ("input_ids", "attention_mask", "labels", "weights")}
+
+  def evaluate():
+    model.eval()
+    accs = []
+    with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=autocast):
+      for d in task_data:
+        correct = count = 0.0
+        for batch in data_lib.batches(d.test, cfg.eval_batch_size):
+          b = to_torch(batch)
+          logits = model(b["input_ids"].long(), attention_mask=b["attention_mask"]).logits
+          correct += float(((logits.argmax(-1) == b["labels"]) * b["weights"]).sum())
+          count += float(b["weights"].sum())
+        accs.append(correct / count)
+    return accs
+
+  rows, train_s = [evaluate()], []
+  for k, d in enumerate(task_data):
+    n_steps = data_lib.num_batches(data_lib.size(d.train), cfg.batch_size) * cfg.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate,
+                            weight_decay=cfg.weight_decay)
+    warm = min(cfg.warmup_steps, n_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: s / warm if s < warm else max(0.0, (n_steps - s) / (n_steps - warm)))
+    model.train()
+    sync()
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+      for batch in data_lib.batches(d.train, cfg.batch_size, seed=epoch + 1000 * k):
+        b = to_torch(batch)
+        with torch.autocast(device, torch.bfloat16, enabled=autocast):
+          logits = model(b["input_ids"].long(), attention_mask=b["attention_mask"]).logits
+        losses = torch.nn.functional.cross_entropy(logits.float(), b["labels"].long(),
+                                                   reduction="none")
+        loss = (losses * b["weights"]).sum() / b["weights"].sum().clamp(min=1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    sync()
+    train_s.append(time.perf_counter() - t0)
+    rows.append(evaluate())
+  return {"torch_accuracy_matrix": rows[1:], "torch_baseline_accuracy": rows[0],
+          "torch_train_seconds": sum(train_s),
+          "torch_wall_seconds": time.perf_counter() - t_start}

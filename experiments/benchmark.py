@@ -31,15 +31,21 @@ _TORCH = flags.DEFINE_bool("compare_torch", False, "Also time transformers' PyTo
 _MESH_DATA = flags.DEFINE_integer("mesh_data", -1, "Devices on the data axis (-1: all).")
 _MESH_MODEL = flags.DEFINE_integer("mesh_model", 1, "Devices sharding params and optimizer "
                                    "state.")
+_FISHER = flags.DEFINE_integer("fisher_samples", 0, "If > 0: instead, time EWC's "
+                               "per-example Fisher over this many examples.")
+_FISHER_CHUNK = flags.DEFINE_integer("fisher_chunk", 8, "Examples per vmapped chunk.")
 _OUT = flags.DEFINE_string("output", None, "Also append the JSON line to this file.")
 
 
 def main(argv):
   del argv
-  result = bench.run(_SIZE.value, _BATCH.value, _SEQ.value, _STEPS.value, _WARMUP.value,
-                     dtype=_DTYPE.value, remat=_REMAT.value,
-                     compare_torch=_TORCH.value, mesh_data=_MESH_DATA.value,
-                     mesh_model=_MESH_MODEL.value)
+  if _FISHER.value:
+    result = bench.bench_fisher(_SIZE.value, _SEQ.value, _FISHER.value, _FISHER_CHUNK.value)
+  else:
+    result = bench.run(_SIZE.value, _BATCH.value, _SEQ.value, _STEPS.value, _WARMUP.value,
+                       dtype=_DTYPE.value, remat=_REMAT.value,
+                       compare_torch=_TORCH.value, mesh_data=_MESH_DATA.value,
+                       mesh_model=_MESH_MODEL.value)
   line = json.dumps(result)
   print(line)
   if _OUT.value:
