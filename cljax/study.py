@@ -28,6 +28,7 @@ from cljax import steps
 from cljax.checkpoint import Checkpointer
 from cljax.methods import BuildContext, MethodConfig, TaskContext
 from cljax.methods import build as build_method
+from cljax.methods import registry as method_registry
 from cljax.model import GPT2Classifier, GPT2Config, init_params
 
 
@@ -163,6 +164,7 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
         flags: dict | None = None) -> dict:
   """Runs the sequential study and returns the results dict (also in results.json)."""
   t_start = time.time()
+  method_registry.parse(cfg.method)  # fail on a typo before loading anything
   if cfg.distributed:
     sharding.initialize_distributed()
   mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)

@@ -31,8 +31,12 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   cfg = flags_common.study_config()
-  results = study.run(cfg, _WORKDIR.value, resume=_RESUME.value,
-                      flags=flags_common.flag_values())
+  try:
+    results = study.run(cfg, _WORKDIR.value, resume=_RESUME.value,
+                        flags=flags_common.flag_values())
+  except (ValueError, OSError, FloatingPointError) as e:  # bad input: say it, no traceback
+    logging.error("%s: %s", type(e).__name__, e)
+    sys.exit(1)
   m = results["metrics"]
   print(f"accuracy matrix (row i: after task i): {results['accuracy_matrix']}")
   print(f"average accuracy {m['average_accuracy']:.4f}, forgetting {m['forgetting']}, "

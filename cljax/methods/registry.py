@@ -68,10 +68,9 @@ def names() -> list[str]:
   return sorted(_FACTORIES)
 
 
-def build(spec: str, hparams: MethodConfig, ctx: BuildContext) -> Method:
-  """``spec`` is a method name or several joined by '+' (``ewc+replay``)."""
-  spec = spec.replace("der++", "derpp")
-  parts = [p.strip() for p in spec.split("+") if p.strip()]
+def parse(spec: str) -> list[str]:
+  """Method names of ``spec`` ("ewc+replay"; "der++" is "derpp"), checked."""
+  parts = [p.strip() for p in spec.replace("der++", "derpp").split("+") if p.strip()]
   unknown = [p for p in parts if p not in _FACTORIES]
   if not parts or unknown:
     raise ValueError(f"Unknown method {spec!r}: expected one of {names()}, or several "
@@ -80,4 +79,9 @@ def build(spec: str, hparams: MethodConfig, ctx: BuildContext) -> Method:
     parts.remove("finetune")
   if len(set(parts)) != len(parts):
     raise ValueError(f"Method {spec!r} names a method twice.")
-  return compose(*[_FACTORIES[p](hparams, ctx) for p in parts])
+  return parts
+
+
+def build(spec: str, hparams: MethodConfig, ctx: BuildContext) -> Method:
+  """``spec`` is a method name or several joined by '+' (``ewc+replay``)."""
+  return compose(*[_FACTORIES[p](hparams, ctx) for p in parse(spec)])
