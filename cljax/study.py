@@ -259,7 +259,8 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
             "baseline": base_acc, "task_aware_baseline": base_task_acc,
             "curve": [{"global_step": 0, "task": -1, "accuracy": base_acc,
                        "task_aware_accuracy": base_task_acc}],
-            "train_seconds": [], "eval_seconds": time.time() - t0, "steps_per_task": []}
+            "train_seconds": [], "eval_seconds": time.time() - t0, "steps_per_task": [],
+            "method_seconds": []}
     logging.info("Before training: accuracy %s", _fmt_accs(tasks, base_acc))
     state = None
 
@@ -379,7 +380,7 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
     meta["rows"].append(acc)
     meta["task_rows"].append(task_acc)
     meta["steps_per_task"].append(total_batches)
-    meta.setdefault("method_seconds", []).append(method_seconds)
+    meta["method_seconds"].append(method_seconds)
     meta["curve"].append({"global_step": meta["global_step"], "task": k, "accuracy": acc,
                           "task_aware_accuracy": task_acc})
     writers.write({"global_step": meta["global_step"], "task": k,
@@ -444,7 +445,7 @@ def _results(cfg: StudyConfig, tasks, task_data, model, meta, flags, wall_s) -> 
                  "train_seconds_per_task": meta["train_seconds"],
                  "train_seconds": float(sum(meta["train_seconds"])),
                  "eval_seconds": meta["eval_seconds"],
-                 "method_seconds_per_task": meta.get("method_seconds", []),
+                 "method_seconds_per_task": meta["method_seconds"],
                  "steps_per_task": meta["steps_per_task"]},
       "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                       "devices": [d.device_kind for d in jax.devices()],

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cljax import data as data_lib
 from cljax.methods.base import Method, TaskContext
 from cljax.methods.registry import BuildContext, MethodConfig, register
 
@@ -127,7 +128,6 @@ def per_example_statistic(params, arrays: dict[str, np.ndarray], fn, reduce, *,
   function; ``reduce`` is ``jnp.square`` (Fisher) or ``jnp.abs`` (MAS). Examples
   are processed ``chunk`` at a time so memory stays ``chunk`` x params.
   """
-  from cljax import data as data_lib  # pylint: disable=import-outside-toplevel
   n_total = data_lib.size(arrays)
   n = min(num_samples, n_total)
   seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
@@ -200,9 +200,10 @@ def consolidate_online(state: QuadraticState, importance, params, gamma: float
 
 
 def _log_importance(name, tree):
-  leaves = [np.asarray(x) for x in jax.tree.leaves(tree)]
-  total = sum(float(x.sum()) for x in leaves)
-  biggest = max(float(x.max()) for x in leaves)
+  """Logs the importance's sum and max, reduced on device (no param-sized copies)."""
+  leaves = jax.tree.leaves(tree)
+  total = float(sum(jnp.sum(x) for x in leaves))
+  biggest = float(max(jnp.max(x) for x in leaves))
   logging.info("%s importance: sum %.4g, max %.4g over %d parameters.", name, total, biggest,
                sum(x.size for x in leaves))
 
