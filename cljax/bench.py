@@ -208,7 +208,7 @@ def torch_study(cfg, device: str | None = None) -> dict[str, Any]:
   from cljax import data as data_lib, hf  # pylint: disable=import-outside-toplevel
   device = device or ("cuda" if torch.cuda.is_available() else "cpu")
   t_start = time.perf_counter()
-  tasks = data_lib.resolve_tasks(cfg.tasks, dict(cfg.classes), cfg.data_dir)
+  tasks = data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(), cfg.data_dir)
   tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
   task_data = data_lib.load_task_data(
       tasks, tokenizer, data_dir=cfg.data_dir, num_train=cfg.num_train,

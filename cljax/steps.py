@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cljax.methods.base import Method, finetune
+from cljax.methods.base import Method, StepContext, finetune
 
 Batch = dict[str, jax.Array]
 
@@ -133,26 +133,30 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
   rng = jax.random.fold_in(state.rng, state.step)
   batch_rng, drop_rng, method_rng, grad_rng, after_rng = jax.random.split(rng, 5)
   drop_rng = dropout_key(drop_rng, dropout_rng)
-  batch = method.prepare_batch(state.method_state, batch, batch_rng)
 
   def apply_fn(params, inputs, deterministic=deterministic, rng=drop_rng):
     return _forward(model, params, inputs, deterministic=deterministic, rng=rng)
+
+  ctx = StepContext(params=state.params, batch=batch, apply_fn=apply_fn, rng=batch_rng)
+  batch = method.prepare_batch(state.method_state, ctx)
+  ctx = ctx._replace(batch=batch)
 
   def loss_fn(params):
     logits = apply_fn(params, batch)
     count = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
     ce = cross_entropy(logits, batch["labels"], batch["weights"]) / count
-    extra, aux = method.loss(params, state.method_state, batch, logits, apply_fn, method_rng)
+    extra, aux = method.loss(state.method_state, ctx._replace(params=params, logits=logits,
+                                                              rng=method_rng))
     return ce + extra, (ce, extra, logits, aux)
 
   (loss, (ce, extra, logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
-  grads = method.transform_grads(grads, state.params, state.method_state, batch, apply_fn,
-                                 grad_rng)
+  grads = method.transform_grads(state.method_state, ctx._replace(grads=grads, rng=grad_rng))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  method_state = method.after_step(state.method_state, state.params, params, grads,
-                                   batch, logits, aux, after_rng)
+  method_state = method.after_step(state.method_state, ctx._replace(
+      old_params=state.params, new_params=params, grads=grads, logits=logits, aux=aux,
+      rng=after_rng))
   grad_norm = optax.tree.norm(grads)
   weights = batch["weights"]
   metrics = {

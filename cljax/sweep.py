@@ -9,7 +9,6 @@ seeds. The choice and its candidates are written to ``ROOT/selection.json``.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -19,14 +18,14 @@ from absl import logging
 import jax
 
 from cljax import study
-from cljax.methods import MethodConfig
+from cljax.methods import registry
 
 RESULTS = "results.json"
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, tuple[str, list[float]]]:
   """``["ewc:ewc_lambda=1e2,1e4"]`` -> ``{"ewc": ("ewc_lambda", [100.0, 10000.0])}``."""
-  fields = {f.name: f.type for f in dataclasses.fields(MethodConfig)}
+  fields = {name: hp.type for name, hp in registry.hparams().items()}
   out = {}
   for item in items:
     method, _, rest = item.partition(":")
@@ -36,8 +35,26 @@ def parse_grid(items: Sequence[str]) -> dict[str, tuple[str, list[float]]]:
     if name not in fields:
       raise ValueError(f"Strength grid {item!r}: {name!r} is not a method hyperparameter; "
                        f"expected one of {sorted(fields)}.")
-    cast = int if fields[name] in (int, "int") else float
+    cast = int if fields[name] is int else float
     out[method.strip()] = (name, [cast(v) for v in values.split(",")])
+  return out
+
+
+def expand_methods(methods: Sequence[str]) -> list[str]:
+  """``["all"]`` -> every registered method, in registration order."""
+  out = []
+  for m in methods:
+    out.extend(registry.names() if m == "all" else [m])
+  return list(dict.fromkeys(out))
+
+
+def default_grids(methods: Sequence[str]) -> dict[str, tuple[str, list]]:
+  """The registered strength grid (its first field) of each single method that has one."""
+  out = {}
+  for m in methods:
+    if "+" not in m and registry.registration(m).grid:
+      field, values = next(iter(registry.registration(m).grid.items()))
+      out[m] = (field, list(values))
   return out
 
 
@@ -92,7 +109,7 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
   def one(method, field, value, seed):
     hp = base.method_config
     if field is not None:
-      hp = dataclasses.replace(hp, **{field: value})
+      hp = hp.replace(**{field: value})
     workdir = run_dir(root, method, field, value, seed)
     logging.info("[sweep %d/%d, %s elapsed] %s %s seed %d -> %s", len(runs) + 1, total,
                  study._fmt_time(time.time() - t0), method, tag(field, value), seed, workdir)

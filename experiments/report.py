@@ -1,24 +1,11 @@
 r"""Tables (Markdown, CSV) and figures over the runs of a sweep.
 
-  python experiments/report.py --root=runs/sweep [--outdir=DIR]
+  cljax-report --root=runs/sweep [--outdir=DIR]   (or: python experiments/report.py)
+
+Flags and code: cljax/cli/report.py (console script: cljax-report).
 """
 
-from absl import app
-from absl import flags
-
-from cljax import report
-
-_ROOT = flags.DEFINE_string("root", None, "Folder holding the runs (searched recursively "
-                            "for results.json).", required=True)
-_OUTDIR = flags.DEFINE_string("outdir", None, "Where to write report.md, report.csv and "
-                              "the figures (default: --root).")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  print(report.write_report(_ROOT.value, _OUTDIR.value)["markdown"])
-
+from cljax.cli import report
 
 if __name__ == "__main__":
-  app.run(main)
+  report.run()

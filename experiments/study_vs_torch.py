@@ -1,50 +1,16 @@
 r"""The whole study timed end to end in cljax and in plain PyTorch (transformers'
 GPT2ForSequenceClassification), same data, same size, same recipe, same device.
 
-  python experiments/study_vs_torch.py --flagfile=experiments/presets/smoke.flags \
+  cljax-study-vs-torch --flagfile=experiments/presets/smoke.flags \
       --workdir=/tmp/vs_torch
 
 Prints one JSON line with both wall times (data loading, compilation, training and
 every evaluation included) and their ratio.
+
+Flags and code: cljax/cli/study_vs_torch.py (console script: cljax-study-vs-torch).
 """
 
-import json
-import os
-import shutil
-import sys
-import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from absl import app  # pylint: disable=g-import-not-at-top
-from absl import flags
-
-import flags_common
-from cljax import bench
-from cljax import study
-
-flags.adopt_module_key_flags(flags_common)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Scratch folder (emptied first).",
-                               required=True)
-
-
-def main(argv):
-  del argv
-  cfg = flags_common.study_config(checkpoint_every=0)
-  if cfg.init != "random":
-    raise app.UsageError("The comparison uses --init=random (both sides build the size).")
-  shutil.rmtree(_WORKDIR.value, ignore_errors=True)
-  t0 = time.perf_counter()
-  results = study.run(cfg, _WORKDIR.value)
-  jax_wall = time.perf_counter() - t0
-  torch_out = bench.torch_study(cfg)
-  out = {"size": cfg.size, "dtype": cfg.dtype, "num_train": cfg.num_train,
-         "jax_wall_seconds": jax_wall, "jax_train_seconds": results["timing"]["train_seconds"],
-         "jax_accuracy_matrix": results["accuracy_matrix"], **torch_out,
-         "device": results["environment"]["devices"][0]}
-  out["end_to_end_speedup"] = torch_out["torch_wall_seconds"] / jax_wall
-  print(json.dumps(out))
-
+from cljax.cli import study_vs_torch
 
 if __name__ == "__main__":
-  app.run(main)
+  study_vs_torch.run()

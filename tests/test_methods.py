@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from cljax import steps
-from cljax.methods import BuildContext, MethodConfig, build, distill, projection
+from cljax.methods import (BuildContext, MethodConfig, StepContext, TaskContext, build,
+                           distill, projection)
 from cljax.methods import regularizers as reg
 from cljax.methods import replay
 from cljax.model import GPT2Classifier, GPT2Config, init_params
@@ -115,7 +116,7 @@ def _tree(seed, shape=(3, 2)):
 
 
 def _penalty_grad(method, state, theta):
-  return jax.grad(lambda p: method.loss(p, state, None, None, None, None)[0])(theta)
+  return jax.grad(lambda p: method.loss(state, StepContext(params=p))[0])(theta)
 
 
 def test_ewc_penalty_gradient_is_lam_f_times_displacement():
@@ -128,12 +129,12 @@ def test_ewc_penalty_gradient_is_lam_f_times_displacement():
   expected = jax.tree.map(lambda f, t, a: 7.0 * f * (t - a), fisher, theta, anchor)
   for g, e in zip(jax.tree.leaves(grad), jax.tree.leaves(expected)):
     np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
-  value = method.loss(theta, state, None, None, None, None)[0]
+  value = method.loss(state, StepContext(params=theta))[0]
   by_hand = sum(float((7.0 / 2 * f * (t - a) ** 2).sum()) for f, t, a in zip(
       jax.tree.leaves(fisher), jax.tree.leaves(theta), jax.tree.leaves(anchor)))
   assert float(value) == pytest.approx(by_hand, rel=1e-5)
   # Before any task ends the penalty is zero.
-  assert float(method.loss(theta, method.init(anchor), None, None, None, None)[0]) == 0.0
+  assert float(method.loss(method.init(anchor), StepContext(params=theta))[0]) == 0.0
 
 
 def test_ewc_keeps_one_penalty_per_task_and_online_ewc_decays():
@@ -167,15 +168,15 @@ def test_si_importance_by_hand():
   xi = 0.1
   method = build("si", MethodConfig(si_c=2.0, si_xi=xi), CTX)
   theta0 = {"p": jnp.array([1.0, -1.0])}
-  state = method.before_task(method.init(theta0), theta0, None)
+  state = method.before_task(method.init(theta0), TaskContext(params=theta0))
   traj = [theta0, {"p": jnp.array([0.8, -0.7])}, {"p": jnp.array([0.5, -0.6])}]
   grads = [{"p": jnp.array([2.0, -3.0])}, {"p": jnp.array([3.0, -1.0])}]
   for old, new, g in zip(traj, traj[1:], grads):
-    state = method.after_step(state, old, new, g, None, None, (), None)
+    state = method.after_step(state, StepContext(old_params=old, new_params=new, grads=g))
   w = -(np.array([2.0, -3.0]) * np.array([-0.2, 0.3]) + np.array([3.0, -1.0]) *
         np.array([-0.3, 0.1]))
   np.testing.assert_allclose(state.path["p"], w, rtol=1e-6)
-  state = method.after_task(state, traj[-1], None)
+  state = method.after_task(state, TaskContext(params=traj[-1]))
   delta = np.array([0.5, -0.6]) - np.array([1.0, -1.0])
   omega = w / (delta ** 2 + xi)
   np.testing.assert_allclose(state.quad.importance["p"], omega, rtol=1e-6)
@@ -190,7 +191,7 @@ def test_si_importance_by_hand():
 def test_l2_penalty_gradient():
   method = build("l2", MethodConfig(l2_lambda=0.5), CTX)
   anchor, theta = _tree(3), _tree(4)
-  state = method.after_task(method.init(anchor), anchor, None)
+  state = method.after_task(method.init(anchor), TaskContext(params=anchor))
   for g, t, a in zip(jax.tree.leaves(_penalty_grad(method, state, theta)),
                      jax.tree.leaves(theta), jax.tree.leaves(anchor)):
     np.testing.assert_allclose(g, 0.5 * (t - a), rtol=1e-5, atol=1e-7)

@@ -38,3 +38,23 @@ def test_own_loop_example_runs(tiny_data_dir, tiny_tokenizer_dir, tiny_tokenizer
   ewc_state, buffer = state.method_state
   assert float(ewc_state.active) == 1.0 and int(buffer.seen) == 32
   assert float(scope["metrics"]["count"]) == 16  # 8 new + 8 replayed examples
+
+
+def test_add_a_method_example_registers_a_working_method():
+  from cljax.methods import BuildContext, MethodConfig, StepContext, TaskContext, build
+  from cljax.methods import registry
+  text = open(README).read()
+  section = text[text.index("### Add a method: one file"):]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  exec(compile(code, "README", "exec"), {})  # pylint: disable=exec-used
+  try:
+    assert registry.hparams()["l1_lambda"].default == 0.1
+    method = build("l1", MethodConfig(l1_lambda=0.5), BuildContext(4, 2, 8, 1))
+    anchor = {"w": jnp.array([1.0, -2.0])}
+    state = method.after_task(method.init(anchor), TaskContext(params=anchor))
+    theta = {"w": jnp.array([0.0, 1.0])}
+    value, _ = method.loss(state, StepContext(params=theta))
+    assert float(value) == 0.5 * (1.0 + 3.0)
+    assert float(method.loss(method.init(anchor), StepContext(params=theta))[0]) == 0.0
+  finally:
+    registry.unregister("l1")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cljax import study
+from cljax.methods import registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,8 +111,7 @@ SMALL_HP = dict(fisher_samples=16, mas_samples=16, replay_size=16, replay_batch_
                 agem_batch_size=4, ewc_lambda=100.0)
 
 
-@pytest.mark.parametrize("method", ["ewc", "online_ewc", "si", "mas", "l2", "replay", "der",
-                                    "derpp", "lwf", "agem", "freeze", "joint"])
+@pytest.mark.parametrize("method", [m for m in registry.names() if m != "finetune"])
 def test_every_method_runs_end_to_end(method, tiny_data_dir, tiny_tokenizer_dir, tmp_path):
   from cljax.methods import MethodConfig
   cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, method=method, epochs=1,

@@ -1,7 +1,15 @@
-"""Continual-learning methods as pure functions (see ``base.Method``)."""
+"""Continual-learning methods as pure functions (see ``base.Method``).
 
-from cljax.methods.base import Method, TaskContext, compose, finetune
-from cljax.methods.registry import BuildContext, MethodConfig, build, names
+Every module of this folder is imported here, and importing a module registers its
+methods (``registry.register``): adding a method is adding one file.
+"""
 
-# Importing the method modules registers them.
-from cljax.methods import distill, projection, regularizers, replay  # noqa: E402,F401
+import importlib
+import pkgutil
+
+from cljax.methods.base import Method, StepContext, TaskContext, compose, finetune
+from cljax.methods.registry import BuildContext, MethodConfig, build, hparam, names, register
+
+for _module in pkgutil.iter_modules(__path__):
+  if _module.name not in ("base", "registry"):
+    importlib.import_module(f"{__name__}.{_module.name}")

@@ -1,21 +1,24 @@
 """The method interface: a NamedTuple of pure functions over a state pytree.
 
-A continual-learning method is the set of hooks the training loop calls. Hooks
-marked (jit) run inside the jitted ``train_step`` and must be pure and
-shape-stable; hooks marked (host) run between tasks, outside jit.
+A continual-learning method is the set of hooks the training loop calls. Every
+stateful hook has one signature, ``hook(state, ctx) -> ...``: hooks marked (jit) run
+inside the jitted ``train_step``, must be pure and shape-stable, and get a
+:class:`StepContext`; hooks marked (host) run between tasks, outside jit, and get a
+:class:`TaskContext`.
 
-  init(params) -> state                                         (host)
-  before_task(state, params, ctx) -> state                      (host)
-  prepare_batch(state, batch, rng) -> batch                     (jit)  e.g. replay mixing
-  loss(params, state, batch, logits, apply_fn, rng) -> (scalar, aux)   (jit)  penalties
-  transform_grads(grads, params, state, batch, apply_fn, rng) -> grads (jit)  A-GEM
-  after_step(state, old_params, new_params, grads, batch, logits, aux, rng) -> state (jit)
-  after_task(state, params, ctx) -> state                       (host) Fisher, anchors
+  init(params) -> state                               (host)
+  train_arrays(ctx) -> arrays                         (host) the data a task trains on
+  before_task(state, ctx) -> state                    (host)
+  prepare_batch(state, ctx) -> batch                  (jit)  e.g. replay mixing
+  loss(state, ctx) -> (scalar, aux)                   (jit)  penalties, distillation
+  transform_grads(state, ctx) -> grads                (jit)  A-GEM
+  after_step(state, ctx) -> state                     (jit)  SI's path, buffer updates
+  after_task(state, ctx) -> state                     (host) Fisher, anchors
 
-``apply_fn(params, batch, deterministic=..., rng=...)`` returns logits.
-``ctx`` is a :class:`TaskContext`. ``trainable(params)`` (optional) returns a pytree
-of bools: parameters where it is False are frozen. ``joint=True`` asks the loop to
-train each task on the union of all tasks seen so far.
+``trainable(params)`` (optional) returns a pytree of bools: parameters where it is
+False are frozen. ``train_arrays`` must depend on ``ctx`` only (the loop calls it
+again when a run resumes mid-task). A field added to a context never touches the
+methods that do not read it.
 
 Plain fine-tuning is the method with no hooks. Compatible methods compose with
 :func:`compose` (``--method=ewc+replay``).
@@ -29,18 +32,34 @@ import jax
 import jax.numpy as jnp
 
 
+class StepContext(NamedTuple):
+  """What the jitted hooks may use about the current step. Fields a hook cannot
+  know yet are None (``logits`` in ``prepare_batch``, ``grads`` in ``loss``)."""
+  params: Any = None          # params being differentiated (loss) or before the update
+  old_params: Any = None      # after_step: params before the update
+  new_params: Any = None      # after_step: params after the update
+  grads: Any = None           # transform_grads, after_step: the (transformed) gradient
+  batch: Any = None           # the batch (after every prepare_batch)
+  logits: Any = None          # loss, after_step: the model's logits on ``batch``
+  aux: Any = None             # after_step: this method's aux from ``loss``
+  apply_fn: Callable | None = None   # apply_fn(params, batch, deterministic=, rng=) -> logits
+  rng: Any = None             # a key for this hook
+
+
 class TaskContext(NamedTuple):
-  """What host-side hooks may use about the task that starts or just ended."""
-  task_index: int
-  task_name: str
-  train: dict[str, Any]       # numpy arrays of the task's training set (full, unbatched)
-  model: Any                  # the Flax module
-  rng: Any                    # a key for this hook
-  batch_size: int
+  """What the host hooks may use about the task that starts or just ended."""
+  task_index: int = 0
+  task_name: str = ""
+  params: Any = None          # the params the task starts from (before) or ended at (after)
+  train: Any = None           # numpy arrays the task trains on (full, unbatched)
+  model: Any = None           # the Flax module
+  rng: Any = None             # a key for this hook
+  batch_size: int = 8
+  previous_train: tuple = ()  # the earlier tasks' own training arrays, in order
 
 
-def _no_loss(params, state, batch, logits, apply_fn, rng):
-  del params, state, batch, logits, apply_fn, rng
+def _no_loss(state, ctx):
+  del state, ctx
   return jnp.zeros((), jnp.float32), ()
 
 
@@ -48,14 +67,14 @@ class Method(NamedTuple):
   """A continual-learning method as pure hooks; every field has a no-op default."""
   name: str = "finetune"
   init: Callable = lambda params: ()
-  before_task: Callable = lambda state, params, ctx: state
-  prepare_batch: Callable = lambda state, batch, rng: batch
+  train_arrays: Callable = lambda ctx: ctx.train
+  before_task: Callable = lambda state, ctx: state
+  prepare_batch: Callable = lambda state, ctx: ctx.batch
   loss: Callable = _no_loss
-  transform_grads: Callable = lambda grads, params, state, batch, apply_fn, rng: grads
-  after_step: Callable = lambda state, old, new, grads, batch, logits, aux, rng: state
-  after_task: Callable = lambda state, params, ctx: state
+  transform_grads: Callable = lambda state, ctx: ctx.grads
+  after_step: Callable = lambda state, ctx: state
+  after_task: Callable = lambda state, ctx: state
   trainable: Callable | None = None
-  joint: bool = False
 
 
 def finetune() -> Method:
@@ -66,8 +85,9 @@ def finetune() -> Method:
 def compose(*methods: Method) -> Method:
   """Runs several methods together; the state is a tuple of their states.
 
-  Batches pass through each ``prepare_batch`` in order, losses add, gradient
-  transformations chain in order, and each method updates its own state.
+  Training arrays and batches pass through each method's hook in order, losses add,
+  gradient transformations chain in order, and each method updates its own state
+  (the jitted hooks of method i get ``fold_in(rng, i)``).
   """
   if len(methods) == 1:
     return methods[0]
@@ -75,38 +95,49 @@ def compose(*methods: Method) -> Method:
   if len(trainables) > 1:
     raise ValueError("At most one freezing method can be composed.")
 
+  def own(ctx, i, **fields):
+    rng = None if ctx.rng is None else jax.random.fold_in(ctx.rng, i)
+    return ctx._replace(rng=rng, **fields)
+
   def init(params):
     return tuple(m.init(params) for m in methods)
 
-  def before_task(state, params, ctx):
-    return tuple(m.before_task(s, params, ctx) for m, s in zip(methods, state))
+  def train_arrays(ctx):
+    for m in methods:
+      ctx = ctx._replace(train=m.train_arrays(ctx))
+    return ctx.train
 
-  def prepare_batch(state, batch, rng):
+  def before_task(state, ctx):
+    return tuple(m.before_task(s, ctx) for m, s in zip(methods, state))
+
+  def prepare_batch(state, ctx):
+    batch = ctx.batch
     for i, (m, s) in enumerate(zip(methods, state)):
-      batch = m.prepare_batch(s, batch, jax.random.fold_in(rng, i))
+      batch = m.prepare_batch(s, own(ctx, i, batch=batch))
     return batch
 
-  def loss(params, state, batch, logits, apply_fn, rng):
+  def loss(state, ctx):
     total, auxes = jnp.zeros((), jnp.float32), []
     for i, (m, s) in enumerate(zip(methods, state)):
-      value, aux = m.loss(params, s, batch, logits, apply_fn, jax.random.fold_in(rng, i))
+      value, aux = m.loss(s, own(ctx, i))
       total, auxes = total + value, auxes + [aux]
     return total, tuple(auxes)
 
-  def transform_grads(grads, params, state, batch, apply_fn, rng):
+  def transform_grads(state, ctx):
+    grads = ctx.grads
     for i, (m, s) in enumerate(zip(methods, state)):
-      grads = m.transform_grads(grads, params, s, batch, apply_fn, jax.random.fold_in(rng, i))
+      grads = m.transform_grads(s, own(ctx, i, grads=grads))
     return grads
 
-  def after_step(state, old, new, grads, batch, logits, aux, rng):
-    return tuple(m.after_step(s, old, new, grads, batch, logits, a, jax.random.fold_in(rng, i))
-                 for i, (m, s, a) in enumerate(zip(methods, state, aux)))
+  def after_step(state, ctx):
+    return tuple(m.after_step(s, own(ctx, i, aux=a))
+                 for i, (m, s, a) in enumerate(zip(methods, state, ctx.aux)))
 
-  def after_task(state, params, ctx):
-    return tuple(m.after_task(s, params, ctx) for m, s in zip(methods, state))
+  def after_task(state, ctx):
+    return tuple(m.after_task(s, ctx) for m, s in zip(methods, state))
 
   return Method(name="+".join(m.name for m in methods), init=init,
-                before_task=before_task, prepare_batch=prepare_batch, loss=loss,
-                transform_grads=transform_grads, after_step=after_step,
-                after_task=after_task, trainable=trainables[0] if trainables else None,
-                joint=any(m.joint for m in methods))
+                train_arrays=train_arrays, before_task=before_task,
+                prepare_batch=prepare_batch, loss=loss, transform_grads=transform_grads,
+                after_step=after_step, after_task=after_task,
+                trainable=trainables[0] if trainables else None)

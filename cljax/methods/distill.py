@@ -9,14 +9,15 @@ teacher's on the classes of the previous tasks, with temperature T:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax.methods.base import Method, TaskContext
-from cljax.methods.registry import BuildContext, MethodConfig, register
+from cljax.methods.base import Method, StepContext, TaskContext
+from cljax.methods.registry import BuildContext, hparam, register
 
 
 class LwFState(NamedTuple):
@@ -36,32 +37,36 @@ def distillation_loss(student_logits, teacher_logits, class_mask, weights, tempe
   return temperature ** 2 * jnp.sum(weights * kl) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+@dataclasses.dataclass(frozen=True)
+class LwFConfig:
+  lwf_alpha: float = hparam(1.0, "LwF weight of the distillation term.")
+  lwf_temperature: float = hparam(2.0, "LwF distillation temperature.")
+
+
 @register("lwf", "LwF: distillation from the model before the current task (Li and "
-          "Hoiem 2016)")
-def lwf(hp: MethodConfig, ctx: BuildContext) -> Method:
+          "Hoiem 2016)", LwFConfig, grid={"lwf_alpha": (1.0, 10.0)})
+def lwf(hp: LwFConfig, ctx: BuildContext) -> Method:
   def init(params):
     return LwFState(jax.tree.map(jnp.copy, params), jnp.zeros((ctx.num_labels,), bool),
                     jnp.zeros((), jnp.float32))
 
-  def before_task(state: LwFState, params, tctx: TaskContext):
+  def before_task(state: LwFState, tctx: TaskContext):
     if tctx.task_index == 0:
       return state
     # The teacher is the model as it is now; old_classes were set after each task.
-    return LwFState(jax.tree.map(jnp.copy, params), state.old_classes,
+    return LwFState(jax.tree.map(jnp.copy, tctx.params), state.old_classes,
                     jnp.ones((), jnp.float32))
 
-  def after_task(state: LwFState, params, tctx: TaskContext):
-    del params
+  def after_task(state: LwFState, tctx: TaskContext):
     classes = np.asarray(tctx.train["class_mask"]).any(axis=0)
     return state._replace(old_classes=jnp.asarray(np.asarray(state.old_classes) | classes))
 
-  def loss(params, state: LwFState, batch, logits, apply_fn, rng):
-    del params, rng
-    teacher = jax.lax.stop_gradient(apply_fn(state.teacher, batch, deterministic=True))
-    value = distillation_loss(logits, teacher, state.old_classes[None],
-                              batch["weights"], hp.lwf_temperature)
+  def loss(state: LwFState, sctx: StepContext):
+    teacher = jax.lax.stop_gradient(sctx.apply_fn(state.teacher, sctx.batch,
+                                                  deterministic=True))
+    value = distillation_loss(sctx.logits, teacher, state.old_classes[None],
+                              sctx.batch["weights"], hp.lwf_temperature)
     return hp.lwf_alpha * value * state.active, ()
 
   return Method(name="lwf", init=init, before_task=before_task, loss=loss,
                 after_task=after_task)
-

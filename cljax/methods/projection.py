@@ -9,6 +9,7 @@ training data.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -17,8 +18,8 @@ import optax
 
 from cljax import data as data_lib
 from cljax.methods import replay
-from cljax.methods.base import Method, TaskContext
-from cljax.methods.registry import BuildContext, MethodConfig, register
+from cljax.methods.base import Method, StepContext, TaskContext
+from cljax.methods.registry import BuildContext, hparam, register
 
 
 def tree_dot(a, b) -> jax.Array:
@@ -39,28 +40,31 @@ def _jitted_add(policy: str):
   return jax.jit(functools.partial(replay.add, policy=policy))
 
 
+@dataclasses.dataclass(frozen=True)
+class AGEMConfig(replay.BufferConfig):
+  agem_batch_size: int = hparam(8, "A-GEM memory batch size.")
+
+
 @register("agem", "A-GEM: project gradients that conflict with the memory gradient "
-          "(Chaudhry et al. 2019)")
-def agem(hp: MethodConfig, ctx: BuildContext) -> Method:
+          "(Chaudhry et al. 2019)", AGEMConfig)
+def agem(hp: AGEMConfig, ctx: BuildContext) -> Method:
   def init(params):
     del params
     return replay.init(hp.replay_size, ctx.max_length, ctx.num_labels)
 
-  def transform_grads(grads, params, buf, batch, apply_fn, rng):
-    del batch
-    mem = replay.sample(buf, rng, hp.agem_batch_size)
+  def transform_grads(buf, sctx: StepContext):
+    mem = replay.sample(buf, sctx.rng, hp.agem_batch_size)
 
     def mem_loss(p):
-      logits = apply_fn(p, mem, deterministic=True)
+      logits = sctx.apply_fn(p, mem, deterministic=True)
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, mem["labels"])
       return jnp.sum(ce * mem["weights"]) / jnp.maximum(jnp.sum(mem["weights"]), 1.0)
 
-    ref = jax.grad(mem_loss)(params)
-    projected = project(grads, ref)
-    return jax.tree.map(lambda a, b: jnp.where(buf.size > 0, a, b), projected, grads)
+    ref = jax.grad(mem_loss)(sctx.params)
+    projected = project(sctx.grads, ref)
+    return jax.tree.map(lambda a, b: jnp.where(buf.size > 0, a, b), projected, sctx.grads)
 
-  def after_task(buf, params, tctx: TaskContext):
-    del params
+  def after_task(buf, tctx: TaskContext):
     add = _jitted_add(hp.replay_policy)
     for i, batch in enumerate(data_lib.batches(tctx.train, tctx.batch_size,
                                                seed=tctx.task_index)):
@@ -71,9 +75,16 @@ def agem(hp: MethodConfig, ctx: BuildContext) -> Method:
                 after_task=after_task)
 
 
+@dataclasses.dataclass(frozen=True)
+class FreezeConfig:
+  freeze: str = hparam("head", "freeze: train only the head, or the head and the last k "
+                       "blocks (last_k).", choices=("head", "last_k"))
+  freeze_k: int = hparam(1, "Blocks left trainable with --freeze=last_k.")
+
+
 @register("freeze", "layer freezing: train only the head (--freeze=head) or the head, "
-          "final LayerNorm and last k blocks (--freeze=last_k)")
-def freeze(hp: MethodConfig, ctx: BuildContext) -> Method:
+          "final LayerNorm and last k blocks (--freeze=last_k)", FreezeConfig)
+def freeze(hp: FreezeConfig, ctx: BuildContext) -> Method:
   if hp.freeze not in ("head", "last_k"):
     raise ValueError(f"Unknown --freeze={hp.freeze!r}; expected 'head' or 'last_k'.")
   if hp.freeze == "last_k" and not 0 < hp.freeze_k <= ctx.n_layer:

@@ -1,41 +1,54 @@
-"""Methods by name: ``build("ewc+replay", hparams, ...)`` -> a composed Method."""
+"""Methods by name, each defined in one place with its own hyperparameters.
+
+A method module declares its hyperparameters as a frozen dataclass whose fields carry
+their help text, and registers its factory with them::
+
+    @dataclasses.dataclass(frozen=True)
+    class L2Config:
+      l2_lambda: float = hparam(1.0, "L2-to-previous-solution strength.")
+
+    @register("l2", "L2 penalty to the previous task's solution", L2Config,
+              grid={"l2_lambda": (0.01, 1.0)})
+    def l2(hp: L2Config, ctx: BuildContext) -> Method: ...
+
+Everything else comes from the registry: the study's flags and ``--help``
+(``cljax.flags``), the values of every hyperparameter (:class:`MethodConfig`), the
+sweep's strength grids (``--default_grids``) and its method list (``--methods=all``).
+Hyperparameter names are one flat namespace (they are flags): methods that share one
+(``replay_size``) share its declaration, through a common base dataclass.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 from cljax.methods.base import Method, compose, finetune
 
 
-@dataclasses.dataclass(frozen=True)
-class MethodConfig:
-  """Hyperparameters of every method (each reads its own)."""
-  # EWC family (ewc, online_ewc) and other importance-weighted penalties.
-  ewc_lambda: float = 1e4
-  fisher: str = "empirical"          # empirical (true labels) | true (sampled labels)
-  fisher_samples: int = 512
-  fisher_chunk: int = 8              # examples per vmapped chunk
-  online_gamma: float = 1.0
-  si_c: float = 1.0
-  si_xi: float = 1e-3
-  mas_lambda: float = 1.0
-  mas_samples: int = 512
-  l2_lambda: float = 1.0
-  # Replay family.
-  replay_size: int = 200
-  replay_policy: str = "reservoir"   # reservoir | class_balanced
-  replay_batch_size: int = 8
-  der_alpha: float = 0.5
-  der_beta: float = 0.5
-  # Distillation.
-  lwf_alpha: float = 1.0
-  lwf_temperature: float = 2.0
-  # Gradient projection.
-  agem_batch_size: int = 8
-  # Freezing.
-  freeze: str = "head"               # head | last_k
-  freeze_k: int = 1
+def hparam(default, help: str, *, choices: tuple[str, ...] | None = None):  # noqa: A002
+  """A hyperparameter field: its default, its help text (the flag's) and, for a
+  string, its allowed values."""
+  if default is None:
+    raise ValueError("A method hyperparameter needs a default (its type comes from it).")
+  return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+class HParam(NamedTuple):
+  """One method hyperparameter as the flags and :class:`MethodConfig` see it."""
+  name: str
+  type: type          # bool, int, float or str (the default's type)
+  default: Any
+  help: str
+  choices: tuple[str, ...] | None
+
+
+class Registration(NamedTuple):
+  name: str
+  description: str
+  factory: Callable[[Any, "BuildContext"], Method]
+  config: type | None            # the hyperparameter dataclass (None: none)
+  grid: dict[str, tuple]         # default strengths for sweeps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,31 +60,87 @@ class BuildContext:
   n_layer: int
 
 
-_FACTORIES: dict[str, Callable[[MethodConfig, BuildContext], Method]] = {
-    "finetune": lambda hp, ctx: finetune(),
-}
-DESCRIPTIONS: dict[str, str] = {
-    "finetune": "plain sequential fine-tuning (the forgetting baseline)",
-}
+_REGISTRY: dict[str, Registration] = {}
+_HPARAMS: dict[str, HParam] = {}
 
 
-def register(name: str, description: str):
-  """Decorator registering ``factory(hparams, ctx) -> Method`` under ``name``."""
+def _hparams_of(config: type | None) -> list[HParam]:
+  if config is None:
+    return []
+  if not dataclasses.is_dataclass(config):
+    raise TypeError(f"A method's hyperparameters must be a dataclass, got {config!r}.")
+  out = []
+  for f in dataclasses.fields(config):
+    if "help" not in f.metadata:
+      raise TypeError(f"{config.__name__}.{f.name}: declare it with hparam(default, help).")
+    out.append(HParam(f.name, type(f.default), f.default, f.metadata["help"],
+                      f.metadata.get("choices")))
+  return out
+
+
+def register(name: str, description: str, config: type | None = None, *,
+             grid: dict[str, tuple] | None = None):
+  """Decorator registering ``factory(hparams, ctx) -> Method`` under ``name``.
+
+  ``config`` is the method's hyperparameter dataclass (its fields made with
+  :func:`hparam`); the factory receives an instance of it. ``grid`` gives default
+  sweep values of one or more of its fields (``{"ewc_lambda": (1e2, 1e4)}``).
+  """
+  new = _hparams_of(config)
+  for hp in new:
+    old = _HPARAMS.get(hp.name)
+    if old is not None and old != hp:
+      raise ValueError(f"Method {name!r} declares hyperparameter {hp.name!r} as {hp}, "
+                       f"but it is already declared as {old}; share one declaration.")
+  grid = dict(grid or {})
+  unknown = set(grid) - {hp.name for hp in new}
+  if unknown:
+    raise ValueError(f"Method {name!r}: grid over {sorted(unknown)}, which are not its "
+                     "hyperparameters.")
+
   def wrap(factory):
-    _FACTORIES[name] = factory
-    DESCRIPTIONS[name] = description
+    _REGISTRY[name] = Registration(name, description, factory, config, grid)
+    for hp in new:
+      _HPARAMS[hp.name] = hp
     return factory
   return wrap
 
 
+def unregister(name: str) -> None:
+  """Removes a method and the hyperparameters no other method declares."""
+  reg = _REGISTRY.pop(name)
+  still = {hp.name for r in _REGISTRY.values() for hp in _hparams_of(r.config)}
+  for hp in _hparams_of(reg.config):
+    if hp.name not in still:
+      _HPARAMS.pop(hp.name, None)
+
+
+register("finetune", "plain sequential fine-tuning (the forgetting baseline)")(
+    lambda hp, ctx: finetune())
+
+
 def names() -> list[str]:
-  return sorted(_FACTORIES)
+  """Registered method names, in registration order (``finetune`` first)."""
+  return list(_REGISTRY)
+
+
+def registration(name: str) -> Registration:
+  return _REGISTRY[parse(name)[0]]
+
+
+def hparams() -> dict[str, HParam]:
+  """Every registered hyperparameter by name, in registration order."""
+  return dict(_HPARAMS)
+
+
+def descriptions() -> dict[str, str]:
+  return {r.name: r.description for r in _REGISTRY.values()}
 
 
 def parse(spec: str) -> list[str]:
   """Method names of ``spec`` ("ewc+replay"; "der++" is "derpp"), checked."""
   parts = [p.strip() for p in spec.replace("der++", "derpp").split("+") if p.strip()]
-  unknown = [p for p in parts if p not in _FACTORIES]
+  unknown = [p for p in parts if p not in _REGISTRY]
   if not parts or unknown:
     raise ValueError(f"Unknown method {spec!r}: expected one of {names()}, or several "
                      "joined by '+'.")
@@ -82,6 +151,87 @@ def parse(spec: str) -> list[str]:
   return parts
 
 
-def build(spec: str, hparams: MethodConfig, ctx: BuildContext) -> Method:
-  """``spec`` is a method name or several joined by '+' (``ewc+replay``)."""
-  return compose(*[_FACTORIES[p](hparams, ctx) for p in parse(spec)])
+# ----------------------------------------------------------------------------
+# Hyperparameter values
+# ----------------------------------------------------------------------------
+
+def _cast(hp: HParam, value):
+  """``value`` as ``hp``'s type, or a one-line error."""
+  if hp.type is float and isinstance(value, int) and not isinstance(value, bool):
+    value = float(value)
+  if not isinstance(value, hp.type) or (hp.type is int and isinstance(value, bool)):
+    raise TypeError(f"Method hyperparameter {hp.name}={value!r}: expected a "
+                    f"{hp.type.__name__}.")
+  if hp.choices and value not in hp.choices:
+    raise ValueError(f"Unknown --{hp.name}={value!r}; expected one of {list(hp.choices)}.")
+  return value
+
+
+class MethodConfig:
+  """Values of the registered methods' hyperparameters; any not given takes its
+  registered default. ``MethodConfig(ewc_lambda=1e4, replay_size=200)``.
+
+  Immutable and hashable; ``replace(**values)`` makes a changed copy and
+  ``to_dict()`` lists every registered hyperparameter with its value.
+  """
+  __slots__ = ("_values",)
+
+  def __init__(self, **values):
+    known = hparams()
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+      raise TypeError(f"Unknown method hyperparameters {unknown}; expected some of "
+                      f"{sorted(known)}.")
+    cast = {k: _cast(known[k], v) for k, v in values.items()}
+    object.__setattr__(self, "_values",
+                       {k: v for k, v in cast.items() if v != known[k].default})
+
+  def __getattr__(self, name: str):
+    values = object.__getattribute__(self, "_values")
+    if name in values:
+      return values[name]
+    hp = _HPARAMS.get(name)
+    if hp is None:
+      raise AttributeError(f"No method hyperparameter {name!r}.")
+    return hp.default
+
+  def __setattr__(self, name, value):
+    raise dataclasses.FrozenInstanceError(f"MethodConfig is immutable; use replace({name}=...).")
+
+  def replace(self, **values) -> "MethodConfig":
+    return MethodConfig(**{**self._values, **values})
+
+  def to_dict(self) -> dict[str, Any]:
+    return {name: getattr(self, name) for name in hparams()}
+
+  def for_config(self, config: type | None):
+    """An instance of one method's hyperparameter dataclass, filled from here."""
+    if config is None:
+      return None
+    return config(**{f.name: getattr(self, f.name) for f in dataclasses.fields(config)})
+
+  def __eq__(self, other):
+    return isinstance(other, MethodConfig) and self._values == other._values
+
+  def __hash__(self):
+    return hash(tuple(sorted(self._values.items())))
+
+  def __repr__(self):
+    return "MethodConfig(" + ", ".join(f"{k}={v!r}" for k, v in self._values.items()) + ")"
+
+  def __reduce__(self):
+    return (_make_config, (dict(self._values),))
+
+
+def _make_config(values):
+  return MethodConfig(**values)
+
+
+def build(spec: str, hparams_: MethodConfig, ctx: BuildContext) -> Method:
+  """``spec`` is a method name or several joined by '+' (``ewc+replay``); each
+  factory gets its own hyperparameters from ``hparams_``."""
+  methods = []
+  for name in parse(spec):
+    reg = _REGISTRY[name]
+    methods.append(reg.factory(hparams_.for_config(reg.config), ctx))
+  return compose(*methods)

@@ -27,6 +27,7 @@ not offer it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -36,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cljax import data as data_lib
-from cljax.methods.base import Method, TaskContext
-from cljax.methods.registry import BuildContext, MethodConfig, register
+from cljax.methods.base import Method, StepContext, TaskContext
+from cljax.methods.registry import BuildContext, hparam, register
 
 
 class QuadraticState(NamedTuple):
@@ -71,10 +72,9 @@ def _zeros_state(params) -> QuadraticState:
 
 def _penalty_method(name: str, scale: float, consolidate: Callable, **kwargs) -> Method:
   """A method whose loss adds ``scale * quadratic_penalty``."""
-  def loss(params, state, batch, logits, apply_fn, rng):
-    del batch, logits, apply_fn, rng
+  def loss(state, ctx: StepContext):
     quad = state.quad if isinstance(state, SIState) else state
-    return scale * quadratic_penalty(params, quad), ()
+    return scale * quadratic_penalty(ctx.params, quad), ()
   return Method(name=name, init=kwargs.pop("init", _zeros_state), loss=loss,
                 after_task=consolidate, **kwargs)
 
@@ -209,46 +209,101 @@ def _log_importance(name, tree):
 
 
 # ----------------------------------------------------------------------------
+# Hyperparameters
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class PerExampleConfig:
+  fisher_chunk: int = hparam(8, "Examples per vmapped chunk of per-example gradients "
+                             "(memory bound).")
+
+
+@dataclasses.dataclass(frozen=True)
+class EWCConfig(PerExampleConfig):
+  ewc_lambda: float = hparam(1e4, "EWC / online EWC strength (penalty lam/2 * sum F "
+                             "(theta - theta*)^2).")
+  fisher: str = hparam("empirical", "Fisher estimator: empirical (true labels) or true "
+                       "(labels sampled from the model). Per-example gradients either way.",
+                       choices=("empirical", "true"))
+  fisher_samples: int = hparam(512, "Training examples of the finished task used for the "
+                               "Fisher.")
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineEWCConfig(EWCConfig):
+  online_gamma: float = hparam(1.0, "Online EWC decay of the running Fisher (Schwarz et "
+                               "al. 2018).")
+
+
+@dataclasses.dataclass(frozen=True)
+class MASConfig(PerExampleConfig):
+  mas_lambda: float = hparam(1.0, "MAS strength (Aljundi et al. 2018).")
+  mas_samples: int = hparam(512, "Training examples used for MAS importances.")
+
+
+@dataclasses.dataclass(frozen=True)
+class L2Config:
+  l2_lambda: float = hparam(1.0, "L2-to-previous-solution strength.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SIConfig:
+  si_c: float = hparam(1.0, "SI strength c (Zenke et al. 2017).")
+  si_xi: float = hparam(1e-3, "SI damping xi.")
+
+
+# ----------------------------------------------------------------------------
 # The methods
 # ----------------------------------------------------------------------------
 
-@register("ewc", "EWC: one Fisher-weighted penalty per past task (Kirkpatrick et al. 2017)")
-def ewc(hp: MethodConfig, ctx: BuildContext, online: bool = False) -> Method:
-  def after_task(state, params, tctx: TaskContext):
-    fisher = fisher_diagonal(tctx.model, params, tctx.train, mode=hp.fisher,
+def _ewc(hp: EWCConfig, online: bool) -> Method:
+  def after_task(state, tctx: TaskContext):
+    fisher = fisher_diagonal(tctx.model, tctx.params, tctx.train, mode=hp.fisher,
                              num_samples=hp.fisher_samples, chunk=hp.fisher_chunk,
                              rng=tctx.rng)
     _log_importance("Fisher", fisher)
     if online:
-      return consolidate_online(state, fisher, params, hp.online_gamma)
-    return consolidate_ewc(state, fisher, params)
+      return consolidate_online(state, fisher, tctx.params, hp.online_gamma)
+    return consolidate_ewc(state, fisher, tctx.params)
   return _penalty_method("online_ewc" if online else "ewc", hp.ewc_lambda / 2, after_task)
 
 
+@register("ewc", "EWC: one Fisher-weighted penalty per past task (Kirkpatrick et al. 2017)",
+          EWCConfig, grid={"ewc_lambda": (1e2, 1e4, 1e6)})
+def ewc(hp: EWCConfig, ctx: BuildContext) -> Method:
+  del ctx
+  return _ewc(hp, online=False)
+
+
 @register("online_ewc", "online EWC: one running Fisher decayed by gamma (Schwarz et al. "
-          "2018)")
-def online_ewc(hp: MethodConfig, ctx: BuildContext) -> Method:
-  return ewc(hp, ctx, online=True)
+          "2018)", OnlineEWCConfig, grid={"ewc_lambda": (1e3, 1e5)})
+def online_ewc(hp: OnlineEWCConfig, ctx: BuildContext) -> Method:
+  del ctx
+  return _ewc(hp, online=True)
 
 
 @register("mas", "MAS: importance from the gradient of the squared output norm "
-          "(Aljundi et al. 2018)")
-def mas(hp: MethodConfig, ctx: BuildContext) -> Method:
-  def after_task(state, params, tctx: TaskContext):
-    omega = mas_importance(tctx.model, params, tctx.train, num_samples=hp.mas_samples,
+          "(Aljundi et al. 2018)", MASConfig, grid={"mas_lambda": (0.1, 10.0)})
+def mas(hp: MASConfig, ctx: BuildContext) -> Method:
+  del ctx
+
+  def after_task(state, tctx: TaskContext):
+    omega = mas_importance(tctx.model, tctx.params, tctx.train, num_samples=hp.mas_samples,
                            chunk=hp.fisher_chunk, rng=tctx.rng)
     _log_importance("MAS", omega)
-    return consolidate_online(state, omega, params, 1.0)
+    return consolidate_online(state, omega, tctx.params, 1.0)
   return _penalty_method("mas", hp.mas_lambda, after_task)
 
 
-@register("l2", "L2 penalty to the previous task's solution")
-def l2(hp: MethodConfig, ctx: BuildContext) -> Method:
-  def after_task(state, params, tctx):
-    del tctx
-    ones = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.float32), params)
-    return QuadraticState(ones, _f32_copy(params),
-                          jnp.ones((), jnp.float32))
+@register("l2", "L2 penalty to the previous task's solution", L2Config,
+          grid={"l2_lambda": (0.01, 1.0)})
+def l2(hp: L2Config, ctx: BuildContext) -> Method:
+  del ctx
+
+  def after_task(state, tctx: TaskContext):
+    del state
+    ones = jax.tree.map(lambda p: jnp.ones(p.shape, jnp.float32), tctx.params)
+    return QuadraticState(ones, _f32_copy(tctx.params), jnp.ones((), jnp.float32))
   return _penalty_method("l2", hp.l2_lambda / 2, after_task)
 
 
@@ -269,25 +324,25 @@ def si_consolidate(state: SIState, params, xi: float) -> SIState:
                  jax.tree.map(jnp.zeros_like, state.path), jax.tree.map(jnp.copy, current))
 
 
-@register("si", "SI: importance from the path integral of each step (Zenke et al. 2017)")
-def si(hp: MethodConfig, ctx: BuildContext) -> Method:
+@register("si", "SI: importance from the path integral of each step (Zenke et al. 2017)",
+          SIConfig, grid={"si_c": (0.1, 10.0)})
+def si(hp: SIConfig, ctx: BuildContext) -> Method:
+  del ctx
+
   def init(params):
     quad = _zeros_state(params)
-    return SIState(quad, jax.tree.map(jnp.zeros_like, quad.anchor),
-                   _f32_copy(params))
+    return SIState(quad, jax.tree.map(jnp.zeros_like, quad.anchor), _f32_copy(params))
 
-  def before_task(state: SIState, params, tctx):
-    del tctx
-    return state._replace(start=_f32_copy(params),
+  def before_task(state: SIState, tctx: TaskContext):
+    return state._replace(start=_f32_copy(tctx.params),
                           path=jax.tree.map(jnp.zeros_like, state.path))
 
-  def after_step(state: SIState, old, new, grads, batch, logits, aux, rng):
-    del batch, logits, aux, rng
-    return state._replace(path=si_path_update(state.path, old, new, grads))
+  def after_step(state: SIState, sctx: StepContext):
+    return state._replace(path=si_path_update(state.path, sctx.old_params, sctx.new_params,
+                                              sctx.grads))
 
-  def after_task(state: SIState, params, tctx):
-    del tctx
-    out = si_consolidate(state, params, hp.si_xi)
+  def after_task(state: SIState, tctx: TaskContext):
+    out = si_consolidate(state, tctx.params, hp.si_xi)
     _log_importance("SI", out.quad.importance)
     return out
 

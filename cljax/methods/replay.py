@@ -16,14 +16,16 @@ Everything is jit-safe with fixed shapes, so steps do not retrace as it fills.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from cljax.methods.base import Method
-from cljax.methods.registry import BuildContext, MethodConfig, register
+from cljax import data as data_lib
+from cljax.methods.base import Method, StepContext, TaskContext
+from cljax.methods.registry import BuildContext, hparam, register
 
 POLICIES = ("reservoir", "class_balanced")
 
@@ -155,7 +157,29 @@ def _new_examples(batch: dict, logits: jax.Array):
   return dict({k: batch[k] for k in _BATCH_KEYS}, weights=w), logits
 
 
-def _replay_method(name: str, hp: MethodConfig, ctx: BuildContext, *, ce_weight: float,
+@dataclasses.dataclass(frozen=True)
+class BufferConfig:
+  replay_size: int = hparam(200, "Replay buffer capacity (examples).")
+  replay_policy: str = hparam("reservoir", "Buffer policy: reservoir (Vitter's R) or "
+                              "class_balanced.", choices=POLICIES)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayConfig(BufferConfig):
+  replay_batch_size: int = hparam(8, "Replayed examples added to each training batch.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DERConfig(ReplayConfig):
+  der_alpha: float = hparam(0.5, "DER/DER++ weight of the logit-matching term.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DERPPConfig(DERConfig):
+  der_beta: float = hparam(0.5, "DER++ weight of the replayed-label CE term.")
+
+
+def _replay_method(name: str, hp: ReplayConfig, ctx: BuildContext, *, ce_weight: float,
                    der_alpha: float = 0.0, der_beta: float = 0.0) -> Method:
   if hp.replay_policy not in POLICIES:
     raise ValueError(f"Unknown --replay_policy {hp.replay_policy!r}; expected one of "
@@ -166,15 +190,16 @@ def _replay_method(name: str, hp: MethodConfig, ctx: BuildContext, *, ce_weight:
     del params
     return init(hp.replay_size, ctx.max_length, ctx.num_labels)
 
-  def prepare_batch(buf, batch, rng):
-    k1, k2 = jax.random.split(rng)
-    batch = _concat(batch, sample(buf, k1, r), ce_weight, f"{name}_a")
+  def prepare_batch(buf, sctx: StepContext):
+    k1, k2 = jax.random.split(sctx.rng)
+    batch = _concat(sctx.batch, sample(buf, k1, r), ce_weight, f"{name}_a")
     if der_beta:
       batch = _concat(batch, sample(buf, k2, r), 0.0, f"{name}_b")
     return batch
 
-  def loss(params, buf, batch, logits, apply_fn, rng):
-    del params, buf, apply_fn, rng
+  def loss(buf, sctx: StepContext):
+    del buf
+    batch, logits = sctx.batch, sctx.logits
     total = jnp.zeros((), jnp.float32)
     if der_alpha:
       w = batch[f"{name}_a_weight"]
@@ -186,32 +211,35 @@ def _replay_method(name: str, hp: MethodConfig, ctx: BuildContext, *, ce_weight:
       total += der_beta * jnp.sum(w * ce) / jnp.maximum(jnp.sum(w), 1.0)
     return total, ()
 
-  def after_step(buf, old, new, grads, batch, logits, aux, rng):
-    del old, new, grads, aux
-    examples, ex_logits = _new_examples(batch, jax.lax.stop_gradient(logits))
-    return add(buf, examples, rng, hp.replay_policy, ex_logits)
+  def after_step(buf, sctx: StepContext):
+    examples, ex_logits = _new_examples(sctx.batch, jax.lax.stop_gradient(sctx.logits))
+    return add(buf, examples, sctx.rng, hp.replay_policy, ex_logits)
 
   return Method(name=name, init=init_fn, prepare_batch=prepare_batch, loss=loss,
                 after_step=after_step)
 
 
-@register("replay", "experience replay: buffer examples mixed into each batch")
-def replay(hp: MethodConfig, ctx: BuildContext) -> Method:
+@register("replay", "experience replay: buffer examples mixed into each batch", ReplayConfig)
+def replay(hp: ReplayConfig, ctx: BuildContext) -> Method:
   return _replay_method("replay", hp, ctx, ce_weight=1.0)
 
 
-@register("der", "DER: replay of stored logits (Buzzega et al. 2020)")
-def der(hp: MethodConfig, ctx: BuildContext) -> Method:
+@register("der", "DER: replay of stored logits (Buzzega et al. 2020)", DERConfig)
+def der(hp: DERConfig, ctx: BuildContext) -> Method:
   return _replay_method("der", hp, ctx, ce_weight=0.0, der_alpha=hp.der_alpha)
 
 
-@register("derpp", "DER++: stored logits and labels (Buzzega et al. 2020)")
-def derpp(hp: MethodConfig, ctx: BuildContext) -> Method:
+@register("derpp", "DER++: stored logits and labels (Buzzega et al. 2020)", DERPPConfig)
+def derpp(hp: DERPPConfig, ctx: BuildContext) -> Method:
   return _replay_method("derpp", hp, ctx, ce_weight=0.0, der_alpha=hp.der_alpha,
                         der_beta=hp.der_beta)
 
 
+def _everything_seen(tctx: TaskContext):
+  return data_lib.concat([*tctx.previous_train, tctx.train])
+
+
 @register("joint", "joint training on every task seen so far (the upper bound)")
-def joint(hp: MethodConfig, ctx: BuildContext) -> Method:
+def joint(hp: None, ctx: BuildContext) -> Method:
   del hp, ctx
-  return Method(name="joint", joint=True)
+  return Method(name="joint", train_arrays=_everything_seen)

@@ -1,0 +1,22 @@
+"""Command-line entry points (``cljax-forgetting``, ``cljax-sweep``, ...).
+
+Each module defines its own absl flags and a ``main(argv)``; ``experiments/*.py`` and
+the console scripts both run it. Kept apart because their flags differ (the
+benchmark's ``--batch_size`` is not the study's).
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+
+def run_main(main, module) -> None:
+  """``app.run(main)``, with ``--help`` listing ``module``'s flags (absl lists the key
+  flags of ``sys.argv[0]``: the console script or experiments/*.py)."""
+  main_module = sys.modules["__main__"]
+  if not main_module.__doc__:   # a console script's wrapper: show the command's usage
+    main_module.__doc__ = module.__doc__
+  for flag in flags.FLAGS.get_key_flags_for_module(module):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  app.run(main)

@@ -1,0 +1,60 @@
+r"""Examples per second of the jitted train and eval steps (and PyTorch's).
+
+  cljax-benchmark --size=gpt2 --batch_size=8 --seq_len=128 \
+      --compare_torch
+
+Prints one JSON line: JAX train/eval examples/s, with --compare_torch the
+transformers PyTorch model's figures measured in the same run and their ratios,
+and on a GPU/TPU the model-FLOPs utilization.
+"""
+
+import json
+
+import sys
+
+from absl import app
+from absl import flags
+
+from cljax import cli
+from cljax import bench
+
+_SIZE = flags.DEFINE_string("size", "gpt2", "Model size: gpt2 (small), gpt2-medium, "
+                            "gpt2-large, gpt2-xl, mini or tiny. Random init.")
+_BATCH = flags.DEFINE_integer("batch_size", 8, "Examples per step (global).")
+_SEQ = flags.DEFINE_integer("seq_len", 128, "Tokens per example.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after warmup).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps before timing (the first "
+                               "compiles).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype; params and optimizer state stay float32.")
+_REMAT = flags.DEFINE_bool("remat", False, "Rematerialize each block in the backward pass.")
+_TORCH = flags.DEFINE_bool("compare_torch", False, "Also time transformers' PyTorch "
+                           "GPT2ForSequenceClassification with the same config and "
+                           "optimizer, in this run.")
+_MESH_DATA = flags.DEFINE_integer("mesh_data", -1, "Devices on the data axis (-1: all).")
+_MESH_MODEL = flags.DEFINE_integer("mesh_model", 1, "Devices sharding params and optimizer "
+                                   "state.")
+_FISHER = flags.DEFINE_integer("fisher_samples", 0, "If > 0: instead, time EWC's "
+                               "per-example Fisher over this many examples.")
+_FISHER_CHUNK = flags.DEFINE_integer("fisher_chunk", 8, "Examples per vmapped chunk.")
+_OUT = flags.DEFINE_string("output", None, "Also append the JSON line to this file.")
+
+
+def main(argv):
+  del argv
+  if _FISHER.value:
+    result = bench.bench_fisher(_SIZE.value, _SEQ.value, _FISHER.value, _FISHER_CHUNK.value)
+  else:
+    result = bench.run(_SIZE.value, _BATCH.value, _SEQ.value, _STEPS.value, _WARMUP.value,
+                       dtype=_DTYPE.value, remat=_REMAT.value,
+                       compare_torch=_TORCH.value, mesh_data=_MESH_DATA.value,
+                       mesh_model=_MESH_MODEL.value)
+  line = json.dumps(result)
+  print(line)
+  if _OUT.value:
+    with open(_OUT.value, "a") as f:
+      f.write(line + "\n")
+
+
+def run():
+  cli.run_main(main, sys.modules[__name__])

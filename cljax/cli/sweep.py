@@ -1,0 +1,54 @@
+r"""Methods x seeds x strengths of the forgetting study, one run after another.
+
+  cljax-sweep --flagfile=experiments/presets/smoke.flags --root=runs/sweep \
+      --methods=finetune,ewc,replay --seeds=0,1,2 --num_val=200 \
+      --grid=ewc:ewc_lambda=1e2,1e4,1e6
+  (or: python experiments/sweep.py ...; --methods=all --default_grids sweeps every
+  registered method over its registered strengths)
+
+Each run writes its own workdir ROOT/METHOD/STRENGTH/seedN; rerunning the same
+command continues an interrupted sweep. Strengths are chosen on validation data
+(--num_val), on the first seed. Then: cljax-report --root=ROOT.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from cljax import cli
+from cljax import flags as cljax_flags
+from cljax import report
+from cljax import sweep
+
+flags.adopt_module_key_flags(cljax_flags)
+_ROOT = flags.DEFINE_string("root", None, "Folder of the sweep.", required=True)
+_METHODS = flags.DEFINE_list("methods", ["finetune"], "Methods (each may be a '+' "
+                             "composition); 'all': every registered method.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
+_GRID = flags.DEFINE_multi_string("grid", [], "Strengths to choose from, METHOD:FIELD=v1,v2 "
+                                  "(repeatable), e.g. ewc:ewc_lambda=1e2,1e4.")
+_DEFAULT_GRIDS = flags.DEFINE_bool("default_grids", False, "Sweep each method's registered "
+                                   "strength grid, where --grid gives none.")
+_REPORT = flags.DEFINE_bool("report", True, "Write the report when the sweep ends.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  methods = sweep.expand_methods(_METHODS.value)
+  grids = sweep.parse_grid(_GRID.value)
+  if _DEFAULT_GRIDS.value:
+    grids = {**sweep.default_grids(methods), **grids}
+  out = sweep.run_sweep(cljax_flags.study_config(), _ROOT.value, methods,
+                        [int(s) for s in _SEEDS.value], grids,
+                        flags=cljax_flags.flag_values())
+  print(f"{len(out['runs'])} runs under {_ROOT.value}")
+  if _REPORT.value:
+    print(report.write_report(_ROOT.value)["markdown"])
+
+
+def run():
+  cli.run_main(main, sys.modules[__name__])

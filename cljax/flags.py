@@ -1,0 +1,81 @@
+"""absl flags generated from the config: one flag per :class:`StudyConfig` field and
+one per registered method hyperparameter, each with the help text of its declaration.
+
+Importing this module defines them on ``absl.flags.FLAGS``; an experiment script then
+builds its config with :func:`study_config` and records :func:`flag_values`.
+``define_flags(FlagValues())`` defines them on another set (tests, embedding).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from absl import flags
+
+from cljax.config import StudyConfig
+from cljax.methods import MethodConfig, registry
+
+FLAGS = flags.FLAGS
+
+
+def _base_type(annotation) -> Any:
+  """``int | None`` -> int; ``tuple[str, ...]`` -> tuple; others unchanged."""
+  if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+    annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+  return typing.get_origin(annotation) or annotation
+
+
+def _define(fv: flags.FlagValues, name: str, kind, default, help_: str,
+            choices=None, repeatable: bool = False) -> None:
+  if choices:
+    flags.DEFINE_enum(name, default, list(choices), help_, flag_values=fv)
+  elif kind is tuple:
+    define = flags.DEFINE_multi_string if repeatable else flags.DEFINE_list
+    define(name, list(default), help_, flag_values=fv)
+  else:
+    define = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer,
+              float: flags.DEFINE_float, str: flags.DEFINE_string}[kind]
+    define(name, default, help_, flag_values=fv)
+
+
+def _config_fields() -> list[tuple[dataclasses.Field, Any]]:
+  hints = typing.get_type_hints(StudyConfig)
+  return [(f, _base_type(hints[f.name])) for f in dataclasses.fields(StudyConfig)
+          if f.metadata.get("flag", True)]
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+  """Defines the study's flags and every registered method hyperparameter on ``fv``."""
+  for f, kind in _config_fields():
+    help_ = f.metadata["help"]
+    if f.name == "method":
+      help_ += " One of: " + "; ".join(f"{n}: {d}" for n, d in
+                                      registry.descriptions().items())
+    _define(fv, f.name, kind, f.default, help_, f.metadata.get("choices"),
+            f.metadata.get("repeatable", False))
+  for hp in registry.hparams().values():
+    _define(fv, hp.name, hp.type, hp.default, hp.help, hp.choices)
+
+
+def study_config(fv: flags.FlagValues = FLAGS, **overrides) -> StudyConfig:
+  """The :class:`StudyConfig` of the parsed flags (``overrides`` win)."""
+  return StudyConfig(**{
+      **{f.name: tuple(fv[f.name].value) if kind is tuple else fv[f.name].value
+         for f, kind in _config_fields()},
+      "method_config": MethodConfig(**{n: fv[n].value for n in registry.hparams()}),
+      **overrides})
+
+
+def flag_values(fv: flags.FlagValues = FLAGS) -> dict:
+  """The values of this project's flags (not absl's own), for results.json."""
+  ours = set()
+  for module, module_flags in fv.flags_by_module_dict().items():
+    if "absl" not in module:
+      ours.update(f.name for f in module_flags)
+  return {name: fv[name].value for name in sorted(ours)}
+
+
+define_flags()

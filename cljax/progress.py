@@ -1,0 +1,143 @@
+"""Progress of a training run: step metrics checked one step behind, rates, ETA, and
+the writers (JSON Lines and TensorBoard).
+
+The train step returns device arrays; reading them right away would stall the host on
+every step. :class:`StepLogger` keeps the latest step's metrics pending and reads them
+when the next step has been dispatched (or at a flush), so the device never waits.
+Reading them is where a non-finite loss or gradient stops the run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable
+
+from absl import logging
+import jax
+
+
+def fmt_time(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Writers:
+  """Records to ``metrics.jsonl`` and TensorBoard scalars; ``enabled=False`` (every
+  process but the first of a multi-host run) writes nothing."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.jsonl = self.tb = None
+    if not enabled:
+      return
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:
+      self.tb = None
+
+  def write(self, record: dict, step: int, prefix: str) -> None:
+    if self.jsonl is None:
+      return
+    self.jsonl.write(json.dumps(record) + "\n")
+    self.jsonl.flush()
+    if self.tb:
+      for k, v in record.items():
+        if isinstance(v, (int, float)) and k not in ("step", "task"):
+          self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+  def close(self) -> None:
+    if self.jsonl is not None:
+      self.jsonl.close()
+    if self.tb:
+      self.tb.close()
+
+
+class StepLogger:
+  """Checks and logs the step metrics of one task at a time (see the module doc).
+
+  Args:
+    writers: where records go.
+    log_every: a record every N steps of a task (and at its last step).
+    batch_size: examples per step, for the ETA.
+    last_checkpoint: returns the step of the last saved checkpoint (for the error).
+  """
+
+  _SUMS = ("loss_sum", "correct", "count")
+
+  def __init__(self, writers: Writers, log_every: int, batch_size: int,
+               last_checkpoint: Callable[[], int | None]):
+    self.writers, self.log_every, self.batch_size = writers, log_every, batch_size
+    self.last_checkpoint = last_checkpoint
+    self.steps_this_process = 0
+    self._pending = None
+    self._task = (0, "", 1)
+    self._lr: Callable[[int], float] = lambda s: 0.0
+    self._reset()
+
+  def _reset(self) -> None:
+    self._t, self._examples = time.time(), 0.0
+    self._sums = dict.fromkeys(self._SUMS, 0.0)
+
+  def start_task(self, k: int, name: str, total_steps: int,
+                 learning_rate: Callable[[int], float]) -> None:
+    """Starts counting a task's steps; ``learning_rate(step_in_task)`` for the log."""
+    self.flush()
+    self._task, self._lr = (k, name, total_steps), learning_rate
+    self._reset()
+
+  def push(self, global_step: int, step_in_task: int, metrics: dict) -> None:
+    """Holds this step's metrics and checks the previous step's."""
+    self.flush()
+    self._pending = (global_step, step_in_task, metrics)
+    self.steps_this_process += 1
+
+  def flush(self) -> None:
+    """Checks (and logs) the pending step, if any."""
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      self._check(*pending)
+
+  def _check(self, g: int, s: int, m: dict) -> None:
+    k, name, total = self._task
+    m = jax.device_get(m)
+    if not m["finite"]:
+      raise FloatingPointError(
+          f"Non-finite loss or gradient at task {k} ({name}), step {s} (loss sum "
+          f"{m['loss_sum']}, penalty {m['penalty']}, grad norm {m['grad_norm']}). Nothing "
+          f"after the last good checkpoint (global step {self.last_checkpoint()}) was "
+          "saved. Lower --learning_rate or the method's strength, or check the data, then "
+          "rerun with --resume.")
+    for key in self._SUMS:
+      self._sums[key] += float(m[key])
+    self._examples += float(m["count"])
+    if s % self.log_every == 0 or s == total:
+      self._log(g, s, m)
+
+  def _log(self, g: int, s: int, m: dict) -> None:
+    k, name, total = self._task
+    rate = self._examples / max(time.time() - self._t, 1e-9)
+    count = max(self._sums["count"], 1)
+    record = {"global_step": g, "task": k, "step": s,
+              "loss": self._sums["loss_sum"] / count, "accuracy": self._sums["correct"] / count,
+              "penalty": float(m["penalty"]), "grad_norm": float(m["grad_norm"]),
+              "learning_rate": float(self._lr(s)), "examples_per_s": rate}
+    self.writers.write(record, g, "train")
+    eta = (total - s) * self.batch_size / max(rate, 1e-9)
+    logging.info("task %d %s step %d/%d loss %.4f acc %.3f lr %.2e | %.1f ex/s, ETA task %s",
+                 k, name, s, total, record["loss"], record["accuracy"],
+                 record["learning_rate"], rate, fmt_time(eta))
+    self._reset()
+
+  def evaluation(self, global_step: int, k: int, accuracies: dict[str, float]) -> None:
+    """Writes an evaluation record (accuracy per task name)."""
+    self.writers.write({"global_step": global_step, "task": k,
+                        **{f"accuracy/{n}": a for n, a in accuracies.items()}},
+                       global_step, "eval")
+
+  def close(self) -> None:
+    self.writers.close()

@@ -1,0 +1,120 @@
+"""The config is defined once: every StudyConfig field and every registered method
+hyperparameter is a flag, and a method added in one file (here, this test file) is
+selectable from the study's flags, listed by --help and runs end to end."""
+
+import dataclasses
+import json
+import os
+
+from absl import flags as absl_flags
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cljax import flags as cljax_flags
+from cljax import study
+from cljax.config import StudyConfig
+from cljax.methods import Method, MethodConfig, hparam, register, registry
+
+
+def _parse(argv=()):
+  fv = absl_flags.FlagValues()
+  cljax_flags.define_flags(fv)
+  fv(["prog", *argv])
+  return fv
+
+
+def test_every_config_field_is_a_flag_with_its_default():
+  fv = _parse()
+  cfg = cljax_flags.study_config(fv)
+  assert cfg == StudyConfig()
+  for f in dataclasses.fields(StudyConfig):
+    if f.name != "method_config":
+      assert f.name in fv, f.name
+      assert f.metadata["help"][:30] in fv[f.name].help
+  for name, hp in registry.hparams().items():
+    assert fv[name].default == hp.default and fv[name].help.endswith(hp.help)
+
+
+def test_flags_convert_to_the_config():
+  fv = _parse(["--tasks=imdb", "--num_train=-1", "--classes=imdb=neg,pos",
+               "--classes=x=a,b", "--ewc_lambda=3", "--fisher=true", "--keep_checkpoints=5",
+               "--dropout=0.2"])
+  cfg = cljax_flags.study_config(fv, seed=7)
+  assert cfg.tasks == ("imdb",) and cfg.num_train is None and cfg.seed == 7
+  assert cfg.keep_checkpoints == 5 and cfg.dropout == 0.2
+  assert cfg.task_classes() == {"imdb": ("neg", "pos"), "x": ("a", "b")}
+  assert cfg.method_config == MethodConfig(ewc_lambda=3.0, fisher="true")
+  assert cfg.method_config.to_dict()["ewc_lambda"] == 3.0
+  with pytest.raises(absl_flags.IllegalFlagValueError):
+    _parse(["--fisher=approximate"])
+  with pytest.raises(ValueError, match="TASK=name,name"):
+    StudyConfig(classes=("imdb",)).task_classes()
+  with pytest.raises(TypeError, match="Unknown method hyperparameters"):
+    MethodConfig(ewc_lamda=1.0)
+
+
+# ----------------------------------------------------------------------------
+# A toy method, defined in this file only
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ToyConfig:
+  toy_pull: float = hparam(0.5, "Toy: strength of the pull towards the last solution.")
+  toy_distance: str = hparam("abs", "Toy: the distance pulled along.",
+                             choices=("abs", "square"))
+
+
+def toy(hp: ToyConfig, ctx) -> Method:
+  del ctx
+  dist = jnp.abs if hp.toy_distance == "abs" else jnp.square
+
+  def init(params):
+    return jax.tree.map(jnp.zeros_like, params), jnp.zeros(())
+
+  def loss(state, sctx):
+    anchor, active = state
+    total = sum(jnp.sum(dist(p - a)) for p, a in zip(jax.tree.leaves(sctx.params),
+                                                      jax.tree.leaves(anchor)))
+    return hp.toy_pull * active * total, ()
+
+  def after_task(state, tctx):
+    del state
+    return jax.tree.map(jnp.copy, tctx.params), jnp.ones(())
+
+  return Method(name="toy", init=init, loss=loss, after_task=after_task)
+
+
+@pytest.fixture
+def toy_registered():
+  register("toy", "a toy pull towards the last solution", ToyConfig)(toy)
+  yield
+  registry.unregister("toy")
+
+
+def test_a_method_added_in_one_file_is_a_flag_and_runs(toy_registered, tiny_data_dir,
+                                                        tiny_tokenizer_dir, tmp_path):
+  fv = _parse([f"--data_dir={tiny_data_dir}", f"--tokenizer={tiny_tokenizer_dir}",
+               "--init=random", "--size=tiny", "--num_train=32", "--num_test=16",
+               "--max_length=24", "--eval_batch_size=16", "--learning_rate=2e-3",
+               "--checkpoint_every=0", "--log_every=1", "--method=toy", "--toy_pull=2.5",
+               "--toy_distance=square"])
+  help_text = fv.get_help()
+  assert "--toy_pull" in help_text and "strength of the pull" in help_text
+  assert "toy: a toy pull towards the last solution" in help_text
+  cfg = cljax_flags.study_config(fv)
+  assert cfg.method_config.toy_pull == 2.5
+  r = study.run(cfg, str(tmp_path), flags=cljax_flags.flag_values(fv))
+  assert r["method"] == "toy" and r["method_config"]["toy_pull"] == 2.5
+  assert r["flags"]["toy_distance"] == "square"
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    train = [x for x in map(json.loads, f) if "loss" in x]
+  # No pull while learning the first task; a live one on the second, once the params
+  # have left the anchor (the first step starts on it).
+  assert all(x["penalty"] == 0 for x in train if x["task"] == 0)
+  second = [x for x in train if x["task"] == 1]
+  assert second[0]["penalty"] == 0 and all(x["penalty"] > 0 for x in second[1:])
+  # Gone after unregistering: the flags no longer list it.
+  registry.unregister("toy")
+  assert "--toy_pull" not in _parse().get_help()
+  register("toy", "a toy pull towards the last solution", ToyConfig)(toy)
