@@ -198,6 +198,11 @@ def bench_fisher(size: str, seq_len: int, num_samples: int, chunk: int,
           "memory_after": _peak_memory_bytes(), "device": jax.devices()[0].device_kind}
 
 
+def _linear_warmup_decay(s: int, *, warm: int, total: int) -> float:
+  """The learning-rate factor of the Hugging Face Trainer's linear schedule."""
+  return s / warm if s < warm else max(0.0, (total - s) / (total - warm))
+
+
 def torch_study(cfg, device: str | None = None) -> dict[str, Any]:
   """The sequential study in plain PyTorch with transformers'
   GPT2ForSequenceClassification: the same data arrays, random init of the same size,
@@ -250,7 +255,7 @@ def torch_study(cfg, device: str | None = None) -> dict[str, Any]:
                             weight_decay=cfg.weight_decay)
     warm = min(cfg.warmup_steps, n_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: s / warm if s < warm else max(0.0, (n_steps - s) / (n_steps - warm)))
+        opt, functools.partial(_linear_warmup_decay, warm=warm, total=n_steps))
     model.train()
     sync()
     t0 = time.perf_counter()

@@ -103,7 +103,7 @@ class StudyConfig:
     for name in ("tasks", "ag_news_classes", "classes"):
       object.__setattr__(self, name, tuple(getattr(self, name)))
 
-  def replace(self, **kwargs) -> "StudyConfig":
+  def replace(self, **kwargs) -> StudyConfig:
     return dataclasses.replace(self, **kwargs)
 
   def task_classes(self) -> dict[str, tuple[str, ...]]:

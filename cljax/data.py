@@ -14,7 +14,8 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any
+from collections.abc import Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -177,9 +178,9 @@ def read_rows(path: str, text_field: str = "text", label_field: str = "label") -
     if missing:
       raise ValueError(f"{path}: missing columns {sorted(missing)}; found "
                        f"{table.column_names}.")
-    for n, (t, l) in enumerate(zip(table.column(text_field).to_pylist(),
-                                   table.column(label_field).to_pylist())):
-      rows.append(_check_row(t, l, f"{path}:row {n}"))
+    for n, (text, label) in enumerate(zip(table.column(text_field).to_pylist(),
+                                          table.column(label_field).to_pylist())):
+      rows.append(_check_row(text, label, f"{path}:row {n}"))
   else:
     raise ValueError(f"{path}: unsupported file type; expected one of {SUFFIXES}.")
   if not rows:
@@ -200,7 +201,7 @@ def load_hub_rows(spec: TaskSpec, split: str) -> list[Row]:
         f"({type(e).__name__}: {e}). Offline, pass --data_dir=DIR with "
         f"DIR/{spec.name}/{{train,test}}.jsonl (one {{\"text\", \"label\"}} per line).") from e
   where = f"hub:{spec.hub_id}/{split}"
-  return [_check_row(t, l, f"{where}:{i}") for i, (t, l) in
+  return [_check_row(text, label, f"{where}:{i}") for i, (text, label) in
           enumerate(zip(ds[spec.text_field], ds[spec.label_field]))]
 
 
@@ -214,7 +215,7 @@ def load_rows(task: Task, split: str, data_dir: str | None) -> list[Row]:
     rows = load_hub_rows(spec, split)
   n_classes = len(spec.class_names) if spec else None
   if n_classes is not None:
-    for text, label, where in rows:
+    for _, label, where in rows:
       if not 0 <= label < n_classes:
         raise ValueError(f"{where}: label {label} is outside task {task.name!r}'s classes "
                          f"0..{n_classes - 1} ({', '.join(spec.class_names)}).")

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from absl import logging
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,19 +51,11 @@ def hf_name(path: str) -> str:
 
 def flatten(params: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
   """Flattens a nested params dict to ``{"h_0/attn/c_attn/kernel": leaf}``."""
-  return {sep.join(str(getattr(k, "key", k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return traverse_util.flatten_dict(params, sep=sep)
 
 
 def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
-  out: dict[str, Any] = {}
-  for path, leaf in flat.items():
-    node = out
-    *parents, last = path.split(sep)
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[last] = leaf
-  return out
+  return traverse_util.unflatten_dict(flat, sep=sep)
 
 
 # ----------------------------------------------------------------------------

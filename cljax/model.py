@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -88,11 +89,11 @@ class GPT2Config:
   def inner_dim(self) -> int:
     return self.n_inner or 4 * self.n_embd
 
-  def replace(self, **kwargs) -> "GPT2Config":
+  def replace(self, **kwargs) -> GPT2Config:
     return dataclasses.replace(self, **kwargs)
 
   @classmethod
-  def from_size(cls, size: str, **overrides) -> "GPT2Config":
+  def from_size(cls, size: str, **overrides) -> GPT2Config:
     """A config of a named size: gpt2 / gpt2-medium / gpt2-large / gpt2-xl (or
     small / medium / large / xl), or the random-init sizes mini / tiny."""
     name = SIZE_ALIASES.get(size, size)
@@ -104,7 +105,7 @@ class GPT2Config:
 
   @classmethod
   def from_hf(cls, hf_config: Mapping[str, Any] | str | os.PathLike,
-              **overrides) -> "GPT2Config":
+              **overrides) -> GPT2Config:
     """Builds a config from a Hugging Face ``config.json`` (a dict or a path).
 
     The pad id is the checkpoint's ``pad_token_id``, or its ``eos_token_id`` when

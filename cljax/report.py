@@ -12,7 +12,8 @@ import json
 import math
 import os
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -16,7 +16,7 @@ Steps return sums and counts; the host divides.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,8 @@ import json
 import os
 import platform
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 from absl import logging
 import jax
@@ -73,7 +74,7 @@ class RunRecord:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_json(cls, d: dict) -> "RunRecord":
+  def from_json(cls, d: dict) -> RunRecord:
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in names and v is not None})
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from absl import logging
 import jax
@@ -77,6 +77,12 @@ def run_one(cfg: study.StudyConfig, workdir: str, flags: dict | None = None) -> 
   return study.run(cfg, workdir, resume=resume, flags=flags)
 
 
+def _write_json(path: str, value) -> None:
+  if jax.process_index() == 0:   # one writer in a multi-host run
+    with open(path, "w") as f:
+      json.dump(value, f, indent=2)
+
+
 def _val_score(results: dict) -> float:
   if not results.get("val_metrics"):
     raise ValueError("Choosing a strength needs validation data: set --num_val > 0.")
@@ -130,8 +136,7 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
           "seed": seeds[0], "tag": tag(field, values[best]),
           "candidates": [{"value": v, "val_average_accuracy": s}
                          for v, s in zip(values, scores)]}
-      with open(selection_path, "w") as f:
-        json.dump(selection, f, indent=2)
+      _write_json(selection_path, selection)
       logging.info("%s: chose %s=%s on validation (%s).", method, field, values[best],
                    ", ".join(f"{v:g}: {s:.3f}" for v, s in zip(values, scores)))
       chosen, rest = values[best], seeds[1:]
@@ -142,6 +147,5 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
                              "tag": tag(field, chosen), "candidates": []}
     for seed in rest:
       one(method, field, chosen, seed)
-  with open(selection_path, "w") as f:
-    json.dump(selection, f, indent=2)
+  _write_json(selection_path, selection)
   return {"selection": selection, "runs": runs}

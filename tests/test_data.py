@@ -1,6 +1,5 @@
 """Tasks, remapping, subsets, row checks, tokenization and batches."""
 
-import json
 import os
 
 import numpy as np

@@ -219,7 +219,7 @@ def test_reservoir_inclusion_is_uniform():
   def final_ids(key):
     buf = replay.init(capacity, 4, 4)
     for i in range(0, n, 20):  # offered in batches of 20
-      chunk = jax.tree.map(lambda v: v[i:i + 20], stream)
+      chunk = jax.tree.map(lambda v, i=i: v[i:i + 20], stream)
       buf = replay.add(buf, chunk, jax.random.fold_in(key, i))
     return buf.input_ids[:, 0], buf.size, buf.seen
 

@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharding_helper.py")
 

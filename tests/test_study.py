@@ -134,3 +134,17 @@ def test_resume_restores_method_state(tiny_data_dir, tiny_tokenizer_dir, tmp_pat
   resumed = study.run(cfg, str(tmp_path / "cut"), resume=True)
   assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
   assert resumed["task_aware_accuracy_matrix"] == full["task_aware_accuracy_matrix"]
+
+
+def test_only_the_first_process_writes_files(tiny_data_dir, tiny_tokenizer_dir, tmp_path,
+                                             monkeypatch):
+  """In a multi-host run every process trains and checkpoints (orbax coordinates),
+  but results.json, metrics.jsonl, TensorBoard events and figures come from process 0."""
+  import dataclasses
+  setup = study.setup
+  monkeypatch.setattr(study, "setup", lambda *a, **k: dataclasses.replace(
+      setup(*a, **k), writes_files=False))
+  cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, tasks=("imdb",), epochs=1)
+  r = study.run(cfg, str(tmp_path))
+  assert np.array(r["accuracy_matrix"]).shape == (1, 1)
+  assert sorted(os.listdir(tmp_path)) == ["checkpoints"]

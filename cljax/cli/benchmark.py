@@ -12,7 +12,6 @@ import json
 
 import sys
 
-from absl import app
 from absl import flags
 
 from cljax import cli

@@ -16,6 +16,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
 from cljax import cli
 from cljax import flags as cljax_flags
@@ -46,7 +47,7 @@ def main(argv):
                         [int(s) for s in _SEEDS.value], grids,
                         flags=cljax_flags.flag_values())
   print(f"{len(out['runs'])} runs under {_ROOT.value}")
-  if _REPORT.value:
+  if _REPORT.value and jax.process_index() == 0:
     print(report.write_report(_ROOT.value)["markdown"])
 
 

@@ -10,6 +10,9 @@ import pkgutil
 from cljax.methods.base import Method, StepContext, TaskContext, compose, finetune
 from cljax.methods.registry import BuildContext, MethodConfig, build, hparam, names, register
 
+__all__ = ["BuildContext", "Method", "MethodConfig", "StepContext", "TaskContext", "build",
+           "compose", "finetune", "hparam", "names", "register"]
+
 for _module in pkgutil.iter_modules(__path__):
   if _module.name not in ("base", "registry"):
     importlib.import_module(f"{__name__}.{_module.name}")

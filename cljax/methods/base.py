@@ -26,7 +26,8 @@ Plain fine-tuning is the method with no hooks. Compatible methods compose with
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

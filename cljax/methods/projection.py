@@ -23,8 +23,8 @@ from cljax.methods.registry import BuildContext, hparam, register
 
 
 def tree_dot(a, b) -> jax.Array:
-  return sum(jnp.vdot(x.astype(jnp.float32), y.astype(jnp.float32))
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  """The inner product of two pytrees, in float32."""
+  return optax.tree.vdot(optax.tree.cast(a, jnp.float32), optax.tree.cast(b, jnp.float32))
 
 
 def project(grads, ref):

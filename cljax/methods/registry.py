@@ -21,7 +21,8 @@ Hyperparameter names are one flat namespace (they are flags): methods that share
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 from cljax.methods.base import Method, compose, finetune
 
@@ -46,7 +47,7 @@ class HParam(NamedTuple):
 class Registration(NamedTuple):
   name: str
   description: str
-  factory: Callable[[Any, "BuildContext"], Method]
+  factory: Callable[[Any, BuildContext], Method]
   config: type | None            # the hyperparameter dataclass (None: none)
   grid: dict[str, tuple]         # default strengths for sweeps
 
@@ -198,7 +199,7 @@ class MethodConfig:
   def __setattr__(self, name, value):
     raise dataclasses.FrozenInstanceError(f"MethodConfig is immutable; use replace({name}=...).")
 
-  def replace(self, **values) -> "MethodConfig":
+  def replace(self, **values) -> MethodConfig:
     return MethodConfig(**{**self._values, **values})
 
   def to_dict(self) -> dict[str, Any]:

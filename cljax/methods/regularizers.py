@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from cljax import data as data_lib
 from cljax.methods.base import Method, StepContext, TaskContext
@@ -60,9 +62,9 @@ def _f32_copy(params):
 
 def quadratic_penalty(params, state: QuadraticState) -> jax.Array:
   """``sum(importance * (params - anchor)^2)`` over every leaf (unscaled)."""
-  leaves = jax.tree.map(lambda p, a, f: jnp.sum(f * jnp.square(p.astype(jnp.float32) - a)),
-                        params, state.anchor, state.importance)
-  return sum(jax.tree.leaves(leaves)) * state.active
+  per_leaf = jax.tree.map(lambda p, a, f: jnp.sum(f * jnp.square(p.astype(jnp.float32) - a)),
+                          params, state.anchor, state.importance)
+  return optax.tree.sum(per_leaf) * state.active
 
 
 def _zeros_state(params) -> QuadraticState:
@@ -201,11 +203,8 @@ def consolidate_online(state: QuadraticState, importance, params, gamma: float
 
 def _log_importance(name, tree):
   """Logs the importance's sum and max, reduced on device (no param-sized copies)."""
-  leaves = jax.tree.leaves(tree)
-  total = float(sum(jnp.sum(x) for x in leaves))
-  biggest = float(max(jnp.max(x) for x in leaves))
-  logging.info("%s importance: sum %.4g, max %.4g over %d parameters.", name, total, biggest,
-               sum(x.size for x in leaves))
+  logging.info("%s importance: sum %.4g, max %.4g over %d parameters.", name,
+               float(optax.tree.sum(tree)), float(optax.tree.max(tree)), optax.tree.size(tree))
 
 
 # ----------------------------------------------------------------------------
