@@ -92,6 +92,7 @@ def toy_registered():
   registry.unregister("toy")
 
 
+@pytest.mark.slow
 def test_a_method_added_in_one_file_is_a_flag_and_runs(toy_registered, tiny_data_dir,
                                                         tiny_tokenizer_dir, tmp_path):
   fv = _parse([f"--data_dir={tiny_data_dir}", f"--tokenizer={tiny_tokenizer_dir}",

@@ -73,6 +73,7 @@ def test_true_fisher_converges_to_the_expected_fisher():
                          rtol=0.1)
 
 
+@pytest.mark.slow
 def test_fisher_on_tiny_gpt2_matches_a_plain_per_example_loop():
   config = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2,
                       num_labels=4, pad_token_id=49, eos_token_id=49)

@@ -58,13 +58,12 @@ def test_dropout_only_when_not_deterministic():
   model = GPT2Classifier(TINY)
   params = model_lib.init_params(model, jax.random.key(0))
   ids = jnp.arange(16).reshape(2, 8)
-  a = model.apply({"params": params}, ids)
-  b = model.apply({"params": params}, ids, deterministic=True)
+  apply = jax.jit(model.apply, static_argnames="deterministic")
+  a = apply({"params": params}, ids)
+  b = apply({"params": params}, ids, deterministic=True)
   np.testing.assert_array_equal(a, b)
-  c = model.apply({"params": params}, ids, deterministic=False,
-                  rngs={"dropout": jax.random.key(1)})
-  d = model.apply({"params": params}, ids, deterministic=False,
-                  rngs={"dropout": jax.random.key(2)})
+  c = apply({"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(1)})
+  d = apply({"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.key(2)})
   assert not np.allclose(a, c) and not np.allclose(c, d)
 
 
@@ -75,7 +74,7 @@ def test_remat_gives_the_same_gradients():
     params = model_lib.init_params(model, jax.random.key(0))
     loss = lambda p: model.apply({"params": p}, ids, deterministic=False,
                                  rngs={"dropout": jax.random.key(3)}).sum()
-    return jax.grad(loss)(params)
+    return jax.jit(jax.grad(loss))(params)
   for a, b in zip(jax.tree.leaves(grads(TINY)), jax.tree.leaves(grads(TINY.replace(remat=True)))):
     np.testing.assert_allclose(a, b, atol=1e-5)
 

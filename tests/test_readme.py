@@ -4,6 +4,7 @@ import os
 import re
 
 import jax
+import pytest
 import jax.numpy as jnp
 
 import cljax
@@ -12,6 +13,7 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
                       "README.md")
 
 
+@pytest.mark.slow
 def test_own_loop_example_runs(tiny_data_dir, tiny_tokenizer_dir, tiny_tokenizer, tmp_path):
   text = open(README).read()
   section = text[text.index("### In your own loop"):]

@@ -4,6 +4,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # end-to-end runs: the full tier only
 
 HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharding_helper.py")
 

@@ -11,6 +11,8 @@ import pytest
 from cljax import study
 from cljax.methods import registry
 
+pytestmark = pytest.mark.slow  # end-to-end runs: the full tier only
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
