@@ -40,12 +40,12 @@ def train_flops_per_example(config: GPT2Config, seq_len: int) -> float:
 
 
 def random_batch(config: GPT2Config, batch_size: int, seq_len: int, seed: int = 0):
-  rs = np.random.RandomState(seed)
-  ids = rs.randint(0, config.vocab_size - 1, (batch_size, seq_len)).astype(np.int32)
+  rs = np.random.default_rng(seed)
+  ids = rs.integers(0, config.vocab_size - 1, (batch_size, seq_len)).astype(np.int32)
   return {
       "input_ids": ids,
       "attention_mask": np.ones_like(ids),
-      "labels": rs.randint(0, config.num_labels, (batch_size,)).astype(np.int32),
+      "labels": rs.integers(0, config.num_labels, (batch_size,)).astype(np.int32),
       "weights": np.ones((batch_size,), np.float32),
       "class_mask": np.ones((batch_size, config.num_labels), bool),
       "task_ids": np.zeros((batch_size,), np.int32),
@@ -260,7 +260,7 @@ def torch_study(cfg, device: str | None = None) -> dict[str, Any]:
     sync()
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
-      for batch in data_lib.batches(d.train, cfg.batch_size, seed=epoch + 1000 * k):
+      for batch in data_lib.batches(d.train, cfg.batch_size, seed=(cfg.seed, k, epoch)):
         b = to_torch(batch)
         with torch.autocast(device, torch.bfloat16, enabled=autocast):
           logits = model(b["input_ids"].long(), attention_mask=b["attention_mask"]).logits

@@ -226,14 +226,15 @@ def load_rows(task: Task, split: str, data_dir: str | None) -> list[Row]:
 # Subsets
 # ----------------------------------------------------------------------------
 
-def select(rows: Sequence[Row], task: Task, num: int | None, mode: str, seed: int,
-           exclude: frozenset[int] = frozenset()) -> list[int]:
+def select(rows: Sequence[Row], task: Task, num: int | None, mode: str,
+           seed: int | Sequence[int], exclude: frozenset[int] = frozenset()) -> list[int]:
   """Indices of a subset of ``rows`` restricted to the task's classes.
 
   ``balanced``: seeded, shuffled, as equal as possible per class. ``head``: the first
   ``num`` rows of the selected classes in file order (with all classes selected,
   the literal ``split[:num]`` of the original script). ``num=None`` takes all.
   ``exclude`` removes indices already used (a validation split carved from train).
+  ``seed`` is any ``np.random.default_rng`` seed (``(seed, task, split)`` here).
   """
   pool = [i for i, (_, label, _) in enumerate(rows)
           if label in task.source_labels and i not in exclude]
@@ -246,7 +247,7 @@ def select(rows: Sequence[Row], task: Task, num: int | None, mode: str, seed: in
     return pool[:num]
   if mode != "balanced":
     raise ValueError(f"Unknown subset mode {mode!r}; expected 'balanced' or 'head'.")
-  rs = np.random.RandomState(seed)
+  rs = np.random.default_rng(seed)
   by_class = {c: [i for i in pool if rows[i][1] == c] for c in task.source_labels}
   for c in by_class:
     rs.shuffle(by_class[c])
@@ -360,13 +361,13 @@ def load_task_data(tasks: Sequence[Task], tokenizer, *, data_dir: str | None,
   for k, task in enumerate(tasks):
     train_rows = load_rows(task, "train", data_dir)
     test_rows = load_rows(task, "test", data_dir)
-    train_idx = select(train_rows, task, num_train, subset, seed + 1000 * k)
+    train_idx = select(train_rows, task, num_train, subset, (seed, k, 0))
     val = None
     if num_val:
-      val_idx = select(train_rows, task, num_val, "balanced", seed + 1000 * k + 1,
+      val_idx = select(train_rows, task, num_val, "balanced", (seed, k, 1),
                        exclude=frozenset(train_idx))
       val = make_arrays(train_rows, val_idx, task, k, total, tokenizer, max_length, cache_dir)
-    test_idx = select(test_rows, task, num_test, subset, seed + 1000 * k + 2)
+    test_idx = select(test_rows, task, num_test, subset, (seed, k, 2))
     data = TaskData(
         task,
         make_arrays(train_rows, train_idx, task, k, total, tokenizer, max_length, cache_dir),
@@ -389,16 +390,18 @@ def num_batches(n: int, batch_size: int) -> int:
   return -(-n // batch_size)
 
 
-def batches(arrays: dict[str, np.ndarray], batch_size: int, *, seed: int | None = None,
+def batches(arrays: dict[str, np.ndarray], batch_size: int, *,
+            seed: int | Sequence[int] | None = None,
             start: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Fixed-shape batches; shuffled by ``seed`` (None: in order).
+  """Fixed-shape batches; shuffled by ``seed`` (None: in order), any
+  ``np.random.default_rng`` seed: the study uses ``(seed, task, epoch)``.
 
   The last batch is padded with copies of the first example at ``weights`` 0, so
   every example counts once and shapes never change. ``start`` skips that many
   batches (to resume mid-epoch).
   """
   n = size(arrays)
-  order = np.arange(n) if seed is None else np.random.RandomState(seed).permutation(n)
+  order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
   for b in range(start, num_batches(n, batch_size)):
     idx = order[b * batch_size:(b + 1) * batch_size]
     real = len(idx)

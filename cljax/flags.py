@@ -57,7 +57,8 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
     _define(fv, f.name, kind, f.default, help_, f.metadata.get("choices"),
             f.metadata.get("repeatable", False))
   for hp in registry.hparams().values():
-    _define(fv, hp.name, hp.type, hp.default, hp.help, hp.choices)
+    _define(fv, hp.name, hp.type, hp.default,
+            f"[{', '.join(registry.users(hp.name))}] {hp.help}", hp.choices)
 
 
 def study_config(fv: flags.FlagValues = FLAGS, **overrides) -> StudyConfig:

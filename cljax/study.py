@@ -322,7 +322,7 @@ def train_task(study: Study, k: int, state, record: RunRecord, logger: StepLogge
     epoch, b = divmod(s, plan.batches_per_epoch)
     if b == 0 or s == start:
       batch_iter = data_lib.batches(plan.arrays, cfg.batch_size,
-                                    seed=_epoch_seed(cfg.seed, k, epoch), start=b)
+                                    seed=(cfg.seed, k, epoch), start=b)
     state, m = train_fn(state, sharding.shard_batch(next(batch_iter), study.mesh))
     record.global_step, record.step_in_task = record.global_step + 1, s + 1
     logger.push(record.global_step, s + 1, m)
@@ -394,10 +394,6 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
 # ----------------------------------------------------------------------------
 # Results
 # ----------------------------------------------------------------------------
-
-def _epoch_seed(seed: int, task: int, epoch: int) -> int:
-  return (seed * 1_000_003 + task * 7919 + epoch) % (2 ** 31)
-
 
 def _fmt_accs(tasks, accs) -> str:
   return ", ".join(f"{t.name} {a:.3f}" for t, a in zip(tasks, accs))

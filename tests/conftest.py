@@ -65,8 +65,8 @@ TOPICS = {0: ["election", "minister", "war", "treaty"], 1: ["match", "goal", "te
 NEWS_FILLER = ["the", "report", "said", "on", "monday", "new", "after", "in", "a", "of"]
 
 
-def _sentences(rs, words, filler, n_words):
-  return " ".join(rs.choice(words) if rs.rand() < 0.4 else rs.choice(filler)
+def _sentences(rs, words, filler, n_words, p_topic=0.4):
+  return " ".join(rs.choice(words) if rs.rand() < p_topic else rs.choice(filler)
                   for _ in range(n_words))
 
 
@@ -86,8 +86,13 @@ def write_tiny_data(root, n_train=64, n_test=32, seed=0):
     with open(os.path.join(root, "ag_news", f"{split}.jsonl"), "w") as f:
       for i in range(2 * n):
         label = i % 4
+        # Denser topic words than the reviews' sentiment words: a tiny model trained
+        # from scratch on the reviews first then learns these in a few steps for any
+        # seed (with 0.4 it stalls at chance on the second task for about half the
+        # seeds, in cljax and in transformers' PyTorch model alike).
         f.write(json.dumps({"text": _sentences(rs, TOPICS[label], NEWS_FILLER,
-                                               rs.randint(5, 15)), "label": label}) + "\n")
+                                               rs.randint(5, 15), p_topic=0.8),
+                            "label": label}) + "\n")
   return str(root)
 
 

@@ -4,8 +4,8 @@ import os
 import re
 
 import jax
-import pytest
 import jax.numpy as jnp
+import pytest
 
 import cljax
 
@@ -60,3 +60,19 @@ def test_add_a_method_example_registers_a_working_method():
     assert float(method.loss(method.init(anchor), StepContext(params=theta))[0]) == 0.0
   finally:
     registry.unregister("l1")
+
+
+@pytest.mark.slow
+def test_every_flag_the_readme_names_exists():
+  """Each --flag in the README is a flag of one of the scripts (the add-a-method
+  example's own --l1_lambda and absl's --help aside)."""
+  import subprocess
+  import sys
+  root = os.path.dirname(README)
+  known = set()
+  for script in ("forgetting", "sweep", "report", "benchmark", "study_vs_torch"):
+    out = subprocess.run([sys.executable, os.path.join(root, "experiments", f"{script}.py"),
+                          "--helpfull"], capture_output=True, text=True, timeout=300).stdout
+    known.update(re.findall(r"^\s+--(?:\[no\])?([a-z_0-9]+)", out, re.M))
+  named = set(re.findall(r"--([a-z][a-z_0-9]*)", open(README).read())) - {"l1_lambda", "help"}
+  assert named <= known, sorted(named - known)

@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cljax import data as data_lib
@@ -66,8 +67,9 @@ def agem(hp: AGEMConfig, ctx: BuildContext) -> Method:
 
   def after_task(buf, tctx: TaskContext):
     add = _jitted_add(hp.replay_policy)
+    order_seed = np.asarray(jax.random.key_data(tctx.rng)).ravel()
     for i, batch in enumerate(data_lib.batches(tctx.train, tctx.batch_size,
-                                               seed=tctx.task_index)):
+                                               seed=order_seed)):
       buf = add(buf, batch, jax.random.fold_in(tctx.rng, i))
     return buf
 

@@ -134,6 +134,12 @@ def hparams() -> dict[str, HParam]:
   return dict(_HPARAMS)
 
 
+def users(hparam_name: str) -> list[str]:
+  """The registered methods that read hyperparameter ``hparam_name``."""
+  return [r.name for r in _REGISTRY.values()
+          if any(hp.name == hparam_name for hp in _hparams_of(r.config))]
+
+
 def descriptions() -> dict[str, str]:
   return {r.name: r.description for r in _REGISTRY.values()}
 

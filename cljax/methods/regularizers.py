@@ -133,7 +133,7 @@ def per_example_statistic(params, arrays: dict[str, np.ndarray], fn, reduce, *,
   n_total = data_lib.size(arrays)
   n = min(num_samples, n_total)
   seed = int(jax.random.randint(rng, (), 0, 2 ** 31 - 1))
-  idx = np.random.RandomState(seed).permutation(n_total)[:n]
+  idx = np.random.default_rng(seed).permutation(n_total)[:n]
   subset = {k: v[idx] for k, v in arrays.items()}
   stat_fn = _jitted_chunk_stat(fn, reduce)
   total = None
