@@ -107,9 +107,13 @@ class StudyConfig:
     return dataclasses.replace(self, **kwargs)
 
   def task_classes(self) -> dict[str, tuple[str, ...]]:
-    """Class names per task: ``--ag_news_classes``, then each ``--classes`` item."""
+    """Class names per task: ``--ag_news_classes``, then each ``--classes`` item
+    (``"TASK=name,name"``, or a ``(task, names)`` pair from Python)."""
     out = {"ag_news": self.ag_news_classes} if "ag_news" in self.tasks else {}
     for item in self.classes:
+      if isinstance(item, (tuple, list)):   # (task, names): the Python form
+        out[item[0]] = tuple(item[1])
+        continue
       task, sep, names = item.partition("=")
       if not sep or not names.strip():
         raise ValueError(f"--classes={item!r}: expected TASK=name,name (e.g. "

@@ -66,7 +66,8 @@ def study_config(fv: flags.FlagValues = FLAGS, **overrides) -> StudyConfig:
   return StudyConfig(**{
       **{f.name: tuple(fv[f.name].value) if kind is tuple else fv[f.name].value
          for f, kind in _config_fields()},
-      "method_config": MethodConfig(**{n: fv[n].value for n in registry.hparams()}),
+      # A method registered after the flags were defined has no flags: its defaults.
+      "method_config": MethodConfig(**{n: fv[n].value for n in registry.hparams() if n in fv}),
       **overrides})
 
 

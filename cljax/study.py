@@ -7,7 +7,8 @@ orbax checkpoints from which ``run(..., resume=True)`` continues exactly.
 The loop is a handful of named stages over explicit state: :func:`setup` builds what
 is built once (a :class:`Study`), :func:`restore_or_start` gives the train state and
 the :class:`RunRecord` (the run's progress, stored as JSON in every checkpoint), and
-for each task :func:`train_task` then :func:`end_task`.
+for each task :func:`begin_task` (when it starts afresh), :func:`train_task` and
+:func:`end_task`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from cljax.methods import registry as method_registry
 from cljax.model import GPT2Classifier, GPT2Config, init_params
 from cljax.progress import StepLogger, Writers, fmt_time
 
-__all__ = ["StudyConfig", "Study", "RunRecord", "Interrupted", "run", "setup",
+__all__ = ["StudyConfig", "Study", "RunRecord", "Interrupted", "run", "setup", "begin_task",
            "restore_or_start", "evaluate_all", "train_task", "end_task"]
 
 
@@ -216,10 +217,12 @@ def task_context(study: Study, k: int, params=None, train=None, salt: int = 0
 
 def plan_task(study: Study, k: int) -> TaskPlan:
   """Task k's training arrays (the method's ``train_arrays``) and optimizer; tasks
-  with the same number of updates share one optimizer (and its compiled step)."""
-  if ("plan", k) not in study.compiled:
+  with the same number of updates share one optimizer (and its compiled step).
+  Only the latest task's plan is kept (joint training's arrays grow with k)."""
+  cached = study.compiled.get("plan")
+  if cached is None or cached[0] != k:
     cfg = study.cfg
-    arrays = study.method.train_arrays(task_context(study, k))
+    arrays = study.method.train_arrays(task_context(study, k, salt=30_000))
     batches_per_epoch = data_lib.num_batches(data_lib.size(arrays), cfg.batch_size)
     updates = -(-batches_per_epoch * cfg.epochs // cfg.grad_accum_steps)
     if ("optimizer", updates) not in study.compiled:
@@ -229,9 +232,9 @@ def plan_task(study: Study, k: int) -> TaskPlan:
           max_grad_norm=cfg.max_grad_norm, grad_accum_steps=cfg.grad_accum_steps,
           trainable_mask=study.method.trainable)
     tx, schedule = study.compiled["optimizer", updates]
-    study.compiled["plan", k] = TaskPlan(arrays, tx, schedule, batches_per_epoch,
+    study.compiled["plan"] = k, TaskPlan(arrays, tx, schedule, batches_per_epoch,
                                          batches_per_epoch * cfg.epochs)
-  return study.compiled["plan", k]
+  return study.compiled["plan"][1]
 
 
 def _train_fn(study: Study, tx, state):
@@ -266,6 +269,7 @@ def restore_or_start(study: Study, resume: bool = False
   if resume and ckpt.latest_step() is not None:
     record = RunRecord.from_json(ckpt.restore_meta())
     k0 = min(record.task, len(study.tasks) - 1)
+    plan_task(study, k0)  # on the host, not under eval_shape's tracing
     abstract = jax.eval_shape(lambda: fresh_state(
         study, k0, study.initial_params, study.method.init(study.initial_params)))
     target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
@@ -285,12 +289,15 @@ def restore_or_start(study: Study, resume: bool = False
                              "task_aware_accuracy": task_acc}])
   logging.info("Before training: accuracy %s", _fmt_accs(study.tasks, acc))
   params = study.initial_params
-  return fresh_state(study, 0, params, study.method.init(params)), record
+  # No optimizer yet: begin_task gives each task its own.
+  return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=(),
+                          rng=study.base_rng, method_state=study.method.init(params)), record
 
 
-def _begin_task(study: Study, k: int, state, record: RunRecord):
+def begin_task(study: Study, k: int, state, record: RunRecord):
   """A new task: the method sees the params it starts from, the optimizer is fresh
-  (as a new Hugging Face Trainer per task in the original study)."""
+  (as a new Hugging Face Trainer per task in the original study). The caller drops
+  the previous state (its optimizer moments are not carried over)."""
   ctx = task_context(study, k, state.params, plan_task(study, k).arrays, salt=10_000)
   mstate = study.method.before_task(state.method_state, ctx)
   record.train_seconds.append(0.0)
@@ -306,11 +313,10 @@ def _mid_task_evaluation(study: Study, k: int, state, record: RunRecord, logger)
 
 
 def train_task(study: Study, k: int, state, record: RunRecord, logger: StepLogger):
-  """Trains task k from ``record.step_in_task`` to its end; evaluates every
-  ``eval_every`` and checkpoints every ``checkpoint_every`` steps."""
+  """Trains task k from ``record.step_in_task`` to its end (``state`` is the task's
+  state: from :func:`begin_task` or a checkpoint); evaluates every ``eval_every`` and
+  checkpoints every ``checkpoint_every`` steps."""
   cfg, plan = study.cfg, plan_task(study, k)
-  if record.step_in_task == 0:
-    state = _begin_task(study, k, state, record)
   train_fn = _train_fn(study, plan.tx, state)
   logging.info("Task %d/%d %s: %d examples, %d steps of batch %d (%s).", k + 1,
                len(study.tasks), study.tasks[k].name, data_lib.size(plan.arrays),
@@ -380,6 +386,8 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
                       cfg.batch_size, study.checkpointer.latest_step)
   try:
     for k in range(record.task, len(study.tasks)):
+      if record.step_in_task == 0:
+        state = begin_task(study, k, state, record)
       state = train_task(study, k, state, record, logger)
       state = end_task(study, k, state, record, logger)
   finally:

@@ -48,6 +48,8 @@ def test_flags_convert_to_the_config():
   assert cfg.method_config.to_dict()["ewc_lambda"] == 3.0
   with pytest.raises(absl_flags.IllegalFlagValueError):
     _parse(["--fisher=approximate"])
+  assert StudyConfig(classes=(("imdb", ("neg", "pos")),)).task_classes() == {
+      "ag_news": ("sci_tech", "sports"), "imdb": ("neg", "pos")}
   with pytest.raises(ValueError, match="TASK=name,name"):
     StudyConfig(classes=("imdb",)).task_classes()
   with pytest.raises(TypeError, match="Unknown method hyperparameters"):

@@ -150,3 +150,30 @@ def test_only_the_first_process_writes_files(tiny_data_dir, tiny_tokenizer_dir, 
   r = study.run(cfg, str(tmp_path))
   assert np.array(r["accuracy_matrix"]).shape == (1, 1)
   assert sorted(os.listdir(tmp_path)) == ["checkpoints"]
+
+
+def test_a_new_task_does_not_keep_the_previous_optimizer_state(tiny_data_dir,
+                                                               tiny_tokenizer_dir, tmp_path,
+                                                               monkeypatch):
+  """Device memory while training task 2 is what it was on task 1: the previous task's
+  Adam moments (2x the params) are released when the next task starts."""
+  import gc
+
+  import jax
+
+  from cljax import progress
+  peak, push = {}, progress.StepLogger.push
+
+  def measuring_push(self, g, s, m):
+    gc.collect()
+    live = sum(a.nbytes for a in jax.live_arrays())
+    peak[self._task[0]] = max(peak.get(self._task[0], 0), live)
+    return push(self, g, s, m)
+
+  monkeypatch.setattr(progress.StepLogger, "push", measuring_push)
+  cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, epochs=1)
+  study.run(cfg, str(tmp_path))
+  from cljax.model import GPT2Config
+  config = GPT2Config.from_size("tiny", vocab_size=64)
+  param_bytes = 4 * config.n_layer * 12 * config.n_embd ** 2   # blocks alone: a lower bound
+  assert peak[1] - peak[0] < 0.5 * param_bytes, (peak, param_bytes)

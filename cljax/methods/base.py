@@ -51,11 +51,11 @@ class TaskContext(NamedTuple):
   """What the host hooks may use about the task that starts or just ended."""
   task_index: int = 0
   task_name: str = ""
-  params: Any = None          # the params the task starts from (before) or ended at (after)
   train: Any = None           # numpy arrays the task trains on (full, unbatched)
   model: Any = None           # the Flax module
   rng: Any = None             # a key for this hook
   batch_size: int = 8
+  params: Any = None          # the params the task starts from (before) or ended at (after)
   previous_train: tuple = ()  # the earlier tasks' own training arrays, in order
 
 
