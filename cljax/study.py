@@ -39,7 +39,7 @@ from cljax.methods import BuildContext, Method, TaskContext
 from cljax.methods import build as build_method
 from cljax.methods import registry as method_registry
 from cljax.model import GPT2Classifier, GPT2Config, init_params
-from cljax.progress import StepLogger, Writers, fmt_time
+from cljax.progress import StepLogger, Writers
 
 __all__ = ["StudyConfig", "Study", "RunRecord", "Interrupted", "run", "setup", "begin_task",
            "restore_or_start", "evaluate_all", "train_task", "end_task"]
@@ -458,5 +458,3 @@ def write_results(results: dict, workdir: str) -> None:
     logging.warning("Could not draw the figures: %s", e)
   logging.info("Wrote %s", os.path.join(workdir, "results.json"))
 
-
-_fmt_time = fmt_time  # used by the sweep's progress line

@@ -18,6 +18,7 @@ from absl import logging
 import jax
 
 from cljax import study
+from cljax.progress import fmt_time
 from cljax.methods import registry
 
 RESULTS = "results.json"
@@ -118,7 +119,7 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
       hp = hp.replace(**{field: value})
     workdir = run_dir(root, method, field, value, seed)
     logging.info("[sweep %d/%d, %s elapsed] %s %s seed %d -> %s", len(runs) + 1, total,
-                 study._fmt_time(time.time() - t0), method, tag(field, value), seed, workdir)
+                 fmt_time(time.time() - t0), method, tag(field, value), seed, workdir)
     results = run_one(base.replace(method=method, seed=seed, method_config=hp), workdir,
                       dict(flags or {}, **({field: value} if field else {})))
     runs.append(workdir)

@@ -113,3 +113,13 @@ def test_grid_parsing_errors():
     sweep.parse_grid(["ewc:lambda=1"])
   with pytest.raises(ValueError, match="METHOD:FIELD"):
     sweep.parse_grid(["ewc"])
+
+
+def test_method_lists_and_grids_come_from_the_registry():
+  from cljax.methods import registry
+  assert sweep.expand_methods(["all"]) == registry.names()
+  assert sweep.expand_methods(["ewc", "all"])[0] == "ewc"
+  assert sweep.default_grids(["ewc", "replay", "ewc+replay", "si"]) == {
+      "ewc": ("ewc_lambda", [1e2, 1e4, 1e6]), "si": ("si_c", [0.1, 10.0])}
+  assert sweep.parse_grid(["ewc:ewc_lambda=1,2", "agem:replay_size=5"]) == {
+      "ewc": ("ewc_lambda", [1.0, 2.0]), "agem": ("replay_size", [5])}
