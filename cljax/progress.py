@@ -110,8 +110,8 @@ class StepLogger:
           f"Non-finite loss or gradient at task {k} ({name}), step {s} (loss sum "
           f"{m['loss_sum']}, penalty {m['penalty']}, grad norm {m['grad_norm']}). Nothing "
           f"after the last good checkpoint (global step {self.last_checkpoint()}) was "
-          "saved. Lower --learning_rate or the method's strength, or check the data, then "
-          "rerun with --resume.")
+          "saved. Lower --learning_rate or the method's strength, or check the data, and "
+          "start a new --workdir (--resume refuses changed settings).")
     for key in self._SUMS:
       self._sums[key] += float(m[key])
     self._examples += float(m["count"])

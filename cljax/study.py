@@ -70,6 +70,7 @@ class RunRecord:
   eval_seconds: float = 0.0
   method_seconds: list = dataclasses.field(default_factory=list)  # after_task, per task
   steps_per_task: list = dataclasses.field(default_factory=list)
+  config: dict = dataclasses.field(default_factory=dict)     # the run's StudyConfig
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -175,6 +176,8 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
   if ckpt.latest_step() is not None and not resume:
     raise FileExistsError(f"{workdir} already holds checkpoints of a run. Pass --resume to "
                           "continue it, or choose another --workdir.")
+  if resume and ckpt.latest_step() is not None:
+    check_resumable(ckpt.restore_meta().get("config"), cfg, workdir)
   tasks, tokenizer, task_data = _load_data(cfg)
   total_labels = data_lib.num_labels(tasks)
   model, params = build_model(cfg, tokenizer, total_labels)
@@ -191,6 +194,32 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
                method=method, mesh=mesh, eval_fn=eval_fn, checkpointer=ckpt,
                base_rng=jax.random.PRNGKey(cfg.seed),
                writes_files=jax.process_index() == 0)
+
+
+# Settings that change only logging, outputs, evaluation batching or the device layout:
+# a resumed run may change them (the new values are recorded).
+RESUMABLE_CHANGES = frozenset({
+    "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "stop_after_steps",
+    "cache_dir", "eval_batch_size", "mesh_data", "mesh_model", "distributed", "remat"})
+
+
+def check_resumable(saved: dict | None, cfg: StudyConfig, workdir: str) -> None:
+  """Refuses to resume a run with settings that change its computation: one line
+  listing every such setting (old -> new)."""
+  if not saved:
+    logging.warning("The checkpoints in %s predate stored configurations: resuming without "
+                    "checking that the settings match.", workdir)
+    return
+  now = cfg.to_dict()
+  changed = [f"--{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+             if k not in RESUMABLE_CHANGES and k != "method_config" and saved.get(k) != now.get(k)]
+  old_hp, new_hp = saved.get("method_config", {}), now["method_config"]
+  changed += [f"--{k} {old_hp.get(k)!r} -> {new_hp.get(k)!r}" for k in sorted(new_hp)
+              if k in old_hp and old_hp[k] != new_hp[k]]
+  if changed:
+    raise ValueError(f"Cannot resume {workdir}: its run used other settings ({'; '.join(changed)})"
+                     ". Resuming would mix two runs under one label: rerun with the original "
+                     "settings, or start a new --workdir.")
 
 
 def evaluate_all(study: Study, params, split: str = "test"
@@ -285,6 +314,7 @@ def restore_or_start(study: Study, resume: bool = False
   t0 = time.time()
   acc, task_acc = evaluate_all(study, study.initial_params)
   record = RunRecord(baseline=acc, task_aware_baseline=task_acc, eval_seconds=time.time() - t0,
+                     config=study.cfg.to_dict(),
                      curve=[{"global_step": 0, "task": -1, "accuracy": acc,
                              "task_aware_accuracy": task_acc}])
   logging.info("Before training: accuracy %s", _fmt_accs(study.tasks, acc))
@@ -292,6 +322,24 @@ def restore_or_start(study: Study, resume: bool = False
   # No optimizer yet: begin_task gives each task its own.
   return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=(),
                           rng=study.base_rng, method_state=study.method.init(params)), record
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def save_checkpoint(study: Study, state, record: RunRecord) -> None:
+  """Saves ``state`` at ``record.global_step``, after checking on device that its
+  params, optimizer and method state are all finite (never a non-finite checkpoint)."""
+  if not bool(_all_finite(state)):
+    raise FloatingPointError(
+        f"Non-finite parameters or optimizer state after global step {record.global_step}; "
+        "not saved. The last finite checkpoint is global step "
+        f"{study.checkpointer.latest_step()}. Lower --learning_rate or the method's strength, "
+        "or check the data, and start a new --workdir.")
+  study.checkpointer.save(record.global_step, state, record.to_json())
 
 
 def begin_task(study: Study, k: int, state, record: RunRecord):
@@ -339,7 +387,7 @@ def train_task(study: Study, k: int, state, record: RunRecord, logger: StepLogge
       logger.flush()
       record.train_seconds[-1] += time.time() - t_task
       t_task = time.time()
-      study.checkpointer.save(g, state, record.to_json())
+      save_checkpoint(study, state, record)
     if cfg.stop_after_steps and logger.steps_this_process >= cfg.stop_after_steps:
       logger.flush()
       raise Interrupted(f"Stopped after {logger.steps_this_process} steps "
@@ -372,7 +420,7 @@ def end_task(study: Study, k: int, state, record: RunRecord, logger: StepLogger)
   logging.info("After task %d (%s): accuracy %s | task-aware %s", k, study.tasks[k].name,
                _fmt_accs(study.tasks, acc), _fmt_accs(study.tasks, task_acc))
   record.task, record.step_in_task = k + 1, 0
-  study.checkpointer.save(record.global_step, state, record.to_json())
+  save_checkpoint(study, state, record)
   return state
 
 

@@ -93,6 +93,15 @@ def test_resume_after_interruption_gives_the_same_matrices(tiny_data_dir, tiny_t
     study.run(cfg, workdir)  # stops mid-task B; last checkpoint at global step 15
   with pytest.raises(FileExistsError, match="--resume"):
     study.run(cfg, workdir)
+  # Settings that change the computation are refused, each named (old -> new) ...
+  with pytest.raises(ValueError, match=r"--batch_size 8 -> 16; .*--method 'finetune' -> "
+                                       r"'ewc'; --seed 0 -> 1.*new --workdir"):
+    study.run(cfg.replace(batch_size=16, seed=1, method="ewc"), workdir, resume=True)
+  with pytest.raises(ValueError, match=r"--learning_rate 0.002 -> 0.001"):
+    study.run(cfg.replace(learning_rate=1e-3), workdir, resume=True)
+  assert not os.path.exists(os.path.join(workdir, "results.json"))
+  # ... and logging-only ones may change (the resumed run still equals the full one).
+  cfg = cfg.replace(log_every=3, eval_batch_size=8)
   resumed = study.run(cfg.replace(stop_after_steps=None), workdir, resume=True)
   full, _ = uninterrupted
   assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
@@ -107,6 +116,19 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_data_dir, tiny_tokenizer_
   with pytest.raises(FloatingPointError, match="Non-finite loss or gradient at task 0"):
     study.run(cfg, str(tmp_path / "nan"))
   assert not os.path.exists(tmp_path / "nan" / "results.json")
+
+
+def test_a_non_finite_state_is_never_checkpointed(tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+  """lr 1e39 is inf in float32: the first update makes the params non-finite while
+  the loss it was computed from was finite. The checkpoint of that step is refused."""
+  from cljax.checkpoint import Checkpointer
+  cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, learning_rate=1e39, checkpoint_every=1,
+                    tasks=("imdb",))
+  with pytest.raises(FloatingPointError, match="after global step 1; not saved. The last "
+                                               "finite checkpoint is global step None"):
+    study.run(cfg, str(tmp_path / "inf"))
+  assert Checkpointer(str(tmp_path / "inf" / "checkpoints")).latest_step() is None
+  assert not os.path.exists(tmp_path / "inf" / "results.json")
 
 
 SMALL_HP = dict(fisher_samples=16, mas_samples=16, replay_size=16, replay_batch_size=4,
