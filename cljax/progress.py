@@ -25,6 +25,29 @@ def fmt_time(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
+def drop_records_after(path: str, global_step: int) -> int:
+  """Removes the records of ``path`` (JSON Lines) past ``global_step``, and any line cut
+  short by a kill: a resumed run replays those steps. Returns how many were removed."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = [line for line in f.read().splitlines() if line.strip()]
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line).get("global_step", 0) <= global_step:
+        keep.append(line)
+    except json.JSONDecodeError:
+      pass
+  if len(keep) < len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.write("".join(line + "\n" for line in keep))
+    os.replace(path + ".tmp", path)
+    logging.info("%s: dropped %d records past global step %d (replayed on resume).", path,
+                 len(lines) - len(keep), global_step)
+  return len(lines) - len(keep)
+
+
 class Writers:
   """Records to ``metrics.jsonl`` and TensorBoard scalars; ``enabled=False`` (every
   process but the first of a multi-host run) writes nothing."""

@@ -39,7 +39,7 @@ from cljax.methods import BuildContext, Method, TaskContext
 from cljax.methods import build as build_method
 from cljax.methods import registry as method_registry
 from cljax.model import GPT2Classifier, GPT2Config, init_params
-from cljax.progress import StepLogger, Writers
+from cljax.progress import StepLogger, Writers, drop_records_after
 
 __all__ = ["StudyConfig", "Study", "RunRecord", "Interrupted", "run", "setup", "begin_task",
            "restore_or_start", "evaluate_all", "train_task", "end_task"]
@@ -178,6 +178,11 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
                           "continue it, or choose another --workdir.")
   if resume and ckpt.latest_step() is not None:
     check_resumable(ckpt.restore_meta().get("config"), cfg, workdir)
+  outputs = [n for n in OUTPUTS if os.path.exists(os.path.join(workdir, n))]
+  if ckpt.latest_step() is None and outputs:
+    raise FileExistsError(f"{workdir} holds outputs of a previous run ({', '.join(outputs)}) "
+                          "and no checkpoint to resume from; choose another --workdir, or "
+                          "remove them.")
   tasks, tokenizer, task_data = _load_data(cfg)
   total_labels = data_lib.num_labels(tasks)
   model, params = build_model(cfg, tokenizer, total_labels)
@@ -195,6 +200,10 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
                base_rng=jax.random.PRNGKey(cfg.seed),
                writes_files=jax.process_index() == 0)
 
+
+# What a run writes beside its checkpoints.
+OUTPUTS = ("results.json", "metrics.jsonl", "tensorboard", "accuracy_matrix.png",
+           "accuracy_curve.png")
 
 # Settings that change only logging, outputs, evaluation batching or the device layout:
 # a resumed run may change them (the new values are recorded).
@@ -430,6 +439,8 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
   t_start = time.time()
   study = setup(cfg, workdir, resume)
   state, record = restore_or_start(study, resume)
+  if study.writes_files and record.global_step:  # steps replayed from the checkpoint
+    drop_records_after(os.path.join(workdir, "metrics.jsonl"), record.global_step)
   logger = StepLogger(Writers(workdir, enabled=study.writes_files), cfg.log_every,
                       cfg.batch_size, study.checkpointer.latest_step)
   try:

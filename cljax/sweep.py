@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ from absl import logging
 import jax
 
 from cljax import study
+from cljax.checkpoint import Checkpointer
 from cljax.progress import fmt_time
 from cljax.methods import registry
 
@@ -67,13 +69,32 @@ def run_dir(root: str, method: str, field: str | None, value, seed: int) -> str:
   return os.path.join(root, method, tag(field, value), f"seed{seed}")
 
 
+def _has_checkpoint(ckpt_dir: str) -> bool:
+  if not os.path.isdir(ckpt_dir):
+    return False
+  ckpt = Checkpointer(ckpt_dir)
+  try:
+    return ckpt.latest_step() is not None
+  finally:
+    ckpt.close()
+
+
 def run_one(cfg: study.StudyConfig, workdir: str, flags: dict | None = None) -> dict:
   """Runs (or resumes, or just reads) one configuration."""
   path = os.path.join(workdir, RESULTS)
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  resume = os.path.isdir(os.path.join(workdir, "checkpoints"))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  resume = os.path.isdir(ckpt_dir)
+  if not _has_checkpoint(ckpt_dir):
+    # Killed before its first checkpoint: this run's partial outputs go, it starts over.
+    for name in study.OUTPUTS:
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
   flags = dict(flags or {}, method=cfg.method, seed=cfg.seed, workdir=workdir)
   return study.run(cfg, workdir, resume=resume, flags=flags)
 

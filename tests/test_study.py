@@ -104,9 +104,26 @@ def test_resume_after_interruption_gives_the_same_matrices(tiny_data_dir, tiny_t
   cfg = cfg.replace(log_every=3, eval_batch_size=8)
   resumed = study.run(cfg.replace(stop_after_steps=None), workdir, resume=True)
   full, _ = uninterrupted
+  # Steps replayed from the checkpoint at 15 are not logged twice: the first process's
+  # records past 15 go (it logged every 2 steps, the resumed one every 3).
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = [x["global_step"] for x in map(json.loads, f) if "loss" in x]
+  assert logged == [2, 4, 6, 8, 10, 12, 14, 18, 21, 24]
   assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
   assert resumed["task_aware_accuracy_matrix"] == full["task_aware_accuracy_matrix"]
   assert resumed["baseline_accuracy"] == full["baseline_accuracy"]
+
+
+def test_a_workdir_with_outputs_but_no_checkpoint_is_refused(tiny_data_dir,
+                                                             tiny_tokenizer_dir, tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"global_step": 2}\n')
+  (tmp_path / "results.json").write_text("{}")
+  cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir)
+  for resume in (False, True):
+    with pytest.raises(FileExistsError, match="outputs of a previous run .results.json, "
+                                              "metrics.jsonl. and no checkpoint"):
+      study.run(cfg, str(tmp_path), resume=resume)
+  assert (tmp_path / "results.json").read_text() == "{}"
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tiny_data_dir, tiny_tokenizer_dir,
