@@ -87,6 +87,9 @@ class StudyConfig:
   eval_every: int = option(0, "Evaluate every task every N steps, for the accuracy curve "
                            "(0: only after each task).")
   stop_after_steps: int | None = option(None, "Testing: stop after N steps as if killed.")
+  stop_on_divergence: bool = option(False, "Stop with an error, not a warning, when a "
+                                    "task's training loss ends over 10x its value at the "
+                                    "task's first step.")
   # --- devices --------------------------------------------------------------------
   mesh_data: int = option(-1, "Devices on the data-parallel mesh axis (-1: all devices "
                           "that --mesh_model leaves). --batch_size is global.")

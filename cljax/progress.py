@@ -18,6 +18,11 @@ from absl import logging
 import jax
 
 
+# A task "diverged" when its last logged training loss is this many times its loss at
+# the task's first step: a sign that a learning rate or a strength is far too large.
+DIVERGENCE_FACTOR = 10.0
+
+
 def fmt_time(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)
@@ -98,6 +103,7 @@ class StepLogger:
     self.last_checkpoint = last_checkpoint
     self.steps_this_process = 0
     self._pending = None
+    self._start_loss = self._last_loss = None   # per task: first step, last logged window
     self._task = (0, "", 1)
     self._lr: Callable[[int], float] = lambda s: 0.0
     self._reset()
@@ -111,6 +117,7 @@ class StepLogger:
     """Starts counting a task's steps; ``learning_rate(step_in_task)`` for the log."""
     self.flush()
     self._task, self._lr = (k, name, total_steps), learning_rate
+    self._start_loss = self._last_loss = None
     self._reset()
 
   def push(self, global_step: int, step_in_task: int, metrics: dict) -> None:
@@ -135,6 +142,8 @@ class StepLogger:
           f"after the last good checkpoint (global step {self.last_checkpoint()}) was "
           "saved. Lower --learning_rate or the method's strength, or check the data, and "
           "start a new --workdir (--resume refuses changed settings).")
+    if self._start_loss is None:
+      self._start_loss = float(m["loss_sum"]) / max(float(m["count"]), 1.0)
     for key in self._SUMS:
       self._sums[key] += float(m[key])
     self._examples += float(m["count"])
@@ -150,11 +159,25 @@ class StepLogger:
               "penalty": float(m["penalty"]), "grad_norm": float(m["grad_norm"]),
               "learning_rate": float(self._lr(s)), "examples_per_s": rate}
     self.writers.write(record, g, "train")
+    self._last_loss = record["loss"]
     eta = (total - s) * self.batch_size / max(rate, 1e-9)
     logging.info("task %d %s step %d/%d loss %.4f acc %.3f lr %.2e | %.1f ex/s, ETA task %s",
                  k, name, s, total, record["loss"], record["accuracy"],
                  record["learning_rate"], rate, fmt_time(eta))
     self._reset()
+
+  def divergence(self, factor: float = DIVERGENCE_FACTOR) -> str | None:
+    """A warning when the task's last logged training loss is above ``factor`` times
+    its loss at the task's first step (seen by this process), else None."""
+    k, name, _ = self._task
+    if self._start_loss is None or self._last_loss is None:
+      return None
+    if self._last_loss > factor * max(self._start_loss, 1e-6):
+      return (f"Training diverged on task {k} ({name}): its loss ended at "
+              f"{self._last_loss:.4g}, over {factor:g}x its first step's {self._start_loss:.4g}"
+              "; the results are not a trained model's. Lower --learning_rate or the "
+              "method's strength.")
+    return None
 
   def evaluation(self, global_step: int, k: int, accuracies: dict[str, float]) -> None:
     """Writes an evaluation record (accuracy per task name)."""

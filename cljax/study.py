@@ -71,6 +71,7 @@ class RunRecord:
   method_seconds: list = dataclasses.field(default_factory=list)  # after_task, per task
   steps_per_task: list = dataclasses.field(default_factory=list)
   config: dict = dataclasses.field(default_factory=dict)     # the run's StudyConfig
+  warnings: list = dataclasses.field(default_factory=list)   # e.g. a diverged task
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -209,7 +210,8 @@ OUTPUTS = ("results.json", "metrics.jsonl", "tensorboard", "accuracy_matrix.png"
 # a resumed run may change them (the new values are recorded).
 RESUMABLE_CHANGES = frozenset({
     "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "stop_after_steps",
-    "cache_dir", "eval_batch_size", "mesh_data", "mesh_model", "distributed", "remat"})
+    "cache_dir", "eval_batch_size", "mesh_data", "mesh_model", "distributed", "remat",
+    "stop_on_divergence"})
 
 
 def check_resumable(saved: dict | None, cfg: StudyConfig, workdir: str) -> None:
@@ -403,6 +405,14 @@ def train_task(study: Study, k: int, state, record: RunRecord, logger: StepLogge
                         "(--stop_after_steps).")
   logger.flush()
   record.train_seconds[-1] += time.time() - t_task
+  diverged = logger.divergence()
+  if diverged and cfg.stop_on_divergence:
+    raise FloatingPointError(f"{diverged} Stopped (--stop_on_divergence); nothing after the "
+                             f"last checkpoint (global step {study.checkpointer.latest_step()})"
+                             " was saved.")
+  if diverged:
+    logging.warning("%s", diverged)
+    record.warnings.append(diverged)
   return state
 
 
@@ -494,6 +504,7 @@ def make_results(study: Study, record: RunRecord, flags: dict | None, wall_s: fl
                 "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
                 "vocab_size": model.config.vocab_size, "dtype": cfg.dtype},
       "curve": record.curve,
+      "warnings": record.warnings,
       "timing": {"wall_seconds_this_process": wall_s,
                  "train_seconds_per_task": record.train_seconds,
                  "train_seconds": float(sum(record.train_seconds)),

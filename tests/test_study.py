@@ -135,6 +135,21 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_data_dir, tiny_tokenizer_
   assert not os.path.exists(tmp_path / "nan" / "results.json")
 
 
+def test_divergence_is_a_warning_in_the_results_or_an_error(tiny_data_dir, tiny_tokenizer_dir,
+                                                            tmp_path):
+  """lr 1e3: the loss climbs from ~0.7 to ~1e7 and stays finite; the run says so."""
+  cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, learning_rate=1e3, tasks=("imdb",),
+                    epochs=1)
+  r = study.run(cfg, str(tmp_path / "warn"))
+  assert len(r["warnings"]) == 1 and "Training diverged on task 0 (imdb)" in r["warnings"][0]
+  ok = study.run(tiny_config(tiny_data_dir, tiny_tokenizer_dir, tasks=("imdb",), epochs=1),
+                 str(tmp_path / "ok"))
+  assert ok["warnings"] == []
+  with pytest.raises(FloatingPointError, match="diverged.*--stop_on_divergence"):
+    study.run(cfg.replace(stop_on_divergence=True), str(tmp_path / "stop"))
+  assert not os.path.exists(tmp_path / "stop" / "results.json")
+
+
 def test_a_non_finite_state_is_never_checkpointed(tiny_data_dir, tiny_tokenizer_dir, tmp_path):
   """lr 1e39 is inf in float32: the first update makes the params non-finite while
   the loss it was computed from was finite. The checkpoint of that step is refused."""
