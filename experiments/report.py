@@ -1,9 +1,6 @@
-r"""Tables (Markdown, CSV) and figures over the runs of a sweep.
-
-  cljax-report --root=runs/sweep [--outdir=DIR]   (or: python experiments/report.py)
-
-Flags and code: cljax/cli/report.py (console script: cljax-report).
-"""
+# Tables (Markdown, CSV) and figures over the runs of a sweep.
+# The code, flags and usage live in cljax/cli/report.py (console script: cljax-report);
+# --help prints that module's documentation.
 
 from cljax.cli import report
 
