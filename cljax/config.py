@@ -12,19 +12,31 @@ from __future__ import annotations
 import dataclasses
 
 from cljax.methods import MethodConfig
+from cljax.methods import registry
+from cljax.methods.registry import NON_NEGATIVE, POSITIVE, Bound
+from cljax.model import SIZE_ALIASES, SIZES
+
+COUNT = Bound("> 0, or -1 for all", lambda v: v > 0)
+DROPOUT = Bound("in [0, 1)", lambda v: 0 <= v < 1)
+DEVICES = Bound("> 0, or -1 for all devices left", lambda v: v > 0 or v == -1)
 
 
 def option(default, help: str, *, choices: tuple[str, ...] | None = None,  # noqa: A002
-           repeatable: bool = False):
+           repeatable: bool = False, bound: Bound | None = None):
   """A config field with its flag's help text; ``repeatable`` makes a flag given once
-  per value (``--classes=a=x,y --classes=b=z``) instead of a comma-separated list."""
+  per value (``--classes=a=x,y --classes=b=z``) instead of a comma-separated list;
+  ``bound`` is the numeric constraint :meth:`StudyConfig.validate` checks."""
   return dataclasses.field(default=default, metadata={"help": help, "choices": choices,
-                                                      "repeatable": repeatable})
+                                                      "repeatable": repeatable,
+                                                      "bound": bound})
 
 
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
-  """Everything that defines a run; the experiment scripts fill it from flags."""
+  """Everything that defines a run; the experiment scripts fill it from flags.
+
+  Checked when made (:meth:`validate`): a bad value is a one-line ``ValueError``
+  before any data, model or compilation."""
   # --- data ---------------------------------------------------------------------
   tasks: tuple[str, ...] = option(
       ("imdb", "ag_news"), "Tasks in training order: imdb, ag_news, or a folder name "
@@ -40,16 +52,20 @@ class StudyConfig:
       None, "Folder of local data, DIR/TASK/{train,test}.jsonl (or .csv / .parquet) with "
       "text and label columns. Unset: the Hugging Face hub (stanfordnlp/imdb, "
       "fancyzhx/ag_news).")
-  num_train: int | None = option(2000, "Training examples per task (-1: all).")
-  num_test: int | None = option(500, "Test examples per task (-1: all).")
+  num_train: int | None = option(2000, "Training examples per task (-1: all).",
+                                 bound=COUNT)
+  num_test: int | None = option(500, "Test examples per task (-1: all).",
+                                bound=COUNT)
   num_val: int = option(0, "Validation examples per task, carved from the training file "
                         "(disjoint from the training subset), for choosing method "
-                        "strengths without touching test data.")
+                        "strengths without touching test data.",
+                        bound=NON_NEGATIVE)
   subset: str = option("balanced", "balanced: seeded, shuffled, label-balanced subsets. "
                        "head: the literal first rows, as the original script; on the "
                        "label-sorted IMDb splits that is a single class.",
                        choices=("balanced", "head"))
-  max_length: int = option(128, "Tokens per example (truncated, right padded with eos).")
+  max_length: int = option(128, "Tokens per example (truncated, right padded with eos).",
+                       bound=POSITIVE)
   cache_dir: str | None = option(None, "Tokenization cache (default ~/.cache/cljax).")
   # --- model --------------------------------------------------------------------
   model: str = option("gpt2", "Hub id or local folder of a GPT-2 checkpoint (config.json "
@@ -62,49 +78,84 @@ class StudyConfig:
   dtype: str = option("float32", "Compute dtype; params and optimizer state stay float32.",
                       choices=("float32", "bfloat16"))
   dropout: float | None = option(None, "Dropout for embeddings, attention and residuals "
-                                 "(default: the checkpoint's, 0.1 for GPT-2).")
+                                 "(default: the checkpoint's, 0.1 for GPT-2).",
+                                 bound=DROPOUT)
   remat: bool = option(False, "Rematerialize blocks in the backward pass (memory).")
   # --- optimization (Hugging Face Trainer defaults) -------------------------------
-  batch_size: int = option(8, "Training batch size.")
-  eval_batch_size: int = option(32, "Evaluation batch size.")
-  epochs: int = option(1, "Epochs per task.")
+  batch_size: int = option(8, "Training batch size.", bound=POSITIVE)
+  eval_batch_size: int = option(32, "Evaluation batch size.", bound=POSITIVE)
+  epochs: int = option(1, "Epochs per task.", bound=POSITIVE)
   learning_rate: float = option(5e-5, "AdamW peak learning rate, decayed linearly to 0 over "
-                                "each task (Hugging Face Trainer default 5e-5).")
-  warmup_steps: int = option(0, "Linear warmup steps per task.")
-  weight_decay: float = option(0.0, "AdamW weight decay (not on biases and LayerNorm).")
-  max_grad_norm: float = option(1.0, "Clip gradients to this global norm (0: off).")
-  grad_accum_steps: int = option(1, "Micro-batches per update.")
+                                "each task (Hugging Face Trainer default 5e-5).",
+                                bound=NON_NEGATIVE)
+  warmup_steps: int = option(0, "Linear warmup steps per task.",
+                             bound=NON_NEGATIVE)
+  weight_decay: float = option(0.0, "AdamW weight decay (not on biases and LayerNorm).",
+                                bound=NON_NEGATIVE)
+  max_grad_norm: float = option(1.0, "Clip gradients to this global norm (0: off).",
+                                 bound=NON_NEGATIVE)
+  grad_accum_steps: int = option(1, "Micro-batches per update.", bound=POSITIVE)
   seed: int = option(0, "The one seed: subsets, init, data order, dropout.")
   # --- method (its hyperparameters are flags of their own) -------------------------
   method: str = option("finetune", "Method, or several joined by '+' (see the list below).")
   method_config: MethodConfig = dataclasses.field(default=MethodConfig(),
                                                   metadata={"flag": False})
   # --- bookkeeping ----------------------------------------------------------------
-  checkpoint_every: int = option(200, "Save a checkpoint every N steps (and always at the "
-                                 "end of each task).")
-  keep_checkpoints: int = option(2, "Checkpoints kept in WORKDIR/checkpoints (the newest).")
-  log_every: int = option(10, "Log step metrics every N steps.")
+  checkpoint_every: int = option(200, "Save a checkpoint every N steps (0: only at the "
+                                 "end of each task, where one is always saved).",
+                                 bound=NON_NEGATIVE)
+  keep_checkpoints: int = option(2, "Checkpoints kept in WORKDIR/checkpoints (the newest).",
+                                 bound=POSITIVE)
+  log_every: int = option(10, "Log step metrics every N steps.", bound=POSITIVE)
   eval_every: int = option(0, "Evaluate every task every N steps, for the accuracy curve "
-                           "(0: only after each task).")
-  stop_after_steps: int | None = option(None, "Testing: stop after N steps as if killed.")
+                           "(0: only after each task).", bound=NON_NEGATIVE)
+  stop_after_steps: int | None = option(None, "Testing: stop after N steps as if killed.",
+                                       bound=POSITIVE)
   stop_on_divergence: bool = option(False, "Stop with an error, not a warning, when a "
                                     "task's training loss ends over 10x its value at the "
                                     "task's first step.")
   # --- devices --------------------------------------------------------------------
   mesh_data: int = option(-1, "Devices on the data-parallel mesh axis (-1: all devices "
-                          "that --mesh_model leaves). --batch_size is global.")
+                          "that --mesh_model leaves). --batch_size is global.",
+                          bound=DEVICES)
   mesh_model: int = option(1, "Devices on the parameter-sharding axis (params, optimizer "
-                           "state and EWC state split; for large/xl sizes).")
+                           "state and EWC state split; for large/xl sizes).",
+                           bound=POSITIVE)
   distributed: bool = option(False, "Multi-host: call jax.distributed.initialize() (TPU "
                              "pods, SLURM, or JAX_COORDINATOR_*).")
 
   def __post_init__(self):
     for name in ("num_train", "num_test"):   # -1 (the flags' "all") is None
-      value = getattr(self, name)
-      if value is not None and value < 0:
+      if getattr(self, name) == -1:
         object.__setattr__(self, name, None)
     for name in ("tasks", "ag_news_classes", "classes"):
-      object.__setattr__(self, name, tuple(getattr(self, name)))
+      value = getattr(self, name)
+      object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+    self.validate()
+
+  def validate(self) -> None:
+    """Every value checked, each failure a one-line ``ValueError`` naming the flag, the
+    value and what is expected (method hyperparameters are checked by MethodConfig)."""
+    for f in dataclasses.fields(self):
+      value, meta = getattr(self, f.name), f.metadata
+      if meta.get("choices") and value not in meta["choices"]:
+        raise ValueError(f"--{f.name}={value!r}: expected one of {list(meta['choices'])}.")
+      if meta.get("bound"):
+        meta["bound"].check(f.name, value)
+    if not self.tasks:
+      raise ValueError("--tasks is empty: name at least one task (e.g. --tasks=imdb,ag_news).")
+    twice = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+    if twice:
+      raise ValueError(f"--tasks={','.join(self.tasks)} names {twice} more than once; each "
+                       "task is trained once (a repeated task would share its results row).")
+    unknown = sorted(set(self.task_classes()) - set(self.tasks))
+    if unknown:
+      raise ValueError(f"--classes names {unknown}, which are not among --tasks="
+                       f"{','.join(self.tasks)}.")
+    registry.parse(self.method)
+    if self.init == "random" and self.size not in SIZES and self.size not in SIZE_ALIASES:
+      raise ValueError(f"--size={self.size!r}: expected one of "
+                       f"{sorted(SIZES) + sorted(SIZE_ALIASES)}.")
 
   def replace(self, **kwargs) -> StudyConfig:
     return dataclasses.replace(self, **kwargs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from typing import Any
@@ -144,33 +145,46 @@ def _check_row(text: Any, label: Any, where: str) -> Row:
   return text, int(label), where
 
 
+def read_text(path: str) -> str:
+  """A text file's contents as UTF-8 (a leading byte-order mark is dropped); a byte
+  that is not UTF-8 is an error naming the file, line and column."""
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    return raw.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    line = raw.count(b"\n", 0, e.start) + 1
+    column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+    raise ValueError(f"{path}:{line}: byte {raw[e.start]:#04x} at column {column} is not "
+                     "UTF-8; re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)."
+                     ) from None
+
+
 def read_rows(path: str, text_field: str = "text", label_field: str = "label") -> list[Row]:
   """Rows of a JSONL / CSV / Parquet file, each checked; errors name file and line."""
   rows: list[Row] = []
   if path.endswith((".jsonl", ".json")):
-    with open(path, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        where = f"{path}:{n}"
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{where}: not valid JSON ({e.msg}); expected one object "
-                           '{"text": ..., "label": ...} per line.') from e
-        if not isinstance(obj, dict) or text_field not in obj or label_field not in obj:
-          raise ValueError(f"{where}: expected an object with keys {text_field!r} and "
-                           f"{label_field!r}, found {str(obj)[:80]!r}.")
-        rows.append(_check_row(obj[text_field], obj[label_field], where))
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+      if not line.strip():
+        continue
+      where = f"{path}:{n}"
+      try:
+        obj = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON ({e.msg}); expected one object "
+                         '{"text": ..., "label": ...} per line.') from e
+      if not isinstance(obj, dict) or text_field not in obj or label_field not in obj:
+        raise ValueError(f"{where}: expected an object with keys {text_field!r} and "
+                         f"{label_field!r}, found {str(obj)[:80]!r}.")
+      rows.append(_check_row(obj[text_field], obj[label_field], where))
   elif path.endswith(".csv"):
-    with open(path, encoding="utf-8", newline="") as f:
-      reader = csv.DictReader(f)
-      if not reader.fieldnames or {text_field, label_field} - set(reader.fieldnames):
-        raise ValueError(f"{path}: expected a header with columns {text_field!r} and "
-                         f"{label_field!r}, found {reader.fieldnames}.")
-      for obj in reader:
-        rows.append(_check_row(obj[text_field], obj[label_field],
-                               f"{path}:{reader.line_num}"))
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    if not reader.fieldnames or {text_field, label_field} - set(reader.fieldnames):
+      raise ValueError(f"{path}: expected a header with columns {text_field!r} and "
+                       f"{label_field!r}, found {reader.fieldnames}.")
+    for obj in reader:
+      rows.append(_check_row(obj[text_field], obj[label_field],
+                             f"{path}:{reader.line_num}"))
   elif path.endswith(".parquet"):
     import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
     table = pq.read_table(path)
@@ -279,6 +293,22 @@ def _tokenizer_fingerprint(tokenizer) -> str:
   return h.hexdigest()[:16]
 
 
+def _read_cache(path: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+  """A cached tokenization, or None (and the file removed) when it does not read
+  back whole: it is then rebuilt."""
+  try:
+    with np.load(path) as f:
+      ids, mask = f["input_ids"], f["attention_mask"]
+    if ids.shape == mask.shape == shape:
+      return ids, mask
+    why = f"arrays of shape {ids.shape}, expected {shape}"
+  except Exception as e:  # pylint: disable=broad-except  # truncated, not a zip, no key
+    why = f"{type(e).__name__}: {e}"
+  logging.warning("Tokenization cache %s is unreadable (%s); rebuilding it.", path, why)
+  os.remove(path)
+  return None
+
+
 def tokenize(texts: Sequence[str], tokenizer, max_length: int,
              cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Token ids and attention mask, ``int32 [N, max_length]``: truncated, right padded
@@ -291,8 +321,9 @@ def tokenize(texts: Sequence[str], tokenizer, max_length: int,
     key.update(b"\0")
   path = os.path.join(cache_dir, f"tok-{key.hexdigest()[:24]}.npz") if cache_dir else None
   if path and os.path.exists(path):
-    with np.load(path) as f:
-      return f["input_ids"], f["attention_mask"]
+    cached = _read_cache(path, (len(texts), max_length))
+    if cached is not None:
+      return cached
   enc = tokenizer(list(texts), truncation=True, max_length=max_length,
                   padding="max_length", return_attention_mask=True)
   ids = np.asarray(enc["input_ids"], dtype=np.int32)
@@ -379,6 +410,21 @@ def load_task_data(tasks: Sequence[Task], tokenizer, *, data_dir: str | None,
                  dict(zip(task.class_names, counts.tolist())), size(data.test),
                  size(val) if val else 0, list(task.class_names), list(task.head_labels))
     out.append(data)
+  return out
+
+
+def class_warnings(task_data: Sequence[TaskData]) -> list[str]:
+  """A warning (also logged) for each task whose training subset holds a single
+  class: the model can only learn to predict that class."""
+  out = []
+  for d in task_data:
+    present = sorted(set(np.unique(d.train["labels"]).tolist()))
+    if len(present) < 2 <= len(d.task.head_labels):
+      name = d.task.class_names[d.task.head_labels.index(present[0])]
+      out.append(f"Task {d.task.name}: its {size(d.train)} training examples are all of "
+                 f"class {name!r}; check --subset (head takes the first rows of a "
+                 "label-sorted file) and the data.")
+      logging.warning("%s", out[-1])
   return out
 
 

@@ -91,10 +91,14 @@ def resolve(name_or_path: str, allow_patterns: list[str] | None = None) -> str:
 def _read_safetensors(filename: str) -> dict[str, np.ndarray]:
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   out = {}
-  # The "flax" framework reads bfloat16 too; convert to float32 numpy on the host.
-  with safe_open(filename, framework="flax") as f:
-    for k in f.keys():
-      out[k] = np.asarray(f.get_tensor(k), dtype=np.float32)
+  try:  # The "flax" framework reads bfloat16 too; convert to float32 numpy on the host.
+    with safe_open(filename, framework="flax") as f:
+      for k in f.keys():
+        out[k] = np.asarray(f.get_tensor(k), dtype=np.float32)
+  except Exception as e:  # SafetensorError, a short read: the file is damaged
+    raise ValueError(f"{filename} does not read as safetensors ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}); it is probably truncated: "
+                     "download or export it again.") from None
   return out
 
 
@@ -249,6 +253,10 @@ def save_pretrained(params: Mapping[str, Any], config: GPT2Config, folder: str) 
 # Tokenizer
 # ----------------------------------------------------------------------------
 
+# A tokenizer folder holds one of these sets of files.
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
 def load_tokenizer(name_or_path: str):
   """A Hugging Face tokenizer with pad = eos and right padding.
 
@@ -261,6 +269,11 @@ def load_tokenizer(name_or_path: str):
   if not os.path.isdir(path):
     if _looks_like_path(str(name_or_path)):
       raise FileNotFoundError(f"Tokenizer folder {name_or_path!r} does not exist.")
+  elif not any(all(os.path.exists(os.path.join(path, f)) for f in files)
+               for files in TOKENIZER_FILES):
+    raise FileNotFoundError(
+        f"Tokenizer folder {name_or_path!r} holds no tokenizer: expected tokenizer.json, or "
+        f"vocab.json and merges.txt; found {sorted(os.listdir(path))[:10]}.")
   try:
     tok = AutoTokenizer.from_pretrained(path if os.path.isdir(path) else str(name_or_path))
   except OSError as e:

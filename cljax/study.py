@@ -108,6 +108,7 @@ class Study:
   checkpointer: Checkpointer
   base_rng: jax.Array
   writes_files: bool               # process 0 of a multi-host run (or the only one)
+  warnings: tuple[str, ...] = ()   # about the data (a single-class training set)
   compiled: dict = dataclasses.field(default_factory=dict)   # plans and train steps
 
 
@@ -123,6 +124,10 @@ def build_model(cfg: StudyConfig, tokenizer, num_labels: int):
   if cfg.init == "pretrained":
     model, params = hf.load_pretrained(cfg.model, num_labels=num_labels, dtype=cfg.dtype,
                                        seed=cfg.seed, **overrides)
+    if model.config.vocab_size < len(tokenizer):
+      raise ValueError(f"The model {cfg.model} has {model.config.vocab_size} token "
+                       f"embeddings but the tokenizer {cfg.tokenizer or cfg.model} has "
+                       f"{len(tokenizer)} tokens; use the model's own tokenizer.")
     if model.config.pad_token_id != tokenizer.pad_token_id:
       raise ValueError(f"The model's pad id {model.config.pad_token_id} differs from the "
                        f"tokenizer's {tokenizer.pad_token_id}; use the model's tokenizer.")
@@ -151,54 +156,64 @@ def evaluate(eval_fn, params, arrays: dict[str, np.ndarray], batch_size: int,
       totals["loss_sum"]) / n
 
 
-def _load_data(cfg: StudyConfig):
-  tasks = data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(), cfg.data_dir)
-  tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
-  cache_dir = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cljax")
-  task_data = data_lib.load_task_data(
-      tasks, tokenizer, data_dir=cfg.data_dir, num_train=cfg.num_train,
-      num_test=cfg.num_test, num_val=cfg.num_val, subset=cfg.subset,
-      max_length=cfg.max_length, seed=cfg.seed, cache_dir=cache_dir)
-  return tasks, tokenizer, task_data
+def _open_workdir(cfg: StudyConfig, workdir: str, resume: bool) -> Checkpointer | None:
+  """The workdir's checkpointer if it has a checkpoint folder (creating nothing), after
+  refusing a workdir that holds another run or a resume with changed settings."""
+  directory = os.path.join(workdir, "checkpoints")
+  ckpt = (Checkpointer(directory, cfg.keep_checkpoints) if os.path.isdir(directory)
+          else None)
+  latest = ckpt.latest_step() if ckpt else None
+  if latest is not None and not resume:
+    raise FileExistsError(f"{workdir} already holds checkpoints of a run. Pass --resume to "
+                          "continue it, or choose another --workdir.")
+  if latest is not None:
+    check_resumable(ckpt.restore_meta().get("config"), cfg, workdir)
+  outputs = [n for n in OUTPUTS if os.path.exists(os.path.join(workdir, n))]
+  if latest is None and outputs:
+    raise FileExistsError(f"{workdir} holds outputs of a previous run ({', '.join(outputs)}) "
+                          "and no checkpoint to resume from; choose another --workdir, or "
+                          "remove them.")
+  return ckpt
 
 
 def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
-  """Checks the config, loads the data and the model, builds the method, the mesh,
-  the compiled evaluation and the checkpointer. Fails before any expensive work
-  on a bad method name or a workdir that holds another run."""
-  method_registry.parse(cfg.method)  # fail on a typo before loading anything
+  """Loads the tokenizer, the model (checked against the tokenizer), the method and
+  then the data; builds the mesh, the compiled evaluation and the checkpointer.
+
+  The config was checked when it was made; a workdir that holds another run, a
+  changed setting on resume, a bad model or tokenizer fail before the data is read,
+  and nothing is written before the first checkpoint."""
+  method_registry.parse(cfg.method)  # still registered?
   if cfg.distributed:
     sharding.initialize_distributed()
   mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)
   sharding.check_batch_size(cfg.batch_size, mesh)
   sharding.check_batch_size(cfg.eval_batch_size, mesh, "--eval_batch_size")
-  os.makedirs(workdir, exist_ok=True)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
-  if ckpt.latest_step() is not None and not resume:
-    raise FileExistsError(f"{workdir} already holds checkpoints of a run. Pass --resume to "
-                          "continue it, or choose another --workdir.")
-  if resume and ckpt.latest_step() is not None:
-    check_resumable(ckpt.restore_meta().get("config"), cfg, workdir)
-  outputs = [n for n in OUTPUTS if os.path.exists(os.path.join(workdir, n))]
-  if ckpt.latest_step() is None and outputs:
-    raise FileExistsError(f"{workdir} holds outputs of a previous run ({', '.join(outputs)}) "
-                          "and no checkpoint to resume from; choose another --workdir, or "
-                          "remove them.")
-  tasks, tokenizer, task_data = _load_data(cfg)
+  ckpt = _open_workdir(cfg, workdir, resume)
+  tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
+  tasks = data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(), cfg.data_dir)
   total_labels = data_lib.num_labels(tasks)
   model, params = build_model(cfg, tokenizer, total_labels)
-  params = jax.device_put(params, sharding.param_shardings(mesh, params))
   method = build_method(cfg.method, cfg.method_config, BuildContext(
       num_labels=total_labels, num_tasks=len(tasks), max_length=cfg.max_length,
       n_layer=model.config.n_layer))
+  task_data = data_lib.load_task_data(
+      tasks, tokenizer, data_dir=cfg.data_dir, num_train=cfg.num_train,
+      num_test=cfg.num_test, num_val=cfg.num_val, subset=cfg.subset,
+      max_length=cfg.max_length, seed=cfg.seed,
+      cache_dir=cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cljax"))
+  params = jax.device_put(params, sharding.param_shardings(mesh, params))
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
                     in_shardings=(sharding.param_shardings(mesh, params),
                                   sharding.batch_sharding(mesh)),
                     out_shardings=sharding.replicated(mesh))
   return Study(cfg=cfg, workdir=workdir, tasks=tasks, task_data=task_data, model=model,
                initial_params=params, param_shapes=jax.eval_shape(lambda: params),
-               method=method, mesh=mesh, eval_fn=eval_fn, checkpointer=ckpt,
+               method=method, mesh=mesh, eval_fn=eval_fn,
+               checkpointer=ckpt or Checkpointer(os.path.join(workdir, "checkpoints"),
+                                                 cfg.keep_checkpoints),
                base_rng=jax.random.PRNGKey(cfg.seed),
+               warnings=tuple(data_lib.class_warnings(task_data)),
                writes_files=jax.process_index() == 0)
 
 
@@ -307,25 +322,24 @@ def restore_or_start(study: Study, resume: bool = False
   a new record holding the accuracy before any training."""
   ckpt = study.checkpointer
   if resume and ckpt.latest_step() is not None:
-    record = RunRecord.from_json(ckpt.restore_meta())
-    k0 = min(record.task, len(study.tasks) - 1)
-    plan_task(study, k0)  # on the host, not under eval_shape's tracing
+    # Every task's state has the same structure (a fresh optimizer of the same shape).
+    plan_task(study, 0)  # on the host, not under eval_shape's tracing
     abstract = jax.eval_shape(lambda: fresh_state(
-        study, k0, study.initial_params, study.method.init(study.initial_params)))
+        study, 0, study.initial_params, study.method.init(study.initial_params)))
     target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                           abstract, sharding.state_shardings(study.mesh, abstract,
                                                              study.param_shapes))
-    state, meta = ckpt.restore(target)
+    state, meta, step = ckpt.restore_newest(target)
     record = RunRecord.from_json(meta)
-    logging.info("Resumed from %s at task %d, step %d in the task (global step %d).",
-                 ckpt.directory, record.task, record.step_in_task, record.global_step)
+    logging.info("Resumed from %s, checkpoint %d: task %d, step %d in the task.",
+                 ckpt.directory, step, record.task, record.step_in_task)
     return state, record
   if resume:
     logging.info("--resume given but %s holds no checkpoint: starting afresh.", study.workdir)
   t0 = time.time()
   acc, task_acc = evaluate_all(study, study.initial_params)
   record = RunRecord(baseline=acc, task_aware_baseline=task_acc, eval_seconds=time.time() - t0,
-                     config=study.cfg.to_dict(),
+                     config=study.cfg.to_dict(), warnings=list(study.warnings),
                      curve=[{"global_step": 0, "task": -1, "accuracy": acc,
                              "task_aware_accuracy": task_acc}])
   logging.info("Before training: accuracy %s", _fmt_accs(study.tasks, acc))

@@ -37,11 +37,11 @@ def test_every_config_field_is_a_flag_with_its_default():
 
 
 def test_flags_convert_to_the_config():
-  fv = _parse(["--tasks=imdb", "--num_train=-1", "--classes=imdb=neg,pos",
+  fv = _parse(["--tasks=imdb,x", "--num_train=-1", "--classes=imdb=neg,pos",
                "--classes=x=a,b", "--ewc_lambda=3", "--fisher=true", "--keep_checkpoints=5",
                "--dropout=0.2"])
   cfg = cljax_flags.study_config(fv, seed=7)
-  assert cfg.tasks == ("imdb",) and cfg.num_train is None and cfg.seed == 7
+  assert cfg.tasks == ("imdb", "x") and cfg.num_train is None and cfg.seed == 7
   assert cfg.keep_checkpoints == 5 and cfg.dropout == 0.2
   assert cfg.task_classes() == {"imdb": ("neg", "pos"), "x": ("a", "b")}
   assert cfg.method_config == MethodConfig(ewc_lambda=3.0, fisher="true")

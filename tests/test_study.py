@@ -231,3 +231,86 @@ def test_a_new_task_does_not_keep_the_previous_optimizer_state(tiny_data_dir,
   config = GPT2Config.from_size("tiny", vocab_size=64)
   param_bytes = 4 * config.n_layer * 12 * config.n_embd ** 2   # blocks alone: a lower bound
   assert peak[1] - peak[0] < 0.5 * param_bytes, (peak, param_bytes)
+
+
+def _cli(workdir, cfg_argv, *extra, file_size_limit_kb=None):
+  cmd = [sys.executable, os.path.join(ROOT, "experiments", "forgetting.py"),
+         f"--workdir={workdir}", *cfg_argv, *extra]
+  if file_size_limit_kb:   # writes past the limit fail with EFBIG, as on a full disk
+    cmd = ["bash", "-c", f'trap "" XFSZ; ulimit -f {file_size_limit_kb}; exec "$@"', "_",
+           *cmd]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def _tiny_argv(data_dir, tokenizer_dir):
+  return [f"--data_dir={data_dir}", f"--tokenizer={tokenizer_dir}", "--init=random",
+          "--size=tiny", "--num_train=32", "--num_test=16", "--max_length=24",
+          "--batch_size=8", "--eval_batch_size=16", "--epochs=3", "--learning_rate=2e-3",
+          "--log_every=2", "--seed=0", "--checkpoint_every=4"]
+
+
+def test_a_corrupted_newest_checkpoint_falls_back_to_an_older_one(
+    tiny_data_dir, tiny_tokenizer_dir, tmp_path, uninterrupted):
+  """Truncated array files in the newest checkpoint (a disk that filled, a copy cut
+  short): the resumed run says which checkpoint it skipped and why, in one warning
+  (no tensorstore or asyncio tracebacks), and continues from the older one exactly."""
+  workdir = tmp_path / "run"
+  cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, checkpoint_every=4,
+                    stop_after_steps=10)
+  with pytest.raises(study.Interrupted):
+    study.run(cfg, str(workdir))   # checkpoints 4 and 8
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
+  for path in (workdir / "checkpoints" / "8" / "state").rglob("ocdbt.process_0/d/*"):
+    os.truncate(path, os.path.getsize(path) // 2)
+  proc = _cli(workdir, _tiny_argv(tiny_data_dir, tiny_tokenizer_dir), "--resume")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  skipped = [line for line in proc.stderr.splitlines() if "Skipping checkpoint" in line]
+  assert len(skipped) == 1 and "Skipping checkpoint 8" in skipped[0], proc.stderr[-3000:]
+  assert "OUT_OF_RANGE" in skipped[0] and "trying the next older one" in skipped[0]
+  assert "checkpoint 4: task 0, step 4 in the task" in proc.stderr
+  for noise in ("Traceback", "Event loop is closed", "never retrieved", "Exception ignored"):
+    assert noise not in proc.stderr, noise
+  with open(workdir / "results.json") as f:
+    resumed = json.load(f)
+  assert resumed["accuracy_matrix"] == uninterrupted[0]["accuracy_matrix"]
+  assert resumed["task_aware_accuracy_matrix"] == uninterrupted[0]["task_aware_accuracy_matrix"]
+
+
+def test_no_checkpoint_that_restores_is_one_line(tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+  workdir = tmp_path / "run"
+  cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, checkpoint_every=4, stop_after_steps=6,
+                    tasks=("imdb",))
+  with pytest.raises(study.Interrupted):
+    study.run(cfg, str(workdir))
+  for path in (workdir / "checkpoints").rglob("ocdbt.process_0/d/*"):
+    path.write_bytes(b"")
+  with pytest.raises(ValueError, match=r"No checkpoint in .* restores \(checkpoint 4: "
+                                       r"ValueError: .*\); start a new --workdir"):
+    study.run(cfg.replace(stop_after_steps=None), str(workdir), resume=True)
+  assert not (workdir / "results.json").exists()
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_resume_recovers(
+    tiny_data_dir, tiny_tokenizer_dir, tmp_path, uninterrupted):
+  """Files past 100 kB cannot be written (SIGXFSZ ignored: EFBIG, "File too large",
+  as ENOSPC on a full disk): the checkpoint's array file (~0.6 MB for the tiny model)
+  fails; the tokenization cache, logs and TensorBoard files (all small) do not."""
+  workdir = tmp_path / "run"
+  argv = _tiny_argv(tiny_data_dir, tiny_tokenizer_dir)
+  with pytest.raises(study.Interrupted):
+    study.run(tiny_config(tiny_data_dir, tiny_tokenizer_dir, checkpoint_every=4,
+                          stop_after_steps=5), str(workdir))
+  proc = _cli(workdir, argv, "--resume", file_size_limit_kb=100)
+  assert proc.returncode == 1
+  errors = [line for line in proc.stderr.splitlines() if line[:1] in "EW"]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  assert errors[0].endswith("Could not write checkpoint 8 to "
+                            f"{workdir / 'checkpoints'} (File too large). Free disk space, "
+                            "then rerun with --resume: it continues from checkpoint 4.")
+  assert "Traceback" not in proc.stderr and "Event loop" not in proc.stderr
+  assert not (workdir / "results.json").exists()
+  proc = _cli(workdir, argv, "--resume")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(workdir / "results.json") as f:
+    assert json.load(f)["accuracy_matrix"] == uninterrupted[0]["accuracy_matrix"]

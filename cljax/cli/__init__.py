@@ -10,6 +10,10 @@ import sys
 from absl import app
 from absl import flags
 
+# What bad input raises (a flag value, a file, a folder, a diverged run): the programs
+# log it as one line and exit with status 1.
+BAD_INPUT = (ValueError, TypeError, OSError, FloatingPointError)
+
 
 def run_main(main, module) -> None:
   """``app.run(main)``, with ``--help`` listing ``module``'s flags (absl lists the key

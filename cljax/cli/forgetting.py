@@ -32,7 +32,7 @@ def main(argv):
     cfg = cljax_flags.study_config()
     results = study.run(cfg, _WORKDIR.value, resume=_RESUME.value,
                         flags=cljax_flags.flag_values())
-  except (ValueError, TypeError, OSError, FloatingPointError) as e:  # bad input: one line
+  except cli.BAD_INPUT as e:  # one line, exit status 1
     logging.error("%s: %s", type(e).__name__, e)
     sys.exit(1)
   m = results["metrics"]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cljax.methods.base import Method, StepContext, TaskContext
-from cljax.methods.registry import BuildContext, hparam, register
+from cljax.methods.registry import NON_NEGATIVE, POSITIVE, BuildContext, hparam, register
 
 
 class LwFState(NamedTuple):
@@ -39,8 +39,10 @@ def distillation_loss(student_logits, teacher_logits, class_mask, weights, tempe
 
 @dataclasses.dataclass(frozen=True)
 class LwFConfig:
-  lwf_alpha: float = hparam(1.0, "LwF weight of the distillation term.")
-  lwf_temperature: float = hparam(2.0, "LwF distillation temperature.")
+  lwf_alpha: float = hparam(1.0, "LwF weight of the distillation term.",
+                             bound=NON_NEGATIVE)
+  lwf_temperature: float = hparam(2.0, "LwF distillation temperature.",
+                                   bound=POSITIVE)
 
 
 @register("lwf", "LwF: distillation from the model before the current task (Li and "

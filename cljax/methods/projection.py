@@ -20,7 +20,7 @@ import optax
 from cljax import data as data_lib
 from cljax.methods import replay
 from cljax.methods.base import Method, StepContext, TaskContext
-from cljax.methods.registry import BuildContext, hparam, register
+from cljax.methods.registry import POSITIVE, BuildContext, hparam, register
 
 
 def tree_dot(a, b) -> jax.Array:
@@ -43,7 +43,7 @@ def _jitted_add(policy: str):
 
 @dataclasses.dataclass(frozen=True)
 class AGEMConfig(replay.BufferConfig):
-  agem_batch_size: int = hparam(8, "A-GEM memory batch size.")
+  agem_batch_size: int = hparam(8, "A-GEM memory batch size.", bound=POSITIVE)
 
 
 @register("agem", "A-GEM: project gradients that conflict with the memory gradient "
@@ -81,7 +81,8 @@ def agem(hp: AGEMConfig, ctx: BuildContext) -> Method:
 class FreezeConfig:
   freeze: str = hparam("head", "freeze: train only the head, or the head and the last k "
                        "blocks (last_k).", choices=("head", "last_k"))
-  freeze_k: int = hparam(1, "Blocks left trainable with --freeze=last_k.")
+  freeze_k: int = hparam(1, "Blocks left trainable with --freeze=last_k.",
+                          bound=POSITIVE)
 
 
 @register("freeze", "layer freezing: train only the head (--freeze=head) or the head, "

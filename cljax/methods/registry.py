@@ -27,12 +27,30 @@ from collections.abc import Callable
 from cljax.methods.base import Method, compose, finetune
 
 
-def hparam(default, help: str, *, choices: tuple[str, ...] | None = None):  # noqa: A002
+class Bound(NamedTuple):
+  """A constraint on a numeric setting, checked before any work: ``text`` says it."""
+  text: str
+  holds: Callable[[Any], bool]
+
+  def check(self, name: str, value) -> None:
+    """One-line ValueError unless ``value`` (None: unset, always fine) holds."""
+    if value is not None and not self.holds(value):
+      raise ValueError(f"--{name}={value!r}: expected a value {self.text}.")
+
+
+POSITIVE = Bound("> 0", lambda v: v > 0)
+NON_NEGATIVE = Bound(">= 0", lambda v: v >= 0)
+FRACTION = Bound("in [0, 1]", lambda v: 0 <= v <= 1)
+
+
+def hparam(default, help: str, *, choices: tuple[str, ...] | None = None,  # noqa: A002
+           bound: Bound | None = None):
   """A hyperparameter field: its default, its help text (the flag's) and, for a
-  string, its allowed values."""
+  string, its allowed values; for a number, its ``bound`` (:data:`NON_NEGATIVE`...)."""
   if default is None:
     raise ValueError("A method hyperparameter needs a default (its type comes from it).")
-  return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+  return dataclasses.field(default=default, metadata={"help": help, "choices": choices,
+                                                      "bound": bound})
 
 
 class HParam(NamedTuple):
@@ -42,6 +60,7 @@ class HParam(NamedTuple):
   default: Any
   help: str
   choices: tuple[str, ...] | None
+  bound: Bound | None = None
 
 
 class Registration(NamedTuple):
@@ -75,7 +94,7 @@ def _hparams_of(config: type | None) -> list[HParam]:
     if "help" not in f.metadata:
       raise TypeError(f"{config.__name__}.{f.name}: declare it with hparam(default, help).")
     out.append(HParam(f.name, type(f.default), f.default, f.metadata["help"],
-                      f.metadata.get("choices")))
+                      f.metadata.get("choices"), f.metadata.get("bound")))
   return out
 
 
@@ -163,7 +182,7 @@ def parse(spec: str) -> list[str]:
 # ----------------------------------------------------------------------------
 
 def _cast(hp: HParam, value):
-  """``value`` as ``hp``'s type, or a one-line error."""
+  """``value`` as ``hp``'s type, within its choices and bound, or a one-line error."""
   if hp.type is float and isinstance(value, int) and not isinstance(value, bool):
     value = float(value)
   if not isinstance(value, hp.type) or (hp.type is int and isinstance(value, bool)):
@@ -171,6 +190,8 @@ def _cast(hp: HParam, value):
                     f"{hp.type.__name__}.")
   if hp.choices and value not in hp.choices:
     raise ValueError(f"Unknown --{hp.name}={value!r}; expected one of {list(hp.choices)}.")
+  if hp.bound:
+    hp.bound.check(hp.name, value)
   return value
 
 

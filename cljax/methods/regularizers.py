@@ -40,7 +40,8 @@ import optax
 
 from cljax import data as data_lib
 from cljax.methods.base import Method, StepContext, TaskContext
-from cljax.methods.registry import BuildContext, hparam, register
+from cljax.methods.registry import (FRACTION, NON_NEGATIVE, POSITIVE, BuildContext, hparam,
+                                    register)
 
 
 class QuadraticState(NamedTuple):
@@ -214,41 +215,45 @@ def _log_importance(name, tree):
 @dataclasses.dataclass(frozen=True)
 class PerExampleConfig:
   fisher_chunk: int = hparam(8, "Examples per vmapped chunk of per-example gradients "
-                             "(memory bound).")
+                             "(memory bound).", bound=POSITIVE)
 
 
 @dataclasses.dataclass(frozen=True)
 class EWCConfig(PerExampleConfig):
   ewc_lambda: float = hparam(1e4, "EWC / online EWC strength (penalty lam/2 * sum F "
-                             "(theta - theta*)^2).")
+                             "(theta - theta*)^2).", bound=NON_NEGATIVE)
   fisher: str = hparam("empirical", "Fisher estimator: empirical (true labels) or true "
                        "(labels sampled from the model). Per-example gradients either way.",
                        choices=("empirical", "true"))
   fisher_samples: int = hparam(512, "Training examples of the finished task used for the "
-                               "Fisher.")
+                               "Fisher.", bound=POSITIVE)
 
 
 @dataclasses.dataclass(frozen=True)
 class OnlineEWCConfig(EWCConfig):
   online_gamma: float = hparam(1.0, "Online EWC decay of the running Fisher (Schwarz et "
-                               "al. 2018).")
+                               "al. 2018).", bound=FRACTION)
 
 
 @dataclasses.dataclass(frozen=True)
 class MASConfig(PerExampleConfig):
-  mas_lambda: float = hparam(1.0, "MAS strength (Aljundi et al. 2018).")
-  mas_samples: int = hparam(512, "Training examples used for MAS importances.")
+  mas_lambda: float = hparam(1.0, "MAS strength (Aljundi et al. 2018).",
+                             bound=NON_NEGATIVE)
+  mas_samples: int = hparam(512, "Training examples used for MAS importances.",
+                            bound=POSITIVE)
 
 
 @dataclasses.dataclass(frozen=True)
 class L2Config:
-  l2_lambda: float = hparam(1.0, "L2-to-previous-solution strength.")
+  l2_lambda: float = hparam(1.0, "L2-to-previous-solution strength.",
+                            bound=NON_NEGATIVE)
 
 
 @dataclasses.dataclass(frozen=True)
 class SIConfig:
-  si_c: float = hparam(1.0, "SI strength c (Zenke et al. 2017).")
-  si_xi: float = hparam(1e-3, "SI damping xi.")
+  si_c: float = hparam(1.0, "SI strength c (Zenke et al. 2017).",
+                       bound=NON_NEGATIVE)
+  si_xi: float = hparam(1e-3, "SI damping xi.", bound=POSITIVE)
 
 
 # ----------------------------------------------------------------------------

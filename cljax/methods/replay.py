@@ -25,7 +25,7 @@ import optax
 
 from cljax import data as data_lib
 from cljax.methods.base import Method, StepContext, TaskContext
-from cljax.methods.registry import BuildContext, hparam, register
+from cljax.methods.registry import NON_NEGATIVE, POSITIVE, BuildContext, hparam, register
 
 POLICIES = ("reservoir", "class_balanced")
 
@@ -159,24 +159,28 @@ def _new_examples(batch: dict, logits: jax.Array):
 
 @dataclasses.dataclass(frozen=True)
 class BufferConfig:
-  replay_size: int = hparam(200, "Replay buffer capacity (examples).")
+  replay_size: int = hparam(200, "Replay buffer capacity (examples).",
+                              bound=POSITIVE)
   replay_policy: str = hparam("reservoir", "Buffer policy: reservoir (Vitter's R) or "
                               "class_balanced.", choices=POLICIES)
 
 
 @dataclasses.dataclass(frozen=True)
 class ReplayConfig(BufferConfig):
-  replay_batch_size: int = hparam(8, "Replayed examples added to each training batch.")
+  replay_batch_size: int = hparam(8, "Replayed examples added to each training batch.",
+                                    bound=POSITIVE)
 
 
 @dataclasses.dataclass(frozen=True)
 class DERConfig(ReplayConfig):
-  der_alpha: float = hparam(0.5, "DER/DER++ weight of the logit-matching term.")
+  der_alpha: float = hparam(0.5, "DER/DER++ weight of the logit-matching term.",
+                             bound=NON_NEGATIVE)
 
 
 @dataclasses.dataclass(frozen=True)
 class DERPPConfig(DERConfig):
-  der_beta: float = hparam(0.5, "DER++ weight of the replayed-label CE term.")
+  der_beta: float = hparam(0.5, "DER++ weight of the replayed-label CE term.",
+                            bound=NON_NEGATIVE)
 
 
 def _replay_method(name: str, hp: ReplayConfig, ctx: BuildContext, *, ce_weight: float,
