@@ -278,3 +278,65 @@ def torch_study(cfg, device: str | None = None) -> dict[str, Any]:
   return {"torch_accuracy_matrix": rows[1:], "torch_baseline_accuracy": rows[0],
           "torch_train_seconds": sum(train_s),
           "torch_wall_seconds": time.perf_counter() - t_start}
+
+
+def bench_generate(size: str, batch_size: int, prompt_len: int, new_tokens: int, *,
+                   repeats: int = 2, compare_torch: bool = True) -> dict[str, Any]:
+  """Greedy generation tokens/s: ``cljax.generate`` (compiled, KV cache) against
+  transformers' ``GPT2LMHeadModel.generate`` (its KV cache) with the same random-init
+  weights and prompts, in this run; both outputs are compared token for token."""
+  from cljax import generation, hf  # pylint: disable=import-outside-toplevel
+  from cljax.model import GPT2LM  # pylint: disable=import-outside-toplevel
+  config = GPT2Config.from_size(size)
+  if prompt_len + new_tokens > config.n_positions:
+    raise ValueError(f"prompt_len + new_tokens exceeds n_positions {config.n_positions}.")
+  model = GPT2LM(config)
+  params = jax.jit(functools.partial(init_params, model))(jax.random.PRNGKey(0))
+  ids = np.random.default_rng(0).integers(0, config.vocab_size - 1, (batch_size, prompt_len),
+                                          dtype=np.int32)
+  mask = np.ones_like(ids)
+
+  def jax_once():
+    return np.asarray(generation.generate(model, params, ids, mask,
+                                          max_new_tokens=new_tokens))
+
+  t0 = time.perf_counter()
+  ours = jax_once()
+  out = {"size": size, "batch_size": batch_size, "prompt_len": prompt_len,
+         "new_tokens": new_tokens, "backend": jax.default_backend(),
+         "device": jax.devices()[0].device_kind,
+         "jax_generate_first_call_s": time.perf_counter() - t0}
+  jax_s = _time(jax_once, repeats, 0)
+  out["jax_generate_tokens_per_s"] = batch_size * new_tokens / jax_s
+  if not compare_torch:
+    return out
+  import tempfile  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  if device == "cpu":
+    torch.set_num_threads(os.cpu_count() or 1)
+  with tempfile.TemporaryDirectory() as folder:
+    hf.save_pretrained(params, config, folder, head="lm")
+    ref_model = transformers.GPT2LMHeadModel.from_pretrained(folder).to(device).eval()
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  t_ids = torch.tensor(ids, dtype=torch.long, device=device)
+  t_mask = torch.tensor(mask, device=device)
+  box = {}
+
+  def torch_once():
+    with torch.inference_mode():
+      box["out"] = ref_model.generate(input_ids=t_ids, attention_mask=t_mask,
+                                      do_sample=False, max_new_tokens=new_tokens,
+                                      pad_token_id=config.eos_token_id)
+    sync()
+
+  torch_s = _time(torch_once, repeats, 1)
+  theirs = box["out"][:, prompt_len:].cpu().numpy()
+  out.update({
+      "torch_generate_tokens_per_s": batch_size * new_tokens / torch_s,
+      "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+      "same_tokens": bool(theirs.shape == ours.shape and (theirs == ours).all()),
+      "tokens_agreeing": float((theirs == ours[:, :theirs.shape[1]]).mean())})
+  out["generate_speedup"] = out["jax_generate_tokens_per_s"] / out["torch_generate_tokens_per_s"]
+  return out

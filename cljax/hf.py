@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cljax import model as model_lib
-from cljax.model import GPT2Classifier, GPT2Config
+from cljax.model import GPT2LM, GPT2Classifier, GPT2Config
 
 PREFIX = "transformer."
 
@@ -134,7 +134,8 @@ def read_state_dict(folder: str) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------
 
 def merge_weights(state_dict: Mapping[str, np.ndarray], target_shapes: Mapping[str, Any],
-                  fresh_params: Mapping[str, Any] | None = None) -> tuple[dict, list[str]]:
+                  fresh_params: Mapping[str, Any] | None = None,
+                  ignore: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
   """Maps a transformers state dict onto cljax param paths, checking every shape.
 
   Args:
@@ -142,6 +143,7 @@ def merge_weights(state_dict: Mapping[str, np.ndarray], target_shapes: Mapping[s
     target_shapes: flat ``{path: ShapeDtypeStruct}`` from ``jax.eval_shape``.
     fresh_params: flat initial params used for the head when the checkpoint has no
       ``score`` of the right shape.
+    ignore: patterns of further checkpoint names that are not parameters here.
 
   Returns:
     (flat params, list of paths that were freshly initialized).
@@ -174,7 +176,8 @@ def merge_weights(state_dict: Mapping[str, np.ndarray], target_shapes: Mapping[s
       mismatched.append(f"{name}: checkpoint {value.shape}, model {tuple(target.shape)}")
       continue
     out[path] = jnp.asarray(value, dtype=target.dtype)
-  extra = [k for k in sd if k not in used and not any(re.match(p, k) for p in _IGNORED)]
+  extra = [k for k in sd if k not in used and not any(re.match(p, k) for p in
+                                                       _IGNORED + tuple(ignore))]
   if missing or extra or mismatched:
     lines = ["The checkpoint does not match the GPT-2 classifier built from its config:"]
     for title, items in (("missing", missing), ("unexpected", extra),
@@ -185,6 +188,51 @@ def merge_weights(state_dict: Mapping[str, np.ndarray], target_shapes: Mapping[s
                  "matches its weights.")
     raise ValueError("\n".join(lines))
   return out, fresh
+
+
+def _checkpoint_folder(name_or_path: str) -> tuple[str, str]:
+  """(folder, its config.json) of a hub id or a local folder holding weights."""
+  folder = resolve(name_or_path, ["config.json", "*.safetensors",
+                                  "model.safetensors.index.json"])
+  if not any(os.path.exists(os.path.join(folder, f)) for f in WEIGHT_FILES):
+    if not os.path.isdir(os.path.expanduser(str(name_or_path))):
+      folder = resolve(name_or_path, ["config.json", "pytorch_model.bin"])
+  config_file = os.path.join(folder, "config.json")
+  if not os.path.exists(config_file):
+    raise FileNotFoundError(f"No config.json in {folder!r}; a Hugging Face GPT-2 folder "
+                            "holds config.json next to its weights.")
+  return folder, config_file
+
+
+def _check_tied(state_dict: Mapping[str, np.ndarray], folder: str) -> None:
+  """An ``lm_head.weight`` in the checkpoint must be ``wte`` (GPT-2 ties them)."""
+  head = state_dict.get("lm_head.weight")
+  wte = state_dict.get(PREFIX + "wte.weight", state_dict.get("wte.weight"))
+  if head is not None and wte is not None and not np.array_equal(head, wte):
+    raise ValueError(f"{folder}: lm_head.weight differs from transformer.wte.weight; cljax's "
+                     "GPT-2 ties its LM head to wte (tie_word_embeddings=True) and cannot "
+                     "load an untied head.")
+
+
+def load_lm(name_or_path: str, *, dtype: str = "float32", **config_overrides
+            ) -> tuple[GPT2LM, dict]:
+  """Loads GPT-2 as a language model from a hub id or a local folder.
+
+  A ``GPT2LMHeadModel`` checkpoint (``lm_head.weight`` tied to ``wte`` or absent),
+  or any GPT-2 trunk (``GPT2Model``, a classifier: its ``score`` is not loaded); the
+  LM head is the tied ``wte``. Returns ``(model, params)`` with
+  ``model.apply({"params": params}, input_ids, attention_mask)`` -> float32 logits
+  ``[batch, seq, vocab]``, equal to transformers' ``GPT2LMHeadModel``.
+  """
+  folder, config_file = _checkpoint_folder(name_or_path)
+  config = GPT2Config.from_hf(config_file, dtype=dtype, **config_overrides)
+  model = GPT2LM(config)
+  state_dict = read_state_dict(folder)
+  _check_tied(state_dict, folder)
+  flat, _ = merge_weights(state_dict, flatten(model_lib.param_shapes(model)),
+                          ignore=(r"^score\.weight$",))
+  logging.info("Loaded %d tensors from %s as a language model.", len(flat), folder)
+  return model, unflatten(flat)
 
 
 def load_pretrained(name_or_path: str, *, num_labels: int, dtype: str = "float32",
@@ -202,20 +250,13 @@ def load_pretrained(name_or_path: str, *, num_labels: int, dtype: str = "float32
   Returns:
     (model, params) with ``model.apply({"params": params}, input_ids, ...)``.
   """
-  folder = resolve(name_or_path, ["config.json", "*.safetensors",
-                                  "model.safetensors.index.json"])
-  if not any(os.path.exists(os.path.join(folder, f)) for f in WEIGHT_FILES):
-    if not os.path.isdir(os.path.expanduser(str(name_or_path))):
-      folder = resolve(name_or_path, ["config.json", "pytorch_model.bin"])
-  config_file = os.path.join(folder, "config.json")
-  if not os.path.exists(config_file):
-    raise FileNotFoundError(f"No config.json in {folder!r}; a Hugging Face GPT-2 folder "
-                            "holds config.json next to its weights.")
+  folder, config_file = _checkpoint_folder(name_or_path)
   config = GPT2Config.from_hf(config_file, num_labels=num_labels, dtype=dtype,
                               **config_overrides)
   model = GPT2Classifier(config)
   targets = model_lib.param_shapes(model)
   state_dict = read_state_dict(folder)
+  _check_tied(state_dict, folder)
   fresh_head = {HEAD: jax.jit(
       lambda k: jax.random.normal(k, targets["score"]["kernel"].shape)
       * config.initializer_range)(jax.random.key(seed))}
@@ -229,16 +270,25 @@ def load_pretrained(name_or_path: str, *, num_labels: int, dtype: str = "float32
 # Saving
 # ----------------------------------------------------------------------------
 
-def save_pretrained(params: Mapping[str, Any], config: GPT2Config, folder: str) -> None:
-  """Writes a Hugging Face folder that ``GPT2ForSequenceClassification`` loads.
+def save_pretrained(params: Mapping[str, Any], config: GPT2Config, folder: str, *,
+                    head: str | None = None) -> None:
+  """Writes a Hugging Face folder that transformers loads with the same logits.
 
-  ``config.json`` and ``model.safetensors`` (float32, keys ``transformer.*`` and
-  ``score.weight``), so that ``from_pretrained(folder)`` gives the same logits.
+  ``head="score"``: a ``GPT2ForSequenceClassification`` (keys ``transformer.*`` and
+  ``score.weight``); ``head="lm"``: a ``GPT2LMHeadModel`` (keys ``transformer.*``; its
+  ``lm_head`` is tied to ``wte``). Default: ``score`` when the params have one.
+  ``config.json`` and ``model.safetensors`` (float32).
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  head = head or ("score" if "score" in params else "lm")
+  if head not in ("score", "lm"):
+    raise ValueError(f"head={head!r}: expected 'score' or 'lm'.")
+  if head == "score" and "score" not in params:
+    raise ValueError("head='score' but the params have no score head; export with head='lm'.")
+  flat = {p: v for p, v in flatten(params).items() if head == "score" or p != HEAD}
   os.makedirs(folder, exist_ok=True)
   tensors = {}
-  for path, value in flatten(params).items():
+  for path, value in flat.items():
     value = np.asarray(jax.device_get(value), dtype=np.float32)
     if path in _TRANSPOSED:
       value = value.T
@@ -246,7 +296,7 @@ def save_pretrained(params: Mapping[str, Any], config: GPT2Config, folder: str) 
     tensors[name if path == HEAD else PREFIX + name] = np.ascontiguousarray(value)
   save_file(tensors, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
   with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(config.to_hf(), f, indent=2)
+    json.dump(config.to_hf(head), f, indent=2)
 
 
 # ----------------------------------------------------------------------------

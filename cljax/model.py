@@ -10,9 +10,10 @@ This is the only module that imports ``flax.linen``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
-from typing import Any
+from typing import Any, NamedTuple
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -152,10 +153,12 @@ class GPT2Config:
     kwargs.update(overrides)
     return cls(**kwargs)
 
-  def to_hf(self) -> dict[str, Any]:
-    """The Hugging Face ``config.json`` dict of a GPT2ForSequenceClassification."""
+  def to_hf(self, head: str = "score") -> dict[str, Any]:
+    """The Hugging Face ``config.json`` dict of a GPT2ForSequenceClassification
+    (``head="score"``) or a GPT2LMHeadModel (``head="lm"``)."""
     return {
-        "architectures": ["GPT2ForSequenceClassification"],
+        "architectures": ["GPT2ForSequenceClassification" if head == "score"
+                          else "GPT2LMHeadModel"],
         "model_type": "gpt2",
         "activation_function": "gelu_new",
         "vocab_size": self.vocab_size,
@@ -200,22 +203,74 @@ def _layer_norm(config: GPT2Config, name: str):
                       param_dtype=as_dtype(config.param_dtype), name=name)
 
 
+class LayerCache(NamedTuple):
+  """One layer's view of the KV cache: keys and values ``[B, S, heads, head_dim]``,
+  the slot where this call's T tokens go (``index``, the same for every row: one
+  in-place slice write) and which slots hold a real token once written
+  (``valid [B, S]``)."""
+  k: jax.Array
+  v: jax.Array
+  index: jax.Array
+  valid: jax.Array
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer (tuples of ``[B, S, heads, head_dim]``) and the
+  slots that hold a real token (``valid [B, S]``).
+
+  Slots are in the order tokens were written; a token's position (its ``wpe`` row)
+  is passed separately, so rows of different prompt lengths share slot indices:
+  ``cljax.generate`` writes the padded prompts at slots ``0..P-1`` and the t-th new
+  token of every row at slot ``P + t``, at the row's own position ``L_b + t``."""
+  k: tuple
+  v: tuple
+  valid: jax.Array
+
+
+def init_cache(config: GPT2Config, batch: int, length: int) -> KVCache:
+  """An empty cache of ``length`` slots per row (the prompt plus the new tokens)."""
+  shape = (batch, length, config.n_head, config.head_dim)
+  zeros = tuple(jnp.zeros(shape, as_dtype(config.dtype)) for _ in range(config.n_layer))
+  return KVCache(zeros, zeros, jnp.zeros((batch, length), bool))
+
+
+def _attend_cached(q_BTNH, k_BTNH, v_BTNH, kv: LayerCache):
+  """Writes the new keys and values at slots ``index..index+T-1``, then attends each
+  query to the real slots up to its own."""
+  S, T = kv.valid.shape[1], q_BTNH.shape[1]
+  start = (0, kv.index, 0, 0)
+  k_BSNH = jax.lax.dynamic_update_slice(kv.k, k_BTNH.astype(kv.k.dtype), start)
+  v_BSNH = jax.lax.dynamic_update_slice(kv.v, v_BTNH.astype(kv.v.dtype), start)
+  upto_TS = jnp.arange(S)[None, :] <= kv.index + jnp.arange(T)[:, None]
+  keep_B1TS = (upto_TS[None] & kv.valid[:, None])[:, None]
+  out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSNH.astype(q_BTNH.dtype),
+                                          v_BSNH.astype(q_BTNH.dtype), mask=keep_B1TS)
+  return out_BTNH, kv._replace(k=k_BSNH, v=v_BSNH)
+
+
 class CausalSelfAttention(nn.Module):
   """Multi-head causal self-attention; padded keys are masked as transformers does.
 
   With ``query_idx_B`` only that position's query is computed (keys and values still
   cover every position): the classifier needs nothing else from its last block.
+  With ``kv`` (a :class:`LayerCache`) the new keys and values are written into the
+  cache at their positions and the queries attend to the cache; returns
+  ``(output, updated kv)``.
   """
 
   config: GPT2Config
 
   @nn.compact
-  def __call__(self, x_BTD, mask_BT, deterministic: bool, query_idx_B=None):
+  def __call__(self, x_BTD, mask_BT, deterministic: bool, query_idx_B=None, kv=None):
     cfg = self.config
     B, T, _ = x_BTD.shape
     qkv = _dense(3 * cfg.n_embd, cfg, "c_attn")(x_BTD)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     q_BQNH, k_BTNH, v_BTNH = (a.reshape(B, T, cfg.n_head, cfg.head_dim) for a in (q, k, v))
+    if kv is not None:
+      out_BTNH, kv = _attend_cached(q_BQNH, k_BTNH, v_BTNH, kv)
+      out_BTD = _dense(cfg.n_embd, cfg, "c_proj")(out_BTNH.reshape(B, T, cfg.n_embd))
+      return nn.Dropout(cfg.resid_pdrop)(out_BTD, deterministic=deterministic), kv
     # Padded keys are masked, as transformers does.
     pad_B11S = None if mask_BT is None else mask_BT[:, None, None, :].astype(bool)
     if query_idx_B is None:
@@ -260,20 +315,33 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
   """Pre-LayerNorm transformer block; with ``query_idx_B``, outputs only that
-  position of each sequence (``[B, 1, D]``)."""
+  position of each sequence (``[B, 1, D]``); with ``kv``, returns ``(x, kv)``."""
 
   config: GPT2Config
 
   @nn.compact
-  def __call__(self, x_BTD, mask_BT, deterministic: bool, query_idx_B=None):
+  def __call__(self, x_BTD, mask_BT, deterministic: bool, query_idx_B=None, kv=None):
     cfg = self.config
     attn = CausalSelfAttention(cfg, name="attn")(
-        _layer_norm(cfg, "ln_1")(x_BTD), mask_BT, deterministic, query_idx_B)
+        _layer_norm(cfg, "ln_1")(x_BTD), mask_BT, deterministic, query_idx_B, kv)
+    if kv is not None:
+      attn, kv = attn
     if query_idx_B is not None:
       x_BTD = jnp.take_along_axis(x_BTD, query_idx_B[:, None, None], axis=1)
     x_BTD = x_BTD + attn
     x_BTD = x_BTD + MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BTD), deterministic)
-    return x_BTD
+    return x_BTD if kv is None else (x_BTD, kv)
+
+
+def _embeddings(cfg: GPT2Config, input_ids_BT, positions_BT, deterministic: bool):
+  """(the ``wte`` module, token + position embeddings after dropout). Called inside
+  a model's compact ``__call__``: ``wte`` and ``wpe`` are that model's parameters."""
+  init = nn.initializers.normal(cfg.initializer_range)
+  embed = functools.partial(nn.Embed, features=cfg.n_embd, embedding_init=init,
+                            dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype))
+  wte = embed(cfg.vocab_size, name="wte")
+  x_BTD = wte(input_ids_BT) + embed(cfg.n_positions, name="wpe")(positions_BT)
+  return wte, nn.Dropout(cfg.embd_pdrop)(x_BTD, deterministic=deterministic)
 
 
 def pool_index(input_ids_BT: jax.Array, pad_token_id: int | None) -> jax.Array:
@@ -304,15 +372,7 @@ class GPT2Classifier(nn.Module):
     B, T = input_ids.shape
     if T > cfg.n_positions:
       raise ValueError(f"Sequence length {T} exceeds n_positions={cfg.n_positions}.")
-    init = nn.initializers.normal(cfg.initializer_range)
-    wte = nn.Embed(cfg.vocab_size, cfg.n_embd, embedding_init=init,
-                   dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
-                   name="wte")
-    wpe = nn.Embed(cfg.n_positions, cfg.n_embd, embedding_init=init,
-                   dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
-                   name="wpe")
-    x_BTD = wte(input_ids) + wpe(jnp.arange(T)[None])
-    x_BTD = nn.Dropout(cfg.embd_pdrop)(x_BTD, deterministic=deterministic)
+    _, x_BTD = _embeddings(cfg, input_ids, jnp.arange(T)[None], deterministic)
     block_cls = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
     # Only the pooled token reaches the head: the last block computes its query,
     # attention output and MLP at that position alone (exactly, with less work).
@@ -325,6 +385,56 @@ class GPT2Classifier(nn.Module):
     x_BD = _layer_norm(cfg, "ln_f")(x_BD)
     logits_BC = _dense(cfg.num_labels, cfg, "score", use_bias=False)(x_BD)
     return logits_BC.astype(jnp.float32)
+
+
+class GPT2LM(nn.Module):
+  """GPT-2 with its language-model head: the output projection is ``wte`` itself
+  (tied, no new parameters), as transformers' ``GPT2LMHeadModel``. A classifier's
+  params work too (its ``score`` head is simply not read).
+
+  Call: ``model.apply({"params": params}, input_ids, attention_mask=None,
+  deterministic=True)`` -> float32 logits ``[batch, seq, vocab]``.
+
+  For generation (see ``cljax.generate``): ``positions [B, T]`` (default
+  ``0..T-1``), ``cache`` (a :class:`KVCache`, written at slots
+  ``cache_index..cache_index+T-1``; the call then returns ``(logits, cache)``) and
+  ``logits_index [B]`` (logits at that token only: ``[B, vocab]``).
+  """
+
+  config: GPT2Config
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, deterministic: bool = True, *,
+               positions=None, cache: KVCache | None = None, cache_index=0,
+               logits_index=None):
+    cfg = self.config
+    B, T = input_ids.shape
+    if cache is None and T > cfg.n_positions:
+      raise ValueError(f"Sequence length {T} exceeds n_positions={cfg.n_positions}.")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    wte, x_BTD = _embeddings(cfg, input_ids, positions, deterministic)
+    if cache is not None:
+      real_BT = (jnp.ones((B, T), bool) if attention_mask is None
+                 else attention_mask.astype(bool))
+      cache = cache._replace(valid=jax.lax.dynamic_update_slice(cache.valid, real_BT,
+                                                                (0, cache_index)))
+    block_cls = nn.remat(Block, static_argnums=(3,)) if cfg.remat and cache is None else Block
+    new_k, new_v = [], []
+    for i in range(cfg.n_layer):
+      block = block_cls(cfg, name=f"h_{i}")
+      if cache is None:
+        x_BTD = block(x_BTD, attention_mask, deterministic)
+        continue
+      x_BTD, kv = block(x_BTD, None, deterministic, None,
+                        LayerCache(cache.k[i], cache.v[i], cache_index, cache.valid))
+      new_k.append(kv.k)
+      new_v.append(kv.v)
+    if logits_index is not None:
+      x_BTD = jnp.take_along_axis(x_BTD, logits_index[:, None, None], axis=1)[:, 0]
+    logits = wte.attend(_layer_norm(cfg, "ln_f")(x_BTD)).astype(jnp.float32)
+    return logits if cache is None else (logits, cache._replace(k=tuple(new_k),
+                                                                v=tuple(new_v)))
 
 
 def init_params(model: GPT2Classifier, rng: jax.Array, seq_len: int = 8):

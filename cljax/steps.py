@@ -122,14 +122,11 @@ def dropout_key(rng: jax.Array, impl: str = "rbg") -> jax.Array:
   return jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl=impl)
 
 
-def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransformation,
-               method: Method = finetune(), deterministic: bool = False,
-               dropout_rng: str = "rbg") -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step: CE on the pooled logits plus the method's terms, AdamW.
-
-  Returns the new state and metric sums (``loss_sum``, ``correct``, ``count``,
-  ``grad_norm`` and ``finite``: 1.0 when loss and gradients are all finite).
-  """
+def _step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransformation,
+          method: Method, deterministic: bool, dropout_rng: str, objective
+          ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step of ``objective(logits, batch) -> (mean loss, metric sums)``
+  plus the method's terms: its batch, loss, gradient and after-step hooks, AdamW."""
   rng = jax.random.fold_in(state.rng, state.step)
   batch_rng, drop_rng, method_rng, grad_rng, after_rng = jax.random.split(rng, 5)
   drop_rng = dropout_key(drop_rng, dropout_rng)
@@ -143,13 +140,12 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
 
   def loss_fn(params):
     logits = apply_fn(params, batch)
-    count = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-    ce = cross_entropy(logits, batch["labels"], batch["weights"]) / count
+    loss, sums = objective(logits, batch)
     extra, aux = method.loss(state.method_state, ctx._replace(params=params, logits=logits,
                                                               rng=method_rng))
-    return ce + extra, (ce, extra, logits, aux)
+    return loss + extra, (sums, extra, logits, aux)
 
-  (loss, (ce, extra, logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+  (loss, (sums, extra, logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   grads = method.transform_grads(state.method_state, ctx._replace(grads=grads, rng=grad_rng))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -158,18 +154,32 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
       old_params=state.params, new_params=params, grads=grads, logits=logits, aux=aux,
       rng=after_rng))
   grad_norm = optax.tree.norm(grads)
-  weights = batch["weights"]
-  metrics = {
-      "loss_sum": ce * jnp.sum(weights),
-      "penalty": extra,
-      "correct": jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * weights),
-      "count": jnp.sum(weights),
-      "grad_norm": grad_norm,
-      "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
-  }
+  metrics = {**sums, "penalty": extra, "grad_norm": grad_norm,
+             "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm)}
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          rng=state.rng, method_state=method_state)
   return new_state, metrics
+
+
+def _classification(logits_BC, batch: Batch):
+  weights = batch["weights"]
+  count = jnp.maximum(jnp.sum(weights), 1.0)
+  ce = cross_entropy(logits_BC, batch["labels"], weights) / count
+  return ce, {"loss_sum": ce * jnp.sum(weights),
+              "correct": jnp.sum((jnp.argmax(logits_BC, -1) == batch["labels"]) * weights),
+              "count": jnp.sum(weights)}
+
+
+def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransformation,
+               method: Method = finetune(), deterministic: bool = False,
+               dropout_rng: str = "rbg") -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step: CE on the pooled logits plus the method's terms, AdamW.
+
+  Returns the new state and metric sums (``loss_sum``, ``correct``, ``count``,
+  ``grad_norm`` and ``finite``: 1.0 when loss and gradients are all finite).
+  """
+  return _step(state, batch, model=model, tx=tx, method=method, deterministic=deterministic,
+               dropout_rng=dropout_rng, objective=_classification)
 
 
 def eval_step(params, batch: Batch, *, model) -> dict[str, jax.Array]:
@@ -192,3 +202,50 @@ def eval_step(params, batch: Batch, *, model) -> dict[str, jax.Array]:
 def logits_step(params, batch: Batch, *, model) -> jax.Array:
   """Deterministic logits of a batch (for distillation targets and analysis)."""
   return _forward(model, params, batch, deterministic=True)
+
+
+# ----------------------------------------------------------------------------
+# Causal language modelling
+# ----------------------------------------------------------------------------
+
+def lm_cross_entropy(logits_BTV, input_ids_BT, loss_mask_BT):
+  """(sum of next-token CE over the target tokens, their number, how many of them
+  the argmax predicts).
+
+  ``loss_mask[b, t] = 1`` makes token t a target, predicted from position t-1 (so
+  position 0 never is one): instruction tuning marks the response and its EOS, plain
+  LM training every real token after the first."""
+  logits_BTV, targets_BT = logits_BTV[:, :-1].astype(jnp.float32), input_ids_BT[:, 1:]
+  weights_BT = loss_mask_BT[:, 1:].astype(jnp.float32)
+  losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+  hits_BT = jnp.argmax(logits_BTV, -1) == targets_BT
+  return jnp.sum(losses_BT * weights_BT), jnp.sum(weights_BT), jnp.sum(hits_BT * weights_BT)
+
+
+def _next_token(logits_BTV, batch: Batch):
+  loss_sum, count, correct = lm_cross_entropy(logits_BTV, batch["input_ids"],
+                                              batch["loss_mask"])
+  return loss_sum / jnp.maximum(count, 1.0), {"loss_sum": loss_sum, "count": count,
+                                              "correct": correct}
+
+
+def lm_train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransformation,
+                  method: Method = finetune(), deterministic: bool = False,
+                  dropout_rng: str = "rbg") -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the mean next-token CE of the batch's target tokens plus
+  the method's terms; ``model`` is a :class:`~cljax.model.GPT2LM`.
+
+  The batch holds ``input_ids``, ``attention_mask`` and ``loss_mask`` ``[B, T]`` (see
+  :func:`lm_cross_entropy`). Returns the new state and sums: ``loss_sum`` (CE over
+  the targets), ``count`` (their number), ``correct`` (targets the argmax predicts),
+  ``grad_norm`` and ``finite``.
+  """
+  return _step(state, batch, model=model, tx=tx, method=method, deterministic=deterministic,
+               dropout_rng=dropout_rng, objective=_next_token)
+
+
+def lm_eval_step(params, batch: Batch, *, model) -> dict[str, jax.Array]:
+  """Sums over a batch: next-token CE over the target tokens, their number and the
+  argmax hits (perplexity is ``exp(loss_sum / count)`` over a whole split)."""
+  logits = _forward(model, params, batch, deterministic=True)
+  return _next_token(logits, batch)[1]

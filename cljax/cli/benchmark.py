@@ -2,6 +2,8 @@ r"""Examples per second of the jitted train and eval steps (and PyTorch's).
 
   cljax-benchmark --size=gpt2 --batch_size=8 --seq_len=128 \
       --compare_torch
+  cljax-benchmark --size=gpt2 --batch_size=8 --seq_len=64 --generate_tokens=128 \
+      --compare_torch     # generation tokens/s
 
 Prints one JSON line: JAX train/eval examples/s, with --compare_torch the
 transformers PyTorch model's figures measured in the same run and their ratios,
@@ -36,6 +38,11 @@ _MESH_MODEL = flags.DEFINE_integer("mesh_model", 1, "Devices sharding params and
 _FISHER = flags.DEFINE_integer("fisher_samples", 0, "If > 0: instead, time EWC's "
                                "per-example Fisher over this many examples.")
 _FISHER_CHUNK = flags.DEFINE_integer("fisher_chunk", 8, "Examples per vmapped chunk.")
+_GENERATE = flags.DEFINE_integer("generate_tokens", 0, "If > 0: instead, time greedy "
+                                 "generation of this many new tokens after --seq_len-token "
+                                 "prompts (with --compare_torch: against transformers' "
+                                 "generate, same weights and prompts).")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed generation calls (after the first).")
 _OUT = flags.DEFINE_string("output", None, "Also append the JSON line to this file.")
 
 
@@ -43,6 +50,9 @@ def main(argv):
   del argv
   if _FISHER.value:
     result = bench.bench_fisher(_SIZE.value, _SEQ.value, _FISHER.value, _FISHER_CHUNK.value)
+  elif _GENERATE.value:
+    result = bench.bench_generate(_SIZE.value, _BATCH.value, _SEQ.value, _GENERATE.value,
+                                  repeats=_REPEATS.value, compare_torch=_TORCH.value)
   else:
     result = bench.run(_SIZE.value, _BATCH.value, _SEQ.value, _STEPS.value, _WARMUP.value,
                        dtype=_DTYPE.value, remat=_REMAT.value,
