@@ -1,8 +1,11 @@
-"""Orbax save and restore of everything a run needs to continue.
+"""Orbax save and restore of everything a run needs to continue, and the rules of a
+run's workdir.
 
 A checkpoint holds the :class:`~cljax.steps.TrainState` (params, optimizer state,
 step, RNG, method state: EWC anchors, replay buffers, ...) and a JSON ``meta`` dict
-(task index, position in the task, accuracy rows so far, timings).
+(the run's settings and progress). :func:`open_run` refuses a workdir that holds
+another run, or a resume with settings that change the computation;
+:func:`save_finite` never saves a non-finite state.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
@@ -163,3 +167,68 @@ def _first_line(e: BaseException) -> str:
   lines = str(e).strip().splitlines()
   line = lines[0] if lines else ""
   return f"{type(e).__name__}: {line if len(line) <= 300 else line[:120] + ' ... ' + line[-175:]}"
+
+
+
+# ----------------------------------------------------------------------------
+# A run's workdir
+# ----------------------------------------------------------------------------
+
+def open_run(workdir: str, config: dict, resume: bool, *, keep: int, outputs: tuple[str, ...],
+             resumable: frozenset[str]) -> Checkpointer | None:
+  """The checkpointer of ``workdir/checkpoints`` if that folder exists (creating
+  nothing), after refusing: checkpoints without ``resume``; a resume whose ``config``
+  differs from the stored one in a setting not in ``resumable``; ``outputs`` of a
+  previous run with no checkpoint to resume."""
+  directory = os.path.join(workdir, "checkpoints")
+  ckpt = Checkpointer(directory, keep) if os.path.isdir(directory) else None
+  latest = ckpt.latest_step() if ckpt else None
+  if latest is not None and not resume:
+    raise FileExistsError(f"{workdir} already holds checkpoints of a run. Pass --resume to "
+                          "continue it, or choose another --workdir.")
+  if latest is not None:
+    check_resumable(ckpt.restore_meta().get("config"), config, workdir, resumable)
+  found = [n for n in outputs if os.path.exists(os.path.join(workdir, n))]
+  if latest is None and found:
+    raise FileExistsError(f"{workdir} holds outputs of a previous run ({', '.join(found)}) "
+                          "and no checkpoint to resume from; choose another --workdir, or "
+                          "remove them.")
+  return ckpt
+
+
+def check_resumable(saved: dict | None, now: dict, workdir: str,
+                    resumable: frozenset[str]) -> None:
+  """Refuses to resume a run with settings that change its computation: one line
+  listing every such setting (old -> new); method hyperparameters are compared one
+  by one."""
+  if not saved:
+    logging.warning("The checkpoints in %s predate stored configurations: resuming without "
+                    "checking that the settings match.", workdir)
+    return
+  changed = [f"--{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+             if k not in resumable and k != "method_config" and saved.get(k) != now.get(k)]
+  old_hp, new_hp = saved.get("method_config") or {}, now.get("method_config") or {}
+  changed += [f"--{k} {old_hp.get(k)!r} -> {new_hp.get(k)!r}" for k in sorted(new_hp)
+              if k in old_hp and old_hp[k] != new_hp[k]]
+  if changed:
+    raise ValueError(f"Cannot resume {workdir}: its run used other settings ({'; '.join(changed)})"
+                     ". Resuming would mix two runs under one label: rerun with the original "
+                     "settings, or start a new --workdir.")
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def save_finite(ckpt: Checkpointer, step: int, state: Any, meta: dict) -> None:
+  """Saves ``state`` as checkpoint ``step`` after checking on device that every float
+  in it (params, optimizer and method state) is finite: a checkpoint never is not."""
+  if not bool(_all_finite(state)):
+    raise FloatingPointError(
+        f"Non-finite parameters or optimizer state after global step {step}; not saved. "
+        f"The last finite checkpoint is global step {ckpt.latest_step()}. Lower "
+        "--learning_rate or the method's strength, or check the data, and start a new "
+        "--workdir.")
+  ckpt.save(step, state, meta)

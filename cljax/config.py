@@ -25,14 +25,97 @@ def option(default, help: str, *, choices: tuple[str, ...] | None = None,  # noq
            repeatable: bool = False, bound: Bound | None = None):
   """A config field with its flag's help text; ``repeatable`` makes a flag given once
   per value (``--classes=a=x,y --classes=b=z``) instead of a comma-separated list;
-  ``bound`` is the numeric constraint :meth:`StudyConfig.validate` checks."""
+  ``bound`` is the numeric constraint :meth:`Options.validate` checks."""
   return dataclasses.field(default=default, metadata={"help": help, "choices": choices,
                                                       "repeatable": repeatable,
                                                       "bound": bound})
 
 
+class Options:
+  """Checks its fields' declared choices and bounds (:func:`option`) when made."""
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    """Every field with declared choices or a bound, each failure a one-line
+    ``ValueError`` naming the flag, the value and what is expected."""
+    for f in dataclasses.fields(self):
+      value, meta = getattr(self, f.name), f.metadata
+      if meta.get("choices") and value not in meta["choices"]:
+        raise ValueError(f"--{f.name}={value!r}: expected one of {list(meta['choices'])}.")
+      if meta.get("bound"):
+        meta["bound"].check(f.name, value)
+
+  def replace(self, **kwargs):
+    return dataclasses.replace(self, **kwargs)
+
+  def to_dict(self) -> dict:
+    """Every field as JSON-ready values."""
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
 @dataclasses.dataclass(frozen=True)
-class StudyConfig:
+class ModelOptions(Options):
+  """The model a run starts from (shared by the study and LM training)."""
+
+  model: str = option("gpt2", "Hub id or local folder of a GPT-2 checkpoint (config.json "
+                      "+ model.safetensors or pytorch_model.bin).")
+  init: str = option("pretrained", "Start from --model's weights, or from a random init of "
+                     "--size.", choices=("pretrained", "random"))
+  size: str = option("gpt2", "Size for --init=random: gpt2, gpt2-medium, gpt2-large, "
+                     "gpt2-xl, mini (4x256) or tiny (2x64).")
+  tokenizer: str | None = option(None, "Tokenizer hub id or folder (default: --model).")
+  dtype: str = option("float32", "Compute dtype; params and optimizer state stay float32.",
+                      choices=("float32", "bfloat16"))
+  dropout: float | None = option(None, "Dropout for embeddings, attention and residuals "
+                                 "(default: the checkpoint's, 0.1 for GPT-2).",
+                                 bound=DROPOUT)
+  remat: bool = option(False, "Rematerialize blocks in the backward pass (memory).")
+
+  def validate(self) -> None:
+    super().validate()
+    if self.init == "random" and self.size not in SIZES | SIZE_ALIASES:
+      raise ValueError(f"--size={self.size!r}: expected one of "
+                       f"{sorted(SIZES) + sorted(SIZE_ALIASES)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerOptions(Options):
+  """AdamW and its schedule, the Hugging Face Trainer's defaults."""
+  batch_size: int = option(8, "Training batch size.", bound=POSITIVE)
+  eval_batch_size: int = option(32, "Evaluation batch size.", bound=POSITIVE)
+  epochs: int = option(1, "Epochs per task.", bound=POSITIVE)
+  learning_rate: float = option(5e-5, "AdamW peak learning rate, decayed linearly to 0 over "
+                                "each task (Hugging Face Trainer default 5e-5).",
+                                bound=NON_NEGATIVE)
+  warmup_steps: int = option(0, "Linear warmup steps per task.",
+                             bound=NON_NEGATIVE)
+  weight_decay: float = option(0.0, "AdamW weight decay (not on biases and LayerNorm).",
+                                bound=NON_NEGATIVE)
+  max_grad_norm: float = option(1.0, "Clip gradients to this global norm (0: off).",
+                                 bound=NON_NEGATIVE)
+  grad_accum_steps: int = option(1, "Micro-batches per update.", bound=POSITIVE)
+  seed: int = option(0, "The one seed: subsets, init, data order, dropout.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointOptions(Options):
+  """Checkpoints (and ``--resume``), logging, and the testing stop."""
+  checkpoint_every: int = option(200, "Save a checkpoint every N steps (0: only at the "
+                                 "end of each task or of training, where one is always "
+                                 "saved).",
+                                 bound=NON_NEGATIVE)
+  keep_checkpoints: int = option(2, "Checkpoints kept in WORKDIR/checkpoints (the newest).",
+                                 bound=POSITIVE)
+  log_every: int = option(10, "Log step metrics every N steps.", bound=POSITIVE)
+  stop_after_steps: int | None = option(None, "Testing: stop after N steps as if killed.",
+                                       bound=POSITIVE)
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
   """Everything that defines a run; the experiment scripts fill it from flags.
 
   Checked when made (:meth:`validate`): a bad value is a one-line ``ValueError``
@@ -67,50 +150,13 @@ class StudyConfig:
   max_length: int = option(128, "Tokens per example (truncated, right padded with eos).",
                        bound=POSITIVE)
   cache_dir: str | None = option(None, "Tokenization cache (default ~/.cache/cljax).")
-  # --- model --------------------------------------------------------------------
-  model: str = option("gpt2", "Hub id or local folder of a GPT-2 checkpoint (config.json "
-                      "+ model.safetensors or pytorch_model.bin).")
-  init: str = option("pretrained", "Start from --model's weights, or from a random init of "
-                     "--size.", choices=("pretrained", "random"))
-  size: str = option("gpt2", "Size for --init=random: gpt2, gpt2-medium, gpt2-large, "
-                     "gpt2-xl, mini (4x256) or tiny (2x64).")
-  tokenizer: str | None = option(None, "Tokenizer hub id or folder (default: --model).")
-  dtype: str = option("float32", "Compute dtype; params and optimizer state stay float32.",
-                      choices=("float32", "bfloat16"))
-  dropout: float | None = option(None, "Dropout for embeddings, attention and residuals "
-                                 "(default: the checkpoint's, 0.1 for GPT-2).",
-                                 bound=DROPOUT)
-  remat: bool = option(False, "Rematerialize blocks in the backward pass (memory).")
-  # --- optimization (Hugging Face Trainer defaults) -------------------------------
-  batch_size: int = option(8, "Training batch size.", bound=POSITIVE)
-  eval_batch_size: int = option(32, "Evaluation batch size.", bound=POSITIVE)
-  epochs: int = option(1, "Epochs per task.", bound=POSITIVE)
-  learning_rate: float = option(5e-5, "AdamW peak learning rate, decayed linearly to 0 over "
-                                "each task (Hugging Face Trainer default 5e-5).",
-                                bound=NON_NEGATIVE)
-  warmup_steps: int = option(0, "Linear warmup steps per task.",
-                             bound=NON_NEGATIVE)
-  weight_decay: float = option(0.0, "AdamW weight decay (not on biases and LayerNorm).",
-                                bound=NON_NEGATIVE)
-  max_grad_norm: float = option(1.0, "Clip gradients to this global norm (0: off).",
-                                 bound=NON_NEGATIVE)
-  grad_accum_steps: int = option(1, "Micro-batches per update.", bound=POSITIVE)
-  seed: int = option(0, "The one seed: subsets, init, data order, dropout.")
   # --- method (its hyperparameters are flags of their own) -------------------------
   method: str = option("finetune", "Method, or several joined by '+' (see the list below).")
   method_config: MethodConfig = dataclasses.field(default=MethodConfig(),
                                                   metadata={"flag": False})
   # --- bookkeeping ----------------------------------------------------------------
-  checkpoint_every: int = option(200, "Save a checkpoint every N steps (0: only at the "
-                                 "end of each task, where one is always saved).",
-                                 bound=NON_NEGATIVE)
-  keep_checkpoints: int = option(2, "Checkpoints kept in WORKDIR/checkpoints (the newest).",
-                                 bound=POSITIVE)
-  log_every: int = option(10, "Log step metrics every N steps.", bound=POSITIVE)
   eval_every: int = option(0, "Evaluate every task every N steps, for the accuracy curve "
                            "(0: only after each task).", bound=NON_NEGATIVE)
-  stop_after_steps: int | None = option(None, "Testing: stop after N steps as if killed.",
-                                       bound=POSITIVE)
   stop_on_divergence: bool = option(False, "Stop with an error, not a warning, when a "
                                     "task's training loss ends over 10x its value at the "
                                     "task's first step.")
@@ -136,12 +182,7 @@ class StudyConfig:
   def validate(self) -> None:
     """Every value checked, each failure a one-line ``ValueError`` naming the flag, the
     value and what is expected (method hyperparameters are checked by MethodConfig)."""
-    for f in dataclasses.fields(self):
-      value, meta = getattr(self, f.name), f.metadata
-      if meta.get("choices") and value not in meta["choices"]:
-        raise ValueError(f"--{f.name}={value!r}: expected one of {list(meta['choices'])}.")
-      if meta.get("bound"):
-        meta["bound"].check(f.name, value)
+    super().validate()
     if not self.tasks:
       raise ValueError("--tasks is empty: name at least one task (e.g. --tasks=imdb,ag_news).")
     twice = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
@@ -153,12 +194,6 @@ class StudyConfig:
       raise ValueError(f"--classes names {unknown}, which are not among --tasks="
                        f"{','.join(self.tasks)}.")
     registry.parse(self.method)
-    if self.init == "random" and self.size not in SIZES and self.size not in SIZE_ALIASES:
-      raise ValueError(f"--size={self.size!r}: expected one of "
-                       f"{sorted(SIZES) + sorted(SIZE_ALIASES)}.")
-
-  def replace(self, **kwargs) -> StudyConfig:
-    return dataclasses.replace(self, **kwargs)
 
   def task_classes(self) -> dict[str, tuple[str, ...]]:
     """Class names per task: ``--ag_news_classes``, then each ``--classes`` item
@@ -177,6 +212,4 @@ class StudyConfig:
 
   def to_dict(self) -> dict:
     """Every field as JSON-ready values (method hyperparameters by name)."""
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    d["method_config"] = self.method_config.to_dict()
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+    return {**super().to_dict(), "method_config": self.method_config.to_dict()}

@@ -367,7 +367,8 @@ def concat(arrays: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def size(arrays: dict[str, np.ndarray]) -> int:
-  return len(arrays["labels"])
+  """Examples in a dict of arrays (they share their leading dimension)."""
+  return len(next(iter(arrays.values())))
 
 
 @dataclasses.dataclass

@@ -1,9 +1,10 @@
 """absl flags generated from the config: one flag per :class:`StudyConfig` field and
 one per registered method hyperparameter, each with the help text of its declaration.
 
-Importing this module defines them on ``absl.flags.FLAGS``; an experiment script then
-builds its config with :func:`study_config` and records :func:`flag_values`.
-``define_flags(FlagValues())`` defines them on another set (tests, embedding).
+A program defines them with :func:`define_flags` (on ``absl.flags.FLAGS`` by default,
+or another ``FlagValues``: tests, embedding), builds its config with
+:func:`study_config` and records :func:`flag_values`. :func:`define_config_flags` and
+:func:`config_from_flags` do the same for any config dataclass (LM training's).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def _base_type(annotation) -> Any:
 
 def _define(fv: flags.FlagValues, name: str, kind, default, help_: str,
             choices=None, repeatable: bool = False) -> None:
+  if name in fv:   # defined already (a second call, or another config sharing the field)
+    return
   if choices:
     flags.DEFINE_enum(name, default, list(choices), help_, flag_values=fv)
   elif kind is tuple:
@@ -41,21 +44,33 @@ def _define(fv: flags.FlagValues, name: str, kind, default, help_: str,
     define(name, default, help_, flag_values=fv)
 
 
-def _config_fields() -> list[tuple[dataclasses.Field, Any]]:
-  hints = typing.get_type_hints(StudyConfig)
-  return [(f, _base_type(hints[f.name])) for f in dataclasses.fields(StudyConfig)
+def _config_fields(cls=StudyConfig) -> list[tuple[dataclasses.Field, Any]]:
+  hints = typing.get_type_hints(cls)
+  return [(f, _base_type(hints[f.name])) for f in dataclasses.fields(cls)
           if f.metadata.get("flag", True)]
 
 
-def define_flags(fv: flags.FlagValues = FLAGS) -> None:
-  """Defines the study's flags and every registered method hyperparameter on ``fv``."""
-  for f, kind in _config_fields():
+def define_config_flags(cls, fv: flags.FlagValues = FLAGS) -> None:
+  """Defines one flag per field of the config dataclass ``cls`` (``option`` fields:
+  type, default, help, choices) on ``fv``."""
+  for f, kind in _config_fields(cls):
     help_ = f.metadata["help"]
     if f.name == "method":
       help_ += " One of: " + "; ".join(f"{n}: {d}" for n, d in
                                       registry.descriptions().items())
     _define(fv, f.name, kind, f.default, help_, f.metadata.get("choices"),
             f.metadata.get("repeatable", False))
+
+
+def config_from_flags(cls, fv: flags.FlagValues = FLAGS, **overrides):
+  """An instance of ``cls`` from the parsed flags (``overrides`` win)."""
+  return cls(**{**{f.name: tuple(fv[f.name].value) if kind is tuple else fv[f.name].value
+                   for f, kind in _config_fields(cls)}, **overrides})
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+  """Defines the study's flags and every registered method hyperparameter on ``fv``."""
+  define_config_flags(StudyConfig, fv)
   for hp in registry.hparams().values():
     _define(fv, hp.name, hp.type, hp.default,
             f"[{', '.join(registry.users(hp.name))}] {hp.help}", hp.choices)
@@ -63,12 +78,9 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
 
 def study_config(fv: flags.FlagValues = FLAGS, **overrides) -> StudyConfig:
   """The :class:`StudyConfig` of the parsed flags (``overrides`` win)."""
-  return StudyConfig(**{
-      **{f.name: tuple(fv[f.name].value) if kind is tuple else fv[f.name].value
-         for f, kind in _config_fields()},
-      # A method registered after the flags were defined has no flags: its defaults.
-      "method_config": MethodConfig(**{n: fv[n].value for n in registry.hparams() if n in fv}),
-      **overrides})
+  # A method registered after the flags were defined has no flags: its defaults.
+  method_config = MethodConfig(**{n: fv[n].value for n in registry.hparams() if n in fv})
+  return config_from_flags(StudyConfig, fv, **{"method_config": method_config, **overrides})
 
 
 def flag_values(fv: flags.FlagValues = FLAGS) -> dict:
@@ -78,6 +90,3 @@ def flag_values(fv: flags.FlagValues = FLAGS) -> dict:
     if "absl" not in module:
       ours.update(f.name for f in module_flags)
   return {name: fv[name].value for name in sorted(ours)}
-
-
-define_flags()

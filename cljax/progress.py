@@ -91,15 +91,17 @@ class StepLogger:
   Args:
     writers: where records go.
     log_every: a record every N steps of a task (and at its last step).
-    batch_size: examples per step, for the ETA.
+    batch_size: examples per step.
     last_checkpoint: returns the step of the last saved checkpoint (for the error).
+    unit: what ``count`` counts, for the rate (``examples``; ``tokens`` in LM training).
   """
 
   _SUMS = ("loss_sum", "correct", "count")
 
   def __init__(self, writers: Writers, log_every: int, batch_size: int,
-               last_checkpoint: Callable[[], int | None]):
+               last_checkpoint: Callable[[], int | None], unit: str = "examples"):
     self.writers, self.log_every, self.batch_size = writers, log_every, batch_size
+    self.unit = unit
     self.last_checkpoint = last_checkpoint
     self.steps_this_process = 0
     self._pending = None
@@ -109,7 +111,7 @@ class StepLogger:
     self._reset()
 
   def _reset(self) -> None:
-    self._t, self._examples = time.time(), 0.0
+    self._t, self._examples, self._steps = time.time(), 0.0, 0
     self._sums = dict.fromkeys(self._SUMS, 0.0)
 
   def start_task(self, k: int, name: str, total_steps: int,
@@ -147,23 +149,25 @@ class StepLogger:
     for key in self._SUMS:
       self._sums[key] += float(m[key])
     self._examples += float(m["count"])
+    self._steps += 1
     if s % self.log_every == 0 or s == total:
       self._log(g, s, m)
 
   def _log(self, g: int, s: int, m: dict) -> None:
     k, name, total = self._task
-    rate = self._examples / max(time.time() - self._t, 1e-9)
+    elapsed = max(time.time() - self._t, 1e-9)
+    rate = self._examples / elapsed
     count = max(self._sums["count"], 1)
     record = {"global_step": g, "task": k, "step": s,
               "loss": self._sums["loss_sum"] / count, "accuracy": self._sums["correct"] / count,
               "penalty": float(m["penalty"]), "grad_norm": float(m["grad_norm"]),
-              "learning_rate": float(self._lr(s)), "examples_per_s": rate}
+              "learning_rate": float(self._lr(s)), f"{self.unit}_per_s": rate}
     self.writers.write(record, g, "train")
     self._last_loss = record["loss"]
-    eta = (total - s) * self.batch_size / max(rate, 1e-9)
-    logging.info("task %d %s step %d/%d loss %.4f acc %.3f lr %.2e | %.1f ex/s, ETA task %s",
+    eta = (total - s) * elapsed / max(self._steps, 1)
+    logging.info("task %d %s step %d/%d loss %.4f acc %.3f lr %.2e | %.1f %s/s, ETA task %s",
                  k, name, s, total, record["loss"], record["accuracy"],
-                 record["learning_rate"], rate, fmt_time(eta))
+                 record["learning_rate"], rate, self.unit, fmt_time(eta))
     self._reset()
 
   def divergence(self, factor: float = DIVERGENCE_FACTOR) -> str | None:

@@ -33,6 +33,7 @@ from cljax import hf
 from cljax import metrics as metrics_lib
 from cljax import sharding
 from cljax import steps
+from cljax import checkpoint
 from cljax.checkpoint import Checkpointer
 from cljax.config import StudyConfig
 from cljax.methods import BuildContext, Method, TaskContext
@@ -156,26 +157,6 @@ def evaluate(eval_fn, params, arrays: dict[str, np.ndarray], batch_size: int,
       totals["loss_sum"]) / n
 
 
-def _open_workdir(cfg: StudyConfig, workdir: str, resume: bool) -> Checkpointer | None:
-  """The workdir's checkpointer if it has a checkpoint folder (creating nothing), after
-  refusing a workdir that holds another run or a resume with changed settings."""
-  directory = os.path.join(workdir, "checkpoints")
-  ckpt = (Checkpointer(directory, cfg.keep_checkpoints) if os.path.isdir(directory)
-          else None)
-  latest = ckpt.latest_step() if ckpt else None
-  if latest is not None and not resume:
-    raise FileExistsError(f"{workdir} already holds checkpoints of a run. Pass --resume to "
-                          "continue it, or choose another --workdir.")
-  if latest is not None:
-    check_resumable(ckpt.restore_meta().get("config"), cfg, workdir)
-  outputs = [n for n in OUTPUTS if os.path.exists(os.path.join(workdir, n))]
-  if latest is None and outputs:
-    raise FileExistsError(f"{workdir} holds outputs of a previous run ({', '.join(outputs)}) "
-                          "and no checkpoint to resume from; choose another --workdir, or "
-                          "remove them.")
-  return ckpt
-
-
 def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
   """Loads the tokenizer, the model (checked against the tokenizer), the method and
   then the data; builds the mesh, the compiled evaluation and the checkpointer.
@@ -189,7 +170,8 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
   mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)
   sharding.check_batch_size(cfg.batch_size, mesh)
   sharding.check_batch_size(cfg.eval_batch_size, mesh, "--eval_batch_size")
-  ckpt = _open_workdir(cfg, workdir, resume)
+  ckpt = checkpoint.open_run(workdir, cfg.to_dict(), resume, keep=cfg.keep_checkpoints,
+                             outputs=OUTPUTS, resumable=RESUMABLE_CHANGES)
   tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
   tasks = data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(), cfg.data_dir)
   total_labels = data_lib.num_labels(tasks)
@@ -227,25 +209,6 @@ RESUMABLE_CHANGES = frozenset({
     "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "stop_after_steps",
     "cache_dir", "eval_batch_size", "mesh_data", "mesh_model", "distributed", "remat",
     "stop_on_divergence"})
-
-
-def check_resumable(saved: dict | None, cfg: StudyConfig, workdir: str) -> None:
-  """Refuses to resume a run with settings that change its computation: one line
-  listing every such setting (old -> new)."""
-  if not saved:
-    logging.warning("The checkpoints in %s predate stored configurations: resuming without "
-                    "checking that the settings match.", workdir)
-    return
-  now = cfg.to_dict()
-  changed = [f"--{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-             if k not in RESUMABLE_CHANGES and k != "method_config" and saved.get(k) != now.get(k)]
-  old_hp, new_hp = saved.get("method_config", {}), now["method_config"]
-  changed += [f"--{k} {old_hp.get(k)!r} -> {new_hp.get(k)!r}" for k in sorted(new_hp)
-              if k in old_hp and old_hp[k] != new_hp[k]]
-  if changed:
-    raise ValueError(f"Cannot resume {workdir}: its run used other settings ({'; '.join(changed)})"
-                     ". Resuming would mix two runs under one label: rerun with the original "
-                     "settings, or start a new --workdir.")
 
 
 def evaluate_all(study: Study, params, split: str = "test"
@@ -349,22 +312,9 @@ def restore_or_start(study: Study, resume: bool = False
                           rng=study.base_rng, method_state=study.method.init(params)), record
 
 
-@jax.jit
-def _all_finite(tree) -> jax.Array:
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
-
-
 def save_checkpoint(study: Study, state, record: RunRecord) -> None:
-  """Saves ``state`` at ``record.global_step``, after checking on device that its
-  params, optimizer and method state are all finite (never a non-finite checkpoint)."""
-  if not bool(_all_finite(state)):
-    raise FloatingPointError(
-        f"Non-finite parameters or optimizer state after global step {record.global_step}; "
-        "not saved. The last finite checkpoint is global step "
-        f"{study.checkpointer.latest_step()}. Lower --learning_rate or the method's strength, "
-        "or check the data, and start a new --workdir.")
-  study.checkpointer.save(record.global_step, state, record.to_json())
+  """Saves ``state`` at ``record.global_step`` (never a non-finite one)."""
+  checkpoint.save_finite(study.checkpointer, record.global_step, state, record.to_json())
 
 
 def begin_task(study: Study, k: int, state, record: RunRecord):

@@ -18,6 +18,7 @@ from cljax import cli
 from cljax import flags as cljax_flags
 from cljax import study
 
+cljax_flags.define_flags()
 flags.adopt_module_key_flags(cljax_flags)  # --help lists every flag
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder of the run.", required=True)
 _RESUME = flags.DEFINE_bool("resume", False, "Continue the run in --workdir from its "

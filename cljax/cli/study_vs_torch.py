@@ -22,6 +22,7 @@ from cljax import bench
 from cljax import flags as cljax_flags
 from cljax import study
 
+cljax_flags.define_flags()
 flags.adopt_module_key_flags(cljax_flags)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Scratch folder (emptied first).",
                                required=True)

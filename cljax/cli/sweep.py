@@ -23,6 +23,7 @@ from cljax import flags as cljax_flags
 from cljax import report
 from cljax import sweep
 
+cljax_flags.define_flags()
 flags.adopt_module_key_flags(cljax_flags)
 _ROOT = flags.DEFINE_string("root", None, "Folder of the sweep.", required=True)
 _METHODS = flags.DEFINE_list("methods", ["finetune"], "Methods (each may be a '+' "
