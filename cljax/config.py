@@ -131,6 +131,15 @@ class StudyConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
   classes: tuple[str, ...] = option(
       (), "Classes of any task, TASK=name,name (repeatable); e.g. --classes=imdb=neg,pos. "
       "Overrides --ag_news_classes.", repeatable=True)
+  head: str = option("score", "score: a linear classification head on the last token "
+                     "(GPT2ForSequenceClassification). lm: classification as text, each "
+                     "example a prompt (text, then an answer marker) and its class the "
+                     "label word the LM finds most likely next (no new parameters).",
+                     choices=("score", "lm"))
+  label_words: tuple[str, ...] = option(
+      (), "--head=lm: label words of a task's classes, TASK=word,word in class order "
+      "(repeatable; default imdb=negative,positive, ag_news=world,sports,business,"
+      "science, a local task's class names); a leading space is added.", repeatable=True)
   data_dir: str | None = option(
       None, "Folder of local data, DIR/TASK/{train,test}.jsonl (or .csv / .parquet) with "
       "text and label columns. Unset: the Hugging Face hub (stanfordnlp/imdb, "
@@ -174,7 +183,7 @@ class StudyConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
     for name in ("num_train", "num_test"):   # -1 (the flags' "all") is None
       if getattr(self, name) == -1:
         object.__setattr__(self, name, None)
-    for name in ("tasks", "ag_news_classes", "classes"):
+    for name in ("tasks", "ag_news_classes", "classes", "label_words"):
       value = getattr(self, name)
       object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
     self.validate()
@@ -189,27 +198,41 @@ class StudyConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
     if twice:
       raise ValueError(f"--tasks={','.join(self.tasks)} names {twice} more than once; each "
                        "task is trained once (a repeated task would share its results row).")
-    unknown = sorted(set(self.task_classes()) - set(self.tasks))
-    if unknown:
-      raise ValueError(f"--classes names {unknown}, which are not among --tasks="
-                       f"{','.join(self.tasks)}.")
+    for name, given in (("classes", self.task_classes()),
+                        ("label_words", self.task_label_words())):
+      unknown = sorted(set(given) - set(self.tasks))
+      if unknown:
+        raise ValueError(f"--{name} names {unknown}, which are not among --tasks="
+                         f"{','.join(self.tasks)}.")
     registry.parse(self.method)
 
   def task_classes(self) -> dict[str, tuple[str, ...]]:
     """Class names per task: ``--ag_news_classes``, then each ``--classes`` item
     (``"TASK=name,name"``, or a ``(task, names)`` pair from Python)."""
     out = {"ag_news": self.ag_news_classes} if "ag_news" in self.tasks else {}
-    for item in self.classes:
-      if isinstance(item, (tuple, list)):   # (task, names): the Python form
-        out[item[0]] = tuple(item[1])
-        continue
-      task, sep, names = item.partition("=")
-      if not sep or not names.strip():
-        raise ValueError(f"--classes={item!r}: expected TASK=name,name (e.g. "
-                         "--classes=imdb=neg,pos).")
-      out[task.strip()] = tuple(n.strip() for n in names.split(","))
-    return out
+    return {**out, **_per_task("classes", self.classes)}
+
+  def task_label_words(self) -> dict[str, tuple[str, ...]]:
+    """``--label_words`` per task, each word with a leading space (GPT-2's tokens for
+    a word after the answer marker)."""
+    return {task: tuple(" " + w.strip() for w in words)
+            for task, words in _per_task("label_words", self.label_words).items()}
 
   def to_dict(self) -> dict:
     """Every field as JSON-ready values (method hyperparameters by name)."""
     return {**super().to_dict(), "method_config": self.method_config.to_dict()}
+
+
+def _per_task(flag: str, items) -> dict[str, tuple[str, ...]]:
+  """``("TASK=a,b", ...)`` (or ``(task, names)`` pairs from Python) as a dict."""
+  out = {}
+  for item in items:
+    if isinstance(item, (tuple, list)):   # (task, names): the Python form
+      out[item[0]] = tuple(item[1])
+      continue
+    task, sep, names = item.partition("=")
+    if not sep or not names.strip():
+      raise ValueError(f"--{flag}={item!r}: expected TASK=name,name (e.g. "
+                       f"--{flag}=imdb={'neg,pos' if flag == 'classes' else 'bad,good'}).")
+    out[task.strip()] = tuple(n.strip() for n in names.split(","))
+  return out

@@ -35,14 +35,22 @@ class TaskSpec:
   default_classes: tuple[str, ...] | None = None   # None: all classes
   text_field: str = "text"
   label_field: str = "label"
+  # Classification as text (--head=lm): the prompt around the text, and each class's
+  # label word (source label order; None: the class names after a space).
+  prompt: tuple[str, str] = ("", "\nLabel:")
+  label_words: tuple[str, ...] | None = None
 
 
 TASKS: dict[str, TaskSpec] = {
-    "imdb": TaskSpec("imdb", ("neg", "pos"), hub_id="stanfordnlp/imdb"),
+    "imdb": TaskSpec("imdb", ("neg", "pos"), hub_id="stanfordnlp/imdb",
+                     prompt=("Review: ", "\nSentiment:"),
+                     label_words=(" negative", " positive")),
     # AG News label ids: 0 World, 1 Sports, 2 Business, 3 Sci/Tech. The study's
     # stated intent is Sci/Tech and Sports (its code kept World and Sports).
     "ag_news": TaskSpec("ag_news", ("world", "sports", "business", "sci_tech"),
-                        hub_id="fancyzhx/ag_news", default_classes=("sci_tech", "sports")),
+                        hub_id="fancyzhx/ag_news", default_classes=("sci_tech", "sports"),
+                        prompt=("Article: ", "\nTopic:"),
+                        label_words=(" world", " sports", " business", " science")),
 }
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -55,6 +63,8 @@ class Task:
   source_labels: tuple[int, ...]    # selected source label ids, in head order
   class_names: tuple[str, ...]      # their names
   label_offset: int                 # head id of the first selected class
+  label_words: tuple[str, ...] = ()           # (--head=lm) per selected class
+  prompt: tuple[str, str] = ("", "\nLabel:")  # (--head=lm) text before, after
 
   @property
   def head_labels(self) -> tuple[int, ...]:
@@ -73,7 +83,8 @@ def local_task_spec(name: str, data_dir: str) -> TaskSpec:
 
 
 def resolve_tasks(names: Sequence[str], classes: dict[str, Sequence[str]] | None = None,
-                  data_dir: str | None = None) -> list[Task]:
+                  data_dir: str | None = None,
+                  label_words: dict[str, Sequence[str]] | None = None) -> list[Task]:
   """Tasks in order, each one's classes placed on the shared head after the last.
 
   Args:
@@ -81,12 +92,14 @@ def resolve_tasks(names: Sequence[str], classes: dict[str, Sequence[str]] | None
     classes: optional class names per task (``{"ag_news": ["sci_tech", "sports"]}``);
       their order is the order on the head.
     data_dir: where local tasks live.
+    label_words: optional label words per task for classification as text, one per
+      selected class in the same order (default: the task's, or " " + class name).
   """
-  classes = dict(classes or {})
-  unknown = set(classes) - set(names)
+  classes, label_words = dict(classes or {}), dict(label_words or {})
+  unknown = (set(classes) | set(label_words)) - set(names)
   if unknown:
-    raise ValueError(f"Classes given for {sorted(unknown)}, which are not among the "
-                     f"tasks {list(names)}.")
+    raise ValueError(f"Classes or label words given for {sorted(unknown)}, which are not "
+                     f"among the tasks {list(names)}.")
   tasks, offset = [], 0
   for name in names:
     if name in TASKS:
@@ -102,13 +115,39 @@ def resolve_tasks(names: Sequence[str], classes: dict[str, Sequence[str]] | None
       raise ValueError(f"Task {name!r}: classes {list(wanted)} are not distinct names among "
                        f"{list(spec.class_names)}.")
     ids = tuple(spec.class_names.index(c) for c in wanted)
-    tasks.append(Task(name, ids, wanted, offset))
+    words = tuple(label_words.get(name) or (
+        [spec.label_words[i] for i in ids] if spec.label_words else [" " + c for c in wanted]))
+    if len(words) != len(ids):
+      raise ValueError(f"Task {name!r}: {len(words)} label words {list(words)} for "
+                       f"{len(ids)} classes {list(wanted)}; give one per class, in order.")
+    tasks.append(Task(name, ids, wanted, offset, words, spec.prompt))
     offset += len(ids)
   return tasks
 
 
 def num_labels(tasks: Sequence[Task]) -> int:
   return sum(len(t.source_labels) for t in tasks)
+
+
+def label_tokens(tasks: Sequence[Task], tokenizer) -> tuple[int, ...]:
+  """The first token of every class's label word, in head order (classification as
+  text reads the LM's next-token logits there); they must differ."""
+  words = [w for t in tasks for w in t.label_words]
+  ids = []
+  for w in words:
+    tokens = tokenizer(w, add_special_tokens=False)["input_ids"]
+    if not tokens:
+      raise ValueError(f"Label word {w!r} encodes to no token.")
+    ids.append(tokens[0])
+  ids = tuple(ids)
+  seen: dict[int, str] = {}
+  for w, i in zip(words, ids):
+    if i in seen:
+      raise ValueError(f"Label words {seen[i]!r} and {w!r} start with the same token; "
+                       "choose label words whose first tokens differ "
+                       "(--label_words=TASK=w1,w2).")
+    seen[i] = w
+  return ids
 
 
 # ----------------------------------------------------------------------------
@@ -309,13 +348,34 @@ def _read_cache(path: str, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarr
   return None
 
 
+def _encode_prompts(texts: Sequence[str], tokenizer, max_length: int,
+                    prompt: tuple[str, str]) -> dict[str, list]:
+  """``prefix + text + suffix`` per text, the text truncated so that the whole fits
+  ``max_length`` (the suffix, the answer marker, is never cut), right padded."""
+  prefix, suffix = (tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt)
+  room = max_length - len(prefix) - len(suffix)
+  if room < 1:
+    raise ValueError(f"The prompt {prompt!r} takes {len(prefix) + len(suffix)} tokens, "
+                     f"leaving no room for text in --max_length={max_length}.")
+  ids, mask = [], []
+  for text in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+    row = prefix + text[:room] + suffix
+    ids.append(row + [tokenizer.pad_token_id] * (max_length - len(row)))
+    mask.append([1] * len(row) + [0] * (max_length - len(row)))
+  return {"input_ids": ids, "attention_mask": mask}
+
+
 def tokenize(texts: Sequence[str], tokenizer, max_length: int,
-             cache_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+             cache_dir: str | None = None, prompt: tuple[str, str] | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
   """Token ids and attention mask, ``int32 [N, max_length]``: truncated, right padded
-  with the pad (= eos) id. Cached under ``cache_dir`` by content."""
+  with the pad (= eos) id. With ``prompt`` (before, after): each text placed between
+  them, classification as text. Cached under ``cache_dir`` by content."""
   key = hashlib.sha256()
   key.update(_tokenizer_fingerprint(tokenizer).encode())
   key.update(str(max_length).encode())
+  if prompt is not None:
+    key.update(json.dumps(list(prompt)).encode())
   for t in texts:
     key.update(t.encode("utf-8"))
     key.update(b"\0")
@@ -324,8 +384,9 @@ def tokenize(texts: Sequence[str], tokenizer, max_length: int,
     cached = _read_cache(path, (len(texts), max_length))
     if cached is not None:
       return cached
-  enc = tokenizer(list(texts), truncation=True, max_length=max_length,
-                  padding="max_length", return_attention_mask=True)
+  enc = (_encode_prompts(texts, tokenizer, max_length, prompt) if prompt is not None else
+         tokenizer(list(texts), truncation=True, max_length=max_length,
+                   padding="max_length", return_attention_mask=True))
   ids = np.asarray(enc["input_ids"], dtype=np.int32)
   mask = np.asarray(enc["attention_mask"], dtype=np.int32)
   if ids.shape != (len(texts), max_length):
@@ -345,10 +406,13 @@ def tokenize(texts: Sequence[str], tokenizer, max_length: int,
 
 def make_arrays(rows: Sequence[Row], indices: Sequence[int], task: Task, task_index: int,
                 total_labels: int, tokenizer, max_length: int,
-                cache_dir: str | None = None) -> dict[str, np.ndarray]:
-  """The arrays of one split of one task, labels remapped onto the shared head."""
+                cache_dir: str | None = None, as_text: bool = False
+                ) -> dict[str, np.ndarray]:
+  """The arrays of one split of one task, labels remapped onto the shared head;
+  ``as_text``: each text inside the task's prompt (classification as text)."""
   texts = [rows[i][0] for i in indices]
-  ids, mask = tokenize(texts, tokenizer, max_length, cache_dir)
+  ids, mask = tokenize(texts, tokenizer, max_length, cache_dir,
+                       prompt=task.prompt if as_text else None)
   remap = {src: task.label_offset + k for k, src in enumerate(task.source_labels)}
   class_mask = np.zeros((total_labels,), bool)
   class_mask[list(task.head_labels)] = True
@@ -382,8 +446,9 @@ class TaskData:
 def load_task_data(tasks: Sequence[Task], tokenizer, *, data_dir: str | None,
                    num_train: int | None, num_test: int | None, num_val: int = 0,
                    subset: str = "balanced", max_length: int = 128, seed: int = 0,
-                   cache_dir: str | None = None) -> list[TaskData]:
-  """Reads, subsets and tokenizes every task's train, test (and validation) splits.
+                   cache_dir: str | None = None, as_text: bool = False) -> list[TaskData]:
+  """Reads, subsets and tokenizes every task's train, test (and validation) splits
+  (``as_text``: inside each task's prompt, for classification as text).
 
   The validation split (``num_val`` > 0) is carved from the training file, disjoint
   from the training subset, so that strengths are never chosen on test data.
@@ -398,12 +463,15 @@ def load_task_data(tasks: Sequence[Task], tokenizer, *, data_dir: str | None,
     if num_val:
       val_idx = select(train_rows, task, num_val, "balanced", (seed, k, 1),
                        exclude=frozenset(train_idx))
-      val = make_arrays(train_rows, val_idx, task, k, total, tokenizer, max_length, cache_dir)
+      val = make_arrays(train_rows, val_idx, task, k, total, tokenizer, max_length, cache_dir,
+                        as_text)
     test_idx = select(test_rows, task, num_test, subset, (seed, k, 2))
     data = TaskData(
         task,
-        make_arrays(train_rows, train_idx, task, k, total, tokenizer, max_length, cache_dir),
-        make_arrays(test_rows, test_idx, task, k, total, tokenizer, max_length, cache_dir),
+        make_arrays(train_rows, train_idx, task, k, total, tokenizer, max_length, cache_dir,
+                    as_text),
+        make_arrays(test_rows, test_idx, task, k, total, tokenizer, max_length, cache_dir,
+                    as_text),
         val)
     counts = np.bincount(data.train["labels"], minlength=total)[list(task.head_labels)]
     logging.info("Task %d %s: %d train (per class %s), %d test, %s validation; classes %s "

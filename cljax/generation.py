@@ -88,8 +88,10 @@ def _check(model, input_ids, attention_mask, max_new_tokens, rng, temperature, t
 def generate(model: GPT2LM, params, input_ids, attention_mask, *, max_new_tokens: int,
              rng: jax.Array | None = None, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None,
-             eos_token_id: int | None = None, pad_token_id: int | None = None) -> jax.Array:
-  """New tokens ``int32 [batch, max_new_tokens]`` after each right-padded prompt.
+             eos_token_id: int | None = None, pad_token_id: int | None = None
+             ) -> np.ndarray:
+  """New tokens after each right-padded prompt: a NumPy ``int32 [batch,
+  max_new_tokens]`` array, on the host and ready to decode.
 
   ``temperature=0`` is greedy; otherwise ``rng`` is required and ``top_k`` /
   ``top_p`` filter the distribution. After a row emits ``eos_token_id`` (default:
@@ -106,9 +108,10 @@ def generate(model: GPT2LM, params, input_ids, attention_mask, *, max_new_tokens
   keep = min(width, np.shape(input_ids)[1])
   ids[:, :keep] = np.asarray(input_ids)[:, :keep]
   mask = (np.arange(width) < lengths[:, None]).astype(np.int32)
-  return _generate(model, params, jnp.asarray(ids), jnp.asarray(mask),
-                   jax.random.key(0) if rng is None else rng, max_new_tokens=max_new_tokens,
-                   temperature=float(temperature), top_k=top_k, top_p=top_p, eos=eos, pad=pad)
+  return np.asarray(_generate(
+      model, params, jnp.asarray(ids), jnp.asarray(mask),
+      jax.random.key(0) if rng is None else rng, max_new_tokens=max_new_tokens,
+      temperature=float(temperature), top_k=top_k, top_p=top_p, eos=eos, pad=pad))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature",

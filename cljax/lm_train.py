@@ -51,17 +51,21 @@ PROMPT_NO_INPUT = (
 @dataclasses.dataclass(frozen=True)
 class LMConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
   """Everything that defines an LM training run (``cljax-instruct``'s flags)."""
-  data: str = option("", "Training data: a local .json (a list of rows) or .jsonl file, or "
-                     "a Hugging Face hub dataset id (e.g. tatsu-lab/alpaca; its train split).")
+  data: str = option("", "Training data: local .json (a list of rows) or .jsonl files "
+                     "(several joined by commas), or a Hugging Face hub dataset id (e.g. "
+                     "tatsu-lab/alpaca; its train split).")
   data_format: str = option("alpaca", "alpaca: instruction / input / output rows, "
                             "prompt masked; text: rows with a text field, packed into "
                             "--block_size blocks.", choices=("alpaca", "text"))
   eval_data: str | None = option(None, "Held-out data in the same format (default: "
                                  "--num_eval rows carved from --data).")
-  num_eval: int = option(64, "Held-out rows carved from --data when --eval_data is unset "
-                         "(0: no held-out evaluation).", bound=NON_NEGATIVE)
-  max_examples: int | None = option(-1, "Use at most this many training rows (-1: all).",
-                                    bound=COUNT)
+  num_eval: int = option(64, "Held-out rows: a seeded sample of --eval_data (0: all of it), "
+                         "or carved from --data (0: no held-out evaluation).",
+                         bound=NON_NEGATIVE)
+  eval_every: int = option(0, "Evaluate the held-out loss every N steps, for the curve "
+                           "(0: only before and after training).", bound=NON_NEGATIVE)
+  max_examples: int | None = option(-1, "Use at most this many training rows, a seeded "
+                                    "sample (-1: all).", bound=COUNT)
   text_field: str = option("text", "--data_format=text: the field holding the text.")
   block_size: int = option(128, "--data_format=text: tokens per packed block.",
                            bound=POSITIVE)
@@ -186,17 +190,31 @@ def text_arrays(records, tokenizer, block_size: int, field: str = "text"
   return {"input_ids": ids, "attention_mask": ones, "loss_mask": ones}
 
 
+def read_sources(sources: str) -> list[tuple[dict, str]]:
+  """The rows of one source or of several joined by commas, in order."""
+  return [r for source in sources.split(",") if source.strip()
+          for r in read_records(source.strip())]
+
+
+def _sample(records: list, n: int | None, seed) -> list:
+  """At most ``n`` records, a seeded sample kept in file order (None: all)."""
+  if n is None or n >= len(records):
+    return records
+  return [records[i] for i in sorted(np.random.default_rng(seed).permutation(len(records))[:n])]
+
+
 def load_splits(cfg: LMConfig, tokenizer) -> tuple[dict, dict | None]:
-  """(train arrays, held-out arrays or None) of the configured data."""
-  records = read_records(cfg.data)
+  """(train arrays, held-out arrays or None) of the configured data: held-out rows are
+  ``--num_eval`` of ``--eval_data`` (seeded sample), or carved from ``--data``."""
+  records = read_sources(cfg.data)
   if cfg.eval_data:
-    held = read_records(cfg.eval_data)
+    held = _sample(read_sources(cfg.eval_data), cfg.num_eval or None, (cfg.seed, 1))
   else:
     order = np.random.default_rng(cfg.seed).permutation(len(records))
     n_eval = min(cfg.num_eval, len(records) // 2)
     held = [records[i] for i in order[:n_eval]]
     records = [records[i] for i in sorted(order[n_eval:])]
-  records = records[:cfg.max_examples]
+  records = _sample(records, cfg.max_examples, (cfg.seed, 2))
   if cfg.data_format == "alpaca":
     make = functools.partial(alpaca_arrays, tokenizer=tokenizer, max_length=cfg.max_length)
   else:
@@ -284,7 +302,8 @@ OUTPUTS = ("results.json", "metrics.jsonl", "tensorboard", "generations.jsonl", 
 # Settings a resumed run may change (logging, outputs, generation): recorded, not refused.
 RESUMABLE_CHANGES = frozenset({
     "checkpoint_every", "keep_checkpoints", "log_every", "stop_after_steps", "eval_batch_size",
-    "remat", "generate", "max_new_tokens", "temperature", "top_k", "top_p", "export"})
+    "eval_every", "remat", "generate", "max_new_tokens", "temperature", "top_k", "top_p",
+    "export"})
 
 
 class Interrupted(RuntimeError):
@@ -298,6 +317,7 @@ class LMRecord:
   held_out_before: dict | None = None
   train_seconds: float = 0.0
   config: dict = dataclasses.field(default_factory=dict)
+  curve: list = dataclasses.field(default_factory=list)   # held-out loss through the run
 
 
 def _train_batch(batch: dict) -> dict:
@@ -328,8 +348,9 @@ def _restore_or_start(cfg, ckpt, params, tx, held, eval_fn):
 
 
 def train(cfg: LMConfig, state, record: LMRecord, arrays: dict, tx, schedule, ckpt,
-          logger: StepLogger, model):
-  """Trains from ``record.step`` to the end, checkpointing every ``checkpoint_every``."""
+          logger: StepLogger, model, held_out=None):
+  """Trains from ``record.step`` to the end, checkpointing every ``checkpoint_every``
+  and, with ``held_out(params) -> dict``, evaluating every ``eval_every`` steps."""
   per_epoch = data_lib.num_batches(data_lib.size(arrays), cfg.batch_size)
   total = per_epoch * cfg.epochs
   train_fn = jax.jit(functools.partial(steps.lm_train_step, model=model, tx=tx),
@@ -344,6 +365,13 @@ def train(cfg: LMConfig, state, record: LMRecord, arrays: dict, tx, schedule, ck
     state, m = train_fn(state, _train_batch(next(batch_iter)))
     record.step = s + 1
     logger.push(s + 1, s + 1, m)
+    if held_out and cfg.eval_every and record.step % cfg.eval_every == 0 and s + 1 < total:
+      logger.flush()
+      point = {"global_step": record.step, **held_out(state.params)}
+      record.curve.append(point)
+      logger.writers.write(point, record.step, "held_out")
+      logging.info("step %d: held-out loss %.4f, perplexity %.2f", record.step, point["loss"],
+                   point["perplexity"])
     if cfg.checkpoint_every and record.step % cfg.checkpoint_every == 0 and s + 1 < total:
       logger.flush()
       record.train_seconds += time.time() - t0
@@ -387,7 +415,9 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
   logger = StepLogger(Writers(workdir), cfg.log_every, cfg.batch_size, ckpt.latest_step,
                       unit="tokens")
   try:
-    state = train(cfg, state, record, arrays, tx, schedule, ckpt, logger, model)
+    held_out = held and functools.partial(evaluate, eval_fn, arrays=held,
+                                          batch_size=cfg.eval_batch_size)
+    state = train(cfg, state, record, arrays, tx, schedule, ckpt, logger, model, held_out)
   finally:
     logger.close()
     ckpt.close()
@@ -415,6 +445,7 @@ def finish(cfg: LMConfig, workdir: str, model, params, tokenizer, record: LMReco
     tokenizer.save_pretrained(os.path.join(workdir, "hf_model"))
   results = {"data_format": cfg.data_format, "steps": record.step,
              "held_out_before": record.held_out_before, "held_out_after": after,
+             "held_out_curve": record.curve,
              "warnings": [diverged] if diverged else [],
              "flags": flags if flags is not None else cfg.to_dict(),
              "timing": {"train_seconds": record.train_seconds,

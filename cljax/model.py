@@ -204,7 +204,7 @@ def _layer_norm(config: GPT2Config, name: str):
 
 
 class LayerCache(NamedTuple):
-  """One layer's view of the KV cache: keys and values ``[B, S, heads, head_dim]``,
+  """One layer's view of the KV cache: keys and values ``[B, heads, S, head_dim]``,
   the slot where this call's T tokens go (``index``, the same for every row: one
   in-place slice write) and which slots hold a real token once written
   (``valid [B, S]``)."""
@@ -215,8 +215,9 @@ class LayerCache(NamedTuple):
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer (tuples of ``[B, S, heads, head_dim]``) and the
-  slots that hold a real token (``valid [B, S]``).
+  """Keys and values of every layer (tuples of ``[B, heads, S, head_dim]``: each head's
+  slots contiguous, so attention reads them without a transpose) and the slots that
+  hold a real token (``valid [B, S]``).
 
   Slots are in the order tokens were written; a token's position (its ``wpe`` row)
   is passed separately, so rows of different prompt lengths share slot indices:
@@ -229,23 +230,29 @@ class KVCache(NamedTuple):
 
 def init_cache(config: GPT2Config, batch: int, length: int) -> KVCache:
   """An empty cache of ``length`` slots per row (the prompt plus the new tokens)."""
-  shape = (batch, length, config.n_head, config.head_dim)
+  shape = (batch, config.n_head, length, config.head_dim)
   zeros = tuple(jnp.zeros(shape, as_dtype(config.dtype)) for _ in range(config.n_layer))
   return KVCache(zeros, zeros, jnp.zeros((batch, length), bool))
 
 
 def _attend_cached(q_BTNH, k_BTNH, v_BTNH, kv: LayerCache):
   """Writes the new keys and values at slots ``index..index+T-1``, then attends each
-  query to the real slots up to its own."""
+  query to the real slots up to its own (softmax in float32)."""
   S, T = kv.valid.shape[1], q_BTNH.shape[1]
-  start = (0, kv.index, 0, 0)
-  k_BSNH = jax.lax.dynamic_update_slice(kv.k, k_BTNH.astype(kv.k.dtype), start)
-  v_BSNH = jax.lax.dynamic_update_slice(kv.v, v_BTNH.astype(kv.v.dtype), start)
+  start = (0, 0, kv.index, 0)
+  k_BNSH = jax.lax.dynamic_update_slice(
+      kv.k, k_BTNH.transpose(0, 2, 1, 3).astype(kv.k.dtype), start)
+  v_BNSH = jax.lax.dynamic_update_slice(
+      kv.v, v_BTNH.transpose(0, 2, 1, 3).astype(kv.v.dtype), start)
   upto_TS = jnp.arange(S)[None, :] <= kv.index + jnp.arange(T)[:, None]
   keep_B1TS = (upto_TS[None] & kv.valid[:, None])[:, None]
-  out_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSNH.astype(q_BTNH.dtype),
-                                          v_BSNH.astype(q_BTNH.dtype), mask=keep_B1TS)
-  return out_BTNH, kv._replace(k=k_BSNH, v=v_BSNH)
+  scale = jnp.asarray(1.0 / q_BTNH.shape[-1] ** 0.5, q_BTNH.dtype)
+  logits_BNTS = jnp.einsum("btnh,bnsh->bnts", q_BTNH * scale, k_BNSH.astype(q_BTNH.dtype))
+  logits_BNTS = jnp.where(keep_B1TS, logits_BNTS.astype(jnp.float32),
+                          jnp.finfo(jnp.float32).min)
+  probs_BNTS = jax.nn.softmax(logits_BNTS, axis=-1).astype(q_BTNH.dtype)
+  out_BTNH = jnp.einsum("bnts,bnsh->btnh", probs_BNTS, v_BNSH.astype(q_BTNH.dtype))
+  return out_BTNH, kv._replace(k=k_BNSH, v=v_BNSH)
 
 
 class CausalSelfAttention(nn.Module):
@@ -356,6 +363,24 @@ def pool_index(input_ids_BT: jax.Array, pad_token_id: int | None) -> jax.Array:
   return jnp.argmax(jnp.arange(T, dtype=jnp.int32) * not_pad, axis=-1)
 
 
+def _pooled_hidden(cfg: GPT2Config, input_ids, attention_mask, deterministic: bool):
+  """(the ``wte`` module, the final hidden state at the pooled token ``[B, D]``).
+  Called inside a model's compact ``__call__`` (its parameters are that model's)."""
+  B, T = input_ids.shape
+  if T > cfg.n_positions:
+    raise ValueError(f"Sequence length {T} exceeds n_positions={cfg.n_positions}.")
+  wte, x_BTD = _embeddings(cfg, input_ids, jnp.arange(T)[None], deterministic)
+  block_cls = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
+  # Only the pooled token reaches the head: the last block computes its query,
+  # attention output and MLP at that position alone (exactly, with less work).
+  idx_B = pool_index(input_ids, cfg.pad_token_id)
+  for i in range(cfg.n_layer):
+    last = i == cfg.n_layer - 1
+    x_BTD = block_cls(cfg, name=f"h_{i}")(x_BTD, attention_mask, deterministic,
+                                          idx_B if last else None)
+  return wte, _layer_norm(cfg, "ln_f")(x_BTD[:, 0])
+
+
 class GPT2Classifier(nn.Module):
   """GPT-2 trunk with a bias-free linear ``score`` head at the pooled token.
 
@@ -368,23 +393,30 @@ class GPT2Classifier(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, deterministic: bool = True):
-    cfg = self.config
-    B, T = input_ids.shape
-    if T > cfg.n_positions:
-      raise ValueError(f"Sequence length {T} exceeds n_positions={cfg.n_positions}.")
-    _, x_BTD = _embeddings(cfg, input_ids, jnp.arange(T)[None], deterministic)
-    block_cls = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
-    # Only the pooled token reaches the head: the last block computes its query,
-    # attention output and MLP at that position alone (exactly, with less work).
-    idx_B = pool_index(input_ids, cfg.pad_token_id)
-    for i in range(cfg.n_layer):
-      last = i == cfg.n_layer - 1
-      x_BTD = block_cls(cfg, name=f"h_{i}")(x_BTD, attention_mask, deterministic,
-                                            idx_B if last else None)
-    x_BD = x_BTD[:, 0]
-    x_BD = _layer_norm(cfg, "ln_f")(x_BD)
-    logits_BC = _dense(cfg.num_labels, cfg, "score", use_bias=False)(x_BD)
+    _, x_BD = _pooled_hidden(self.config, input_ids, attention_mask, deterministic)
+    logits_BC = _dense(self.config.num_labels, self.config, "score", use_bias=False)(x_BD)
     return logits_BC.astype(jnp.float32)
+
+
+class GPT2LabelWords(nn.Module):
+  """Classification as text: the LM's next-token logits after the prompt (at its last
+  real token, the answer marker), read at each class's label-word token.
+
+  ``label_tokens[c]`` is the first token of class c's label word; the logits
+  ``[batch, classes]`` are the tied LM head's (``wte``) at those tokens, so
+  ``argmax`` is the most likely label word and a softmax cross-entropy over them is
+  the verbalizer loss of PET and LM-BFF. No ``score`` head: the params are the LM's.
+  """
+
+  config: GPT2Config
+  label_tokens: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, deterministic: bool = True):
+    wte, x_BD = _pooled_hidden(self.config, input_ids, attention_mask, deterministic)
+    words_CD = jnp.take(wte.embedding, jnp.asarray(self.label_tokens), axis=0)
+    x_BD, words_CD = x_BD.astype(wte.dtype), words_CD.astype(wte.dtype)
+    return jnp.einsum("bd,cd->bc", x_BD, words_CD).astype(jnp.float32)
 
 
 class GPT2LM(nn.Module):

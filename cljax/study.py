@@ -39,7 +39,7 @@ from cljax.config import StudyConfig
 from cljax.methods import BuildContext, Method, TaskContext
 from cljax.methods import build as build_method
 from cljax.methods import registry as method_registry
-from cljax.model import GPT2Classifier, GPT2Config, init_params
+from cljax.model import GPT2Classifier, GPT2Config, GPT2LabelWords, init_params
 from cljax.progress import StepLogger, Writers, drop_records_after
 
 __all__ = ["StudyConfig", "Study", "RunRecord", "Interrupted", "run", "setup", "begin_task",
@@ -117,14 +117,19 @@ class Study:
 # Building blocks
 # ----------------------------------------------------------------------------
 
-def build_model(cfg: StudyConfig, tokenizer, num_labels: int):
-  """(model, params): pretrained weights or a random init of a named size."""
+def build_model(cfg: StudyConfig, tokenizer, num_labels: int, label_tokens=None):
+  """(model, params): pretrained weights or a random init of a named size; with
+  ``label_tokens`` (``--head=lm``) a :class:`GPT2LabelWords` over the LM's weights."""
   overrides: dict[str, Any] = {"remat": cfg.remat}
   if cfg.dropout is not None:
     overrides.update(embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, resid_pdrop=cfg.dropout)
   if cfg.init == "pretrained":
-    model, params = hf.load_pretrained(cfg.model, num_labels=num_labels, dtype=cfg.dtype,
-                                       seed=cfg.seed, **overrides)
+    if label_tokens is not None:
+      lm, params = hf.load_lm(cfg.model, dtype=cfg.dtype, num_labels=num_labels, **overrides)
+      model = GPT2LabelWords(lm.config, label_tokens)
+    else:
+      model, params = hf.load_pretrained(cfg.model, num_labels=num_labels, dtype=cfg.dtype,
+                                         seed=cfg.seed, **overrides)
     if model.config.vocab_size < len(tokenizer):
       raise ValueError(f"The model {cfg.model} has {model.config.vocab_size} token "
                        f"embeddings but the tokenizer {cfg.tokenizer or cfg.model} has "
@@ -139,7 +144,8 @@ def build_model(cfg: StudyConfig, tokenizer, num_labels: int):
       cfg.size, vocab_size=len(tokenizer), num_labels=num_labels, dtype=cfg.dtype,
       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
       n_positions=max(1024, cfg.max_length), **overrides)
-  model = GPT2Classifier(config)
+  model = (GPT2Classifier(config) if label_tokens is None
+           else GPT2LabelWords(config, label_tokens))
   params = jax.jit(functools.partial(init_params, model))(jax.random.PRNGKey(cfg.seed))
   return model, params
 
@@ -173,16 +179,19 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
   ckpt = checkpoint.open_run(workdir, cfg.to_dict(), resume, keep=cfg.keep_checkpoints,
                              outputs=OUTPUTS, resumable=RESUMABLE_CHANGES)
   tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
-  tasks = data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(), cfg.data_dir)
+  tasks = data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(), cfg.data_dir,
+                                 cfg.task_label_words())
   total_labels = data_lib.num_labels(tasks)
-  model, params = build_model(cfg, tokenizer, total_labels)
+  as_text = cfg.head == "lm"
+  model, params = build_model(cfg, tokenizer, total_labels,
+                              data_lib.label_tokens(tasks, tokenizer) if as_text else None)
   method = build_method(cfg.method, cfg.method_config, BuildContext(
       num_labels=total_labels, num_tasks=len(tasks), max_length=cfg.max_length,
-      n_layer=model.config.n_layer))
+      n_layer=model.config.n_layer, head=cfg.head))
   task_data = data_lib.load_task_data(
       tasks, tokenizer, data_dir=cfg.data_dir, num_train=cfg.num_train,
       num_test=cfg.num_test, num_val=cfg.num_val, subset=cfg.subset,
-      max_length=cfg.max_length, seed=cfg.seed,
+      max_length=cfg.max_length, seed=cfg.seed, as_text=as_text,
       cache_dir=cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cljax"))
   params = jax.device_put(params, sharding.param_shardings(mesh, params))
   eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
@@ -445,8 +454,11 @@ def make_results(study: Study, record: RunRecord, flags: dict | None, wall_s: fl
   cfg, model = study.cfg, study.model
   return {
       "tasks": [t.name for t in study.tasks],
+      "head": cfg.head,
       "task_classes": {t.name: {"classes": list(t.class_names),
-                                "head_labels": list(t.head_labels)} for t in study.tasks},
+                                "head_labels": list(t.head_labels),
+                                **({"label_words": list(t.label_words), "prompt": list(t.prompt)}
+                                   if cfg.head == "lm" else {})} for t in study.tasks},
       "accuracy_matrix": record.rows,
       "task_aware_accuracy_matrix": record.task_rows,
       "baseline_accuracy": record.baseline,

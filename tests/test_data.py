@@ -146,3 +146,30 @@ def test_batches_pad_the_last_batch_and_keep_every_example():
   np.testing.assert_array_equal(resumed[0]["labels"], out[1]["labels"])
   in_order = list(data.batches(arrays, 4))
   assert in_order[0]["labels"].tolist() == [0, 1, 2, 3]
+
+
+def test_prompts_keep_the_answer_marker_when_the_text_is_cut(tiny_tokenizer):
+  texts = ["good movie", " ".join(["great"] * 40)]
+  ids, mask = data.tokenize(texts, tiny_tokenizer, 12, prompt=("the film", "was"))
+  tok = tiny_tokenizer.convert_tokens_to_ids
+  assert ids[0, :5].tolist() == tok(["the", "film", "good", "movie", "was"])
+  assert mask[0].tolist() == [1] * 5 + [0] * 7
+  assert ids[1].tolist() == tok(["the", "film"] + ["great"] * 9 + ["was"]) and mask[1].all()
+  with pytest.raises(ValueError, match="leaving no room for text"):
+    data.tokenize(texts, tiny_tokenizer, 3, prompt=("the film", "was"))
+
+
+def test_label_words_per_task_and_their_tokens(tiny_tokenizer):
+  imdb, ag = data.resolve_tasks(["imdb", "ag_news"])
+  assert imdb.label_words == (" negative", " positive")
+  assert ag.label_words == (" science", " sports") and ag.prompt[1] == "\nTopic:"
+  imdb, ag = data.resolve_tasks(["imdb", "ag_news"], label_words={
+      "imdb": (" bad", " good"), "ag_news": (" software", " match")})
+  tok = tiny_tokenizer.convert_tokens_to_ids
+  assert data.label_tokens([imdb, ag], tiny_tokenizer) == tuple(
+      tok(["bad", "good", "software", "match"]))
+  with pytest.raises(ValueError, match="' bad' and ' bad' start with the same token"):
+    data.label_tokens(data.resolve_tasks(["imdb"], label_words={"imdb": (" bad", " bad")}),
+                      tiny_tokenizer)
+  with pytest.raises(ValueError, match="1 label words .* for 2 classes"):
+    data.resolve_tasks(["imdb"], label_words={"imdb": (" bad",)})

@@ -215,3 +215,9 @@ def test_the_program_says_it_in_one_line_with_exit_status_1(argv, tmp_path):
   proc = _program([f"--workdir={workdir}", *argv, "--fisher=bogus"])
   assert proc.returncode == 1 and "--fisher=bogus: value should be one of" in proc.stderr
   assert "Traceback" not in proc.stderr and not workdir.exists()
+
+
+def test_freezing_the_score_head_is_refused_without_one(argv, tmp_path):
+  refused(tmp_path / "run", [*argv, "--head=lm", "--method=freeze",
+                             "--label_words=imdb=bad,good", "--label_words=ag_news=chip,goal"],
+          "--freeze=head", "--head=lm has none", "--freeze=last_k")

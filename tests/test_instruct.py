@@ -170,7 +170,9 @@ def test_plain_text_blocks_all_carry_loss_and_perplexity_falls(bpe_tokenizer_dir
   cfg = lm_train.LMConfig(data=str(path), data_format="text", num_eval=10, block_size=32,
                           tokenizer=bpe_tokenizer_dir, init="random", size="tiny",
                           batch_size=8, epochs=10, learning_rate=3e-3, dropout=0.0,
-                          export=False)
+                          export=False, eval_every=10)
   r = lm_train.run(cfg, str(tmp_path / "run"))
   assert r["held_out_after"]["perplexity"] < 0.5 * r["held_out_before"]["perplexity"]
+  curve = [p["loss"] for p in r["held_out_curve"]]
+  assert len(curve) == (r["steps"] - 1) // 10 and curve[-1] < curve[0]
   assert not os.path.exists(tmp_path / "run" / "hf_model")

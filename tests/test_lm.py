@@ -313,3 +313,22 @@ def test_the_lm_step_learns_a_sequence():
   assert losses[-1] < 0.1 * losses[0]
   out = cljax.generate(model, state.params, ids[:1, :3], mask[:1, :3], max_new_tokens=8)
   assert np.asarray(out)[0].tolist() == [1, 5, 9, 2, 6, 5, 3, 31]
+
+
+# ----------------------------------------------------------------------------
+# Classification as text (--head=lm)
+# ----------------------------------------------------------------------------
+
+def test_label_word_logits_are_the_lm_next_token_logits(torch_lm, lm, tiny_batch):
+  """GPT2LabelWords reads transformers' GPT2LMHeadModel next-token logits after the
+  last real token, at the label words' tokens, from the same (LM) params."""
+  from cljax.model import GPT2LabelWords
+  ids, mask = tiny_batch
+  lm_model, params = lm
+  words = (5, 17, 3, 60)
+  model = GPT2LabelWords(lm_model.config, words)
+  ours = np.asarray(model.apply({"params": params}, ids, mask))
+  ref = _torch_logits(torch_lm[1], ids, mask)
+  last = cljax.model.pool_index(jnp.asarray(ids), TINY_HF["pad_token_id"])
+  expect = ref[np.arange(len(ids)), np.asarray(last)][:, list(words)]
+  np.testing.assert_allclose(ours, expect, atol=1e-5)

@@ -70,9 +70,28 @@ def test_every_flag_the_readme_names_exists():
   import sys
   root = os.path.dirname(README)
   known = set()
-  for script in ("forgetting", "sweep", "report", "benchmark", "study_vs_torch"):
+  for script in ("forgetting", "sweep", "report", "benchmark", "study_vs_torch", "instruct"):
     out = subprocess.run([sys.executable, os.path.join(root, "experiments", f"{script}.py"),
                           "--helpfull"], capture_output=True, text=True, timeout=300).stdout
     known.update(re.findall(r"^\s+--(?:\[no\])?([a-z_0-9]+)", out, re.M))
   named = set(re.findall(r"--([a-z][a-z_0-9]*)", open(README).read())) - {"l1_lambda", "help"}
   assert named <= known, sorted(named - known)
+
+
+def test_generation_example_runs(tiny_tokenizer_dir, tiny_tokenizer, tmp_path):
+  text = open(README).read()
+  section = text[text.index("## GPT-2 as a language model"):]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  config = cljax.GPT2Config(vocab_size=len(tiny_tokenizer), n_positions=64, n_embd=16,
+                            n_layer=2, n_head=2, pad_token_id=tiny_tokenizer.pad_token_id,
+                            eos_token_id=tiny_tokenizer.eos_token_id)
+  params = cljax.GPT2LM(config).init(jax.random.PRNGKey(0),
+                                     jnp.zeros((1, 8), jnp.int32))["params"]
+  cljax.save_pretrained(params, config, str(tmp_path / "lm"), head="lm")
+  for old, new in [('load_lm("gpt2")', f'load_lm({str(tmp_path / "lm")!r})'),
+                   ('load_tokenizer("gpt2")', f'load_tokenizer({tiny_tokenizer_dir!r})')]:
+    assert old in code, old
+    code = code.replace(old, new)
+  scope = {}
+  exec(compile(code, "README", "exec"), scope)  # pylint: disable=exec-used
+  assert scope["new"].shape == (2, 20)

@@ -314,3 +314,21 @@ def test_a_failed_checkpoint_write_is_one_line_and_resume_recovers(
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(workdir / "results.json") as f:
     assert json.load(f)["accuracy_matrix"] == uninterrupted[0]["accuracy_matrix"]
+
+
+@pytest.mark.parametrize("method", ["finetune", "ewc+replay"])
+def test_classification_as_text_learns_each_task_and_forgets(method, tiny_data_dir,
+                                                             tiny_tokenizer_dir, tmp_path):
+  """--head=lm: every example a prompt, its class the most likely next label word."""
+  from cljax.methods import MethodConfig
+  cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, head="lm", method=method,
+                    label_words=("imdb=bad,good", "ag_news=software,match"),
+                    method_config=MethodConfig(**SMALL_HP))
+  r = study.run(cfg, str(tmp_path))
+  acc, aware = np.array(r["accuracy_matrix"]), np.array(r["task_aware_accuracy_matrix"])
+  assert aware[0, 0] >= 0.75 and aware[1, 1] >= 0.75, aware   # chance: 0.5
+  if method == "finetune":
+    assert acc[1, 0] < acc[0, 0] - 0.25, acc                   # forgetting
+  assert r["head"] == "lm"
+  assert r["task_classes"]["imdb"]["label_words"] == [" bad", " good"]
+  assert r["task_classes"]["ag_news"]["prompt"] == ["Article: ", "\nTopic:"]

@@ -90,6 +90,9 @@ class FreezeConfig:
 def freeze(hp: FreezeConfig, ctx: BuildContext) -> Method:
   if hp.freeze not in ("head", "last_k"):
     raise ValueError(f"Unknown --freeze={hp.freeze!r}; expected 'head' or 'last_k'.")
+  if hp.freeze == "head" and ctx.head == "lm":
+    raise ValueError("--freeze=head trains only the score head, and --head=lm has none (its "
+                     "head is wte, shared with the input); use --freeze=last_k.")
   if hp.freeze == "last_k" and not 0 < hp.freeze_k <= ctx.n_layer:
     raise ValueError(f"--freeze_k={hp.freeze_k} must be in 1..{ctx.n_layer}.")
   trainable_blocks = ({f"h_{i}" for i in range(ctx.n_layer - hp.freeze_k, ctx.n_layer)}

@@ -78,6 +78,7 @@ class BuildContext:
   num_tasks: int
   max_length: int
   n_layer: int
+  head: str = "score"     # the study's --head: score, or lm (classification as text)
 
 
 _REGISTRY: dict[str, Registration] = {}
