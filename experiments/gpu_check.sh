@@ -8,7 +8,9 @@
 #   1. GPT-2 small, sequence 128, batch 256, bfloat16: train/eval examples/s, MFU, and
 #      transformers' PyTorch model with the same config and optimizer (autocast bf16);
 #   2. the seed-size study (2 x 2000 training examples, every evaluation, random-init
-#      GPT-2 small) end to end in cljax and in plain PyTorch, and the ratio.
+#      GPT-2 small) end to end in cljax and in plain PyTorch, and the ratio;
+#   3. greedy generation, GPT-2 small, batch 64, 64-token prompts, 128 new tokens:
+#      cljax.generate against transformers' generate (same weights, same tokens).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 out=${OUT:-/tmp/gpu_check}
@@ -22,3 +24,5 @@ timeout 300 python3 experiments/study_vs_torch.py --init=random --size=gpt2 \
   --num_test=500 --batch_size=8 --eval_batch_size=64 --dtype=bfloat16 \
   --learning_rate=5e-5 --epochs=1 --warmup_steps=0 --workdir=/tmp/vs_torch \
   --cache_dir=/tmp/cljax_cache 2>&1 | tail -1 | tee -a "$out/study.jsonl"
+timeout 90 python3 experiments/benchmark.py --size=gpt2 --batch_size=64 --seq_len=64 \
+  --generate_tokens=128 --compare_torch --output="$out/generate.jsonl" 2>&1 | tail -1
