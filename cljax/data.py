@@ -358,7 +358,7 @@ def _encode_prompts(texts: Sequence[str], tokenizer, max_length: int,
     raise ValueError(f"The prompt {prompt!r} takes {len(prefix) + len(suffix)} tokens, "
                      f"leaving no room for text in --max_length={max_length}.")
   ids, mask = [], []
-  for text in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+  for text in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]:
     row = prefix + text[:room] + suffix
     ids.append(row + [tokenizer.pad_token_id] * (max_length - len(row)))
     mask.append([1] * len(row) + [0] * (max_length - len(row)))

@@ -180,7 +180,7 @@ def text_arrays(records, tokenizer, block_size: int, field: str = "text"
     text = row.get(field) if isinstance(row, dict) else None
     if not isinstance(text, str) or not text.strip():
       raise ValueError(f"{where}: expected a non-empty string field {field!r}.")
-    stream.extend(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
+    stream.extend(tokenizer(text, verbose=False)["input_ids"] + [tokenizer.eos_token_id])
   blocks = len(stream) // block_size
   if blocks == 0:
     raise ValueError(f"The data holds {len(stream)} tokens, less than one --block_size="
