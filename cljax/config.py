@@ -1,10 +1,12 @@
 """The study's configuration, defined once.
 
 Each field of :class:`StudyConfig` carries its help text (and, for an enumeration,
-its choices) in its metadata; ``cljax.flags`` turns every field into an absl flag of
-the same name, and every registered method hyperparameter (``MethodConfig``) into one
-more, so a field added here is a flag, a ``--help`` line and a ``results.json`` entry
-at once.
+its choices; for a number, its bound) in its metadata; ``cljax.flags`` turns every
+field into an absl flag of the same name, and every registered method hyperparameter
+(``MethodConfig``) into one more, so a field added here is a flag, a ``--help`` line,
+a check and a ``results.json`` entry at once. The option groups (``ModelOptions``,
+``OptimizerOptions``, ``CheckpointOptions``) are shared with LM training's
+``LMConfig``.
 """
 
 from __future__ import annotations
