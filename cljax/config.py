@@ -16,7 +16,7 @@ import dataclasses
 from cljax.methods import MethodConfig
 from cljax.methods import registry
 from cljax.methods.registry import NON_NEGATIVE, POSITIVE, Bound
-from cljax.model import SIZE_ALIASES, SIZES
+from cljax.model import SIZE_ALIASES, SIZES, GPT2Config
 
 COUNT = Bound("> 0, or -1 for all", lambda v: v > 0)
 DROPOUT = Bound("in [0, 1)", lambda v: 0 <= v < 1)
@@ -75,6 +75,29 @@ class ModelOptions(Options):
                                  "(default: the checkpoint's, 0.1 for GPT-2).",
                                  bound=DROPOUT)
   remat: bool = option(False, "Rematerialize blocks in the backward pass (memory).")
+
+  def config_overrides(self) -> dict:
+    """The ``GPT2Config`` fields these options set: remat, and dropout everywhere
+    when it is given."""
+    out: dict = {"remat": self.remat}
+    if self.dropout is not None:
+      out.update(embd_pdrop=self.dropout, attn_pdrop=self.dropout, resid_pdrop=self.dropout)
+    return out
+
+  def random_init_config(self, tokenizer, n_positions: int, **fields) -> GPT2Config:
+    """The config of a random init of ``--size`` for ``tokenizer`` (its vocabulary,
+    pad and eos), with at least ``n_positions`` positions (1024, as GPT-2, or more)."""
+    return GPT2Config.from_size(
+        self.size, vocab_size=len(tokenizer), dtype=self.dtype,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        n_positions=max(1024, n_positions), **fields, **self.config_overrides())
+
+  def check_vocabulary(self, config: GPT2Config, tokenizer) -> None:
+    """A loaded model must embed every token the tokenizer can produce."""
+    if config.vocab_size < len(tokenizer):
+      raise ValueError(f"The model {self.model} has {config.vocab_size} token "
+                       f"embeddings but the tokenizer {self.tokenizer or self.model} has "
+                       f"{len(tokenizer)} tokens; use the model's own tokenizer.")
 
   def validate(self) -> None:
     super().validate()

@@ -199,19 +199,32 @@ def read_text(path: str) -> str:
                      ) from None
 
 
+def read_json_records(path: str) -> list[tuple[Any, str]]:
+  """(object, where) pairs of a JSON Lines file, or of a .json file holding one list;
+  ``where`` ("file:line", or "file:item i") names the row in errors."""
+  text = read_text(path)
+  if path.endswith(".json") and text.lstrip().startswith("["):
+    try:
+      items = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}).") from None
+    return [(item, f"{path}:item {i}") for i, item in enumerate(items)]
+  out = []
+  for n, line in enumerate(text.split("\n"), 1):
+    if line.strip():
+      try:
+        out.append((json.loads(line), f"{path}:{n}"))
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); expected one object per "
+                         "line.") from None
+  return out
+
+
 def read_rows(path: str, text_field: str = "text", label_field: str = "label") -> list[Row]:
   """Rows of a JSONL / CSV / Parquet file, each checked; errors name file and line."""
   rows: list[Row] = []
   if path.endswith((".jsonl", ".json")):
-    for n, line in enumerate(read_text(path).split("\n"), 1):
-      if not line.strip():
-        continue
-      where = f"{path}:{n}"
-      try:
-        obj = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e.msg}); expected one object "
-                         '{"text": ..., "label": ...} per line.') from e
+    for obj, where in read_json_records(path):
       if not isinstance(obj, dict) or text_field not in obj or label_field not in obj:
         raise ValueError(f"{where}: expected an object with keys {text_field!r} and "
                          f"{label_field!r}, found {str(obj)[:80]!r}.")

@@ -24,7 +24,6 @@ import time
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cljax import checkpoint
@@ -35,8 +34,8 @@ from cljax.checkpoint import Checkpointer
 from cljax.config import (COUNT, NON_NEGATIVE, POSITIVE, CheckpointOptions, ModelOptions,
                           OptimizerOptions, option)
 from cljax.generation import generate
-from cljax.model import GPT2LM, GPT2Config, init_params
-from cljax.progress import StepLogger, Writers, drop_records_after
+from cljax.model import GPT2LM, init_params
+from cljax.progress import Interrupted, StepLogger, Writers, drop_records_after  # noqa: F401
 
 # Stanford Alpaca's prompt templates (tatsu-lab/stanford_alpaca, train.py).
 PROMPT_INPUT = (
@@ -107,22 +106,7 @@ def read_records(source: str) -> list[tuple[dict, str]]:
   ``where`` ("file:line") names the row in errors."""
   path = os.path.expanduser(source)
   if os.path.isfile(path):
-    text = data_lib.read_text(path)
-    if path.endswith(".json") and text.lstrip().startswith("["):
-      try:
-        rows = json.loads(text)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg}).") from None
-      return [(row, f"{path}:item {i}") for i, row in enumerate(rows)]
-    out = []
-    for n, line in enumerate(text.split("\n"), 1):
-      if line.strip():
-        try:
-          out.append((json.loads(line), f"{path}:{n}"))
-        except json.JSONDecodeError as e:
-          raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); expected one object "
-                           "per line.") from None
-    return out
+    return data_lib.read_json_records(path)
   if os.path.exists(path) or source.startswith((".", "/", "~")):
     raise FileNotFoundError(f"{source}: not a file; expected a .json or .jsonl file or a "
                             "Hugging Face hub dataset id.")
@@ -175,12 +159,14 @@ def text_arrays(records, tokenizer, block_size: int, field: str = "text"
                 ) -> dict[str, np.ndarray]:
   """Every row's text plus EOS, concatenated and cut into full blocks of
   ``block_size`` tokens (the remainder is dropped), every token a target."""
-  stream = []
+  texts = []
   for row, where in records:
     text = row.get(field) if isinstance(row, dict) else None
     if not isinstance(text, str) or not text.strip():
       raise ValueError(f"{where}: expected a non-empty string field {field!r}.")
-    stream.extend(tokenizer(text, verbose=False)["input_ids"] + [tokenizer.eos_token_id])
+    texts.append(text)
+  stream = [t for ids in tokenizer(texts, verbose=False)["input_ids"]
+            for t in (*ids, tokenizer.eos_token_id)]
   blocks = len(stream) // block_size
   if blocks == 0:
     raise ValueError(f"The data holds {len(stream)} tokens, less than one --block_size="
@@ -230,33 +216,25 @@ def load_splits(cfg: LMConfig, tokenizer) -> tuple[dict, dict | None]:
 
 def build_lm(cfg: LMConfig, tokenizer) -> tuple[GPT2LM, dict]:
   """The LM to train: ``--model``'s weights or a random init of ``--size``."""
-  overrides = {"remat": cfg.remat}
-  if cfg.dropout is not None:
-    overrides.update(embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, resid_pdrop=cfg.dropout)
   if cfg.init == "pretrained":
-    model, params = hf.load_lm(cfg.model, dtype=cfg.dtype, **overrides)
-    if model.config.vocab_size < len(tokenizer):
-      raise ValueError(f"The model {cfg.model} has {model.config.vocab_size} token "
-                       f"embeddings but the tokenizer has {len(tokenizer)} tokens; use the "
-                       "model's own tokenizer.")
+    model, params = hf.load_lm(cfg.model, dtype=cfg.dtype, **cfg.config_overrides())
+    cfg.check_vocabulary(model.config, tokenizer)
     return model, params
-  length = max(cfg.max_length, cfg.block_size) + cfg.max_new_tokens
-  config = GPT2Config.from_size(cfg.size, vocab_size=len(tokenizer), dtype=cfg.dtype,
-                                pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id,
-                                n_positions=max(1024, length), **overrides)
-  model = GPT2LM(config)
+  model = GPT2LM(cfg.random_init_config(
+      tokenizer, max(cfg.max_length, cfg.block_size) + cfg.max_new_tokens))
   return model, jax.jit(functools.partial(init_params, model))(jax.random.key(cfg.seed))
+
+
+def _lm_batch(batch: dict) -> dict:
+  """A batch of the LM steps: padding rows of a last, partial batch carry no loss."""
+  weights = batch.pop("weights")
+  return {**batch, "loss_mask": batch["loss_mask"] * weights[:, None].astype(np.int32)}
 
 
 def evaluate(eval_fn, params, arrays: dict, batch_size: int) -> dict[str, float]:
   """Held-out next-token loss, perplexity and accuracy over the target tokens."""
-  totals = None
-  for batch in data_lib.batches(arrays, batch_size):
-    batch["loss_mask"] = batch["loss_mask"] * batch.pop("weights")[:, None].astype(np.int32)
-    out = eval_fn(params, batch)
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  totals = jax.device_get(totals)
+  totals = steps.accumulate(eval_fn, params,
+                            map(_lm_batch, data_lib.batches(arrays, batch_size)))
   loss = float(totals["loss_sum"]) / max(float(totals["count"]), 1.0)
   return {"loss": loss, "perplexity": float(np.exp(loss)),
           "token_accuracy": float(totals["correct"]) / max(float(totals["count"]), 1.0),
@@ -306,10 +284,6 @@ RESUMABLE_CHANGES = frozenset({
     "export"})
 
 
-class Interrupted(RuntimeError):
-  """Raised by ``stop_after_steps``: the run stopped as if killed."""
-
-
 @dataclasses.dataclass
 class LMRecord:
   """The run's progress, stored as JSON in every checkpoint."""
@@ -318,12 +292,6 @@ class LMRecord:
   train_seconds: float = 0.0
   config: dict = dataclasses.field(default_factory=dict)
   curve: list = dataclasses.field(default_factory=list)   # held-out loss through the run
-
-
-def _train_batch(batch: dict) -> dict:
-  """A batch of the LM step: padding rows of a last, partial batch carry no loss."""
-  weights = batch.pop("weights")
-  return {**batch, "loss_mask": batch["loss_mask"] * weights[:, None].astype(np.int32)}
 
 
 def _check_lengths(model, train: dict) -> None:
@@ -362,7 +330,7 @@ def train(cfg: LMConfig, state, record: LMRecord, arrays: dict, tx, schedule, ck
     epoch, b = divmod(s, per_epoch)
     if b == 0 or s == start:
       batch_iter = data_lib.batches(arrays, cfg.batch_size, seed=(cfg.seed, epoch), start=b)
-    state, m = train_fn(state, _train_batch(next(batch_iter)))
+    state, m = train_fn(state, _lm_batch(next(batch_iter)))
     record.step = s + 1
     logger.push(s + 1, s + 1, m)
     if held_out and cfg.eval_every and record.step % cfg.eval_every == 0 and s + 1 < total:
@@ -377,10 +345,7 @@ def train(cfg: LMConfig, state, record: LMRecord, arrays: dict, tx, schedule, ck
       record.train_seconds += time.time() - t0
       t0 = time.time()
       checkpoint.save_finite(ckpt, record.step, state, dataclasses.asdict(record))
-    if cfg.stop_after_steps and logger.steps_this_process >= cfg.stop_after_steps:
-      logger.flush()
-      raise Interrupted(f"Stopped after {logger.steps_this_process} steps "
-                        "(--stop_after_steps).")
+    logger.stop_after(cfg.stop_after_steps)
   logger.flush()
   record.train_seconds += time.time() - t0
   checkpoint.save_finite(ckpt, record.step, state, dataclasses.asdict(record))
@@ -412,8 +377,7 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
   state, record = _restore_or_start(cfg, ckpt if resume else None, params, tx, held, eval_fn)
   ckpt = ckpt or Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
   drop_records_after(os.path.join(workdir, "metrics.jsonl"), record.step)
-  logger = StepLogger(Writers(workdir), cfg.log_every, cfg.batch_size, ckpt.latest_step,
-                      unit="tokens")
+  logger = StepLogger(Writers(workdir), cfg.log_every, ckpt.latest_step, unit="tokens")
   try:
     held_out = held and functools.partial(evaluate, eval_fn, arrays=held,
                                           batch_size=cfg.eval_batch_size)

@@ -53,6 +53,10 @@ def drop_records_after(path: str, global_step: int) -> int:
   return len(lines) - len(keep)
 
 
+class Interrupted(RuntimeError):
+  """Raised by ``--stop_after_steps``: the run stopped as if killed."""
+
+
 class Writers:
   """Records to ``metrics.jsonl`` and TensorBoard scalars; ``enabled=False`` (every
   process but the first of a multi-host run) writes nothing."""
@@ -91,16 +95,15 @@ class StepLogger:
   Args:
     writers: where records go.
     log_every: a record every N steps of a task (and at its last step).
-    batch_size: examples per step.
     last_checkpoint: returns the step of the last saved checkpoint (for the error).
     unit: what ``count`` counts, for the rate (``examples``; ``tokens`` in LM training).
   """
 
   _SUMS = ("loss_sum", "correct", "count")
 
-  def __init__(self, writers: Writers, log_every: int, batch_size: int,
+  def __init__(self, writers: Writers, log_every: int,
                last_checkpoint: Callable[[], int | None], unit: str = "examples"):
-    self.writers, self.log_every, self.batch_size = writers, log_every, batch_size
+    self.writers, self.log_every = writers, log_every
     self.unit = unit
     self.last_checkpoint = last_checkpoint
     self.steps_this_process = 0
@@ -127,6 +130,14 @@ class StepLogger:
     self.flush()
     self._pending = (global_step, step_in_task, metrics)
     self.steps_this_process += 1
+
+  def stop_after(self, steps: int | None) -> None:
+    """Flushes and raises :class:`Interrupted` once this process has taken ``steps``
+    steps (testing: a kill at a known point; None: never)."""
+    if steps and self.steps_this_process >= steps:
+      self.flush()
+      raise Interrupted(f"Stopped after {self.steps_this_process} steps "
+                        "(--stop_after_steps).")
 
   def flush(self) -> None:
     """Checks (and logs) the pending step, if any."""

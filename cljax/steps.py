@@ -199,6 +199,16 @@ def eval_step(params, batch: Batch, *, model) -> dict[str, jax.Array]:
   }
 
 
+def accumulate(step_fn, params, batches) -> dict[str, Any]:
+  """The sums ``step_fn(params, batch)`` returns (an eval step), added on device over
+  ``batches`` and read to the host once."""
+  totals = None
+  for batch in batches:
+    out = step_fn(params, batch)
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  return jax.device_get(totals)
+
+
 def logits_step(params, batch: Batch, *, model) -> jax.Array:
   """Deterministic logits of a batch (for distillation targets and analysis)."""
   return _forward(model, params, batch, deterministic=True)

@@ -39,15 +39,11 @@ from cljax.config import StudyConfig
 from cljax.methods import BuildContext, Method, TaskContext
 from cljax.methods import build as build_method
 from cljax.methods import registry as method_registry
-from cljax.model import GPT2Classifier, GPT2Config, GPT2LabelWords, init_params
-from cljax.progress import StepLogger, Writers, drop_records_after
+from cljax.model import GPT2Classifier, GPT2LabelWords, init_params
+from cljax.progress import Interrupted, StepLogger, Writers, drop_records_after
 
 __all__ = ["StudyConfig", "Study", "RunRecord", "Interrupted", "run", "setup", "begin_task",
            "restore_or_start", "evaluate_all", "train_task", "end_task"]
-
-
-class Interrupted(RuntimeError):
-  """Raised by ``stop_after_steps``: the run stopped as if killed."""
 
 
 # ----------------------------------------------------------------------------
@@ -120,9 +116,7 @@ class Study:
 def build_model(cfg: StudyConfig, tokenizer, num_labels: int, label_tokens=None):
   """(model, params): pretrained weights or a random init of a named size; with
   ``label_tokens`` (``--head=lm``) a :class:`GPT2LabelWords` over the LM's weights."""
-  overrides: dict[str, Any] = {"remat": cfg.remat}
-  if cfg.dropout is not None:
-    overrides.update(embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, resid_pdrop=cfg.dropout)
+  overrides = cfg.config_overrides()
   if cfg.init == "pretrained":
     if label_tokens is not None:
       lm, params = hf.load_lm(cfg.model, dtype=cfg.dtype, num_labels=num_labels, **overrides)
@@ -130,20 +124,14 @@ def build_model(cfg: StudyConfig, tokenizer, num_labels: int, label_tokens=None)
     else:
       model, params = hf.load_pretrained(cfg.model, num_labels=num_labels, dtype=cfg.dtype,
                                          seed=cfg.seed, **overrides)
-    if model.config.vocab_size < len(tokenizer):
-      raise ValueError(f"The model {cfg.model} has {model.config.vocab_size} token "
-                       f"embeddings but the tokenizer {cfg.tokenizer or cfg.model} has "
-                       f"{len(tokenizer)} tokens; use the model's own tokenizer.")
+    cfg.check_vocabulary(model.config, tokenizer)
     if model.config.pad_token_id != tokenizer.pad_token_id:
       raise ValueError(f"The model's pad id {model.config.pad_token_id} differs from the "
                        f"tokenizer's {tokenizer.pad_token_id}; use the model's tokenizer.")
     return model, params
   if cfg.init != "random":
     raise ValueError(f"Unknown init {cfg.init!r}; expected 'pretrained' or 'random'.")
-  config = GPT2Config.from_size(
-      cfg.size, vocab_size=len(tokenizer), num_labels=num_labels, dtype=cfg.dtype,
-      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-      n_positions=max(1024, cfg.max_length), **overrides)
+  config = cfg.random_init_config(tokenizer, cfg.max_length, num_labels=num_labels)
   model = (GPT2Classifier(config) if label_tokens is None
            else GPT2LabelWords(config, label_tokens))
   params = jax.jit(functools.partial(init_params, model))(jax.random.PRNGKey(cfg.seed))
@@ -153,11 +141,9 @@ def build_model(cfg: StudyConfig, tokenizer, num_labels: int, label_tokens=None)
 def evaluate(eval_fn, params, arrays: dict[str, np.ndarray], batch_size: int,
              mesh=None) -> tuple[float, float, float]:
   """(class-incremental accuracy, task-aware accuracy, mean loss) over every example."""
-  totals = None
-  for batch in data_lib.batches(arrays, batch_size):
-    out = eval_fn(params, batch if mesh is None else sharding.shard_batch(batch, mesh))
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-  totals = jax.device_get(totals)
+  totals = steps.accumulate(eval_fn, params, (
+      b if mesh is None else sharding.shard_batch(b, mesh)
+      for b in data_lib.batches(arrays, batch_size)))
   n = float(totals["count"])
   return float(totals["correct"]) / n, float(totals["task_correct"]) / n, float(
       totals["loss_sum"]) / n
@@ -372,10 +358,7 @@ def train_task(study: Study, k: int, state, record: RunRecord, logger: StepLogge
       record.train_seconds[-1] += time.time() - t_task
       t_task = time.time()
       save_checkpoint(study, state, record)
-    if cfg.stop_after_steps and logger.steps_this_process >= cfg.stop_after_steps:
-      logger.flush()
-      raise Interrupted(f"Stopped after {logger.steps_this_process} steps "
-                        "(--stop_after_steps).")
+    logger.stop_after(cfg.stop_after_steps)
   logger.flush()
   record.train_seconds[-1] += time.time() - t_task
   diverged = logger.divergence()
@@ -425,7 +408,7 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
   if study.writes_files and record.global_step:  # steps replayed from the checkpoint
     drop_records_after(os.path.join(workdir, "metrics.jsonl"), record.global_step)
   logger = StepLogger(Writers(workdir, enabled=study.writes_files), cfg.log_every,
-                      cfg.batch_size, study.checkpointer.latest_step)
+                      study.checkpointer.latest_step)
   try:
     for k in range(record.task, len(study.tasks)):
       if record.step_in_task == 0:

@@ -9,10 +9,24 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 
 # What bad input raises (a flag value, a file, a folder, a diverged run): the programs
 # log it as one line and exit with status 1.
 BAD_INPUT = (ValueError, TypeError, OSError, FloatingPointError)
+
+
+def checked(argv, run):
+  """The body a program's ``main`` shares: no positional arguments, INFO logging, and
+  ``run()``'s bad input (:data:`BAD_INPUT`) as one log line and exit status 1."""
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.INFO)
+  try:
+    return run()
+  except BAD_INPUT as e:
+    logging.error("%s: %s", type(e).__name__, e)
+    sys.exit(1)
 
 
 def run_main(main, module) -> None:

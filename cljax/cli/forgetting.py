@@ -10,9 +10,7 @@ figures, TensorBoard scalars and orbax checkpoints (--resume continues a run).
 
 import sys
 
-from absl import app
 from absl import flags
-from absl import logging
 
 from cljax import cli
 from cljax import flags as cljax_flags
@@ -26,16 +24,9 @@ _RESUME = flags.DEFINE_bool("resume", False, "Continue the run in --workdir from
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  try:
-    cfg = cljax_flags.study_config()
-    results = study.run(cfg, _WORKDIR.value, resume=_RESUME.value,
-                        flags=cljax_flags.flag_values())
-  except cli.BAD_INPUT as e:  # one line, exit status 1
-    logging.error("%s: %s", type(e).__name__, e)
-    sys.exit(1)
+  results = cli.checked(argv, lambda: study.run(
+      cljax_flags.study_config(), _WORKDIR.value, resume=_RESUME.value,
+      flags=cljax_flags.flag_values()))
   m = results["metrics"]
   print(f"accuracy matrix (row i: after task i): {results['accuracy_matrix']}")
   print(f"average accuracy {m['average_accuracy']:.4f}, forgetting {m['forgetting']}, "

@@ -15,9 +15,7 @@ hf_model/ (a GPT2LMHeadModel folder transformers loads).
 
 import sys
 
-from absl import app
 from absl import flags
-from absl import logging
 
 from cljax import cli
 from cljax import flags as cljax_flags
@@ -31,16 +29,9 @@ _RESUME = flags.DEFINE_bool("resume", False, "Continue the run in --workdir from
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
-  try:
-    cfg = cljax_flags.config_from_flags(lm_train.LMConfig)
-    results = lm_train.run(cfg, _WORKDIR.value, resume=_RESUME.value,
-                           flags=cljax_flags.flag_values())
-  except cli.BAD_INPUT as e:  # one line, exit status 1
-    logging.error("%s: %s", type(e).__name__, e)
-    sys.exit(1)
+  results = cli.checked(argv, lambda: lm_train.run(
+      cljax_flags.config_from_flags(lm_train.LMConfig), _WORKDIR.value,
+      resume=_RESUME.value, flags=cljax_flags.flag_values()))
   for when in ("before", "after"):
     held = results[f"held_out_{when}"]
     if held:
