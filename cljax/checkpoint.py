@@ -77,21 +77,43 @@ class Checkpointer:
       return self._restore(step, meta=ocp.args.JsonRestore())["meta"]
     return self._newest(lambda s: self._restore(s, meta=ocp.args.JsonRestore())["meta"])[0]
 
-  def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict]:
+  def restore(self, target: Any, step: int | None = None, *,
+              saved_shapes_under: str | None = None) -> tuple[Any, dict]:
     """Restores (state, meta); ``target`` is a state (or its ``jax.eval_shape``) with
-    the same structure, whose shardings the restored arrays take."""
+    the same structure, whose shardings the restored arrays take. Arrays under the
+    field ``saved_shapes_under`` (``"method_state"``: generated pseudo-data grows from
+    task to task) take the shape they were saved with."""
     step = self.latest_step() if step is None else step
     abstract = jax.tree.map(
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
         ocp.utils.to_shape_dtype_struct(x), target)
+    if saved_shapes_under:
+      abstract = self._saved_shapes(abstract, step, saved_shapes_under)
     out = self._restore(step, state=ocp.args.StandardRestore(abstract),
                         meta=ocp.args.JsonRestore())
     return out["state"], out["meta"]
 
-  def restore_newest(self, target: Any) -> tuple[Any, dict, int]:
+  def _saved_shapes(self, abstract: Any, step: int, under: str) -> Any:
+    from etils import epath  # pylint: disable=import-outside-toplevel  # orbax's own
+    tree = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(self.directory) / str(step) / "state").tree
+    saved = {m.name: m.shape for m in jax.tree.leaves(tree) if hasattr(m, "name")}
+
+    def take(path, leaf):
+      name = ".".join(str(getattr(k, "name", getattr(k, "idx", getattr(k, "key", k))))
+                      for k in path)
+      shape = saved.get(name)
+      if not name.startswith(under + ".") or shape is None or tuple(shape) == leaf.shape:
+        return leaf
+      return jax.ShapeDtypeStruct(tuple(shape), leaf.dtype, sharding=leaf.sharding)
+    return jax.tree_util.tree_map_with_path(take, abstract)
+
+  def restore_newest(self, target: Any, *, saved_shapes_under: str | None = None
+                     ) -> tuple[Any, dict, int]:
     """(state, meta, step) of the newest checkpoint that restores: a newer one that
     does not (a truncated file) is skipped with a warning that says why."""
-    (state, meta), step = self._newest(lambda s: self.restore(target, s))
+    (state, meta), step = self._newest(
+        lambda s: self.restore(target, s, saved_shapes_under=saved_shapes_under))
     return state, meta, step
 
   def _restore(self, step: int, **items):

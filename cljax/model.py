@@ -469,6 +469,23 @@ class GPT2LM(nn.Module):
                                                                 v=tuple(new_v)))
 
 
+def add_token_embeddings(params, config: GPT2Config, ids, num_known: int):
+  """(params, config) with ``wte`` rows for new tokens ``ids``: the table grows to
+  hold them (``vocab_size`` too) and each of their rows is set to the mean embedding
+  of the ``num_known`` tokens before them. No other parameter changes, so no logit
+  over the other tokens changes (the tied LM head only gains columns)."""
+  ids = [int(i) for i in ids]
+  wte = params["wte"]["embedding"]
+  old, dim = wte.shape
+  size = max(old, max(ids) + 1)
+  mean_D = jnp.mean(wte[:num_known].astype(jnp.float32), axis=0).astype(wte.dtype)
+  if size > old:
+    wte = jnp.concatenate([wte, jnp.zeros((size - old, dim), wte.dtype)])
+  wte = wte.at[jnp.asarray(ids)].set(mean_D)
+  params = {**params, "wte": {**params["wte"], "embedding": wte}}
+  return params, config.replace(vocab_size=size)
+
+
 def init_params(model: GPT2Classifier, rng: jax.Array, seq_len: int = 8):
   """Randomly initialized params of ``model`` (float32 unless ``param_dtype`` says)."""
   ids = jnp.zeros((1, seq_len), jnp.int32)

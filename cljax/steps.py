@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from cljax.methods.base import Method, StepContext, finetune
+from cljax.model import GPT2LM
 
 Batch = dict[str, jax.Array]
 
@@ -130,11 +131,19 @@ def _step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransform
   rng = jax.random.fold_in(state.rng, state.step)
   batch_rng, drop_rng, method_rng, grad_rng, after_rng = jax.random.split(rng, 5)
   drop_rng = dropout_key(drop_rng, dropout_rng)
+  lm_drop_rng = dropout_key(jax.random.fold_in(method_rng, 1), dropout_rng)
 
   def apply_fn(params, inputs, deterministic=deterministic, rng=drop_rng):
     return _forward(model, params, inputs, deterministic=deterministic, rng=rng)
 
-  ctx = StepContext(params=state.params, batch=batch, apply_fn=apply_fn, rng=batch_rng)
+  def lm_apply_fn(params, input_ids, attention_mask, deterministic=deterministic,
+                  rng=lm_drop_rng):
+    return _forward(GPT2LM(model.config), params,
+                    {"input_ids": input_ids, "attention_mask": attention_mask},
+                    deterministic=deterministic, rng=rng)
+
+  ctx = StepContext(params=state.params, batch=batch, apply_fn=apply_fn, rng=batch_rng,
+                    lm_apply_fn=lm_apply_fn if hasattr(model, "config") else None)
   batch = method.prepare_batch(state.method_state, ctx)
   ctx = ctx._replace(batch=batch)
 

@@ -39,7 +39,7 @@ from cljax.config import StudyConfig
 from cljax.methods import BuildContext, Method, TaskContext
 from cljax.methods import build as build_method
 from cljax.methods import registry as method_registry
-from cljax.model import GPT2Classifier, GPT2LabelWords, init_params
+from cljax.model import GPT2Classifier, GPT2LabelWords, add_token_embeddings, init_params
 from cljax.progress import Interrupted, StepLogger, Writers, drop_records_after
 
 __all__ = ["StudyConfig", "Study", "RunRecord", "Interrupted", "run", "setup", "begin_task",
@@ -69,6 +69,7 @@ class RunRecord:
   steps_per_task: list = dataclasses.field(default_factory=list)
   config: dict = dataclasses.field(default_factory=dict)     # the run's StudyConfig
   warnings: list = dataclasses.field(default_factory=list)   # e.g. a diverged task
+  method_reports: list = dataclasses.field(default_factory=list)  # from the host hooks
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -105,6 +106,7 @@ class Study:
   checkpointer: Checkpointer
   base_rng: jax.Array
   writes_files: bool               # process 0 of a multi-host run (or the only one)
+  tokenizer: Any = None            # with the method's tokens added
   warnings: tuple[str, ...] = ()   # about the data (a single-class training set)
   compiled: dict = dataclasses.field(default_factory=dict)   # plans and train steps
 
@@ -173,7 +175,13 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
                               data_lib.label_tokens(tasks, tokenizer) if as_text else None)
   method = build_method(cfg.method, cfg.method_config, BuildContext(
       num_labels=total_labels, num_tasks=len(tasks), max_length=cfg.max_length,
-      n_layer=model.config.n_layer, head=cfg.head))
+      n_layer=model.config.n_layer, head=cfg.head, first_new_token=len(tokenizer),
+      eos_token_id=tokenizer.eos_token_id))
+  if method.tokens:
+    model, params = add_method_tokens(model, params, tokenizer, method.tokens)
+  if method.answer_marker:
+    tasks = [dataclasses.replace(t, prompt=(t.prompt[0], t.prompt[1] + method.answer_marker))
+             for t in tasks]
   task_data = data_lib.load_task_data(
       tasks, tokenizer, data_dir=cfg.data_dir, num_train=cfg.num_train,
       num_test=cfg.num_test, num_val=cfg.num_val, subset=cfg.subset,
@@ -191,12 +199,27 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
                                                  cfg.keep_checkpoints),
                base_rng=jax.random.PRNGKey(cfg.seed),
                warnings=tuple(data_lib.class_warnings(task_data)),
-               writes_files=jax.process_index() == 0)
+               writes_files=jax.process_index() == 0, tokenizer=tokenizer)
+
+
+def add_method_tokens(model, params, tokenizer, tokens: tuple[str, ...]):
+  """(model, params) with the method's tokens added to ``tokenizer`` (in place) and
+  their ``wte`` rows grown (the mean embedding, :func:`model.add_token_embeddings`)."""
+  first = len(tokenizer)
+  tokenizer.add_tokens(list(tokens), special_tokens=True)
+  ids = tokenizer.convert_tokens_to_ids(list(tokens))
+  if ids != list(range(first, first + len(tokens))):
+    raise ValueError(f"The tokenizer already holds some of the tokens {list(tokens)} that "
+                     f"the method adds (ids {ids}); use a tokenizer without them.")
+  params, config = add_token_embeddings(params, model.config, ids, first)
+  logging.info("Added tokens %s (ids %d..%d) with the mean embedding.", list(tokens), first,
+               first + len(tokens) - 1)
+  return model.clone(config=config), params
 
 
 # What a run writes beside its checkpoints.
 OUTPUTS = ("results.json", "metrics.jsonl", "tensorboard", "accuracy_matrix.png",
-           "accuracy_curve.png")
+           "accuracy_curve.png", "generated_samples.txt")
 
 # Settings that change only logging, outputs, evaluation batching or the device layout:
 # a resumed run may change them (the new values are recorded).
@@ -218,33 +241,47 @@ def evaluate_all(study: Study, params, split: str = "test"
   return acc, task_acc
 
 
-def task_context(study: Study, k: int, params=None, train=None, salt: int = 0
-                 ) -> TaskContext:
-  """The host hooks' view of task k (``salt`` picks the hook's random key)."""
+def task_context(study: Study, k: int, params=None, train=None, salt: int = 0,
+                 record: RunRecord | None = None, method_state=None) -> TaskContext:
+  """The host hooks' view of task k (``salt`` picks the hook's random key); their
+  reports go into ``record``."""
+  def report(entry: dict) -> None:
+    if record is not None:
+      record.method_reports.append({"task": k, "task_name": study.tasks[k].name, **entry})
   return TaskContext(
       task_index=k, task_name=study.tasks[k].name, params=params,
       train=study.task_data[k].train if train is None else train, model=study.model,
       rng=jax.random.fold_in(study.base_rng, salt + k), batch_size=study.cfg.batch_size,
-      previous_train=tuple(d.train for d in study.task_data[:k]))
+      previous_train=tuple(d.train for d in study.task_data[:k]),
+      method_state=method_state, tasks=tuple(study.tasks), tokenizer=study.tokenizer,
+      report=report)
 
 
-def plan_task(study: Study, k: int) -> TaskPlan:
-  """Task k's training arrays (the method's ``train_arrays``) and optimizer; tasks
-  with the same number of updates share one optimizer (and its compiled step).
-  Only the latest task's plan is kept (joint training's arrays grow with k)."""
+def _optimizer(study: Study, updates: int):
+  """(optimizer, schedule) for a task of ``updates`` updates (one per count)."""
+  cfg = study.cfg
+  if ("optimizer", updates) not in study.compiled:
+    study.compiled["optimizer", updates] = steps.make_optimizer(
+        learning_rate=cfg.learning_rate, total_steps=updates,
+        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, grad_accum_steps=cfg.grad_accum_steps,
+        trainable_mask=study.method.trainable)
+  return study.compiled["optimizer", updates]
+
+
+def plan_task(study: Study, k: int, method_state) -> TaskPlan:
+  """Task k's training arrays (the method's ``train_arrays``, given its state after
+  ``before_task``) and optimizer; tasks with the same number of updates share one
+  optimizer (and its compiled step). Only the latest task's plan is kept (joint
+  training's arrays grow with k)."""
   cached = study.compiled.get("plan")
   if cached is None or cached[0] != k:
     cfg = study.cfg
-    arrays = study.method.train_arrays(task_context(study, k, salt=30_000))
+    arrays = study.method.train_arrays(task_context(study, k, salt=30_000,
+                                                    method_state=method_state))
     batches_per_epoch = data_lib.num_batches(data_lib.size(arrays), cfg.batch_size)
     updates = -(-batches_per_epoch * cfg.epochs // cfg.grad_accum_steps)
-    if ("optimizer", updates) not in study.compiled:
-      study.compiled["optimizer", updates] = steps.make_optimizer(
-          learning_rate=cfg.learning_rate, total_steps=updates,
-          warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-          max_grad_norm=cfg.max_grad_norm, grad_accum_steps=cfg.grad_accum_steps,
-          trainable_mask=study.method.trainable)
-    tx, schedule = study.compiled["optimizer", updates]
+    tx, schedule = _optimizer(study, updates)
     study.compiled["plan"] = k, TaskPlan(arrays, tx, schedule, batches_per_epoch,
                                          batches_per_epoch * cfg.epochs)
   return study.compiled["plan"][1]
@@ -261,9 +298,8 @@ def _train_fn(study: Study, tx, state):
   return study.compiled["step", id(tx)]
 
 
-def fresh_state(study: Study, k: int, params, method_state) -> steps.TrainState:
-  """Task k's starting state: ``params``, a fresh optimizer, the method's state."""
-  tx = plan_task(study, k).tx
+def fresh_state(study: Study, k: int, params, method_state, tx) -> steps.TrainState:
+  """Task k's starting state: ``params``, a fresh optimizer ``tx``, the method's state."""
   state = steps.init_train_state(params, tx, jax.random.fold_in(study.base_rng, k),
                                  study.method, method_state)
   return jax.device_put(state, sharding.state_shardings(study.mesh, state,
@@ -280,14 +316,15 @@ def restore_or_start(study: Study, resume: bool = False
   a new record holding the accuracy before any training."""
   ckpt = study.checkpointer
   if resume and ckpt.latest_step() is not None:
-    # Every task's state has the same structure (a fresh optimizer of the same shape).
-    plan_task(study, 0)  # on the host, not under eval_shape's tracing
+    # Every task's state has the same structure (a fresh optimizer of the same shape);
+    # the method's arrays (generated pseudo-data) take the shapes they were saved with.
+    tx = _optimizer(study, 1)[0]  # on the host, not under eval_shape's tracing
     abstract = jax.eval_shape(lambda: fresh_state(
-        study, 0, study.initial_params, study.method.init(study.initial_params)))
+        study, 0, study.initial_params, study.method.init(study.initial_params), tx))
     target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                           abstract, sharding.state_shardings(study.mesh, abstract,
                                                              study.param_shapes))
-    state, meta, step = ckpt.restore_newest(target)
+    state, meta, step = ckpt.restore_newest(target, saved_shapes_under="method_state")
     record = RunRecord.from_json(meta)
     logging.info("Resumed from %s, checkpoint %d: task %d, step %d in the task.",
                  ckpt.directory, step, record.task, record.step_in_task)
@@ -316,10 +353,10 @@ def begin_task(study: Study, k: int, state, record: RunRecord):
   """A new task: the method sees the params it starts from, the optimizer is fresh
   (as a new Hugging Face Trainer per task in the original study). The caller drops
   the previous state (its optimizer moments are not carried over)."""
-  ctx = task_context(study, k, state.params, plan_task(study, k).arrays, salt=10_000)
+  ctx = task_context(study, k, state.params, salt=10_000, record=record)
   mstate = study.method.before_task(state.method_state, ctx)
   record.train_seconds.append(0.0)
-  return fresh_state(study, k, state.params, mstate)
+  return fresh_state(study, k, state.params, mstate, plan_task(study, k, mstate).tx)
 
 
 def _mid_task_evaluation(study: Study, k: int, state, record: RunRecord, logger) -> None:
@@ -334,7 +371,7 @@ def train_task(study: Study, k: int, state, record: RunRecord, logger: StepLogge
   """Trains task k from ``record.step_in_task`` to its end (``state`` is the task's
   state: from :func:`begin_task` or a checkpoint); evaluates every ``eval_every`` and
   checkpoints every ``checkpoint_every`` steps."""
-  cfg, plan = study.cfg, plan_task(study, k)
+  cfg, plan = study.cfg, plan_task(study, k, state.method_state)
   train_fn = _train_fn(study, plan.tx, state)
   logging.info("Task %d/%d %s: %d examples, %d steps of batch %d (%s).", k + 1,
                len(study.tasks), study.tasks[k].name, data_lib.size(plan.arrays),
@@ -376,7 +413,8 @@ def end_task(study: Study, k: int, state, record: RunRecord, logger: StepLogger)
   """The method's consolidation (``after_task``), then every task evaluated, the
   row recorded and a checkpoint saved."""
   t0 = time.time()
-  ctx = task_context(study, k, state.params, plan_task(study, k).arrays, salt=20_000)
+  plan = plan_task(study, k, state.method_state)
+  ctx = task_context(study, k, state.params, plan.arrays, salt=20_000, record=record)
   state = state._replace(method_state=study.method.after_task(state.method_state, ctx))
   record.method_seconds.append(time.time() - t0)
   t0 = time.time()
@@ -388,7 +426,7 @@ def end_task(study: Study, k: int, state, record: RunRecord, logger: StepLogger)
   record.eval_seconds += time.time() - t0
   record.rows.append(acc)
   record.task_rows.append(task_acc)
-  record.steps_per_task.append(plan_task(study, k).total_steps)
+  record.steps_per_task.append(plan.total_steps)
   record.curve.append({"global_step": record.global_step, "task": k, "accuracy": acc,
                        "task_aware_accuracy": task_acc})
   logger.evaluation(record.global_step, k, {t.name: a for t, a in zip(study.tasks, acc)})
@@ -464,6 +502,7 @@ def make_results(study: Study, record: RunRecord, flags: dict | None, wall_s: fl
                 "vocab_size": model.config.vocab_size, "dtype": cfg.dtype},
       "curve": record.curve,
       "warnings": record.warnings,
+      "method_reports": record.method_reports,
       "timing": {"wall_seconds_this_process": wall_s,
                  "train_seconds_per_task": record.train_seconds,
                  "train_seconds": float(sum(record.train_seconds)),
@@ -476,10 +515,31 @@ def make_results(study: Study, record: RunRecord, flags: dict | None, wall_s: fl
   }
 
 
+def _samples_text(reports: list[dict]) -> str:
+  """What a generative method replayed, for a person to read: per task boundary, the
+  counts, the cost and the first samples of each earlier task."""
+  out = []
+  for r in reports:
+    out.append(f"== before task {r['task']} ({r['task_name']}), {r.get('method', '')}: "
+               f"{r.get('kept')} of {r.get('requested')} pseudo-examples kept "
+               f"(dropped {r.get('dropped')}), {r.get('generated_tokens')} tokens in "
+               f"{r.get('generation_seconds', 0):.1f} s "
+               f"({r.get('tokens_per_second', 0):.0f} tokens/s)")
+    for task, texts in r["samples"].items():
+      out.append(f"-- written as {task}:")
+      out.extend(f"{i + 1}. {t!r}" for i, t in enumerate(texts))
+    out.append("")
+  return "\n".join(out)
+
+
 def write_results(results: dict, workdir: str) -> None:
   """``results.json`` and the figures."""
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
+  samples = [r for r in results.get("method_reports") or [] if r.get("samples")]
+  if samples:
+    with open(os.path.join(workdir, "generated_samples.txt"), "w") as f:
+      f.write(_samples_text(samples))
   try:
     from cljax import plots  # pylint: disable=import-outside-toplevel
     plots.study_figures(results, workdir)

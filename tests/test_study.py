@@ -164,14 +164,16 @@ def test_a_non_finite_state_is_never_checkpointed(tiny_data_dir, tiny_tokenizer_
 
 
 SMALL_HP = dict(fisher_samples=16, mas_samples=16, replay_size=16, replay_batch_size=4,
-                agem_batch_size=4, ewc_lambda=100.0)
+                agem_batch_size=4, ewc_lambda=100.0, gen_batch_size=8)
 
 
 @pytest.mark.parametrize("method", [m for m in registry.names() if m != "finetune"])
 def test_every_method_runs_end_to_end(method, tiny_data_dir, tiny_tokenizer_dir, tmp_path):
   from cljax.methods import MethodConfig
+  as_text = dict(head="lm", label_words=("imdb=bad,good", "ag_news=software,match"))
   cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, method=method, epochs=1,
-                    method_config=MethodConfig(**SMALL_HP))
+                    method_config=MethodConfig(**SMALL_HP),
+                    **(as_text if method == "lamol" else {}))  # LAMOL is text-only
   r = study.run(cfg, str(tmp_path))
   assert r["method"] == method
   assert np.array(r["accuracy_matrix"]).shape == (2, 2)

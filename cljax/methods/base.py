@@ -7,8 +7,8 @@ inside the jitted ``train_step``, must be pure and shape-stable, and get a
 :class:`TaskContext`.
 
   init(params) -> state                               (host)
+  before_task(state, ctx) -> state                    (host) e.g. generate pseudo-data
   train_arrays(ctx) -> arrays                         (host) the data a task trains on
-  before_task(state, ctx) -> state                    (host)
   prepare_batch(state, ctx) -> batch                  (jit)  e.g. replay mixing
   loss(state, ctx) -> (scalar, aux)                   (jit)  penalties, distillation
   transform_grads(state, ctx) -> grads                (jit)  A-GEM
@@ -16,9 +16,18 @@ inside the jitted ``train_step``, must be pure and shape-stable, and get a
   after_task(state, ctx) -> state                     (host) Fisher, anchors
 
 ``trainable(params)`` (optional) returns a pytree of bools: parameters where it is
-False are frozen. ``train_arrays`` must depend on ``ctx`` only (the loop calls it
-again when a run resumes mid-task). A field added to a context never touches the
+False are frozen. ``train_arrays`` runs after ``before_task`` and must depend on
+``ctx`` only (its ``method_state`` included: the loop calls it again when a run
+resumes mid-task). Arrays it adds beside the standard ones (``lm_input_ids``...)
+reach the jitted hooks in every batch. A field added to a context never touches the
 methods that do not read it.
+
+A method may add tokens to the vocabulary (``tokens``: the loop adds them to the
+tokenizer and grows ``wte`` before any data is read, their ids consecutive from
+``BuildContext.first_new_token``) and, with ``--head=lm``, an ``answer_marker``
+appended to every task's prompt (LAMOL's ``__ans__``). A host hook may record what it
+did with ``ctx.report(dict)``: the records go into ``results.json`` (and survive a
+resume).
 
 Plain fine-tuning is the method with no hooks. Compatible methods compose with
 :func:`compose` (``--method=ewc+replay``).
@@ -45,6 +54,9 @@ class StepContext(NamedTuple):
   aux: Any = None             # after_step: this method's aux from ``loss``
   apply_fn: Callable | None = None   # apply_fn(params, batch, deterministic=, rng=) -> logits
   rng: Any = None             # a key for this hook
+  # lm_apply_fn(params, input_ids, attention_mask, deterministic=, rng=) -> logits
+  # [B, T, vocab]: the same trunk with its tied language-model head
+  lm_apply_fn: Callable | None = None
 
 
 class TaskContext(NamedTuple):
@@ -57,6 +69,10 @@ class TaskContext(NamedTuple):
   batch_size: int = 8
   params: Any = None          # the params the task starts from (before) or ended at (after)
   previous_train: tuple = ()  # the earlier tasks' own training arrays, in order
+  method_state: Any = None    # train_arrays: the state after before_task
+  tasks: tuple = ()           # every data.Task of the run, in order (prompts, label words)
+  tokenizer: Any = None
+  report: Callable = lambda record: None   # report(dict): kept in results.json
 
 
 def _no_loss(state, ctx):
@@ -76,6 +92,8 @@ class Method(NamedTuple):
   after_step: Callable = lambda state, ctx: state
   after_task: Callable = lambda state, ctx: state
   trainable: Callable | None = None
+  tokens: tuple[str, ...] = ()     # vocabulary the method adds (ids: see the module doc)
+  answer_marker: str = ""          # (--head=lm) appended to every task's prompt
 
 
 def finetune() -> Method:
@@ -95,6 +113,9 @@ def compose(*methods: Method) -> Method:
   trainables = [m.trainable for m in methods if m.trainable is not None]
   if len(trainables) > 1:
     raise ValueError("At most one freezing method can be composed.")
+  if sum(bool(m.tokens) for m in methods) > 1:
+    raise ValueError("At most one method that adds tokens (generative replay, LAMOL) "
+                     "can be composed.")
 
   def own(ctx, i, **fields):
     rng = None if ctx.rng is None else jax.random.fold_in(ctx.rng, i)
@@ -104,8 +125,10 @@ def compose(*methods: Method) -> Method:
     return tuple(m.init(params) for m in methods)
 
   def train_arrays(ctx):
-    for m in methods:
-      ctx = ctx._replace(train=m.train_arrays(ctx))
+    state = ctx.method_state
+    for i, m in enumerate(methods):
+      ctx = ctx._replace(train=m.train_arrays(ctx._replace(
+          method_state=None if state is None else state[i])))
     return ctx.train
 
   def before_task(state, ctx):
@@ -141,4 +164,6 @@ def compose(*methods: Method) -> Method:
                 train_arrays=train_arrays, before_task=before_task,
                 prepare_batch=prepare_batch, loss=loss, transform_grads=transform_grads,
                 after_step=after_step, after_task=after_task,
-                trainable=trainables[0] if trainables else None)
+                trainable=trainables[0] if trainables else None,
+                tokens=sum((m.tokens for m in methods), ()),
+                answer_marker="".join(m.answer_marker for m in methods))

@@ -79,6 +79,8 @@ class BuildContext:
   max_length: int
   n_layer: int
   head: str = "score"     # the study's --head: score, or lm (classification as text)
+  first_new_token: int = 50257   # the id a method's first added token gets
+  eos_token_id: int = 50256
 
 
 _REGISTRY: dict[str, Registration] = {}

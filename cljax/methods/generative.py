@@ -1,0 +1,400 @@
+"""Generative replay: the model replays the earlier tasks from text it writes itself,
+and stores no example (Shin et al. 2017; LAMOL: Sun, Ho and Lee, ICLR 2020).
+
+Both methods train the trunk, beside the task's own objective, as a language model of
+the task's text after a generation token ``GEN`` (one per task, or one shared):
+
+    L = L_task(x, y) + lm_lambda * LM(GEN x [answer] EOS)
+
+where LM is the mean next-token cross-entropy over the sequence after ``GEN`` through
+its EOS (the tied LM head, ``wte``). Before task k (k > 0) the model as it stood after
+task k-1 writes ``N = ceil(gamma * |D_k|)`` pseudo-examples, rounded down to a multiple
+of k and split evenly over the earlier tasks, ``N / k`` each, prompted with that task's
+``GEN`` (top-k sampling, k = 20, temperature 1, as LAMOL), and they train with task k's
+data (concatenated with it and shuffled, as LAMOL's ``train_extra_data``), under both
+losses.
+
+- ``generative_replay`` (DGR for the classifier, any ``--head``): the text is the
+  task's input row; the frozen old model labels each pseudo-text (``gr_labels=hard``:
+  the argmax over the classes of the task that wrote it, or of every earlier task with
+  a shared token; ``logits``: the main loss on pseudo-texts is replaced by the
+  distillation loss to the old model's logits over those classes, temperature 2).
+- ``lamol`` (``--head=lm``): each example is ``prompt(x) __ans__ label-word EOS``; the
+  study's objective (the label words' logits after ``__ans__``) is LAMOL's QA loss,
+  and the LM loss covers ``GEN prompt(x) __ans__ label-word EOS`` with the target
+  ``__ans__`` weighted 5 (the reference code's ``tokens_weight``). A pseudo-example
+  is kept only if it splits into exactly one text and one answer at ``__ans__`` and
+  the answer is an earlier task's label word (its class is then the label).
+
+The generated pseudo-data lives in the method state (so in checkpoints: a resumed run
+trains on the same samples), and each boundary reports its cost (seconds, tokens/s),
+how many samples were kept and why the others were dropped, and the first few texts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import NamedTuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cljax import data as data_lib
+from cljax import generation
+from cljax import steps
+from cljax.methods.base import Method, StepContext, TaskContext
+from cljax.methods.distill import distillation_loss
+from cljax.methods.registry import NON_NEGATIVE, POSITIVE, BuildContext, hparam, register
+from cljax.model import GPT2LM
+
+ANSWER_TOKEN = "__ans__"
+LABEL_CHOICES = ("hard", "logits")
+
+
+class PseudoData(NamedTuple):
+  """Generated examples as training rows; the first ``count`` rows are real (at least
+  one row is stored: orbax saves no empty array)."""
+  input_ids: jax.Array          # [M, T] the example as the task's input row
+  attention_mask: jax.Array     # [M, T]
+  labels: jax.Array             # [M]
+  task_ids: jax.Array           # [M] the earlier task it replays
+  class_mask: jax.Array         # [M, C] that task's classes
+  teacher_logits: jax.Array     # [M, C] float32: the old model's (DGR), else 0
+  lm_input_ids: jax.Array       # [M, T] GEN text [__ans__ answer] EOS
+  lm_attention_mask: jax.Array  # [M, T]
+  lm_loss_mask: jax.Array       # [M, T] float32: target weights
+  count: jax.Array              # int32
+
+
+# ----------------------------------------------------------------------------
+# Host pieces: how many to generate, LM rows, generation, the LAMOL filter
+# ----------------------------------------------------------------------------
+
+def split_sizes(task_size: int, gamma: float, num_earlier: int) -> list[int]:
+  """Pseudo-examples per earlier task, as LAMOL's ``create_extra_data``:
+  ``N = ceil(gamma * task_size)`` rounded down to a multiple of the number of
+  earlier tasks, split evenly."""
+  n = int(math.ceil(task_size * gamma - 1e-9))
+  n -= n % num_earlier
+  return [n // num_earlier] * num_earlier
+
+
+def lm_row(gen: int, head: list[int], tail: list[int], answer: list[int], *, eos: int,
+           length: int, ended: bool = True) -> list[int]:
+  """``GEN head tail answer [EOS]`` in ``length`` tokens: ``head`` (the text) is cut
+  from its end when it does not fit; ``tail`` (the prompt's answer cue) never is."""
+  room = length - 1 - len(tail) - len(answer) - int(ended)
+  return ([gen] + list(head)[:max(room, 0)] + list(tail) + list(answer)
+          + ([eos] if ended else []))[:length]
+
+
+def lm_arrays(rows: list[list[int]], *, length: int, pad: int, weights: dict[int, float]
+              ) -> dict[str, np.ndarray]:
+  """``lm_input_ids``, ``lm_attention_mask`` and ``lm_loss_mask`` (every token after
+  the first is a target, weighted by ``weights.get(token, 1)``) of LM rows."""
+  n = len(rows)
+  ids = np.full((n, length), pad, np.int32)
+  mask = np.zeros((n, length), np.int32)
+  loss = np.zeros((n, length), np.float32)
+  for i, row in enumerate(rows):
+    ids[i, :len(row)] = row
+    mask[i, :len(row)] = 1
+    loss[i, 1:len(row)] = [weights.get(t, 1.0) for t in row[1:]]
+  return {"lm_input_ids": ids, "lm_attention_mask": mask, "lm_loss_mask": loss}
+
+
+def generate_texts(model, params, prompts: list[int], *, length: int, batch_size: int,
+                   rng, top_k: int, temperature: float, eos: int
+                   ) -> tuple[list[list[int]], list[bool], float]:
+  """Samples after each one-token prompt, up to ``length - 1`` new tokens: (the new
+  tokens before EOS, whether EOS came, seconds). Batches of ``batch_size`` rows (the
+  last padded), one compiled program."""
+  lm = GPT2LM(model.config)
+  texts, ended, t0 = [], [], time.time()
+  for s in range(0, len(prompts), batch_size):
+    chunk = prompts[s:s + batch_size]
+    ids = np.asarray(chunk + [chunk[0]] * (batch_size - len(chunk)), np.int32)[:, None]
+    new = generation.generate(lm, params, ids, np.ones_like(ids), max_new_tokens=length - 1,
+                              rng=jax.random.fold_in(rng, s), temperature=temperature,
+                              top_k=top_k, eos_token_id=eos, pad_token_id=eos)
+    for row in new[:len(chunk)]:
+      stop = np.flatnonzero(row == eos)
+      texts.append(row[:stop[0] if len(stop) else len(row)].tolist())
+      ended.append(bool(len(stop)))
+  return texts, ended, time.time() - t0
+
+
+def split_answer(tokens: list[int], answer_token: int, answers: dict[tuple[int, ...], int]
+                 ) -> tuple[list[int], int] | str:
+  """LAMOL's filter: (text, class) when ``tokens`` split into exactly one non-empty
+  text and one answer at ``answer_token`` and the answer is a known label word
+  (``answers`` maps its tokens to its class); else why not: ``malformed`` or
+  ``unknown_answer``."""
+  at = [i for i, t in enumerate(tokens) if t == answer_token]
+  if len(at) != 1 or at[0] == 0:
+    return "malformed"
+  label = answers.get(tuple(tokens[at[0] + 1:]))
+  return "unknown_answer" if label is None else (tokens[:at[0]], label)
+
+
+def _rows(texts: list[list[int]], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+  ids = np.full((len(texts), length), pad, np.int32)
+  mask = np.zeros((len(texts), length), np.int32)
+  for i, t in enumerate(texts):
+    ids[i, :len(t)] = t[:length]
+    mask[i, :len(t)] = 1
+  return ids, mask
+
+
+def _tail_length(task, tokenizer, as_text: bool) -> int:
+  """Tokens of the prompt after the text (the answer cue), which LM rows never cut."""
+  return len(tokenizer(task.prompt[1], add_special_tokens=False)["input_ids"]) if as_text else 0
+
+
+# ----------------------------------------------------------------------------
+# The method
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+  gen_top_k: int = hparam(20, "Generative replay / LAMOL: top-k of the pseudo-sample "
+                          "sampling.", bound=POSITIVE)
+  gen_temperature: float = hparam(1.0, "Generative replay / LAMOL: sampling temperature.",
+                                  bound=POSITIVE)
+  gen_batch_size: int = hparam(64, "Generative replay / LAMOL: rows generated at once.",
+                               bound=POSITIVE)
+  gen_log_samples: int = hparam(5, "Generative replay / LAMOL: pseudo-samples per task "
+                                "written to the log and results.json.", bound=NON_NEGATIVE)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerativeReplayConfig(GenerationConfig):
+  gr_gamma: float = hparam(0.2, "Generative replay: pseudo-examples per boundary, as a "
+                           "fraction of the new task's training set.", bound=NON_NEGATIVE)
+  gr_lm_lambda: float = hparam(0.25, "Generative replay: weight of the LM loss.",
+                               bound=NON_NEGATIVE)
+  gr_task_tokens: bool = hparam(True, "Generative replay: one generation token per task "
+                                "(else one shared token).")
+  gr_labels: str = hparam("hard", "Generative replay: how the old model labels "
+                          "pseudo-texts: hard (argmax) or logits (distillation).",
+                          choices=LABEL_CHOICES)
+
+
+@dataclasses.dataclass(frozen=True)
+class LamolConfig(GenerationConfig):
+  lamol_gamma: float = hparam(0.2, "LAMOL: pseudo-examples per boundary, as a fraction "
+                              "of the new task's training set.", bound=NON_NEGATIVE)
+  lamol_lm_lambda: float = hparam(0.25, "LAMOL: weight of the LM loss.", bound=NON_NEGATIVE)
+  lamol_task_tokens: bool = hparam(False, "LAMOL: one generation token per task "
+                                   "(LAMOL_TASK) instead of the shared __gen__ (LAMOL_GEN).")
+  lamol_ans_weight: float = hparam(5.0, "LAMOL: LM-loss weight of the __ans__ target "
+                                   "(the reference code's tokens_weight).", bound=NON_NEGATIVE)
+
+
+class _Spec(NamedTuple):
+  """What distinguishes the two methods."""
+  name: str
+  gamma: float
+  lm_lambda: float
+  task_tokens: bool
+  lamol: bool
+  labels: str = "hard"
+  ans_weight: float = 1.0
+
+
+def _tokens(spec: _Spec, num_tasks: int) -> tuple[str, ...]:
+  prefix = "__lamol" if spec.lamol else "__gr"
+  gens = (tuple(f"{prefix}_task{k}__" for k in range(num_tasks)) if spec.task_tokens
+          else (f"{prefix}_gen__",))
+  return gens + ((ANSWER_TOKEN,) if spec.lamol else ())
+
+
+def _empty(length: int, num_labels: int) -> PseudoData:
+  def z():  # distinct buffers: the train step donates each
+    return jnp.zeros((1, length), jnp.int32)
+  return PseudoData(z(), z(), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32),
+                    jnp.zeros((1, num_labels), bool), jnp.zeros((1, num_labels), jnp.float32),
+                    z(), z(), jnp.zeros((1, length), jnp.float32), jnp.zeros((), jnp.int32))
+
+
+def _generative_method(spec: _Spec, gen: GenerationConfig, ctx: BuildContext) -> Method:
+  tokens = _tokens(spec, ctx.num_tasks)
+  ids = {t: ctx.first_new_token + i for i, t in enumerate(tokens)}
+  gen_ids = [ids[t] for t in tokens if t != ANSWER_TOKEN]
+  ans_id = ids.get(ANSWER_TOKEN)
+  T, C, eos = ctx.max_length, ctx.num_labels, ctx.eos_token_id
+  weights = {ans_id: spec.ans_weight} if spec.lamol else {}
+
+  def gen_token(k: int) -> int:
+    return gen_ids[k] if spec.task_tokens else gen_ids[0]
+
+  def label_words(tctx: TaskContext, upto: int) -> dict[tuple[int, ...], int]:
+    out = {}
+    for task in tctx.tasks[:upto]:
+      for c, word in zip(task.head_labels, task.label_words):
+        out[tuple(tctx.tokenizer(word, add_special_tokens=False)["input_ids"])] = c
+    return out
+
+  def real_lm_rows(tctx: TaskContext, train) -> dict[str, np.ndarray]:
+    k = tctx.task_index
+    tail = _tail_length(tctx.tasks[k], tctx.tokenizer, ctx.head == "lm")
+    words = {c: list(w) for w, c in label_words(tctx, k + 1).items()} if spec.lamol else {}
+    rows = []
+    for i, (row, n) in enumerate(zip(train["input_ids"], train["attention_mask"].sum(1))):
+      real = row[:n].tolist()
+      rows.append(lm_row(gen_token(k), real[:n - tail], real[n - tail:],
+                         words.get(int(train["labels"][i]), []), eos=eos, length=T))
+    return lm_arrays(rows, length=T, pad=eos, weights=weights)
+
+  def train_arrays(tctx: TaskContext):
+    own = dict(tctx.train, **real_lm_rows(tctx, tctx.train))
+    n = data_lib.size(own)
+    own.update(replayed=np.zeros((n,), np.float32),
+               teacher_logits=np.zeros((n, C), np.float32))
+    p = tctx.method_state
+    count = 0 if p is None else int(p.count)
+    if not count:
+      return own
+    fake = {f: np.asarray(getattr(p, f))[:count] for f in PseudoData._fields if f != "count"}
+    fake["replayed"] = np.ones((count,), np.float32)
+    return data_lib.concat([own, fake])
+
+  def label_pseudo(tctx, texts, sources):
+    """DGR: labels (and logits) of the old model, over the classes of the task that
+    wrote each text (or of every earlier task, with a shared token)."""
+    k = tctx.task_index
+    ids, mask = _rows(texts, T, eos)
+    logits_fn = jax.jit(lambda p, b: steps.logits_step(p, b, model=tctx.model))
+    logits = np.concatenate([
+        np.asarray(logits_fn(tctx.params, {"input_ids": b["input_ids"],
+                                           "attention_mask": b["attention_mask"]}))
+        for b in data_lib.batches({"input_ids": ids, "attention_mask": mask},
+                                  gen.gen_batch_size)])[:len(texts)]
+    allowed = np.zeros((len(texts), C), bool)
+    for i, j in enumerate(sources):
+      for task in (tctx.tasks[j:j + 1] if spec.task_tokens else tctx.tasks[:k]):
+        allowed[i, list(task.head_labels)] = True
+    labels = np.argmax(np.where(allowed, logits, -np.inf), axis=1)
+    return ids, mask, labels, logits, allowed
+
+  def before_task(state: PseudoData, tctx: TaskContext):
+    k = tctx.task_index
+    sizes = split_sizes(data_lib.size(tctx.train), spec.gamma, k) if k else []
+    if not sum(sizes):
+      return _empty(T, C)
+    sources = [j for j, n in enumerate(sizes) for _ in range(n)]
+    texts, ended, seconds = generate_texts(
+        tctx.model, tctx.params, [gen_token(j) for j in sources], length=T,
+        batch_size=gen.gen_batch_size, rng=tctx.rng, top_k=gen.gen_top_k,
+        temperature=gen.gen_temperature, eos=eos)
+    generated = sum(len(t) + int(e) for t, e in zip(texts, ended))
+    dropped = {"malformed": 0, "unknown_answer": 0}
+    keep_text, keep_src, keep_ended, keep_label = [], [], [], []
+    answers = label_words(tctx, k) if spec.lamol else {}
+    for text, j, e in zip(texts, sources, ended):
+      if spec.lamol:
+        split = split_answer(text, ans_id, answers)
+        if isinstance(split, str):
+          dropped[split] += 1
+          continue
+        text, label = split
+        keep_label.append(label)
+      elif not text:
+        dropped["malformed"] += 1
+        continue
+      keep_text.append(text)
+      keep_src.append(j)
+      keep_ended.append(e)
+    report = {"method": spec.name, "requested": len(texts), "kept": len(keep_text),
+              "dropped": dropped, "drop_rate": 1 - len(keep_text) / len(texts),
+              "per_task": {tctx.tasks[j].name: n for j, n in enumerate(sizes)},
+              "generation_seconds": seconds, "generated_tokens": generated,
+              "tokens_per_second": generated / max(seconds, 1e-9),
+              "samples": {tctx.tasks[j].name: [
+                  tctx.tokenizer.decode([gen_token(j)] + t)
+                  for t, s in zip(texts, sources) if s == j][:gen.gen_log_samples]
+                          for j in range(k)}}
+    tctx.report(report)
+    logging.info("%s before task %d: generated %d pseudo-examples (%d tokens) in %.1f s "
+                 "(%.0f tokens/s); kept %d, dropped %s.", spec.name, k, len(texts),
+                 generated, seconds, report["tokens_per_second"], len(keep_text), dropped)
+    if not keep_text:
+      return _empty(T, C)
+    return _pseudo_data(tctx, keep_text, keep_src, keep_ended, keep_label)
+
+  def _pseudo_data(tctx, texts, sources, ended, labels):
+    if spec.lamol:
+      words = {c: list(w) for w, c in label_words(tctx, tctx.task_index).items()}
+      rows = [t + [ans_id] for t in texts]
+      ids, mask = _rows(rows, T, eos)
+      owner = {c: j for j, task in enumerate(tctx.tasks) for c in task.head_labels}
+      task_ids = np.asarray([owner[c] for c in labels], np.int32)
+      teacher = np.zeros((len(texts), C), np.float32)
+      lm = [lm_row(gen_token(j), r, [], words[c], eos=eos, length=T)
+            for r, j, c in zip(rows, sources, labels)]
+      labels = np.asarray(labels, np.int32)
+    else:
+      ids, mask, labels, teacher, _ = label_pseudo(tctx, texts, sources)
+      owner = {c: j for j, task in enumerate(tctx.tasks) for c in task.head_labels}
+      task_ids = np.asarray([owner[int(c)] for c in labels], np.int32)
+      lm = [lm_row(gen_token(j), t, [], [], eos=eos, length=T, ended=e)
+            for t, j, e in zip(texts, sources, ended)]
+    class_mask = np.zeros((len(texts), C), bool)
+    for i, j in enumerate(task_ids):
+      class_mask[i, list(tctx.tasks[j].head_labels)] = True
+    arrays = lm_arrays(lm, length=T, pad=eos, weights=weights)
+    return PseudoData(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels, jnp.int32),
+                      jnp.asarray(task_ids), jnp.asarray(class_mask),
+                      jnp.asarray(teacher, jnp.float32), jnp.asarray(arrays["lm_input_ids"]),
+                      jnp.asarray(arrays["lm_attention_mask"]),
+                      jnp.asarray(arrays["lm_loss_mask"]), jnp.asarray(len(texts), jnp.int32))
+
+  def prepare_batch(state, sctx: StepContext):
+    del state
+    batch = dict(sctx.batch, lm_weight=sctx.batch["weights"])
+    if spec.labels == "logits":  # pseudo-texts train on the distillation loss instead
+      batch["weights"] = batch["weights"] * (1.0 - batch["replayed"])
+    return batch
+
+  def loss(state, sctx: StepContext):
+    del state
+    b = sctx.batch
+    logits = sctx.lm_apply_fn(sctx.params, b["lm_input_ids"], b["lm_attention_mask"])
+    loss_sum, count, _ = steps.lm_cross_entropy(
+        logits, b["lm_input_ids"], b["lm_loss_mask"] * b["lm_weight"][:, None])
+    total = spec.lm_lambda * loss_sum / jnp.maximum(count, 1e-9)
+    if spec.labels == "logits":
+      old = b["class_mask"] & (b["replayed"][:, None] > 0)
+      total += distillation_loss(sctx.logits, b["teacher_logits"], old,
+                                 b["lm_weight"] * b["replayed"], 2.0)
+    return total, ()
+
+  return Method(name=spec.name, init=lambda params: _empty(T, C), before_task=before_task,
+                train_arrays=train_arrays, prepare_batch=prepare_batch, loss=loss,
+                tokens=tokens, answer_marker=ANSWER_TOKEN if spec.lamol else "")
+
+
+@register("generative_replay", "deep generative replay: the trunk also learns to write "
+          "each task's text and replays pseudo-texts the old model labels (Shin et al. "
+          "2017)", GenerativeReplayConfig,
+          grid={"gr_gamma": (0.05, 0.2, 0.5), "gr_lm_lambda": (0.25, 1.0)})
+def generative_replay(hp: GenerativeReplayConfig, ctx: BuildContext) -> Method:
+  return _generative_method(_Spec("generative_replay", hp.gr_gamma, hp.gr_lm_lambda,
+                                  hp.gr_task_tokens, lamol=False, labels=hp.gr_labels),
+                            hp, ctx)
+
+
+@register("lamol", "LAMOL: the LM writes question-answer pseudo-samples of earlier tasks "
+          "(Sun, Ho and Lee 2020; --head=lm)", LamolConfig,
+          grid={"lamol_gamma": (0.05, 0.2, 0.5), "lamol_lm_lambda": (0.25, 1.0)})
+def lamol(hp: LamolConfig, ctx: BuildContext) -> Method:
+  if ctx.head != "lm":
+    raise ValueError("--method=lamol trains classification as text: add --head=lm (or use "
+                     "--method=generative_replay with the score head).")
+  return _generative_method(_Spec("lamol", hp.lamol_gamma, hp.lamol_lm_lambda,
+                                  hp.lamol_task_tokens, lamol=True,
+                                  ans_weight=hp.lamol_ans_weight), hp, ctx)

@@ -1,0 +1,218 @@
+"""Generative replay and LAMOL: the pseudo-data formula, LAMOL's filter, the LM rows
+and loss (against transformers' GPT2LMHeadModel loss), vocabulary growth, and whole
+runs that resume mid-task with the generated data."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cljax
+from cljax import data as data_lib
+from cljax import study
+from cljax.methods import BuildContext, MethodConfig, StepContext, TaskContext, registry
+from cljax.methods.generative import lm_arrays, lm_row, split_answer, split_sizes
+from cljax.model import GPT2Classifier, GPT2LM, add_token_embeddings
+
+from conftest import TINY_HF, padded_batch
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+V, EOS = TINY_HF["vocab_size"], TINY_HF["eos_token_id"]
+TASKS = (data_lib.Task("a", (0, 1), ("neg", "pos"), 0, (" neg", " pos")),
+         data_lib.Task("b", (0, 1), ("x", "y"), 2, (" x", " y")))
+
+
+def test_pseudo_examples_split_over_earlier_tasks_as_lamol():
+  """N = ceil(gamma |D_k|), rounded down to a multiple of k, N / k per earlier task."""
+  assert split_sizes(2000, 0.2, 1) == [400]
+  assert split_sizes(2000, 0.2, 3) == [133, 133, 133]     # 400 -> 399
+  assert split_sizes(1001, 0.2, 2) == [100, 100]          # ceil(200.2) = 201 -> 200
+  assert split_sizes(3, 0.2, 1) == [1]                    # ceil(0.6)
+  assert split_sizes(10, 0.0, 2) == [0, 0]
+
+
+def test_the_lamol_filter_keeps_one_text_and_one_label_word_answer():
+  ans, answers = 5, {(7,): 0, (8, 9): 3}
+  assert split_answer([1, 2, ans, 7], ans, answers) == ([1, 2], 0)
+  assert split_answer([1, ans, 8, 9], ans, answers) == ([1], 3)       # multi-token word
+  assert split_answer([1, 2, 7], ans, answers) == "malformed"         # no answer marker
+  assert split_answer([1, ans, 7, ans, 7], ans, answers) == "malformed"  # two
+  assert split_answer([ans, 7], ans, answers) == "malformed"          # no text
+  assert split_answer([1, ans, 8], ans, answers) == "unknown_answer"  # not a label word
+  assert split_answer([1, ans], ans, answers) == "unknown_answer"     # empty answer
+
+
+def test_lm_rows_cut_the_text_never_the_answer_cue():
+  row = lm_row(90, [1, 2, 3, 4, 5], [6, 7], [8], eos=EOS, length=8)
+  assert row == [90, 1, 2, 3, 6, 7, 8, EOS]
+  assert lm_row(90, [1, 2], [], [], eos=EOS, length=8, ended=False) == [90, 1, 2]
+  arrays = lm_arrays([row, [90, 1, EOS]], length=8, pad=EOS, weights={7: 5.0})
+  np.testing.assert_array_equal(arrays["lm_loss_mask"],
+                                [[0, 1, 1, 1, 1, 5, 1, 1], [0, 1, 1, 0, 0, 0, 0, 0]])
+  np.testing.assert_array_equal(arrays["lm_attention_mask"][1], [1, 1, 1, 0, 0, 0, 0, 0])
+  assert (arrays["lm_input_ids"][1, 3:] == EOS).all()
+
+
+@pytest.fixture(scope="module")
+def grown(torch_tiny):
+  """A tiny classifier's params with two generation tokens (ids 97, 98) added."""
+  model, params = cljax.load_pretrained(torch_tiny[0], num_labels=3)
+  new_params, config = add_token_embeddings(params, model.config, [V, V + 1], V)
+  return model, params, GPT2Classifier(config), new_params
+
+
+def test_a_generation_token_grows_the_vocabulary_without_changing_any_other_logit(
+    grown, tiny_batch, tmp_path):
+  old_model, old, model, params = grown
+  ids, mask = (jnp.asarray(a) for a in tiny_batch)
+  assert model.config.vocab_size == V + 2
+  wte = np.asarray(params["wte"]["embedding"])
+  np.testing.assert_array_equal(wte[:V], np.asarray(old["wte"]["embedding"]))
+  np.testing.assert_allclose(wte[V], wte[:V].mean(0), atol=1e-7)
+  np.testing.assert_array_equal(wte[V], wte[V + 1])
+  before = GPT2LM(old_model.config).apply({"params": old}, ids, mask)
+  after = GPT2LM(model.config).apply({"params": params}, ids, mask)
+  assert after.shape[-1] == V + 2
+  np.testing.assert_allclose(after[..., :V], before, rtol=0, atol=1e-6)
+  np.testing.assert_array_equal(model.apply({"params": params}, ids, mask),
+                                old_model.apply({"params": old}, ids, mask))
+  # Exported, transformers reads the grown table and gives the same LM logits.
+  cljax.save_pretrained(params, model.config, str(tmp_path), head="lm")
+  back = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
+  assert back.config.vocab_size == V + 2
+  with torch.no_grad():
+    theirs = back(input_ids=torch.tensor(np.asarray(ids), dtype=torch.long),
+                  attention_mask=torch.tensor(np.asarray(mask))).logits.numpy()
+  m = np.asarray(mask).astype(bool)
+  np.testing.assert_allclose(theirs[m], np.asarray(after)[m], atol=1e-5)
+
+
+def test_the_study_adds_the_method_tokens_to_the_tokenizer(tiny_tokenizer_dir, torch_tiny):
+  tokenizer = cljax.load_tokenizer(tiny_tokenizer_dir)
+  n = len(tokenizer)
+  model, params = cljax.load_pretrained(torch_tiny[0], num_labels=3)
+  model, params = study.add_method_tokens(model, params, tokenizer, ("__g0__", "__ans__"))
+  assert tokenizer.convert_tokens_to_ids(["__g0__", "__ans__"]) == [n, n + 1]
+  assert tokenizer("good\nLabel:__ans__", add_special_tokens=False)["input_ids"][-1] == n + 1
+  assert model.config.vocab_size == max(V, n + 2)
+  with pytest.raises(ValueError, match="already holds"):
+    study.add_method_tokens(model, params, tokenizer, ("__ans__",))
+
+
+def _dgr(**hp):
+  ctx = BuildContext(num_labels=4, num_tasks=2, max_length=16, n_layer=2,
+                     first_new_token=V, eos_token_id=EOS)
+  return registry.build("generative_replay", MethodConfig(**hp), ctx)
+
+
+def test_the_lm_loss_equals_transformers_and_ignores_padding(grown, tmp_path):
+  """DGR's LM term on ``GEN_task x EOS`` is lambda times transformers' causal-LM loss
+  (mean over the target tokens of the batch); position 0 (GEN) and padding are not
+  targets, and tokens in the padding change nothing."""
+  _, _, model, params = grown
+  method = _dgr(gr_lm_lambda=0.5)
+  assert method.tokens == ("__gr_task0__", "__gr_task1__")
+  ids, mask = padded_batch([16, 9, 3, 12], 16, V - 1, EOS, seed=3)
+  train = {"input_ids": ids, "attention_mask": mask, "labels": np.array([2, 3, 2, 3]),
+           "task_ids": np.ones(4, np.int32), "class_mask": np.zeros((4, 4), bool)}
+  arrays = method.train_arrays(TaskContext(task_index=1, train=train, tasks=TASKS))
+  lm_ids, lm_mask, loss_mask = (arrays[k] for k in ("lm_input_ids", "lm_attention_mask",
+                                                    "lm_loss_mask"))
+  assert (lm_ids[:, 0] == V + 1).all()                       # task b's token
+  np.testing.assert_array_equal(lm_ids[1, 1:11], np.append(ids[1, :9], EOS))
+  # A full row is cut to make room for EOS (LAMOL's concat_example always ends so).
+  np.testing.assert_array_equal(lm_ids[0], np.concatenate([[V + 1], ids[0, :14], [EOS]]))
+  assert (loss_mask[:, 0] == 0).all()
+  np.testing.assert_array_equal(loss_mask.sum(1), [15, 10, 4, 13])
+  np.testing.assert_array_equal(loss_mask > 0, lm_mask.astype(bool) & (np.arange(16) > 0))
+
+  lm = GPT2LM(model.config)
+
+  def value(batch):
+    batch = dict(batch, weights=np.ones(4, np.float32))
+    batch = method.prepare_batch((), StepContext(batch=batch))
+    apply = lambda p, i, m: lm.apply({"params": p}, i, m)  # noqa: E731
+    return float(method.loss((), StepContext(params=params, batch=batch,
+                                              lm_apply_fn=apply))[0])
+
+  ours = value(arrays)
+  cljax.save_pretrained(params, model.config, str(tmp_path), head="lm")
+  back = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
+  with torch.no_grad():
+    labels = np.where(loss_mask > 0, lm_ids, -100)
+    ref = back(input_ids=torch.tensor(lm_ids, dtype=torch.long),
+               attention_mask=torch.tensor(lm_mask),
+               labels=torch.tensor(labels, dtype=torch.long)).loss.item()
+  np.testing.assert_allclose(ours, 0.5 * ref, rtol=1e-5)
+  noisy = dict(arrays, lm_input_ids=np.where(lm_mask.astype(bool), lm_ids, 5))
+  np.testing.assert_allclose(value(noisy), ours, rtol=1e-6)
+
+
+def test_lamol_needs_the_lm_head():
+  ctx = BuildContext(num_labels=4, num_tasks=2, max_length=16, n_layer=2)
+  with pytest.raises(ValueError, match="--head=lm"):
+    registry.build("lamol", MethodConfig(), ctx)
+  method = registry.build("lamol", MethodConfig(), ctx.__class__(
+      **{**ctx.__dict__, "head": "lm"}))
+  assert method.tokens == ("__lamol_gen__", "__ans__") and method.answer_marker == "__ans__"
+
+
+# ----------------------------------------------------------------------------
+# Whole runs
+# ----------------------------------------------------------------------------
+
+def _config(data_dir, tokenizer_dir, **overrides):
+  kwargs = dict(tasks=("imdb", "ag_news"), data_dir=data_dir, tokenizer=tokenizer_dir,
+                init="random", size="tiny", num_train=32, num_test=16, max_length=24,
+                batch_size=8, eval_batch_size=16, epochs=3, learning_rate=2e-3,
+                checkpoint_every=0, log_every=2, seed=0,
+                method_config=MethodConfig(gen_batch_size=8))
+  kwargs.update(overrides)
+  return study.StudyConfig(**kwargs)
+
+
+@pytest.mark.slow
+def test_generative_replay_resumes_mid_task_with_the_same_pseudo_data(
+    tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+  """Killed mid task B (after the boundary's generation), the resumed run trains on the
+  generated data from the checkpoint and ends with the uninterrupted matrices."""
+  cfg = _config(tiny_data_dir, tiny_tokenizer_dir, method="generative_replay",
+                checkpoint_every=5)
+  full = study.run(cfg, str(tmp_path / "full"))
+  (report,) = full["method_reports"]
+  assert report["task"] == 1 and report["requested"] == 7          # ceil(0.2 * 32)
+  assert report["kept"] + sum(report["dropped"].values()) == 7
+  assert report["tokens_per_second"] > 0 and report["samples"]["imdb"]
+  # Task B trains on its 32 examples and the kept pseudo-texts: 3 epochs of batch 8.
+  assert full["timing"]["steps_per_task"] == [12, 3 * -(-(32 + report["kept"]) // 8)]
+  with open(tmp_path / "full" / "generated_samples.txt") as f:
+    assert "written as imdb" in f.read()
+  with pytest.raises(study.Interrupted):
+    study.run(cfg.replace(stop_after_steps=17), str(tmp_path / "cut"))
+  resumed = study.run(cfg, str(tmp_path / "cut"), resume=True)
+  assert resumed["accuracy_matrix"] == full["accuracy_matrix"]
+  assert resumed["task_aware_accuracy_matrix"] == full["task_aware_accuracy_matrix"]
+  timing = ("generation_seconds", "tokens_per_second")
+  same = [[{k: v for k, v in r.items() if k not in timing} for r in x["method_reports"]]
+          for x in (resumed, full)]
+  assert same[0] == same[1]   # the same samples, generated before the checkpoint
+
+
+@pytest.mark.slow
+def test_lamol_runs_as_text_with_its_answer_token(tiny_data_dir, tiny_tokenizer_dir,
+                                                  tmp_path):
+  cfg = _config(tiny_data_dir, tiny_tokenizer_dir, method="lamol", head="lm",
+                label_words=("imdb=bad,good", "ag_news=software,match"),
+                method_config=MethodConfig(gen_batch_size=8, lamol_gamma=0.5))
+  r = study.run(cfg, str(tmp_path))
+  assert r["task_classes"]["imdb"]["prompt"] == ["Review: ", "\nSentiment:__ans__"]
+  (report,) = r["method_reports"]
+  assert report["requested"] == 16
+  assert report["kept"] + sum(report["dropped"].values()) == 16
+  assert r["model"]["vocab_size"] == len(cljax.load_tokenizer(tiny_tokenizer_dir)) + 2
+  assert np.array(r["task_aware_accuracy_matrix"])[0, 0] >= 0.75
