@@ -43,11 +43,12 @@ def parse_grid(items: Sequence[str]) -> dict[str, tuple[str, list[float]]]:
   return out
 
 
-def expand_methods(methods: Sequence[str]) -> list[str]:
-  """``["all"]`` -> every registered method, in registration order."""
+def expand_methods(methods: Sequence[str], head: str | None = None) -> list[str]:
+  """``["all"]`` -> every registered method (that works with ``head``), in
+  registration order."""
   out = []
   for m in methods:
-    out.extend(registry.names() if m == "all" else [m])
+    out.extend(registry.names(head) if m == "all" else [m])
   return list(dict.fromkeys(out))
 
 

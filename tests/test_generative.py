@@ -153,6 +153,37 @@ def test_the_lm_loss_equals_transformers_and_ignores_padding(grown, tmp_path):
   np.testing.assert_allclose(value(noisy), ours, rtol=1e-6)
 
 
+def test_lamol_rows_end_in_the_label_word_and_weight_the_answer_token(tiny_tokenizer_dir):
+  """``GEN prompt(x) __ans__ word EOS``; a text too long for the row is cut, never the
+  cue; the ``__ans__`` target weighs 5 (LAMOL's tokens_weight)."""
+  tok = cljax.load_tokenizer(tiny_tokenizer_dir)
+  n = len(tok)
+  method = registry.build("lamol", MethodConfig(), BuildContext(
+      num_labels=4, num_tasks=2, max_length=12, n_layer=2, head="lm", first_new_token=n,
+      eos_token_id=tok.eos_token_id))
+  tok.add_tokens(list(method.tokens), special_tokens=True)
+  gen, ans = n, n + 1
+  tasks = tuple(data_lib.Task(t.name, t.source_labels, t.class_names, t.label_offset,
+                              words, ("", "\nLabel:__ans__"))
+                for t, words in zip(TASKS, [(" bad", " good"), (" match", " software")]))
+  texts = ["the movie was good", " ".join(["the plot was really dull"] * 5)]
+  ids, mask = data_lib.tokenize(texts, tok, 12, prompt=tasks[0].prompt)
+  train = {"input_ids": ids, "attention_mask": mask, "labels": np.array([1, 0]),
+           "task_ids": np.zeros(2, np.int32), "class_mask": np.zeros((2, 4), bool)}
+  arrays = method.train_arrays(TaskContext(task_index=0, train=train, tasks=tasks,
+                                           tokenizer=tok))
+  cue = tok("\nLabel:__ans__", add_special_tokens=False)["input_ids"]
+  for i, word in enumerate([" good", " bad"]):
+    row = arrays["lm_input_ids"][i][arrays["lm_attention_mask"][i].astype(bool)].tolist()
+    word_ids = tok(word, add_special_tokens=False)["input_ids"]
+    assert row[0] == gen and row[-1] == tok.eos_token_id
+    assert row[-2 - len(word_ids) - len(cue) + 1:-1] == cue + word_ids
+    weights = arrays["lm_loss_mask"][i][:len(row)]
+    assert weights[0] == 0 and weights[row.index(ans)] == 5.0
+    assert sorted(set(weights[1:].tolist())) == [1.0, 5.0]
+  assert arrays["lm_attention_mask"][1].all()           # the long text fills the row
+
+
 def test_lamol_needs_the_lm_head():
   ctx = BuildContext(num_labels=4, num_tasks=2, max_length=16, n_layer=2)
   with pytest.raises(ValueError, match="--head=lm"):

@@ -118,6 +118,8 @@ def test_grid_parsing_errors():
 def test_method_lists_and_grids_come_from_the_registry():
   from cljax.methods import registry
   assert sweep.expand_methods(["all"]) == registry.names()
+  assert "lamol" not in sweep.expand_methods(["all"], "score")   # text-only
+  assert "lamol" in sweep.expand_methods(["all"], "lm")
   assert sweep.expand_methods(["ewc", "all"])[0] == "ewc"
   assert sweep.default_grids(["ewc", "replay", "ewc+replay", "si"]) == {
       "ewc": ("ewc_lambda", [1e2, 1e4, 1e6]), "si": ("si_c", [0.1, 10.0])}

@@ -40,11 +40,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
-  methods = sweep.expand_methods(_METHODS.value)
+  base = cljax_flags.study_config()
+  methods = sweep.expand_methods(_METHODS.value, base.head)
   grids = sweep.parse_grid(_GRID.value)
   if _DEFAULT_GRIDS.value:
     grids = {**sweep.default_grids(methods), **grids}
-  out = sweep.run_sweep(cljax_flags.study_config(), _ROOT.value, methods,
+  out = sweep.run_sweep(base, _ROOT.value, methods,
                         [int(s) for s in _SEEDS.value], grids,
                         flags=cljax_flags.flag_values())
   print(f"{len(out['runs'])} runs under {_ROOT.value}")

@@ -34,6 +34,7 @@ how many samples were kept and why the others were dropped, and the first few te
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import NamedTuple
@@ -151,7 +152,8 @@ def _rows(texts: list[list[int]], length: int, pad: int) -> tuple[np.ndarray, np
 
 
 def _tail_length(task, tokenizer, as_text: bool) -> int:
-  """Tokens of the prompt after the text (the answer cue), which LM rows never cut."""
+  """Tokens of the prompt after the text (the answer cue; LAMOL's ends in
+  ``__ans__``), which LM rows never cut (``as_text``: ``--head=lm``)."""
   return len(tokenizer(task.prompt[1], add_special_tokens=False)["input_ids"]) if as_text else 0
 
 
@@ -221,161 +223,200 @@ def _empty(length: int, num_labels: int) -> PseudoData:
                     z(), z(), jnp.zeros((1, length), jnp.float32), jnp.zeros((), jnp.int32))
 
 
+class _Setup(NamedTuple):
+  """What every hook of one generative method knows."""
+  spec: _Spec
+  gen: GenerationConfig
+  tokens: tuple[str, ...]
+  gen_ids: tuple[int, ...]      # the generation token(s)
+  ans_id: int | None            # LAMOL's __ans__
+  length: int                   # T
+  num_labels: int               # C
+  eos: int
+  as_text: bool                 # --head=lm: rows end in the prompt's answer cue
+
+  def gen_token(self, k: int) -> int:
+    return self.gen_ids[k] if self.spec.task_tokens else self.gen_ids[0]
+
+  @property
+  def weights(self) -> dict[int, float]:
+    return {self.ans_id: self.spec.ans_weight} if self.spec.lamol else {}
+
+
+def _label_words(tctx: TaskContext, upto: int) -> dict[tuple[int, ...], int]:
+  """Every label word of the first ``upto`` tasks (its tokens) -> its class."""
+  out = {}
+  for task in tctx.tasks[:upto]:
+    for c, word in zip(task.head_labels, task.label_words):
+      out[tuple(tctx.tokenizer(word, add_special_tokens=False)["input_ids"])] = c
+  return out
+
+
+def _owner(tctx: TaskContext) -> dict[int, int]:
+  return {c: j for j, task in enumerate(tctx.tasks) for c in task.head_labels}
+
+
+def _real_lm_rows(s: _Setup, tctx: TaskContext, train) -> dict[str, np.ndarray]:
+  """LM rows of the task's own examples: ``GEN_k row [label word] EOS``."""
+  k = tctx.task_index
+  tail = _tail_length(tctx.tasks[k], tctx.tokenizer, s.as_text)
+  words = {c: list(w) for w, c in _label_words(tctx, k + 1).items()} if s.spec.lamol else {}
+  rows = []
+  for row, n, label in zip(train["input_ids"], train["attention_mask"].sum(1),
+                           train["labels"]):
+    real = row[:n].tolist()
+    rows.append(lm_row(s.gen_token(k), real[:n - tail], real[n - tail:],
+                       words.get(int(label), []), eos=s.eos, length=s.length))
+  return lm_arrays(rows, length=s.length, pad=s.eos, weights=s.weights)
+
+
+def _train_arrays(s: _Setup, tctx: TaskContext):
+  """The task's examples with their LM rows, then the pseudo-examples of the state."""
+  own = dict(tctx.train, **_real_lm_rows(s, tctx, tctx.train))
+  n = data_lib.size(own)
+  own.update(replayed=np.zeros((n,), np.float32),
+             teacher_logits=np.zeros((n, s.num_labels), np.float32))
+  p = tctx.method_state
+  count = 0 if p is None else int(p.count)
+  if not count:
+    return own
+  fake = {f: np.asarray(getattr(p, f))[:count] for f in PseudoData._fields if f != "count"}
+  fake["replayed"] = np.ones((count,), np.float32)
+  return data_lib.concat([own, fake])
+
+
+def _label_by_old_model(s: _Setup, tctx: TaskContext, texts, sources):
+  """DGR: rows, the old model's labels and logits, over the classes of the task that
+  wrote each text (or of every earlier task, with a shared token)."""
+  ids, mask = _rows(texts, s.length, s.eos)
+  logits_fn = jax.jit(lambda p, b: steps.logits_step(p, b, model=tctx.model))
+  logits = np.concatenate([
+      np.asarray(logits_fn(tctx.params, {"input_ids": b["input_ids"],
+                                         "attention_mask": b["attention_mask"]}))
+      for b in data_lib.batches({"input_ids": ids, "attention_mask": mask},
+                                s.gen.gen_batch_size)])[:len(texts)]
+  allowed = np.zeros((len(texts), s.num_labels), bool)
+  for i, j in enumerate(sources):
+    for task in (tctx.tasks[j:j + 1] if s.spec.task_tokens else tctx.tasks[:tctx.task_index]):
+      allowed[i, list(task.head_labels)] = True
+  return ids, mask, np.argmax(np.where(allowed, logits, -np.inf), axis=1), logits
+
+
+def _pseudo_data(s: _Setup, tctx: TaskContext, texts, sources, ended, labels) -> PseudoData:
+  """The kept samples as training rows: LAMOL's labelled by their answer, DGR's by the
+  old model; with their LM rows."""
+  n, owner = len(texts), _owner(tctx)
+  if s.spec.lamol:
+    words = {c: list(w) for w, c in _label_words(tctx, tctx.task_index).items()}
+    rows = [t + [s.ans_id] for t in texts]
+    ids, mask = _rows(rows, s.length, s.eos)
+    teacher = np.zeros((n, s.num_labels), np.float32)
+    lm = [lm_row(s.gen_token(j), r, [], words[c], eos=s.eos, length=s.length)
+          for r, j, c in zip(rows, sources, labels)]
+  else:
+    ids, mask, labels, teacher = _label_by_old_model(s, tctx, texts, sources)
+    lm = [lm_row(s.gen_token(j), t, [], [], eos=s.eos, length=s.length, ended=e)
+          for t, j, e in zip(texts, sources, ended)]
+  task_ids = np.asarray([owner[int(c)] for c in labels], np.int32)
+  class_mask = np.zeros((n, s.num_labels), bool)
+  for i, j in enumerate(task_ids):
+    class_mask[i, list(tctx.tasks[j].head_labels)] = True
+  a = lm_arrays(lm, length=s.length, pad=s.eos, weights=s.weights)
+  return PseudoData(*(jnp.asarray(x) for x in (
+      ids, mask, np.asarray(labels, np.int32), task_ids, class_mask,
+      teacher.astype(np.float32), a["lm_input_ids"], a["lm_attention_mask"],
+      a["lm_loss_mask"], np.int32(n))))
+
+
+def _keep(s: _Setup, tctx: TaskContext, texts, sources, ended):
+  """The samples that make examples (LAMOL's filter; DGR drops empty texts), and
+  the count of the others by reason."""
+  dropped = {"malformed": 0, "unknown_answer": 0}
+  kept = ([], [], [], [])   # texts, sources, ended, labels
+  answers = _label_words(tctx, tctx.task_index) if s.spec.lamol else {}
+  for text, j, e in zip(texts, sources, ended):
+    label = None
+    if s.spec.lamol:
+      split = split_answer(text, s.ans_id, answers)
+      if isinstance(split, str):
+        dropped[split] += 1
+        continue
+      text, label = split
+    elif not text:
+      dropped["malformed"] += 1
+      continue
+    for out, value in zip(kept, (text, j, e, label)):
+      out.append(value)
+  return kept, dropped
+
+
+def _before_task(s: _Setup, state: PseudoData, tctx: TaskContext) -> PseudoData:
+  """Before task k > 0: the model as it is writes the pseudo-examples of the earlier
+  tasks; the kept ones replace the state's (they are generated afresh each time)."""
+  del state
+  k = tctx.task_index
+  sizes = split_sizes(data_lib.size(tctx.train), s.spec.gamma, k) if k else []
+  if not sum(sizes):
+    return _empty(s.length, s.num_labels)
+  sources = [j for j, n in enumerate(sizes) for _ in range(n)]
+  texts, ended, seconds = generate_texts(
+      tctx.model, tctx.params, [s.gen_token(j) for j in sources], length=s.length,
+      batch_size=s.gen.gen_batch_size, rng=tctx.rng, top_k=s.gen.gen_top_k,
+      temperature=s.gen.gen_temperature, eos=s.eos)
+  kept, dropped = _keep(s, tctx, texts, sources, ended)
+  generated = sum(len(t) + int(e) for t, e in zip(texts, ended))
+  report = {"method": s.spec.name, "requested": len(texts), "kept": len(kept[0]),
+            "dropped": dropped, "drop_rate": 1 - len(kept[0]) / len(texts),
+            "per_task": {tctx.tasks[j].name: n for j, n in enumerate(sizes)},
+            "generation_seconds": seconds, "generated_tokens": generated,
+            "tokens_per_second": generated / max(seconds, 1e-9),
+            "samples": {tctx.tasks[j].name: [
+                tctx.tokenizer.decode([s.gen_token(j)] + t)
+                for t, src in zip(texts, sources) if src == j][:s.gen.gen_log_samples]
+                        for j in range(k)}}
+  tctx.report(report)
+  logging.info("%s before task %d: generated %d pseudo-examples (%d tokens) in %.1f s "
+               "(%.0f tokens/s); kept %d, dropped %s.", s.spec.name, k, len(texts),
+               generated, seconds, report["tokens_per_second"], len(kept[0]), dropped)
+  return _pseudo_data(s, tctx, *kept) if kept[0] else _empty(s.length, s.num_labels)
+
+
+def _prepare_batch(s: _Setup, state, sctx: StepContext):
+  del state
+  batch = dict(sctx.batch, lm_weight=sctx.batch["weights"])
+  if s.spec.labels == "logits":  # pseudo-texts train on the distillation loss instead
+    batch["weights"] = batch["weights"] * (1.0 - batch["replayed"])
+  return batch
+
+
+def _loss(s: _Setup, state, sctx: StepContext):
+  """``lm_lambda`` times the weighted mean next-token CE of the batch's LM rows (and,
+  with ``gr_labels=logits``, the distillation of the pseudo-texts)."""
+  del state
+  b = sctx.batch
+  logits = sctx.lm_apply_fn(sctx.params, b["lm_input_ids"], b["lm_attention_mask"])
+  loss_sum, count, _ = steps.lm_cross_entropy(
+      logits, b["lm_input_ids"], b["lm_loss_mask"] * b["lm_weight"][:, None])
+  total = s.spec.lm_lambda * loss_sum / jnp.maximum(count, 1e-9)
+  if s.spec.labels == "logits":
+    old = b["class_mask"] & (b["replayed"][:, None] > 0)
+    total += distillation_loss(sctx.logits, b["teacher_logits"], old,
+                               b["lm_weight"] * b["replayed"], 2.0)
+  return total, ()
+
+
 def _generative_method(spec: _Spec, gen: GenerationConfig, ctx: BuildContext) -> Method:
   tokens = _tokens(spec, ctx.num_tasks)
   ids = {t: ctx.first_new_token + i for i, t in enumerate(tokens)}
-  gen_ids = [ids[t] for t in tokens if t != ANSWER_TOKEN]
-  ans_id = ids.get(ANSWER_TOKEN)
-  T, C, eos = ctx.max_length, ctx.num_labels, ctx.eos_token_id
-  weights = {ans_id: spec.ans_weight} if spec.lamol else {}
-
-  def gen_token(k: int) -> int:
-    return gen_ids[k] if spec.task_tokens else gen_ids[0]
-
-  def label_words(tctx: TaskContext, upto: int) -> dict[tuple[int, ...], int]:
-    out = {}
-    for task in tctx.tasks[:upto]:
-      for c, word in zip(task.head_labels, task.label_words):
-        out[tuple(tctx.tokenizer(word, add_special_tokens=False)["input_ids"])] = c
-    return out
-
-  def real_lm_rows(tctx: TaskContext, train) -> dict[str, np.ndarray]:
-    k = tctx.task_index
-    tail = _tail_length(tctx.tasks[k], tctx.tokenizer, ctx.head == "lm")
-    words = {c: list(w) for w, c in label_words(tctx, k + 1).items()} if spec.lamol else {}
-    rows = []
-    for i, (row, n) in enumerate(zip(train["input_ids"], train["attention_mask"].sum(1))):
-      real = row[:n].tolist()
-      rows.append(lm_row(gen_token(k), real[:n - tail], real[n - tail:],
-                         words.get(int(train["labels"][i]), []), eos=eos, length=T))
-    return lm_arrays(rows, length=T, pad=eos, weights=weights)
-
-  def train_arrays(tctx: TaskContext):
-    own = dict(tctx.train, **real_lm_rows(tctx, tctx.train))
-    n = data_lib.size(own)
-    own.update(replayed=np.zeros((n,), np.float32),
-               teacher_logits=np.zeros((n, C), np.float32))
-    p = tctx.method_state
-    count = 0 if p is None else int(p.count)
-    if not count:
-      return own
-    fake = {f: np.asarray(getattr(p, f))[:count] for f in PseudoData._fields if f != "count"}
-    fake["replayed"] = np.ones((count,), np.float32)
-    return data_lib.concat([own, fake])
-
-  def label_pseudo(tctx, texts, sources):
-    """DGR: labels (and logits) of the old model, over the classes of the task that
-    wrote each text (or of every earlier task, with a shared token)."""
-    k = tctx.task_index
-    ids, mask = _rows(texts, T, eos)
-    logits_fn = jax.jit(lambda p, b: steps.logits_step(p, b, model=tctx.model))
-    logits = np.concatenate([
-        np.asarray(logits_fn(tctx.params, {"input_ids": b["input_ids"],
-                                           "attention_mask": b["attention_mask"]}))
-        for b in data_lib.batches({"input_ids": ids, "attention_mask": mask},
-                                  gen.gen_batch_size)])[:len(texts)]
-    allowed = np.zeros((len(texts), C), bool)
-    for i, j in enumerate(sources):
-      for task in (tctx.tasks[j:j + 1] if spec.task_tokens else tctx.tasks[:k]):
-        allowed[i, list(task.head_labels)] = True
-    labels = np.argmax(np.where(allowed, logits, -np.inf), axis=1)
-    return ids, mask, labels, logits, allowed
-
-  def before_task(state: PseudoData, tctx: TaskContext):
-    k = tctx.task_index
-    sizes = split_sizes(data_lib.size(tctx.train), spec.gamma, k) if k else []
-    if not sum(sizes):
-      return _empty(T, C)
-    sources = [j for j, n in enumerate(sizes) for _ in range(n)]
-    texts, ended, seconds = generate_texts(
-        tctx.model, tctx.params, [gen_token(j) for j in sources], length=T,
-        batch_size=gen.gen_batch_size, rng=tctx.rng, top_k=gen.gen_top_k,
-        temperature=gen.gen_temperature, eos=eos)
-    generated = sum(len(t) + int(e) for t, e in zip(texts, ended))
-    dropped = {"malformed": 0, "unknown_answer": 0}
-    keep_text, keep_src, keep_ended, keep_label = [], [], [], []
-    answers = label_words(tctx, k) if spec.lamol else {}
-    for text, j, e in zip(texts, sources, ended):
-      if spec.lamol:
-        split = split_answer(text, ans_id, answers)
-        if isinstance(split, str):
-          dropped[split] += 1
-          continue
-        text, label = split
-        keep_label.append(label)
-      elif not text:
-        dropped["malformed"] += 1
-        continue
-      keep_text.append(text)
-      keep_src.append(j)
-      keep_ended.append(e)
-    report = {"method": spec.name, "requested": len(texts), "kept": len(keep_text),
-              "dropped": dropped, "drop_rate": 1 - len(keep_text) / len(texts),
-              "per_task": {tctx.tasks[j].name: n for j, n in enumerate(sizes)},
-              "generation_seconds": seconds, "generated_tokens": generated,
-              "tokens_per_second": generated / max(seconds, 1e-9),
-              "samples": {tctx.tasks[j].name: [
-                  tctx.tokenizer.decode([gen_token(j)] + t)
-                  for t, s in zip(texts, sources) if s == j][:gen.gen_log_samples]
-                          for j in range(k)}}
-    tctx.report(report)
-    logging.info("%s before task %d: generated %d pseudo-examples (%d tokens) in %.1f s "
-                 "(%.0f tokens/s); kept %d, dropped %s.", spec.name, k, len(texts),
-                 generated, seconds, report["tokens_per_second"], len(keep_text), dropped)
-    if not keep_text:
-      return _empty(T, C)
-    return _pseudo_data(tctx, keep_text, keep_src, keep_ended, keep_label)
-
-  def _pseudo_data(tctx, texts, sources, ended, labels):
-    if spec.lamol:
-      words = {c: list(w) for w, c in label_words(tctx, tctx.task_index).items()}
-      rows = [t + [ans_id] for t in texts]
-      ids, mask = _rows(rows, T, eos)
-      owner = {c: j for j, task in enumerate(tctx.tasks) for c in task.head_labels}
-      task_ids = np.asarray([owner[c] for c in labels], np.int32)
-      teacher = np.zeros((len(texts), C), np.float32)
-      lm = [lm_row(gen_token(j), r, [], words[c], eos=eos, length=T)
-            for r, j, c in zip(rows, sources, labels)]
-      labels = np.asarray(labels, np.int32)
-    else:
-      ids, mask, labels, teacher, _ = label_pseudo(tctx, texts, sources)
-      owner = {c: j for j, task in enumerate(tctx.tasks) for c in task.head_labels}
-      task_ids = np.asarray([owner[int(c)] for c in labels], np.int32)
-      lm = [lm_row(gen_token(j), t, [], [], eos=eos, length=T, ended=e)
-            for t, j, e in zip(texts, sources, ended)]
-    class_mask = np.zeros((len(texts), C), bool)
-    for i, j in enumerate(task_ids):
-      class_mask[i, list(tctx.tasks[j].head_labels)] = True
-    arrays = lm_arrays(lm, length=T, pad=eos, weights=weights)
-    return PseudoData(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(labels, jnp.int32),
-                      jnp.asarray(task_ids), jnp.asarray(class_mask),
-                      jnp.asarray(teacher, jnp.float32), jnp.asarray(arrays["lm_input_ids"]),
-                      jnp.asarray(arrays["lm_attention_mask"]),
-                      jnp.asarray(arrays["lm_loss_mask"]), jnp.asarray(len(texts), jnp.int32))
-
-  def prepare_batch(state, sctx: StepContext):
-    del state
-    batch = dict(sctx.batch, lm_weight=sctx.batch["weights"])
-    if spec.labels == "logits":  # pseudo-texts train on the distillation loss instead
-      batch["weights"] = batch["weights"] * (1.0 - batch["replayed"])
-    return batch
-
-  def loss(state, sctx: StepContext):
-    del state
-    b = sctx.batch
-    logits = sctx.lm_apply_fn(sctx.params, b["lm_input_ids"], b["lm_attention_mask"])
-    loss_sum, count, _ = steps.lm_cross_entropy(
-        logits, b["lm_input_ids"], b["lm_loss_mask"] * b["lm_weight"][:, None])
-    total = spec.lm_lambda * loss_sum / jnp.maximum(count, 1e-9)
-    if spec.labels == "logits":
-      old = b["class_mask"] & (b["replayed"][:, None] > 0)
-      total += distillation_loss(sctx.logits, b["teacher_logits"], old,
-                                 b["lm_weight"] * b["replayed"], 2.0)
-    return total, ()
-
-  return Method(name=spec.name, init=lambda params: _empty(T, C), before_task=before_task,
-                train_arrays=train_arrays, prepare_batch=prepare_batch, loss=loss,
-                tokens=tokens, answer_marker=ANSWER_TOKEN if spec.lamol else "")
+  s = _Setup(spec, gen, tokens, tuple(ids[t] for t in tokens if t != ANSWER_TOKEN),
+             ids.get(ANSWER_TOKEN), ctx.max_length, ctx.num_labels, ctx.eos_token_id,
+             ctx.head == "lm")
+  return Method(name=spec.name, init=lambda params: _empty(s.length, s.num_labels),
+                before_task=functools.partial(_before_task, s),
+                train_arrays=functools.partial(_train_arrays, s),
+                prepare_batch=functools.partial(_prepare_batch, s),
+                loss=functools.partial(_loss, s), tokens=tokens,
+                answer_marker=ANSWER_TOKEN if spec.lamol else "")
 
 
 @register("generative_replay", "deep generative replay: the trunk also learns to write "
@@ -390,7 +431,8 @@ def generative_replay(hp: GenerativeReplayConfig, ctx: BuildContext) -> Method:
 
 @register("lamol", "LAMOL: the LM writes question-answer pseudo-samples of earlier tasks "
           "(Sun, Ho and Lee 2020; --head=lm)", LamolConfig,
-          grid={"lamol_gamma": (0.05, 0.2, 0.5), "lamol_lm_lambda": (0.25, 1.0)})
+          grid={"lamol_gamma": (0.05, 0.2, 0.5), "lamol_lm_lambda": (0.25, 1.0)},
+          heads=("lm",))
 def lamol(hp: LamolConfig, ctx: BuildContext) -> Method:
   if ctx.head != "lm":
     raise ValueError("--method=lamol trains classification as text: add --head=lm (or use "

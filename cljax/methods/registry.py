@@ -69,6 +69,7 @@ class Registration(NamedTuple):
   factory: Callable[[Any, BuildContext], Method]
   config: type | None            # the hyperparameter dataclass (None: none)
   grid: dict[str, tuple]         # default strengths for sweeps
+  heads: tuple[str, ...] = ("score", "lm")   # the study heads it works with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,12 +103,13 @@ def _hparams_of(config: type | None) -> list[HParam]:
 
 
 def register(name: str, description: str, config: type | None = None, *,
-             grid: dict[str, tuple] | None = None):
+             grid: dict[str, tuple] | None = None, heads: tuple[str, ...] = ("score", "lm")):
   """Decorator registering ``factory(hparams, ctx) -> Method`` under ``name``.
 
   ``config`` is the method's hyperparameter dataclass (its fields made with
   :func:`hparam`); the factory receives an instance of it. ``grid`` gives default
   sweep values of one or more of its fields (``{"ewc_lambda": (1e2, 1e4)}``).
+  ``heads``: the study's heads it works with (``--methods=all`` skips it under others).
   """
   new = _hparams_of(config)
   for hp in new:
@@ -122,7 +124,7 @@ def register(name: str, description: str, config: type | None = None, *,
                      "hyperparameters.")
 
   def wrap(factory):
-    _REGISTRY[name] = Registration(name, description, factory, config, grid)
+    _REGISTRY[name] = Registration(name, description, factory, config, grid, heads)
     for hp in new:
       _HPARAMS[hp.name] = hp
     return factory
@@ -142,9 +144,10 @@ register("finetune", "plain sequential fine-tuning (the forgetting baseline)")(
     lambda hp, ctx: finetune())
 
 
-def names() -> list[str]:
-  """Registered method names, in registration order (``finetune`` first)."""
-  return list(_REGISTRY)
+def names(head: str | None = None) -> list[str]:
+  """Registered method names, in registration order (``finetune`` first); with
+  ``head``, those that work with it."""
+  return [n for n, r in _REGISTRY.items() if head is None or head in r.heads]
 
 
 def registration(name: str) -> Registration:
