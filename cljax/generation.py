@@ -37,16 +37,27 @@ def sample_logits(logits_BV: jax.Array, rng: jax.Array | None, *, temperature: f
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits_BV = logits_BV / temperature
   if top_k is not None and top_k < logits_BV.shape[-1]:
-    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+    # Sample among the k most likely tokens only: the same distribution as masking the
+    # others out, without noise or a filter over the whole vocabulary (on a CPU that
+    # was 20x the cost of the sampling step at GPT-2's vocabulary).
+    top_BK, idx_BK = jax.lax.top_k(logits_BV, top_k)
+    if top_p is not None and top_p < 1.0:
+      top_BK = jnp.where(_nucleus(top_BK, top_p), top_BK, -jnp.inf)
+    pick_B = jax.random.categorical(rng, top_BK, axis=-1)
+    return jnp.take_along_axis(idx_BK, pick_B[:, None], axis=1)[:, 0].astype(jnp.int32)
   if top_p is not None and top_p < 1.0:
     sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV   # mass of the likelier tokens
-    keep_BV = before_BV < top_p                              # the first is always kept
+    keep_BV = _nucleus(sorted_BV, top_p)
     cutoff_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
     logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
   return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+
+
+def _nucleus(sorted_BK: jax.Array, top_p: float) -> jax.Array:
+  """Which of the logits (sorted, most likely first) top-p keeps: those whose likelier
+  tokens hold less than ``top_p`` of the probability (the first always)."""
+  probs_BK = jax.nn.softmax(sorted_BK, axis=-1)
+  return jnp.cumsum(probs_BK, axis=-1) - probs_BK < top_p
 
 
 def _check(model, input_ids, attention_mask, max_new_tokens, rng, temperature, top_k,
