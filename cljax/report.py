@@ -39,8 +39,16 @@ def metric_columns(num_tasks: int, first_task: str) -> list[tuple[str, str, Any]
       ("ta_task0_final", f"task-aware {first_task} final",
        lambda r: r["task_aware_accuracy_matrix"][-1][0]),
       ("train_seconds", "train s", lambda r: r["timing"]["train_seconds"]),
+      ("generation_seconds", "generation s", _generation_seconds),
   ]
   return cols
+
+
+def _generation_seconds(r: dict) -> float | None:
+  """Seconds a generative method spent writing pseudo-data at the task boundaries."""
+  spent = [m["generation_seconds"] for m in r.get("method_reports") or []
+           if "generation_seconds" in m]
+  return float(sum(spent)) if spent else None
 
 
 def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
@@ -109,7 +117,7 @@ def markdown_table(rows: list[dict], tasks: Sequence[str]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in rows:
     cells = [row["method"], row["strength"], str(row["n"])]
-    cells += [_fmt(row[key], 1 if key == "train_seconds" else 3) for key, _, _ in cols]
+    cells += [_fmt(row[key], 1 if key.endswith("_seconds") else 3) for key, _, _ in cols]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

@@ -58,6 +58,16 @@ def test_aggregate_groups_seeds_and_keeps_the_selected_strength():
   assert by["ewc"]["average_accuracy"] == pytest.approx((0.55, 0.0, 1))
   table = report.markdown_table(rows, ["imdb", "ag_news"])
   assert "| finetune | default | 3 | 0.550 ± 0.087 | 0.600 ± 0.173 |" in table
+  assert ft["generation_seconds"][2] == 0 and table.split("\n")[2].endswith("| - |")
+
+
+def test_the_generation_cost_of_generative_methods_is_a_column():
+  r = fake_results("lamol", 0, [[0.9, 0.0], [0.5, 0.8]])
+  r["method_reports"] = [{"task": 1, "generation_seconds": 3.0},
+                         {"task": 2, "generation_seconds": 4.5}]
+  (row,) = report.aggregate([dict(r, tag="default")], {})
+  assert row["generation_seconds"][0] == pytest.approx(7.5)
+  assert report.markdown_table([row], ["imdb", "ag_news"]).endswith("| 7.5 |")
 
 
 def test_sweep_resumes_and_selects_strength_on_validation(tmp_path, monkeypatch):
