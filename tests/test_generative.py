@@ -184,6 +184,52 @@ def test_lamol_rows_end_in_the_label_word_and_weight_the_answer_token(tiny_token
   assert arrays["lm_attention_mask"][1].all()           # the long text fills the row
 
 
+def test_the_filter_counts_what_it_drops(tiny_tokenizer_dir):
+  """LAMOL keeps samples that split into one text and a label-word answer, labelled
+  by the answer's class, and counts the others by reason; DGR drops empty texts."""
+  from cljax.methods import generative
+  tok = cljax.load_tokenizer(tiny_tokenizer_dir)
+  good, bad = (tok(w, add_special_tokens=False)["input_ids"] for w in (" good", " bad"))
+  tasks = tuple(data_lib.Task(t.name, t.source_labels, t.class_names, t.label_offset, w)
+                for t, w in zip(TASKS, [(" bad", " good"), (" match", " software")]))
+  ans = 1000
+  spec = generative._Spec("lamol", 0.2, 0.25, False, lamol=True)
+  setup = generative._Setup(spec, MethodConfig().for_config(generative.LamolConfig),
+                            ("__gen__", "__ans__"), (999,), ans, 16, 4, EOS, True)
+  texts = [[5, ans] + good, [5, 6, ans] + bad, [5, 6], [5, ans, ans] + good, [5, ans, 7],
+           [ans] + good]
+  tctx = TaskContext(task_index=1, tasks=tasks, tokenizer=tok)
+  (kept_texts, sources, ended, labels), dropped = generative._keep(
+      setup, tctx, texts, [0] * 6, [True] * 6)
+  assert kept_texts == [[5], [5, 6]] and labels == [1, 0]
+  assert dropped == {"malformed": 3, "unknown_answer": 1}
+  dgr = setup._replace(spec=spec._replace(lamol=False), ans_id=None)
+  (kept_texts, *_), dropped = generative._keep(dgr, tctx, [[5], [], [6, 7]], [0] * 3,
+                                               [True] * 3)
+  assert kept_texts == [[5], [6, 7]] and dropped["malformed"] == 1
+
+
+def test_logit_labels_replace_the_hard_label_by_distillation():
+  """``gr_labels=logits``: pseudo-texts leave the main cross-entropy (weight 0) and
+  are distilled to the old model's logits over their classes at temperature 2."""
+  method = _dgr(gr_labels="logits", gr_lm_lambda=0.0)
+  rs = np.random.RandomState(0)
+  student, teacher = rs.randn(2, 4).astype(np.float32), rs.randn(2, 4).astype(np.float32)
+  classes = np.array([[0, 0, 1, 1], [1, 1, 0, 0]], bool)
+  batch = {"weights": np.ones(2, np.float32), "replayed": np.array([0.0, 1.0], np.float32),
+           "class_mask": classes, "teacher_logits": teacher,
+           "lm_input_ids": np.zeros((2, 4), np.int32), "lm_attention_mask": np.ones((2, 4)),
+           "lm_loss_mask": np.zeros((2, 4), np.float32)}
+  batch = method.prepare_batch((), StepContext(batch=batch))
+  np.testing.assert_array_equal(batch["weights"], [1, 0])
+  value, _ = method.loss((), StepContext(
+      batch=batch, logits=jnp.asarray(student),
+      lm_apply_fn=lambda p, i, m: jnp.zeros(i.shape + (V,))))
+  t, s = teacher[1, :2] / 2, student[1, :2] / 2
+  pt, ps = np.exp(t) / np.exp(t).sum(), np.exp(s) / np.exp(s).sum()
+  np.testing.assert_allclose(float(value), 4 * np.sum(pt * np.log(pt / ps)), rtol=1e-5)
+
+
 def test_lamol_needs_the_lm_head():
   ctx = BuildContext(num_labels=4, num_tasks=2, max_length=16, n_layer=2)
   with pytest.raises(ValueError, match="--head=lm"):
