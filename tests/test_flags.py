@@ -104,7 +104,7 @@ def test_a_method_added_in_one_file_is_a_flag_and_runs(toy_registered, tiny_data
                "--toy_distance=square"])
   help_text = fv.get_help()
   assert "--toy_pull" in help_text and "strength of the pull" in help_text
-  assert "toy: a toy pull towards the last solution" in help_text
+  assert "toy: a toy pull towards the last solution" in " ".join(help_text.split())
   cfg = cljax_flags.study_config(fv)
   assert cfg.method_config.toy_pull == 2.5
   r = study.run(cfg, str(tmp_path), flags=cljax_flags.flag_values(fv))

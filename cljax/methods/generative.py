@@ -151,6 +151,13 @@ def _rows(texts: list[list[int]], length: int, pad: int) -> tuple[np.ndarray, np
   return ids, mask
 
 
+def _host(x) -> np.ndarray:
+  """A replicated state array on the host (under several processes each holds it whole)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(x.addressable_data(0))
+  return np.asarray(x)
+
+
 def _tail_length(task, tokenizer, as_text: bool) -> int:
   """Tokens of the prompt after the text (the answer cue; LAMOL's ends in
   ``__ans__``), which LM rows never cut (``as_text``: ``--head=lm``)."""
@@ -277,10 +284,10 @@ def _train_arrays(s: _Setup, tctx: TaskContext):
   own.update(replayed=np.zeros((n,), np.float32),
              teacher_logits=np.zeros((n, s.num_labels), np.float32))
   p = tctx.method_state
-  count = 0 if p is None else int(p.count)
+  count = 0 if p is None else int(_host(p.count))
   if not count:
     return own
-  fake = {f: np.asarray(getattr(p, f))[:count] for f in PseudoData._fields if f != "count"}
+  fake = {f: _host(getattr(p, f))[:count] for f in PseudoData._fields if f != "count"}
   fake["replayed"] = np.ones((count,), np.float32)
   return data_lib.concat([own, fake])
 
