@@ -2,8 +2,7 @@
 and loss (against transformers' GPT2LMHeadModel loss), vocabulary growth, and whole
 runs that resume mid-task with the generated data."""
 
-import json
-import os
+import types
 
 import jax
 import jax.numpy as jnp
@@ -207,6 +206,76 @@ def test_the_filter_counts_what_it_drops(tiny_tokenizer_dir):
   (kept_texts, *_), dropped = generative._keep(dgr, tctx, [[5], [], [6, 7]], [0] * 3,
                                                [True] * 3)
   assert kept_texts == [[5], [6, 7]] and dropped["malformed"] == 1
+
+
+def test_kept_samples_become_training_rows_after_the_task_data(tiny_tokenizer_dir,
+                                                              monkeypatch):
+  """Before task 1, LAMOL's generator (here a stub returning known samples) writes
+  the replay: the kept samples become classification rows ``text __ans__`` labelled
+  by their answer, with LM rows ``GEN text __ans__ word EOS``, appended to the task's
+  own data; the report counts them."""
+  from cljax.methods import generative
+  tok = cljax.load_tokenizer(tiny_tokenizer_dir)
+  n = len(tok)
+  method = registry.build("lamol", MethodConfig(lamol_gamma=0.5), BuildContext(
+      num_labels=4, num_tasks=2, max_length=12, n_layer=2, head="lm", first_new_token=n,
+      eos_token_id=tok.eos_token_id))
+  tok.add_tokens(list(method.tokens), special_tokens=True)
+  gen, ans, eos = n, n + 1, tok.eos_token_id
+  good = tok(" good", add_special_tokens=False)["input_ids"]
+  tasks = tuple(data_lib.Task(t.name, t.source_labels, t.class_names, t.label_offset, w,
+                              ("", "\nLabel:__ans__"))
+                for t, w in zip(TASKS, [(" bad", " good"), (" match", " software")]))
+  samples = [[5, 6, ans] + good, [7, 7], [8, ans] + good]
+  asked = []
+
+  def stub(model, params, prompts, **kwargs):
+    asked.append(prompts)
+    return samples, [True, True, False], 0.5
+  monkeypatch.setattr(generative, "generate_texts", stub)
+  ids, mask = data_lib.tokenize(["the plot"] * 6, tok, 12, prompt=tasks[1].prompt)
+  train = {"input_ids": ids, "attention_mask": mask, "labels": np.full(6, 2),
+           "task_ids": np.ones(6, np.int32), "class_mask": np.zeros((6, 4), bool)}
+  reports = []
+  tctx = TaskContext(task_index=1, train=train, tasks=tasks, tokenizer=tok,
+                     report=reports.append, rng=jax.random.key(0))
+  state = method.before_task(method.init(None), tctx)
+  assert asked == [[gen] * 3]                                 # ceil(0.5 * 6) from task a
+  assert int(state.count) == 2 and reports[0]["dropped"]["malformed"] == 1
+  arrays = method.train_arrays(tctx._replace(method_state=state))
+  assert data_lib.size(arrays) == 8
+  np.testing.assert_array_equal(arrays["replayed"], [0] * 6 + [1, 1])
+  np.testing.assert_array_equal(arrays["labels"][6:], [1, 1])   # " good" of task a
+  np.testing.assert_array_equal(arrays["task_ids"][6:], [0, 0])
+  np.testing.assert_array_equal(arrays["class_mask"][6], [1, 1, 0, 0])
+  row = arrays["input_ids"][6][arrays["attention_mask"][6].astype(bool)].tolist()
+  assert row == [5, 6, ans]
+  lm = arrays["lm_input_ids"][7][arrays["lm_attention_mask"][7].astype(bool)].tolist()
+  assert lm == [gen, 8, ans] + good + [eos]
+
+
+def test_the_old_model_labels_dgr_samples_over_the_writing_task_classes(grown,
+                                                                       monkeypatch):
+  from cljax.methods import generative
+  _, _, model, params = grown
+  model = model.clone(config=model.config.replace(num_labels=4))
+  params = dict(params, score={"kernel": jax.random.normal(jax.random.key(3), (32, 4))})
+  method = _dgr()
+  samples = [[5, 6, 7], [8], [9, 10, 11, 12]]
+  monkeypatch.setattr(generative, "generate_texts",
+                      lambda *a, **k: (samples, [True] * 3, 0.1))
+  train = {"input_ids": np.zeros((15, 16), np.int32), "attention_mask": np.ones((15, 16)),
+           "labels": np.full(15, 2), "task_ids": np.ones(15, np.int32),
+           "class_mask": np.zeros((15, 4), bool)}
+  tctx = TaskContext(task_index=1, train=train, tasks=TASKS, model=model, params=params,
+                     rng=jax.random.key(0), tokenizer=types.SimpleNamespace(
+                         decode=lambda ids: " ".join(map(str, ids))))
+  state = method.before_task(method.init(params), tctx)
+  ids, mask = generative._rows(samples, 16, EOS)
+  logits = np.asarray(model.apply({"params": params}, ids, mask))
+  np.testing.assert_array_equal(state.labels, np.argmax(logits[:, :2], axis=1))  # task a
+  np.testing.assert_allclose(state.teacher_logits, logits, rtol=1e-5)
+  np.testing.assert_array_equal(state.lm_input_ids[1, :3], [V, 8, EOS])   # GEN_a x EOS
 
 
 def test_logit_labels_replace_the_hard_label_by_distillation():
