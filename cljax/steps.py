@@ -9,7 +9,9 @@ A batch is a dict of fixed-shape arrays:
   ``input_ids`` [B, T] int32, ``attention_mask`` [B, T] int32, ``labels`` [B] int32,
   ``weights`` [B] float32 (0 for padding examples of a last, partial batch),
   ``class_mask`` [B, C] bool (the classes of each example's task, for task-aware
-  accuracy and methods that need it), ``task_ids`` [B] int32.
+  accuracy and methods that need it), ``task_ids`` [B] int32; optionally
+  ``ce_exclude`` [B, C] bool (classes left out of that example's training softmax:
+  the labels trick, ER-ACE).
 
 Steps return sums and counts; the host divides.
 """
@@ -173,7 +175,10 @@ def _step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransform
 def _classification(logits_BC, batch: Batch):
   weights = batch["weights"]
   count = jnp.maximum(jnp.sum(weights), 1.0)
-  ce = cross_entropy(logits_BC, batch["labels"], weights) / count
+  ce_logits_BC = logits_BC
+  if "ce_exclude" in batch:   # classes out of an example's softmax (the labels trick)
+    ce_logits_BC = jnp.where(batch["ce_exclude"], jnp.finfo(logits_BC.dtype).min, logits_BC)
+  ce = cross_entropy(ce_logits_BC, batch["labels"], weights) / count
   return ce, {"loss_sum": ce * jnp.sum(weights),
               "correct": jnp.sum((jnp.argmax(logits_BC, -1) == batch["labels"]) * weights),
               "count": jnp.sum(weights)}

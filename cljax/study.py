@@ -410,12 +410,16 @@ def train_task(study: Study, k: int, state, record: RunRecord, logger: StepLogge
 
 
 def end_task(study: Study, k: int, state, record: RunRecord, logger: StepLogger):
-  """The method's consolidation (``after_task``), then every task evaluated, the
-  row recorded and a checkpoint saved."""
+  """The method's consolidation (``after_task``, then ``adjust_params``), then every
+  task evaluated, the row recorded and a checkpoint saved."""
   t0 = time.time()
   plan = plan_task(study, k, state.method_state)
   ctx = task_context(study, k, state.params, plan.arrays, salt=20_000, record=record)
   state = state._replace(method_state=study.method.after_task(state.method_state, ctx))
+  params = study.method.adjust_params(state.method_state, ctx._replace(params=state.params))
+  if params is not state.params:   # weight aligning: keep the params' sharding
+    state = state._replace(params=jax.device_put(
+        params, sharding.param_shardings(study.mesh, params)))
   record.method_seconds.append(time.time() - t0)
   t0 = time.time()
   acc, task_acc = evaluate_all(study, state.params)

@@ -14,7 +14,10 @@ inside the jitted ``train_step``, must be pure and shape-stable, and get a
   transform_grads(state, ctx) -> grads                (jit)  A-GEM
   after_step(state, ctx) -> state                     (jit)  SI's path, buffer updates
   after_task(state, ctx) -> state                     (host) Fisher, anchors
+  adjust_params(state, ctx) -> params                 (host) weight aligning
 
+``adjust_params`` runs after ``after_task`` and returns the params the task ends
+with (``ctx.params`` unchanged by default): the evaluation and the next task see them.
 ``trainable(params)`` (optional) returns a pytree of bools: parameters where it is
 False are frozen. ``train_arrays`` runs after ``before_task`` and must depend on
 ``ctx`` only (its ``method_state`` included: the loop calls it again when a run
@@ -91,6 +94,7 @@ class Method(NamedTuple):
   transform_grads: Callable = lambda state, ctx: ctx.grads
   after_step: Callable = lambda state, ctx: state
   after_task: Callable = lambda state, ctx: state
+  adjust_params: Callable = lambda state, ctx: ctx.params
   trainable: Callable | None = None
   tokens: tuple[str, ...] = ()     # vocabulary the method adds (ids: see the module doc)
   answer_marker: str = ""          # (--head=lm) appended to every task's prompt
@@ -104,9 +108,9 @@ def finetune() -> Method:
 def compose(*methods: Method) -> Method:
   """Runs several methods together; the state is a tuple of their states.
 
-  Training arrays and batches pass through each method's hook in order, losses add,
-  gradient transformations chain in order, and each method updates its own state
-  (the jitted hooks of method i get ``fold_in(rng, i)``).
+  Training arrays, batches and the task's final params pass through each method's hook
+  in order, losses add, gradient transformations chain in order, and each method
+  updates its own state (the jitted hooks of method i get ``fold_in(rng, i)``).
   """
   if len(methods) == 1:
     return methods[0]
@@ -160,10 +164,16 @@ def compose(*methods: Method) -> Method:
   def after_task(state, ctx):
     return tuple(m.after_task(s, ctx) for m, s in zip(methods, state))
 
+  def adjust_params(state, ctx):
+    params = ctx.params
+    for m, s in zip(methods, state):
+      params = m.adjust_params(s, ctx._replace(params=params))
+    return params
+
   return Method(name="+".join(m.name for m in methods), init=init,
                 train_arrays=train_arrays, before_task=before_task,
                 prepare_batch=prepare_batch, loss=loss, transform_grads=transform_grads,
-                after_step=after_step, after_task=after_task,
+                after_step=after_step, after_task=after_task, adjust_params=adjust_params,
                 trainable=trainables[0] if trainables else None,
                 tokens=sum((m.tokens for m in methods), ()),
                 answer_marker="".join(m.answer_marker for m in methods))

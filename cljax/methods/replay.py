@@ -135,7 +135,7 @@ def sample(buf: Buffer, key: jax.Array, n: int) -> dict:
 _BATCH_KEYS = ("input_ids", "attention_mask", "labels", "task_ids", "class_mask", "weights")
 
 
-def _concat(batch: dict, extra: dict, ce_weight: float, tag: str) -> dict:
+def append_replayed(batch: dict, extra: dict, ce_weight: float, tag: str) -> dict:
   """Appends replayed examples; ``ce_weight`` 0 keeps them out of the main loss."""
   out = {k: jnp.concatenate([batch[k], extra[k].astype(batch[k].dtype)
                              if k != "weights" else extra[k] * ce_weight])
@@ -151,7 +151,7 @@ def _concat(batch: dict, extra: dict, ce_weight: float, tag: str) -> dict:
   return out
 
 
-def _new_examples(batch: dict, logits: jax.Array):
+def incoming_examples(batch: dict, logits: jax.Array):
   """The examples of the incoming stream (not replayed ones) and their logits."""
   w = batch.get("new_weight", batch["weights"])
   return dict({k: batch[k] for k in _BATCH_KEYS}, weights=w), logits
@@ -196,9 +196,9 @@ def _replay_method(name: str, hp: ReplayConfig, ctx: BuildContext, *, ce_weight:
 
   def prepare_batch(buf, sctx: StepContext):
     k1, k2 = jax.random.split(sctx.rng)
-    batch = _concat(sctx.batch, sample(buf, k1, r), ce_weight, f"{name}_a")
+    batch = append_replayed(sctx.batch, sample(buf, k1, r), ce_weight, f"{name}_a")
     if der_beta:
-      batch = _concat(batch, sample(buf, k2, r), 0.0, f"{name}_b")
+      batch = append_replayed(batch, sample(buf, k2, r), 0.0, f"{name}_b")
     return batch
 
   def loss(buf, sctx: StepContext):
@@ -216,7 +216,7 @@ def _replay_method(name: str, hp: ReplayConfig, ctx: BuildContext, *, ce_weight:
     return total, ()
 
   def after_step(buf, sctx: StepContext):
-    examples, ex_logits = _new_examples(sctx.batch, jax.lax.stop_gradient(sctx.logits))
+    examples, ex_logits = incoming_examples(sctx.batch, jax.lax.stop_gradient(sctx.logits))
     return add(buf, examples, sctx.rng, hp.replay_policy, ex_logits)
 
   return Method(name=name, init=init_fn, prepare_batch=prepare_batch, loss=loss,
