@@ -111,9 +111,13 @@ class Checkpointer:
   def restore_newest(self, target: Any, *, saved_shapes_under: str | None = None
                      ) -> tuple[Any, dict, int]:
     """(state, meta, step) of the newest checkpoint that restores: a newer one that
-    does not (a truncated file) is skipped with a warning that says why."""
-    (state, meta), step = self._newest(
-        lambda s: self.restore(target, s, saved_shapes_under=saved_shapes_under))
+    does not (a truncated file) is skipped with a warning that says why. ``target`` may
+    be a function of the checkpoint's meta (the state's structure depends on the task
+    it was saved in: per-task trainable parameters)."""
+    def one(step):
+      t = target(self.restore_meta(step)) if callable(target) else target
+      return self.restore(t, step, saved_shapes_under=saved_shapes_under)
+    (state, meta), step = self._newest(one)
     return state, meta, step
 
   def _restore(self, step: int, **items):

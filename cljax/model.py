@@ -38,6 +38,8 @@ SIZES: dict[str, dict[str, int]] = {
 SIZE_ALIASES = {"small": "gpt2", "medium": "gpt2-medium", "large": "gpt2-large",
                 "xl": "gpt2-xl"}
 
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -76,11 +78,42 @@ class GPT2Config:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  # Parameter-efficient modules (none by default), ``peft_slots`` of each (one per
+  # task for the per-task methods): LoRA on the projections named in ``lora_targets``
+  # (c_attn, c_proj: attention's and the MLP's, c_fc) and a bottleneck adapter after
+  # each block. They add parameters and leave the base ones as they are.
+  lora_rank: int = 0
+  lora_alpha: float = 8.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = ("c_attn",)
+  adapter_size: int = 0
+  prompt_length: int = 0     # soft-prompt tokens per slot, prepended to the input
+  peft_slots: int = 1
+  # Progressive Neural Networks: this many GPT-2 columns (0 or 1: none), laterals from
+  # every earlier column's block outputs into each later one.
+  pnn_columns: int = 0
 
   def __post_init__(self):
     if self.n_embd % self.n_head:
       raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}).")
     as_dtype(self.dtype), as_dtype(self.param_dtype)
+    unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+    if unknown:
+      raise ValueError(f"LoRA targets {unknown}: expected some of {list(LORA_TARGETS)}.")
+    if min(self.lora_rank, self.adapter_size, self.prompt_length) < 0 or self.peft_slots < 1:
+      raise ValueError(f"lora_rank={self.lora_rank}, adapter_size={self.adapter_size}, "
+                       f"prompt_length={self.prompt_length} and peft_slots="
+                       f"{self.peft_slots}: expected >= 0, >= 0, >= 0 and >= 1.")
+
+    if self.pnn_columns > 1 and (self.lora_rank or self.adapter_size or self.prompt_length):
+      raise ValueError("Progressive columns (pnn_columns) do not combine with LoRA, "
+                       "adapters or prompts.")
+
+  @property
+  def has_peft(self) -> bool:
+    """Whether the model holds modules a plain Hugging Face GPT-2 cannot."""
+    return bool(self.lora_rank or self.adapter_size or self.prompt_length
+                or self.pnn_columns > 1)
 
   @property
   def head_dim(self) -> int:
@@ -203,6 +236,104 @@ def _layer_norm(config: GPT2Config, name: str):
                       param_dtype=as_dtype(config.param_dtype), name=name)
 
 
+class LoRA(nn.Module):
+  """The low-rank update of one projection (Hu et al. 2021), ``peft_slots`` of them:
+  ``alpha / r * dropout(x) A_s B_s`` with ``A_s [in, r]`` (PEFT's Kaiming-uniform init)
+  and ``B_s [r, out]`` (zeros, so a new slot changes nothing). ``slot_B [B]`` picks
+  each example's slot; ``None`` sums every slot (O-LoRA's forward: a slot not trained
+  yet has ``B = 0`` and adds exactly nothing)."""
+
+  config: GPT2Config
+  features: int
+
+  @nn.compact
+  def __call__(self, x_BTI, slot_B, deterministic: bool):
+    cfg = self.config
+    r, dt, pdt = cfg.lora_rank, as_dtype(cfg.dtype), as_dtype(cfg.param_dtype)
+    a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")  # torch Linear's
+    A_SIR = jnp.stack([self.param(f"A_{s}", a_init, (x_BTI.shape[-1], r), pdt)
+                       for s in range(cfg.peft_slots)]).astype(dt)
+    B_SRO = jnp.stack([self.param(f"B_{s}", nn.initializers.zeros, (r, self.features), pdt)
+                       for s in range(cfg.peft_slots)]).astype(dt)
+    x_BTI = nn.Dropout(cfg.lora_dropout)(x_BTI, deterministic=deterministic).astype(dt)
+    if slot_B is None:
+      out = jnp.einsum("btsr,sro->bto", jnp.einsum("bti,sir->btsr", x_BTI, A_SIR), B_SRO)
+    else:
+      out = jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", x_BTI, A_SIR[slot_B]),
+                       B_SRO[slot_B])
+    return out * jnp.asarray(cfg.lora_alpha / r, dt)
+
+
+class Adapter(nn.Module):
+  """A bottleneck residual adapter (Houlsby et al. 2019; AdapterCL's shape, Madotto et
+  al. 2021), ``peft_slots`` of them: ``x + up(relu(down(LayerNorm(x))))``, ``up``
+  zero-initialized so a new adapter is the identity. ``slot_B`` as in :class:`LoRA`."""
+
+  config: GPT2Config
+
+  @nn.compact
+  def __call__(self, x_BTD, slot_B):
+    cfg = self.config
+    D, M, dt, pdt = x_BTD.shape[-1], cfg.adapter_size, as_dtype(cfg.dtype), as_dtype(
+        cfg.param_dtype)
+    normal, zeros, ones = (nn.initializers.normal(cfg.initializer_range),
+                           nn.initializers.zeros, nn.initializers.ones)
+
+    def stacked(name, init, shape):
+      return jnp.stack([self.param(f"{name}_{s}", init, shape, pdt)
+                        for s in range(cfg.peft_slots)]).astype(dt)
+
+    scale_SD, bias_SD = stacked("ln_scale", ones, (D,)), stacked("ln_bias", zeros, (D,))
+    down_SDM, down_b_SM = stacked("down", normal, (D, M)), stacked("down_bias", zeros, (M,))
+    up_SMD, up_b_SD = stacked("up", zeros, (M, D)), stacked("up_bias", zeros, (D,))
+    x32 = x_BTD.astype(jnp.float32)
+    mean, var = jnp.mean(x32, -1, keepdims=True), jnp.var(x32, -1, keepdims=True)
+    normed_BTD = ((x32 - mean) * jax.lax.rsqrt(var + cfg.layer_norm_epsilon)).astype(dt)
+    if slot_B is None:
+      h = jnp.einsum("btd,sd->btsd", normed_BTD, scale_SD) + bias_SD
+      h = jax.nn.relu(jnp.einsum("btsd,sdm->btsm", h, down_SDM) + down_b_SM)
+      delta = jnp.einsum("btsm,smd->btd", h, up_SMD) + jnp.sum(up_b_SD, 0)
+    else:
+      h = normed_BTD * scale_SD[slot_B][:, None] + bias_SD[slot_B][:, None]
+      h = jax.nn.relu(jnp.einsum("btd,bdm->btm", h, down_SDM[slot_B])
+                      + down_b_SM[slot_B][:, None])
+      delta = jnp.einsum("btm,bmd->btd", h, up_SMD[slot_B]) + up_b_SD[slot_B][:, None]
+    return x_BTD + delta.astype(x_BTD.dtype)
+
+
+class Prompts(nn.Module):
+  """Soft prompts (Lester et al. 2021), ``peft_slots`` of ``prompt_length`` vectors, in
+  front of the input newest slot first, ``[P_{S-1}; ...; P_0; x]`` (Progressive Prompts'
+  ``[P_k; ...; P_1; x]``): ``active [B, S]`` (None: all) masks the slots not in use out
+  of attention. Prompt vectors have no position embedding, and the input keeps its
+  positions ``0..T-1``, so with no prompt in use every logit is the base model's.
+  Returns (prefix ``[B, S*L, D]``, its attention mask ``[B, S*L]``)."""
+
+  config: GPT2Config
+
+  @nn.compact
+  def __call__(self, batch: int, active_BS=None):
+    cfg = self.config
+    S, L = cfg.peft_slots, cfg.prompt_length
+    init = nn.initializers.normal(cfg.initializer_range)
+    prompts = [self.param(f"prompt_{s}", init, (L, cfg.n_embd), as_dtype(cfg.param_dtype))
+               for s in range(S)]
+    prefix_PD = jnp.concatenate(prompts[::-1]).astype(as_dtype(cfg.dtype))
+    if active_BS is None:
+      active_BS = jnp.ones((batch, S), bool)
+    mask_BP = jnp.repeat(active_BS[:, ::-1].astype(jnp.int32), L, axis=1)
+    return jnp.broadcast_to(prefix_PD, (batch,) + prefix_PD.shape), mask_BP
+
+
+def _projection(cfg: GPT2Config, features: int, name: str, x, slot_B, deterministic: bool):
+  """The projection ``name`` of x, plus its LoRA update where ``lora_targets`` names it.
+  Called inside a module's compact ``__call__`` (the parameters are that module's)."""
+  y = _dense(features, cfg, name)(x)
+  if cfg.lora_rank and name in cfg.lora_targets:
+    y = y + LoRA(cfg, features, name=f"{name}_lora")(x, slot_B, deterministic).astype(y.dtype)
+  return y
+
+
 class LayerCache(NamedTuple):
   """One layer's view of the KV cache: keys and values ``[B, heads, S, head_dim]``,
   the slot where this call's T tokens go (``index``, the same for every row: one
@@ -268,15 +399,17 @@ class CausalSelfAttention(nn.Module):
   config: GPT2Config
 
   @nn.compact
-  def __call__(self, x_BTD, mask_BT, deterministic: bool, query_idx_B=None, kv=None):
+  def __call__(self, x_BTD, mask_BT, deterministic: bool, query_idx_B=None, kv=None,
+               slot_B=None):
     cfg = self.config
     B, T, _ = x_BTD.shape
-    qkv = _dense(3 * cfg.n_embd, cfg, "c_attn")(x_BTD)
+    qkv = _projection(cfg, 3 * cfg.n_embd, "c_attn", x_BTD, slot_B, deterministic)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     q_BQNH, k_BTNH, v_BTNH = (a.reshape(B, T, cfg.n_head, cfg.head_dim) for a in (q, k, v))
     if kv is not None:
       out_BTNH, kv = _attend_cached(q_BQNH, k_BTNH, v_BTNH, kv)
-      out_BTD = _dense(cfg.n_embd, cfg, "c_proj")(out_BTNH.reshape(B, T, cfg.n_embd))
+      out_BTD = _projection(cfg, cfg.n_embd, "c_proj", out_BTNH.reshape(B, T, cfg.n_embd),
+                            slot_B, deterministic)
       return nn.Dropout(cfg.resid_pdrop)(out_BTD, deterministic=deterministic), kv
     # Padded keys are masked, as transformers does.
     pad_B11S = None if mask_BT is None else mask_BT[:, None, None, :].astype(bool)
@@ -304,7 +437,7 @@ class CausalSelfAttention(nn.Module):
     else:
       out_BQNH = jax.nn.dot_product_attention(q_BQNH, k_BTNH, v_BTNH, mask=keep_B1QS)
     out_BQD = out_BQNH.reshape(B, Q, cfg.n_embd)
-    out_BQD = _dense(cfg.n_embd, cfg, "c_proj")(out_BQD)
+    out_BQD = _projection(cfg, cfg.n_embd, "c_proj", out_BQD, slot_B, deterministic)
     return nn.Dropout(cfg.resid_pdrop)(out_BQD, deterministic=deterministic)
 
 
@@ -312,42 +445,49 @@ class MLP(nn.Module):
   config: GPT2Config
 
   @nn.compact
-  def __call__(self, x_BTD, deterministic: bool):
+  def __call__(self, x_BTD, deterministic: bool, slot_B=None):
     cfg = self.config
-    h = _dense(cfg.inner_dim, cfg, "c_fc")(x_BTD)
+    h = _projection(cfg, cfg.inner_dim, "c_fc", x_BTD, slot_B, deterministic)
     h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
-    h = _dense(cfg.n_embd, cfg, "c_proj")(h)
+    h = _projection(cfg, cfg.n_embd, "c_proj", h, slot_B, deterministic)
     return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
 
 
 class Block(nn.Module):
   """Pre-LayerNorm transformer block; with ``query_idx_B``, outputs only that
-  position of each sequence (``[B, 1, D]``); with ``kv``, returns ``(x, kv)``."""
+  position of each sequence (``[B, 1, D]``); with ``kv``, returns ``(x, kv)``;
+  ``slot_B`` picks each example's LoRA / adapter slot (None: their sum)."""
 
   config: GPT2Config
 
   @nn.compact
-  def __call__(self, x_BTD, mask_BT, deterministic: bool, query_idx_B=None, kv=None):
+  def __call__(self, x_BTD, mask_BT, deterministic: bool, query_idx_B=None, kv=None,
+               slot_B=None):
     cfg = self.config
     attn = CausalSelfAttention(cfg, name="attn")(
-        _layer_norm(cfg, "ln_1")(x_BTD), mask_BT, deterministic, query_idx_B, kv)
+        _layer_norm(cfg, "ln_1")(x_BTD), mask_BT, deterministic, query_idx_B, kv, slot_B)
     if kv is not None:
       attn, kv = attn
     if query_idx_B is not None:
       x_BTD = jnp.take_along_axis(x_BTD, query_idx_B[:, None, None], axis=1)
     x_BTD = x_BTD + attn
-    x_BTD = x_BTD + MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BTD), deterministic)
+    x_BTD = x_BTD + MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x_BTD), deterministic,
+                                         slot_B)
+    if cfg.adapter_size:
+      x_BTD = Adapter(cfg, name="adapter")(x_BTD, slot_B)
     return x_BTD if kv is None else (x_BTD, kv)
 
 
-def _embeddings(cfg: GPT2Config, input_ids_BT, positions_BT, deterministic: bool):
+def _embeddings(cfg: GPT2Config, input_ids_BT, positions_BT, deterministic: bool,
+                prefix: str = ""):
   """(the ``wte`` module, token + position embeddings after dropout). Called inside
-  a model's compact ``__call__``: ``wte`` and ``wpe`` are that model's parameters."""
+  a model's compact ``__call__``: ``wte`` and ``wpe`` (names after ``prefix``) are
+  that model's parameters."""
   init = nn.initializers.normal(cfg.initializer_range)
   embed = functools.partial(nn.Embed, features=cfg.n_embd, embedding_init=init,
                             dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype))
-  wte = embed(cfg.vocab_size, name="wte")
-  x_BTD = wte(input_ids_BT) + embed(cfg.n_positions, name="wpe")(positions_BT)
+  wte = embed(cfg.vocab_size, name=f"{prefix}wte")
+  x_BTD = wte(input_ids_BT) + embed(cfg.n_positions, name=f"{prefix}wpe")(positions_BT)
   return wte, nn.Dropout(cfg.embd_pdrop)(x_BTD, deterministic=deterministic)
 
 
@@ -363,7 +503,8 @@ def pool_index(input_ids_BT: jax.Array, pad_token_id: int | None) -> jax.Array:
   return jnp.argmax(jnp.arange(T, dtype=jnp.int32) * not_pad, axis=-1)
 
 
-def _pooled_hidden(cfg: GPT2Config, input_ids, attention_mask, deterministic: bool):
+def _pooled_hidden(cfg: GPT2Config, input_ids, attention_mask, deterministic: bool,
+                   peft_slot=None, prompt_active=None):
   """(the ``wte`` module, the final hidden state at the pooled token ``[B, D]``).
   Called inside a model's compact ``__call__`` (its parameters are that model's)."""
   B, T = input_ids.shape
@@ -374,11 +515,73 @@ def _pooled_hidden(cfg: GPT2Config, input_ids, attention_mask, deterministic: bo
   # Only the pooled token reaches the head: the last block computes its query,
   # attention output and MLP at that position alone (exactly, with less work).
   idx_B = pool_index(input_ids, cfg.pad_token_id)
+  if cfg.prompt_length:
+    prefix_BPD, prefix_mask_BP = Prompts(cfg, name="prompts")(B, prompt_active)
+    x_BTD = jnp.concatenate([prefix_BPD.astype(x_BTD.dtype), x_BTD], axis=1)
+    real_BT = (jnp.ones((B, T), jnp.int32) if attention_mask is None
+               else attention_mask.astype(jnp.int32))
+    attention_mask = jnp.concatenate([prefix_mask_BP, real_BT], axis=1)
+    idx_B = idx_B + prefix_BPD.shape[1]
+  if cfg.pnn_columns > 1:
+    return wte, _columns_hidden(cfg, input_ids, x_BTD, attention_mask, deterministic, idx_B,
+                                peft_slot)
   for i in range(cfg.n_layer):
     last = i == cfg.n_layer - 1
     x_BTD = block_cls(cfg, name=f"h_{i}")(x_BTD, attention_mask, deterministic,
-                                          idx_B if last else None)
+                                          idx_B if last else None, None, peft_slot)
   return wte, _layer_norm(cfg, "ln_f")(x_BTD[:, 0])
+
+
+class Lateral(nn.Module):
+  """PNN's lateral connection into one layer of column c: ``sum_{j<c} (alpha_j x_j) U_j``
+  over the earlier columns' outputs of the layer below, ``U_j`` zero-initialized (a new
+  column starts as a plain GPT-2) and ``alpha_j`` a learned scale (init 1)."""
+
+  config: GPT2Config
+
+  @nn.compact
+  def __call__(self, earlier):
+    cfg = self.config
+    pdt, dt = as_dtype(cfg.param_dtype), as_dtype(cfg.dtype)
+    out = 0.0
+    for j, x in enumerate(earlier):
+      u = self.param(f"U_{j}", nn.initializers.zeros, (cfg.n_embd, cfg.n_embd), pdt)
+      alpha = self.param(f"alpha_{j}", nn.initializers.ones, (), pdt)
+      out = out + (alpha.astype(dt) * x.astype(dt)) @ u.astype(dt)
+    return out
+
+
+def column_prefix(c: int) -> str:
+  """The parameter-name prefix of PNN column c (column 0 has GPT-2's own names)."""
+  return "" if c == 0 else f"col{c}_"
+
+
+def _columns_hidden(cfg: GPT2Config, input_ids, x0_BTD, mask_BT, deterministic: bool, idx_B,
+                    slot_B):
+  """Progressive Neural Networks (Rusu et al. 2016): ``pnn_columns`` GPT-2 trunks; the
+  input of layer i of column c gets :class:`Lateral` connections from the earlier
+  columns' outputs of layer i - 1 (and the final LayerNorm's input from their last
+  blocks). Returns each example's column's pooled hidden state (``slot_B``; None: the
+  last column)."""
+  B, T = input_ids.shape
+  S, L = cfg.pnn_columns, cfg.n_layer
+  block_cls = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
+  xs = [x0_BTD] + [_embeddings(cfg, input_ids, jnp.arange(T)[None], deterministic,
+                               column_prefix(c))[1] for c in range(1, S)]
+  for i in range(L + 1):
+    inputs = [x if c == 0 or i == 0 else
+              x + Lateral(cfg, name=f"{column_prefix(c)}lateral_{i}")(xs[:c]).astype(x.dtype)
+              for c, x in enumerate(xs)]
+    if i == L:
+      xs = inputs
+      break
+    xs = [block_cls(cfg, name=f"{column_prefix(c)}h_{i}")(
+        x, mask_BT, deterministic, idx_B if i == L - 1 else None) for c, x in enumerate(inputs)]
+  pooled_SBD = jnp.stack([_layer_norm(cfg, f"{column_prefix(c)}ln_f")(x[:, 0])
+                          for c, x in enumerate(xs)])
+  if slot_B is None:
+    return pooled_SBD[-1]
+  return pooled_SBD[slot_B, jnp.arange(B)]
 
 
 class GPT2Classifier(nn.Module):
@@ -386,14 +589,18 @@ class GPT2Classifier(nn.Module):
 
   Call: ``model.apply({"params": params}, input_ids, attention_mask=None,
   deterministic=True)`` -> float32 logits ``[batch, num_labels]``. Dropout needs
-  ``deterministic=False`` and ``rngs={"dropout": key}``.
+  ``deterministic=False`` and ``rngs={"dropout": key}``. With LoRA or adapters in the
+  config, ``peft_slot [B]`` (int) picks each example's slot (None: their sum); with
+  soft prompts, ``prompt_active [B, S]`` (bool) the prompts in front of each example.
   """
 
   config: GPT2Config
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, deterministic: bool = True):
-    _, x_BD = _pooled_hidden(self.config, input_ids, attention_mask, deterministic)
+  def __call__(self, input_ids, attention_mask=None, deterministic: bool = True,
+               peft_slot=None, prompt_active=None):
+    _, x_BD = _pooled_hidden(self.config, input_ids, attention_mask, deterministic,
+                             peft_slot, prompt_active)
     logits_BC = _dense(self.config.num_labels, self.config, "score", use_bias=False)(x_BD)
     return logits_BC.astype(jnp.float32)
 
@@ -412,8 +619,10 @@ class GPT2LabelWords(nn.Module):
   label_tokens: tuple[int, ...]
 
   @nn.compact
-  def __call__(self, input_ids, attention_mask=None, deterministic: bool = True):
-    wte, x_BD = _pooled_hidden(self.config, input_ids, attention_mask, deterministic)
+  def __call__(self, input_ids, attention_mask=None, deterministic: bool = True,
+               peft_slot=None, prompt_active=None):
+    wte, x_BD = _pooled_hidden(self.config, input_ids, attention_mask, deterministic,
+                               peft_slot, prompt_active)
     words_CD = jnp.take(wte.embedding, jnp.asarray(self.label_tokens), axis=0)
     x_BD, words_CD = x_BD.astype(wte.dtype), words_CD.astype(wte.dtype)
     return jnp.einsum("bd,cd->bc", x_BD, words_CD).astype(jnp.float32)
@@ -430,7 +639,8 @@ class GPT2LM(nn.Module):
   For generation (see ``cljax.generate``): ``positions [B, T]`` (default
   ``0..T-1``), ``cache`` (a :class:`KVCache`, written at slots
   ``cache_index..cache_index+T-1``; the call then returns ``(logits, cache)``) and
-  ``logits_index [B]`` (logits at that token only: ``[B, vocab]``).
+  ``logits_index [B]`` (logits at that token only: ``[B, vocab]``); ``peft_slot`` as
+  in :class:`GPT2Classifier`.
   """
 
   config: GPT2Config
@@ -438,7 +648,7 @@ class GPT2LM(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, deterministic: bool = True, *,
                positions=None, cache: KVCache | None = None, cache_index=0,
-               logits_index=None):
+               logits_index=None, peft_slot=None):
     cfg = self.config
     B, T = input_ids.shape
     if cache is None and T > cfg.n_positions:
@@ -456,10 +666,11 @@ class GPT2LM(nn.Module):
     for i in range(cfg.n_layer):
       block = block_cls(cfg, name=f"h_{i}")
       if cache is None:
-        x_BTD = block(x_BTD, attention_mask, deterministic)
+        x_BTD = block(x_BTD, attention_mask, deterministic, None, None, peft_slot)
         continue
       x_BTD, kv = block(x_BTD, None, deterministic, None,
-                        LayerCache(cache.k[i], cache.v[i], cache_index, cache.valid))
+                        LayerCache(cache.k[i], cache.v[i], cache_index, cache.valid),
+                        peft_slot)
       new_k.append(kv.k)
       new_v.append(kv.v)
     if logits_index is not None:
@@ -484,6 +695,72 @@ def add_token_embeddings(params, config: GPT2Config, ids, num_known: int):
   wte = wte.at[jnp.asarray(ids)].set(mean_D)
   params = {**params, "wte": {**params["wte"], "embedding": wte}}
   return params, config.replace(vocab_size=size)
+
+
+def is_peft(path) -> bool:
+  """Whether a params path (names or jax key entries) is inside a LoRA, an adapter or
+  the soft prompts."""
+  names = [str(getattr(k, "key", k)) for k in path]
+  return any(n.endswith("_lora") or n in ("adapter", "prompts") for n in names)
+
+
+def peft_slot_of(path) -> int | None:
+  """The slot a PEFT leaf belongs to (its name ends ``_<slot>``), None for the base."""
+  if not is_peft(path):
+    return None
+  return int(str(getattr(path[-1], "key", path[-1])).rsplit("_", 1)[1])
+
+
+def add_peft_params(model, params, rng: jax.Array):
+  """``params`` with the LoRA / adapter / prompt / column parameters ``model``'s config
+  asks for, freshly initialized (B, the adapters' up projections and the laterals are
+  zero: the logits do not change; a new PNN column is a copy of the first); every
+  parameter ``params`` already has is kept as it is."""
+  fresh = jax.jit(functools.partial(init_params, model))(rng)
+
+  def overlay(new, old):
+    if not isinstance(new, Mapping):
+      return old if old is not None else new
+    old = old or {}
+    return {k: overlay(v, old.get(k)) for k, v in new.items()}
+
+  given, params = params, overlay(fresh, params)
+  cfg = model.config
+  if cfg.pnn_columns > 1:   # a new column starts as a copy of the first (e.g. pretrained)
+    base = ["wte", "wpe", "ln_f"] + [f"h_{i}" for i in range(cfg.n_layer)]
+    params = {**params, **{column_prefix(c) + n: jax.tree.map(jnp.copy, params[n])
+                           for c in range(1, cfg.pnn_columns) for n in base
+                           if column_prefix(c) + n not in given}}
+  return params
+
+
+def merge_lora(params, config: GPT2Config, slot: int | None = None):
+  """(params, config) of the plain model equal to the LoRA one: each target's kernel
+  gains ``alpha / r * A_s B_s`` for slot ``slot`` (None: every slot, summed as the
+  forward without ``peft_slot``) and the LoRA parameters are dropped. Adapters cannot
+  be merged (they are not linear): a config with them is refused."""
+  if config.adapter_size or config.prompt_length:
+    raise ValueError("Adapters and soft prompts are not linear updates of the base weights "
+                     "and cannot be merged into them; only LoRA can.")
+  if not config.lora_rank:
+    return params, config
+  slots = range(config.peft_slots) if slot is None else [slot]
+  scale = config.lora_alpha / config.lora_rank
+
+  def merge(tree):
+    out = {}
+    for name, sub in tree.items():
+      if name.endswith("_lora"):
+        continue
+      if isinstance(sub, Mapping) and f"{name}_lora" in tree:
+        lora = tree[f"{name}_lora"]
+        delta = sum(lora[f"A_{s}"].astype(jnp.float32) @ lora[f"B_{s}"].astype(jnp.float32)
+                    for s in slots)
+        sub = {**sub, "kernel": (sub["kernel"] + scale * delta).astype(sub["kernel"].dtype)}
+      out[name] = merge(sub) if isinstance(sub, Mapping) else sub
+    return out
+
+  return merge(params), config.replace(lora_rank=0, peft_slots=1)
 
 
 def init_params(model: GPT2Classifier, rng: jax.Array, seq_len: int = 8):

@@ -40,8 +40,26 @@ def metric_columns(num_tasks: int, first_task: str) -> list[tuple[str, str, Any]
        lambda r: r["task_aware_accuracy_matrix"][-1][0]),
       ("train_seconds", "train s", lambda r: r["timing"]["train_seconds"]),
       ("generation_seconds", "generation s", _generation_seconds),
+      ("task_inference", "task inference final", _task_inference),
+      ("trainable_k", "trainable params k", lambda r: _model_stat(r, "trainable_parameters"
+                                                                    "_per_task", 1e3)),
+      ("state_mb", "train state MB", lambda r: _model_stat(r, "train_state_bytes_per_task",
+                                                           2 ** 20)),
   ]
   return cols
+
+
+def _task_inference(r: dict) -> float | None:
+  """Per-task modules: how often the task was inferred right after the last task, over
+  every task's test examples (mean of the tasks)."""
+  rows = r.get("task_inference_accuracy_matrix")
+  return float(np.mean(rows[-1])) if rows else None
+
+
+def _model_stat(r: dict, key: str, unit: float) -> float | None:
+  """The largest per-task value of ``results["model"][key]``, in ``unit``s."""
+  values = (r.get("model") or {}).get(key)
+  return max(values) / unit if values else None
 
 
 def _generation_seconds(r: dict) -> float | None:
@@ -117,7 +135,8 @@ def markdown_table(rows: list[dict], tasks: Sequence[str]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for row in rows:
     cells = [row["method"], row["strength"], str(row["n"])]
-    cells += [_fmt(row[key], 1 if key.endswith("_seconds") else 3) for key, _, _ in cols]
+    cells += [_fmt(row[key], 1 if key.endswith(("_seconds", "_k", "_mb")) else 3)
+              for key, _, _ in cols]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
 

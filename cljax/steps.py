@@ -112,8 +112,21 @@ def cross_entropy(logits_BC, labels_B, weights_B):
 
 def _forward(model, params, batch, *, deterministic, rng=None):
   rngs = None if deterministic else {"dropout": rng}
+  modules = {k: batch[k] for k in ("peft_slot", "prompt_active") if batch.get(k) is not None}
   return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
-                     deterministic=deterministic, rngs=rngs)
+                     deterministic=deterministic, rngs=rngs, **modules)
+
+
+def _lm_apply(model, *, deterministic, rng=None):
+  """``lm_apply_fn(params, input_ids, attention_mask, deterministic=, rng=,
+  peft_slot=None) -> [B, T, vocab]``: the trunk of ``model`` with its tied LM head."""
+  lm = GPT2LM(model.config)
+
+  def lm_apply_fn(params, input_ids, attention_mask, deterministic=deterministic, rng=rng,
+                  peft_slot=None):
+    return _forward(lm, params, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                 "peft_slot": peft_slot}, deterministic=deterministic, rng=rng)
+  return lm_apply_fn
 
 
 def dropout_key(rng: jax.Array, impl: str = "rbg") -> jax.Array:
@@ -138,14 +151,10 @@ def _step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransform
   def apply_fn(params, inputs, deterministic=deterministic, rng=drop_rng):
     return _forward(model, params, inputs, deterministic=deterministic, rng=rng)
 
-  def lm_apply_fn(params, input_ids, attention_mask, deterministic=deterministic,
-                  rng=lm_drop_rng):
-    return _forward(GPT2LM(model.config), params,
-                    {"input_ids": input_ids, "attention_mask": attention_mask},
-                    deterministic=deterministic, rng=rng)
-
+  lm_apply_fn = (_lm_apply(model, deterministic=deterministic, rng=lm_drop_rng)
+                 if hasattr(model, "config") else None)
   ctx = StepContext(params=state.params, batch=batch, apply_fn=apply_fn, rng=batch_rng,
-                    lm_apply_fn=lm_apply_fn if hasattr(model, "config") else None)
+                    lm_apply_fn=lm_apply_fn)
   batch = method.prepare_batch(state.method_state, ctx)
   ctx = ctx._replace(batch=batch)
 
@@ -196,16 +205,28 @@ def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTran
                dropout_rng=dropout_rng, objective=_classification)
 
 
-def eval_step(params, batch: Batch, *, model) -> dict[str, jax.Array]:
+def eval_step(params, batch: Batch, *, model, method: Method = finetune(),
+              method_state=()) -> dict[str, jax.Array]:
   """Sums over a batch: loss, class-incremental and task-aware correct, count.
 
   Class-incremental accuracy takes the argmax over all classes of the shared head;
-  task-aware accuracy restricts the argmax to the classes of the example's task.
+  task-aware accuracy restricts the argmax to the classes of the example's task. A
+  method with an ``eval_logits`` hook (per-task modules) gives both logits, and its
+  own sums (``task_inference_correct``) join these.
   """
-  logits = _forward(model, params, batch, deterministic=True)
   weights = batch["weights"]
-  task_logits = jnp.where(batch["class_mask"], logits, -jnp.inf)
+  extra = {}
+  if method.eval_logits is None:
+    logits = task_logits = _forward(model, params, batch, deterministic=True)
+  else:
+    def apply_fn(p, inputs, deterministic=True, rng=None):
+      return _forward(model, p, inputs, deterministic=deterministic, rng=rng)
+    logits, task_logits, extra = method.eval_logits(method_state, StepContext(
+        params=params, batch=batch, apply_fn=apply_fn,
+        lm_apply_fn=_lm_apply(model, deterministic=True)))
+  task_logits = jnp.where(batch["class_mask"], task_logits, -jnp.inf)
   return {
+      **extra,
       "loss_sum": cross_entropy(logits, batch["labels"], weights),
       "correct": jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * weights),
       "task_correct": jnp.sum((jnp.argmax(task_logits, -1) == batch["labels"]) * weights),

@@ -39,7 +39,8 @@ from cljax.config import StudyConfig
 from cljax.methods import BuildContext, Method, TaskContext
 from cljax.methods import build as build_method
 from cljax.methods import registry as method_registry
-from cljax.model import GPT2Classifier, GPT2LabelWords, add_token_embeddings, init_params
+from cljax.model import (GPT2Classifier, GPT2LabelWords, add_peft_params, add_token_embeddings,
+                         init_params)
 from cljax.progress import Interrupted, StepLogger, Writers, drop_records_after
 
 __all__ = ["StudyConfig", "Study", "RunRecord", "Interrupted", "run", "setup", "begin_task",
@@ -70,6 +71,9 @@ class RunRecord:
   config: dict = dataclasses.field(default_factory=dict)     # the run's StudyConfig
   warnings: list = dataclasses.field(default_factory=list)   # e.g. a diverged task
   method_reports: list = dataclasses.field(default_factory=list)  # from the host hooks
+  inference_rows: list = dataclasses.field(default_factory=list)  # per-task modules
+  trainable_parameters: list = dataclasses.field(default_factory=list)   # per task
+  state_bytes: list = dataclasses.field(default_factory=list)   # train state, per task
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -141,14 +145,17 @@ def build_model(cfg: StudyConfig, tokenizer, num_labels: int, label_tokens=None)
 
 
 def evaluate(eval_fn, params, arrays: dict[str, np.ndarray], batch_size: int,
-             mesh=None) -> tuple[float, float, float]:
-  """(class-incremental accuracy, task-aware accuracy, mean loss) over every example."""
+             mesh=None) -> tuple[float, float, float, dict[str, float]]:
+  """(class-incremental accuracy, task-aware accuracy, mean loss, the method's own
+  rates such as ``task_inference``) over every example."""
   totals = steps.accumulate(eval_fn, params, (
       b if mesh is None else sharding.shard_batch(b, mesh)
       for b in data_lib.batches(arrays, batch_size)))
   n = float(totals["count"])
+  own = {k[:-len("_correct")]: float(v) / n for k, v in totals.items()
+         if k not in ("correct", "task_correct", "loss_sum", "count")}
   return float(totals["correct"]) / n, float(totals["task_correct"]) / n, float(
-      totals["loss_sum"]) / n
+      totals["loss_sum"]) / n, own
 
 
 def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
@@ -176,9 +183,11 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
   method = build_method(cfg.method, cfg.method_config, BuildContext(
       num_labels=total_labels, num_tasks=len(tasks), max_length=cfg.max_length,
       n_layer=model.config.n_layer, head=cfg.head, first_new_token=len(tokenizer),
-      eos_token_id=tokenizer.eos_token_id))
+      eos_token_id=tokenizer.eos_token_id, n_embd=model.config.n_embd))
   if method.tokens:
     model, params = add_method_tokens(model, params, tokenizer, method.tokens)
+  if method.model_options:
+    model, params = add_method_modules(model, params, dict(method.model_options), cfg.seed)
   if method.answer_marker:
     tasks = [dataclasses.replace(t, prompt=(t.prompt[0], t.prompt[1] + method.answer_marker))
              for t in tasks]
@@ -188,9 +197,10 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
       max_length=cfg.max_length, seed=cfg.seed, as_text=as_text,
       cache_dir=cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cljax"))
   params = jax.device_put(params, sharding.param_shardings(mesh, params))
-  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model),
+  eval_fn = jax.jit(lambda p, b, method_state: steps.eval_step(
+      p, b, model=model, method=method, method_state=method_state),
                     in_shardings=(sharding.param_shardings(mesh, params),
-                                  sharding.batch_sharding(mesh)),
+                                  sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                     out_shardings=sharding.replicated(mesh))
   return Study(cfg=cfg, workdir=workdir, tasks=tasks, task_data=task_data, model=model,
                initial_params=params, param_shapes=jax.eval_shape(lambda: params),
@@ -217,6 +227,17 @@ def add_method_tokens(model, params, tokenizer, tokens: tuple[str, ...]):
   return model.clone(config=config), params
 
 
+def add_method_modules(model, params, options: dict, seed: int):
+  """(model, params) with the modules a method asks for (``model_options``: LoRA,
+  adapters), their parameters freshly initialized; the others kept as they are."""
+  model = model.clone(config=model.config.replace(**options))
+  params = add_peft_params(model, params, jax.random.fold_in(jax.random.PRNGKey(seed), 7))
+  logging.info("Added the method's modules (%s): %d parameters.",
+               ", ".join(f"{k}={v}" for k, v in options.items()),
+               sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params)))
+  return model, params
+
+
 # What a run writes beside its checkpoints.
 OUTPUTS = ("results.json", "metrics.jsonl", "tensorboard", "accuracy_matrix.png",
            "accuracy_curve.png", "generated_samples.txt")
@@ -229,16 +250,25 @@ RESUMABLE_CHANGES = frozenset({
     "stop_on_divergence"})
 
 
-def evaluate_all(study: Study, params, split: str = "test"
-                 ) -> tuple[list[float], list[float]]:
-  """(accuracy, task-aware accuracy) on every task's ``split`` (test or val)."""
-  acc, task_acc = [], []
-  for d in study.task_data:
-    a, ta, _ = evaluate(study.eval_fn, params, getattr(d, split), study.cfg.eval_batch_size,
-                        study.mesh)
-    acc.append(a)
-    task_acc.append(ta)
-  return acc, task_acc
+class Scores(NamedTuple):
+  """Accuracy on every task: class-incremental, task-aware, and (per-task modules) how
+  often the task was inferred right (None for other methods)."""
+  acc: list
+  task_acc: list
+  inference: list | None
+
+
+def evaluate_all(study: Study, params, method_state=(), split: str = "test") -> Scores:
+  """The :class:`Scores` on every task's ``split`` (test or val); ``method_state``
+  reaches a method's ``eval_logits`` (per-task modules)."""
+  if study.method.eval_logits is None:
+    method_state = ()
+  def fn(params, batch):
+    return study.eval_fn(params, batch, method_state)
+  rows = [evaluate(fn, params, getattr(d, split), study.cfg.eval_batch_size, study.mesh)
+          for d in study.task_data]
+  inference = [r[3]["task_inference"] for r in rows] if "task_inference" in rows[0][3] else None
+  return Scores([r[0] for r in rows], [r[1] for r in rows], inference)
 
 
 def task_context(study: Study, k: int, params=None, train=None, salt: int = 0,
@@ -257,16 +287,26 @@ def task_context(study: Study, k: int, params=None, train=None, salt: int = 0,
       report=report)
 
 
-def _optimizer(study: Study, updates: int):
-  """(optimizer, schedule) for a task of ``updates`` updates (one per count)."""
+def trainable_mask(study: Study, k: int):
+  """The method's trainable parameters while task k trains (None: all of them)."""
+  if study.method.trainable is None:
+    return None
+  return study.method.trainable(study.param_shapes, k)
+
+
+def _optimizer(study: Study, updates: int, k: int):
+  """(optimizer, schedule) for task k of ``updates`` updates: one per count and set of
+  trainable parameters (tasks that agree share it, and its compiled step)."""
   cfg = study.cfg
-  if ("optimizer", updates) not in study.compiled:
-    study.compiled["optimizer", updates] = steps.make_optimizer(
+  mask = trainable_mask(study, k)
+  key = ("optimizer", updates, None if mask is None else tuple(jax.tree.leaves(mask)))
+  if key not in study.compiled:
+    study.compiled[key] = steps.make_optimizer(
         learning_rate=cfg.learning_rate, total_steps=updates,
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm, grad_accum_steps=cfg.grad_accum_steps,
-        trainable_mask=study.method.trainable)
-  return study.compiled["optimizer", updates]
+        trainable_mask=mask)
+  return study.compiled[key]
 
 
 def plan_task(study: Study, k: int, method_state) -> TaskPlan:
@@ -281,7 +321,7 @@ def plan_task(study: Study, k: int, method_state) -> TaskPlan:
                                                     method_state=method_state))
     batches_per_epoch = data_lib.num_batches(data_lib.size(arrays), cfg.batch_size)
     updates = -(-batches_per_epoch * cfg.epochs // cfg.grad_accum_steps)
-    tx, schedule = _optimizer(study, updates)
+    tx, schedule = _optimizer(study, updates, k)
     study.compiled["plan"] = k, TaskPlan(arrays, tx, schedule, batches_per_epoch,
                                          batches_per_epoch * cfg.epochs)
   return study.compiled["plan"][1]
@@ -310,21 +350,27 @@ def fresh_state(study: Study, k: int, params, method_state, tx) -> steps.TrainSt
 # The stages
 # ----------------------------------------------------------------------------
 
+def _restore_target(study: Study, meta: dict):
+  """The abstract state a checkpoint with ``meta`` holds: a fresh optimizer of the task
+  it was saved in (its frozen parameters have no optimizer state); the method's arrays
+  (generated pseudo-data) take the shapes they were saved with."""
+  k = meta["task"] - (meta["step_in_task"] == 0)  # the end of task k-1 or inside task k
+  tx = _optimizer(study, 1, max(k, 0))[0]  # on the host, not under eval_shape's tracing
+  abstract = jax.eval_shape(lambda: fresh_state(
+      study, 0, study.initial_params, study.method.init(study.initial_params), tx))
+  return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                      abstract, sharding.state_shardings(study.mesh, abstract,
+                                                         study.param_shapes))
+
+
 def restore_or_start(study: Study, resume: bool = False
                      ) -> tuple[steps.TrainState, RunRecord]:
   """The latest checkpoint's state and record (``resume``), or the initial state and
   a new record holding the accuracy before any training."""
   ckpt = study.checkpointer
   if resume and ckpt.latest_step() is not None:
-    # Every task's state has the same structure (a fresh optimizer of the same shape);
-    # the method's arrays (generated pseudo-data) take the shapes they were saved with.
-    tx = _optimizer(study, 1)[0]  # on the host, not under eval_shape's tracing
-    abstract = jax.eval_shape(lambda: fresh_state(
-        study, 0, study.initial_params, study.method.init(study.initial_params), tx))
-    target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          abstract, sharding.state_shardings(study.mesh, abstract,
-                                                             study.param_shapes))
-    state, meta, step = ckpt.restore_newest(target, saved_shapes_under="method_state")
+    state, meta, step = ckpt.restore_newest(functools.partial(_restore_target, study),
+                                            saved_shapes_under="method_state")
     record = RunRecord.from_json(meta)
     logging.info("Resumed from %s, checkpoint %d: task %d, step %d in the task.",
                  ckpt.directory, step, record.task, record.step_in_task)
@@ -332,7 +378,8 @@ def restore_or_start(study: Study, resume: bool = False
   if resume:
     logging.info("--resume given but %s holds no checkpoint: starting afresh.", study.workdir)
   t0 = time.time()
-  acc, task_acc = evaluate_all(study, study.initial_params)
+  acc, task_acc, _ = evaluate_all(study, study.initial_params,
+                                  study.method.init(study.initial_params))
   record = RunRecord(baseline=acc, task_aware_baseline=task_acc, eval_seconds=time.time() - t0,
                      config=study.cfg.to_dict(), warnings=list(study.warnings),
                      curve=[{"global_step": 0, "task": -1, "accuracy": acc,
@@ -361,7 +408,7 @@ def begin_task(study: Study, k: int, state, record: RunRecord):
 
 def _mid_task_evaluation(study: Study, k: int, state, record: RunRecord, logger) -> None:
   logger.flush()
-  acc, task_acc = evaluate_all(study, state.params)
+  acc, task_acc, _ = evaluate_all(study, state.params, state.method_state)
   record.curve.append({"global_step": record.global_step, "task": k, "accuracy": acc,
                        "task_aware_accuracy": task_acc})
   logger.evaluation(record.global_step, k, {t.name: a for t, a in zip(study.tasks, acc)})
@@ -422,15 +469,19 @@ def end_task(study: Study, k: int, state, record: RunRecord, logger: StepLogger)
         params, sharding.param_shardings(study.mesh, params)))
   record.method_seconds.append(time.time() - t0)
   t0 = time.time()
-  acc, task_acc = evaluate_all(study, state.params)
+  acc, task_acc, inference = evaluate_all(study, state.params, state.method_state)
+  if inference is not None:
+    record.inference_rows.append(inference)
   if study.cfg.num_val:  # validation splits (carved from training data): for strengths
-    val, val_task = evaluate_all(study, state.params, split="val")
+    val, val_task, _ = evaluate_all(study, state.params, state.method_state, split="val")
     record.val_rows.append(val)
     record.val_task_rows.append(val_task)
   record.eval_seconds += time.time() - t0
   record.rows.append(acc)
   record.task_rows.append(task_acc)
   record.steps_per_task.append(plan.total_steps)
+  record.trainable_parameters.append(_count(study.param_shapes, trainable_mask(study, k)))
+  record.state_bytes.append(int(sum(x.nbytes for x in jax.tree.leaves(state))))
   record.curve.append({"global_step": record.global_step, "task": k, "accuracy": acc,
                        "task_aware_accuracy": task_acc})
   logger.evaluation(record.global_step, k, {t.name: a for t, a in zip(study.tasks, acc)})
@@ -470,6 +521,13 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
 # Results
 # ----------------------------------------------------------------------------
 
+def _count(params, mask=None) -> int:
+  """How many parameters ``params`` holds (where ``mask`` is True)."""
+  leaves = jax.tree.leaves(params)
+  keep = [True] * len(leaves) if mask is None else jax.tree.leaves(mask)
+  return int(sum(np.prod(x.shape) for x, k in zip(leaves, keep) if k))
+
+
 def _fmt_accs(tasks, accs) -> str:
   return ", ".join(f"{t.name} {a:.3f}" for t, a in zip(tasks, accs))
 
@@ -486,6 +544,7 @@ def make_results(study: Study, record: RunRecord, flags: dict | None, wall_s: fl
                                    if cfg.head == "lm" else {})} for t in study.tasks},
       "accuracy_matrix": record.rows,
       "task_aware_accuracy_matrix": record.task_rows,
+      "task_inference_accuracy_matrix": record.inference_rows or None,
       "baseline_accuracy": record.baseline,
       "task_aware_baseline_accuracy": record.task_aware_baseline,
       "metrics": metrics_lib.summarize(record.rows, baseline=record.baseline),
@@ -503,7 +562,10 @@ def make_results(study: Study, record: RunRecord, flags: dict | None, wall_s: fl
                for d in study.task_data},
       "model": {"source": cfg.model if cfg.init == "pretrained" else f"random:{cfg.size}",
                 "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
-                "vocab_size": model.config.vocab_size, "dtype": cfg.dtype},
+                "vocab_size": model.config.vocab_size, "dtype": cfg.dtype,
+                "parameters": _count(study.param_shapes),
+                "trainable_parameters_per_task": record.trainable_parameters,
+                "train_state_bytes_per_task": record.state_bytes},
       "curve": record.curve,
       "warnings": record.warnings,
       "method_reports": record.method_reports,

@@ -67,7 +67,18 @@ def test_the_generation_cost_of_generative_methods_is_a_column():
                          {"task": 2, "generation_seconds": 4.5}]
   (row,) = report.aggregate([dict(r, tag="default")], {})
   assert row["generation_seconds"][0] == pytest.approx(7.5)
-  assert report.markdown_table([row], ["imdb", "ag_news"]).endswith("| 7.5 |")
+  assert report.markdown_table([row], ["imdb", "ag_news"]).endswith("| 7.5 | - | - | - |")
+
+
+def test_task_inference_and_the_model_size_are_columns():
+  r = fake_results("lora_per_task", 0, [[0.9, 0.0], [0.5, 0.8]])
+  r["task_inference_accuracy_matrix"] = [[1.0, 0.0], [0.75, 0.95]]
+  r["model"] = {"trainable_parameters_per_task": [2000, 3500],
+                "train_state_bytes_per_task": [2 ** 21, 2 ** 21]}
+  (row,) = report.aggregate([dict(r, tag="default")], {})
+  assert row["task_inference"][0] == pytest.approx(0.85)    # after the last task
+  assert row["trainable_k"][0] == pytest.approx(3.5) and row["state_mb"][0] == 2.0
+  assert report.markdown_table([row], ["imdb", "ag_news"]).endswith("| 0.850 | 3.5 | 2.0 |")
 
 
 def test_sweep_resumes_and_selects_strength_on_validation(tmp_path, monkeypatch):

@@ -18,12 +18,20 @@ inside the jitted ``train_step``, must be pure and shape-stable, and get a
 
 ``adjust_params`` runs after ``after_task`` and returns the params the task ends
 with (``ctx.params`` unchanged by default): the evaluation and the next task see them.
-``trainable(params)`` (optional) returns a pytree of bools: parameters where it is
-False are frozen. ``train_arrays`` runs after ``before_task`` and must depend on
-``ctx`` only (its ``method_state`` included: the loop calls it again when a run
-resumes mid-task). Arrays it adds beside the standard ones (``lm_input_ids``...)
-reach the jitted hooks in every batch. A field added to a context never touches the
-methods that do not read it.
+``trainable(params, task_index)`` (optional) returns a pytree of bools: parameters
+where it is False are frozen (their optimizer state is not even allocated) while task
+``task_index`` trains. ``model_options`` are the ``GPT2Config`` fields a method needs
+in the model (LoRA, adapters: the study adds their parameters, freshly initialized).
+``eval_logits(state, ctx) -> (logits, task_logits, sums)`` (optional, jit) replaces
+the evaluation forward: ``logits`` for the class-incremental prediction,
+``task_logits`` for the task-aware one (the example's task given), ``sums`` extra
+per-batch sums the study reports as rates (``task_inference_correct``).
+
+``train_arrays`` runs after ``before_task`` and must depend on ``ctx`` only (its
+``method_state`` included: the loop calls it again when a run resumes mid-task).
+Arrays it adds beside the standard ones (``lm_input_ids``...) reach the jitted hooks
+in every batch. A field added to a context never touches the methods that do not
+read it.
 
 A method may add tokens to the vocabulary (``tokens``: the loop adds them to the
 tokenizer and grows ``wte`` before any data is read, their ids consecutive from
@@ -96,6 +104,8 @@ class Method(NamedTuple):
   after_task: Callable = lambda state, ctx: state
   adjust_params: Callable = lambda state, ctx: ctx.params
   trainable: Callable | None = None
+  model_options: tuple[tuple[str, Any], ...] = ()   # GPT2Config fields, as pairs
+  eval_logits: Callable | None = None
   tokens: tuple[str, ...] = ()     # vocabulary the method adds (ids: see the module doc)
   answer_marker: str = ""          # (--head=lm) appended to every task's prompt
 
@@ -117,6 +127,13 @@ def compose(*methods: Method) -> Method:
   trainables = [m.trainable for m in methods if m.trainable is not None]
   if len(trainables) > 1:
     raise ValueError("At most one freezing method can be composed.")
+  if sum(m.eval_logits is not None for m in methods) > 1:
+    raise ValueError("At most one method that chooses the evaluation forward (per-task "
+                     "modules) can be composed.")
+  options = dict(m.model_options for m in methods if m.model_options)
+  if sum(bool(m.model_options) for m in methods) > 1:
+    raise ValueError("At most one method that adds modules to the model (LoRA, adapters, "
+                     "prompts, columns) can be composed.")
   if sum(bool(m.tokens) for m in methods) > 1:
     raise ValueError("At most one method that adds tokens (generative replay, LAMOL) "
                      "can be composed.")
@@ -175,5 +192,15 @@ def compose(*methods: Method) -> Method:
                 prepare_batch=prepare_batch, loss=loss, transform_grads=transform_grads,
                 after_step=after_step, after_task=after_task, adjust_params=adjust_params,
                 trainable=trainables[0] if trainables else None,
+                model_options=tuple(options.items()),
+                eval_logits=_own_eval(methods),
                 tokens=sum((m.tokens for m in methods), ()),
                 answer_marker="".join(m.answer_marker for m in methods))
+
+
+def _own_eval(methods):
+  """The one composed method's ``eval_logits`` over its own part of the state."""
+  for i, m in enumerate(methods):
+    if m.eval_logits is not None:
+      return lambda state, ctx, i=i, m=m: m.eval_logits(state[i], ctx)
+  return None

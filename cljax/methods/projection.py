@@ -99,7 +99,8 @@ def freeze(hp: FreezeConfig, ctx: BuildContext) -> Method:
                       if hp.freeze == "last_k" else set())
   trainable_tops = {"score"} | ({"ln_f"} if hp.freeze == "last_k" else set())
 
-  def trainable(params):
+  def trainable(params, task_index=0):
+    del task_index
     return {name: jax.tree.map(lambda _, keep=(name in trainable_tops or
                                                name in trainable_blocks): keep, sub)
             for name, sub in params.items()}

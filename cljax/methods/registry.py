@@ -82,6 +82,7 @@ class BuildContext:
   head: str = "score"     # the study's --head: score, or lm (classification as text)
   first_new_token: int = 50257   # the id a method's first added token gets
   eos_token_id: int = 50256
+  n_embd: int = 768
 
 
 _REGISTRY: dict[str, Registration] = {}

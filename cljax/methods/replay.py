@@ -142,7 +142,9 @@ def append_replayed(batch: dict, extra: dict, ce_weight: float, tag: str) -> dic
          for k in _BATCH_KEYS}
   n_new, n_rep = batch["labels"].shape[0], extra["labels"].shape[0]
   for k, v in batch.items():
-    if k not in _BATCH_KEYS:  # keys of methods composed earlier: pad
+    if k == "peft_slot":      # per-task modules: a replayed example takes its task's
+      out[k] = jnp.concatenate([v, extra["task_ids"].astype(v.dtype)])
+    elif k not in _BATCH_KEYS:  # keys of methods composed earlier: pad
       out[k] = jnp.concatenate([v, jnp.zeros((n_rep,) + v.shape[1:], v.dtype)])
   out[f"{tag}_weight"] = jnp.concatenate([jnp.zeros((n_new,)), extra["weights"]])
   out[f"{tag}_logits"] = jnp.concatenate(
