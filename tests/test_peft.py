@@ -272,3 +272,20 @@ def _randomize_all_laterals(params):
                                                                  x.shape) + 0.0 * x,
                                params[name])
   return out
+
+
+@pytest.mark.slow
+def test_per_task_lora_as_text_infers_the_task_by_perplexity(tiny_data_dir, tiny_tokenizer_dir,
+                                                             tmp_path):
+  cfg = study.StudyConfig(tasks=("imdb", "ag_news"), data_dir=tiny_data_dir,
+                          tokenizer=tiny_tokenizer_dir, init="random", size="tiny",
+                          num_train=32, num_test=16, max_length=24, batch_size=8,
+                          eval_batch_size=16, epochs=2, learning_rate=1e-2,
+                          checkpoint_every=0, head="lm", method="lora_per_task",
+                          label_words=("imdb=bad,good", "ag_news=software,match"),
+                          method_config=MethodConfig(lora_rank=2, peft_infer="perplexity"))
+  r = study.run(cfg, str(tmp_path))
+  inference = np.array(r["task_inference_accuracy_matrix"])
+  assert inference.shape == (2, 2) and ((0 <= inference) & (inference <= 1)).all()
+  assert inference[0, 0] == 1.0 and inference[0, 1] == 0.0   # one slot: always slot 0
+  assert r["model"]["trainable_parameters_per_task"][0] < r["model"]["parameters"] / 10
