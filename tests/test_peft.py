@@ -289,3 +289,29 @@ def test_per_task_lora_as_text_infers_the_task_by_perplexity(tiny_data_dir, tiny
   assert inference.shape == (2, 2) and ((0 <= inference) & (inference <= 1)).all()
   assert inference[0, 0] == 1.0 and inference[0, 1] == 0.0   # one slot: always slot 0
   assert r["model"]["trainable_parameters_per_task"][0] < r["model"]["parameters"] / 10
+
+
+def test_replayed_rows_take_their_task_slot_and_the_prompts_in_use():
+  ctx = BuildContext(num_labels=4, num_tasks=2, max_length=4, n_layer=1)
+  from cljax.methods import replay
+  stored = {"input_ids": jnp.ones((2, 4), jnp.int32), "attention_mask": jnp.ones((2, 4), jnp.int32),
+            "labels": jnp.asarray([0, 1]), "task_ids": jnp.asarray([0, 0]),
+            "class_mask": jnp.asarray([[1, 1, 0, 0]] * 2, bool), "weights": jnp.ones(2)}
+  incoming = dict(stored, labels=jnp.asarray([2, 3, 2]), task_ids=jnp.asarray([1, 1, 1]),
+                  class_mask=jnp.asarray([[0, 0, 1, 1]] * 3, bool), weights=jnp.ones(3),
+                  input_ids=jnp.ones((3, 4), jnp.int32),
+                  attention_mask=jnp.ones((3, 4), jnp.int32))
+  for spec, key, expected in [("lora_per_task+replay", "peft_slot", [1, 1, 1, 0, 0]),
+                              ("progressive_prompts+replay", "prompt_active",
+                               [[True, True]] * 5)]:
+    method = build(spec, MethodConfig(replay_size=2, replay_batch_size=2), ctx)
+    first, buf = method.init(None)
+    buf = replay.add(buf, stored, jax.random.PRNGKey(0))
+    if spec.startswith("progressive"):
+      first = jnp.int32(1)
+    out = method.prepare_batch((first, buf), StepContext(batch=incoming,
+                                                         rng=jax.random.PRNGKey(1)))
+    np.testing.assert_array_equal(np.asarray(out[key]), expected)
+    # incoming rows over their task's classes, replayed rows over every class
+    np.testing.assert_array_equal(np.asarray(out["ce_exclude"]),
+                                  [[True, True, False, False]] * 3 + [[False] * 4] * 2)

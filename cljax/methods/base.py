@@ -130,7 +130,7 @@ def compose(*methods: Method) -> Method:
   if sum(m.eval_logits is not None for m in methods) > 1:
     raise ValueError("At most one method that chooses the evaluation forward (per-task "
                      "modules) can be composed.")
-  options = dict(m.model_options for m in methods if m.model_options)
+  options = {k: v for m in methods for k, v in m.model_options}
   if sum(bool(m.model_options) for m in methods) > 1:
     raise ValueError("At most one method that adds modules to the model (LoRA, adapters, "
                      "prompts, columns) can be composed.")

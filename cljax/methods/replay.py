@@ -144,6 +144,8 @@ def append_replayed(batch: dict, extra: dict, ce_weight: float, tag: str) -> dic
   for k, v in batch.items():
     if k == "peft_slot":      # per-task modules: a replayed example takes its task's
       out[k] = jnp.concatenate([v, extra["task_ids"].astype(v.dtype)])
+    elif k == "prompt_active":  # progressive prompts: the same prompts as the others
+      out[k] = jnp.concatenate([v, jnp.broadcast_to(v[:1], (n_rep,) + v.shape[1:])])
     elif k not in _BATCH_KEYS:  # keys of methods composed earlier: pad
       out[k] = jnp.concatenate([v, jnp.zeros((n_rep,) + v.shape[1:], v.dtype)])
   out[f"{tag}_weight"] = jnp.concatenate([jnp.zeros((n_new,)), extra["weights"]])
