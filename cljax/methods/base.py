@@ -124,19 +124,9 @@ def compose(*methods: Method) -> Method:
   """
   if len(methods) == 1:
     return methods[0]
+  _check_composable(methods)
   trainables = [m.trainable for m in methods if m.trainable is not None]
-  if len(trainables) > 1:
-    raise ValueError("At most one freezing method can be composed.")
-  if sum(m.eval_logits is not None for m in methods) > 1:
-    raise ValueError("At most one method that chooses the evaluation forward (per-task "
-                     "modules) can be composed.")
   options = {k: v for m in methods for k, v in m.model_options}
-  if sum(bool(m.model_options) for m in methods) > 1:
-    raise ValueError("At most one method that adds modules to the model (LoRA, adapters, "
-                     "prompts, columns) can be composed.")
-  if sum(bool(m.tokens) for m in methods) > 1:
-    raise ValueError("At most one method that adds tokens (generative replay, LAMOL) "
-                     "can be composed.")
 
   def own(ctx, i, **fields):
     rng = None if ctx.rng is None else jax.random.fold_in(ctx.rng, i)
@@ -196,6 +186,20 @@ def compose(*methods: Method) -> Method:
                 eval_logits=_own_eval(methods),
                 tokens=sum((m.tokens for m in methods), ()),
                 answer_marker="".join(m.answer_marker for m in methods))
+
+
+def _check_composable(methods) -> None:
+  """One-line errors for methods that cannot run together: each of these kinds of
+  hook or declaration may come from one method only."""
+  kinds = [("freezing method", lambda m: m.trainable is not None),
+           ("method that chooses the evaluation forward (per-task modules)",
+            lambda m: m.eval_logits is not None),
+           ("method that adds modules to the model (LoRA, adapters, prompts, columns)",
+            lambda m: bool(m.model_options)),
+           ("method that adds tokens (generative replay, LAMOL)", lambda m: bool(m.tokens))]
+  for what, has in kinds:
+    if sum(has(m) for m in methods) > 1:
+      raise ValueError(f"At most one {what} can be composed.")
 
 
 def _own_eval(methods):

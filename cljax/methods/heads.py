@@ -65,11 +65,15 @@ def labels_trick(hp: None, ctx: BuildContext) -> Method:
 
   def prepare_batch(state, sctx: StepContext):
     del state
-    batch = sctx.batch
-    others_BC = ~batch["class_mask"].astype(bool)
-    return exclude_classes(batch, incoming(batch)[:, None] & others_BC)
+    return own_classes_only(sctx.batch)
 
   return Method(name="labels_trick", prepare_batch=prepare_batch)
+
+
+def own_classes_only(batch: dict) -> dict:
+  """``batch`` with each incoming example's softmax over its task's classes."""
+  others_BC = ~batch["class_mask"].astype(bool)
+  return exclude_classes(batch, incoming(batch)[:, None] & others_BC)
 
 
 # ----------------------------------------------------------------------------

@@ -48,11 +48,9 @@ import numpy as np
 
 from cljax.methods import heads
 from cljax.methods.base import Method, StepContext, TaskContext
-from cljax.methods.registry import (NON_NEGATIVE, POSITIVE, Bound, BuildContext, hparam,
-                                    register)
+from cljax.methods.registry import DROPOUT, NON_NEGATIVE, POSITIVE, BuildContext, hparam, register
 from cljax.model import LORA_TARGETS, column_prefix, is_peft, peft_slot_of
 
-DROPOUT = Bound("in [0, 1)", lambda v: 0 <= v < 1)
 INFERENCE = ("entropy", "perplexity")
 
 
@@ -178,9 +176,7 @@ def _per_task(name: str, options: dict, infer: str, ctx: BuildContext,
 
   def prepare_batch(state, sctx: StepContext):
     del state
-    batch = {**sctx.batch, "peft_slot": sctx.batch["task_ids"]}
-    others_BC = ~batch["class_mask"].astype(bool)
-    return heads.exclude_classes(batch, heads.incoming(batch)[:, None] & others_BC)
+    return heads.own_classes_only({**sctx.batch, "peft_slot": sctx.batch["task_ids"]})
 
   return Method(name=name, init=init, before_task=before_task, prepare_batch=prepare_batch,
                 trainable=trainable, model_options=tuple(options.items()),
@@ -284,9 +280,7 @@ def progressive_prompts(hp: PromptConfig, ctx: BuildContext) -> Method:
     return jnp.asarray(tctx.task_index, jnp.int32)
 
   def prepare_batch(task, sctx: StepContext):
-    batch = {**sctx.batch, "prompt_active": in_use(task, sctx.batch)}
-    others_BC = ~batch["class_mask"].astype(bool)
-    return heads.exclude_classes(batch, heads.incoming(batch)[:, None] & others_BC)
+    return heads.own_classes_only({**sctx.batch, "prompt_active": in_use(task, sctx.batch)})
 
   def eval_logits(task, sctx: StepContext):
     logits = sctx.apply_fn(sctx.params, {**sctx.batch,

@@ -41,6 +41,7 @@ class Bound(NamedTuple):
 POSITIVE = Bound("> 0", lambda v: v > 0)
 NON_NEGATIVE = Bound(">= 0", lambda v: v >= 0)
 FRACTION = Bound("in [0, 1]", lambda v: 0 <= v <= 1)
+DROPOUT = Bound("in [0, 1)", lambda v: 0 <= v < 1)
 
 
 def hparam(default, help: str, *, choices: tuple[str, ...] | None = None,  # noqa: A002
