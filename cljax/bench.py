@@ -209,7 +209,6 @@ def torch_study(cfg, device: str | None = None) -> dict[str, Any]:
   AdamW with linear decay and clipping, fresh optimizer per task, evaluation of every
   task before training and after each task. The baseline for ``cljax.study.run``."""
   import torch  # pylint: disable=import-outside-toplevel
-  import transformers  # pylint: disable=import-outside-toplevel
   from cljax import data as data_lib, hf  # pylint: disable=import-outside-toplevel
   device = device or ("cuda" if torch.cuda.is_available() else "cpu")
   t_start = time.perf_counter()
@@ -219,14 +218,7 @@ def torch_study(cfg, device: str | None = None) -> dict[str, Any]:
       tasks, tokenizer, data_dir=cfg.data_dir, num_train=cfg.num_train,
       num_test=cfg.num_test, subset=cfg.subset, max_length=cfg.max_length, seed=cfg.seed,
       cache_dir=cfg.cache_dir)
-  config = GPT2Config.from_size(cfg.size, vocab_size=len(tokenizer),
-                                num_labels=data_lib.num_labels(tasks),
-                                pad_token_id=tokenizer.pad_token_id,
-                                eos_token_id=tokenizer.eos_token_id)
-  hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf().items()
-                                         if k not in ("architectures", "torch_dtype")})
-  torch.manual_seed(cfg.seed)
-  model = transformers.GPT2ForSequenceClassification(hf_config).to(device)
+  model = _hf_model(cfg, tokenizer, data_lib.num_labels(tasks)).to(device)
   autocast = cfg.dtype == "bfloat16"
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -278,6 +270,97 @@ def torch_study(cfg, device: str | None = None) -> dict[str, Any]:
   return {"torch_accuracy_matrix": rows[1:], "torch_baseline_accuracy": rows[0],
           "torch_train_seconds": sum(train_s),
           "torch_wall_seconds": time.perf_counter() - t_start}
+
+
+def _hf_model(cfg, tokenizer, num_labels: int):
+  """transformers' GPT2ForSequenceClassification, random init of ``cfg.size``."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  config = GPT2Config.from_size(cfg.size, vocab_size=len(tokenizer), num_labels=num_labels,
+                                pad_token_id=tokenizer.pad_token_id,
+                                eos_token_id=tokenizer.eos_token_id)
+  hf_config = transformers.GPT2Config(**{k: v for k, v in config.to_hf().items()
+                                         if k not in ("architectures", "torch_dtype")})
+  torch.manual_seed(cfg.seed)
+  return transformers.GPT2ForSequenceClassification(hf_config)
+
+
+def _trainer_datasets(cfg, tasks, tokenizer):
+  """Per task, (train, test) ``datasets.Dataset`` of the rows cljax uses, labels on the
+  shared head, tokenized as the seed script does (``map``, padding to max_length)."""
+  import datasets  # pylint: disable=import-outside-toplevel
+  from cljax import data as data_lib  # pylint: disable=import-outside-toplevel
+
+  def tokenize(batch):
+    return tokenizer(batch["text"], padding="max_length", truncation=True,
+                     max_length=cfg.max_length)
+
+  out = []
+  for k, task in enumerate(tasks):
+    train_rows, train_idx, test_rows, test_idx = data_lib.task_subsets(
+        task, k, data_dir=cfg.data_dir, num_train=cfg.num_train, num_test=cfg.num_test,
+        subset=cfg.subset, seed=cfg.seed)
+    remap = {src: task.label_offset + j for j, src in enumerate(task.source_labels)}
+    splits = []
+    for rows, idx in ((train_rows, train_idx), (test_rows, test_idx)):
+      ds = datasets.Dataset.from_dict({"text": [rows[i][0] for i in idx],
+                                       "label": [remap[rows[i][1]] for i in idx]})
+      splits.append(ds.map(tokenize, batched=True, remove_columns=["text"]))
+    out.append(tuple(splits))
+  return out
+
+
+def trainer_study(cfg, workdir: str) -> dict[str, Any]:
+  """The seed's own script: transformers' ``Trainer`` per task (a fresh one, as the
+  original), ``TrainingArguments`` from the study's recipe (batch, epochs, lr, linear
+  decay, warmup, clipping), ``DataCollatorWithPadding``, rows tokenized by
+  ``datasets.map`` with padding to max_length, ``eval_strategy="epoch"`` over every
+  task's test set (no evaluation before training: the study's baseline row is work
+  the seed script does not do). Same rows and random-init size as
+  ``cljax.study.run``; offline. Returns its wall time and accuracy matrix."""
+  import numpy as np  # pylint: disable=import-outside-toplevel,redefined-outer-name
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from cljax import data as data_lib, hf  # pylint: disable=import-outside-toplevel
+  t_start = time.perf_counter()
+  tasks = data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(), cfg.data_dir)
+  tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
+  splits = _trainer_datasets(cfg, tasks, tokenizer)
+  model = _hf_model(cfg, tokenizer, data_lib.num_labels(tasks))
+  evals = {t.name: test for t, (_, test) in zip(tasks, splits)}
+
+  def accuracy(p):
+    return {"accuracy": float(np.mean(np.argmax(p.predictions, -1) == p.label_ids))}
+
+  def trainer(train):
+    args = transformers.TrainingArguments(
+        output_dir=workdir, num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size, learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm, eval_strategy="epoch", save_strategy="no",
+        report_to="none", seed=cfg.seed, bf16=cfg.dtype == "bfloat16",
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, logging_steps=50)
+    return transformers.Trainer(model=model, args=args, train_dataset=train,
+                                eval_dataset=evals, compute_metrics=accuracy,
+                                data_collator=transformers.DataCollatorWithPadding(tokenizer))
+
+  def row(metrics):
+    return [metrics[f"eval_{t.name}_accuracy"] for t in tasks]
+
+  rows, train_s = [], []
+  for train, _ in splits:
+    t0 = time.perf_counter()
+    tr = trainer(train)
+    tr.train()
+    train_s.append(time.perf_counter() - t0)
+    last = {}
+    for entry in tr.state.log_history:   # the evaluations at the last epoch's end
+      last.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+    rows.append(row(last))
+  return {"trainer_accuracy_matrix": rows, "trainer_train_and_eval_seconds": sum(train_s),
+          "trainer_wall_seconds": time.perf_counter() - t_start,
+          "transformers": transformers.__version__, "torch": torch.__version__}
 
 
 def bench_generate(size: str, batch_size: int, prompt_len: int, new_tokens: int, *,

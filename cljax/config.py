@@ -182,7 +182,14 @@ class StudyConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
                        choices=("balanced", "head"))
   max_length: int = option(128, "Tokens per example (truncated, right padded with eos).",
                        bound=POSITIVE)
-  cache_dir: str | None = option(None, "Tokenization cache (default ~/.cache/cljax).")
+  length_bucket: int = option(
+      32, "Pad each batch only to the smallest multiple of N (or --max_length) that holds "
+      "its longest row, for training, evaluation (sorted by length) and the Fisher/MAS "
+      "passes: exact (right padding, causal attention), one compiled program per length. "
+      "0: every batch at --max_length.", bound=NON_NEGATIVE)
+  cache_dir: str | None = option(None, "Cache of tokenized data and of compiled XLA "
+                                 "programs (CACHE/xla; reruns skip compilation); default "
+                                 "~/.cache/cljax.")
   # --- method (its hyperparameters are flags of their own) -------------------------
   method: str = option("finetune", "Method, or several joined by '+' (see the list below).")
   method_config: MethodConfig = dataclasses.field(default=MethodConfig(),

@@ -456,6 +456,16 @@ class TaskData:
   val: dict[str, np.ndarray] | None = None
 
 
+def task_subsets(task: Task, k: int, *, data_dir: str | None, num_train: int | None,
+                 num_test: int | None, subset: str = "balanced", seed: int = 0):
+  """(train rows, the training subset's indices, test rows, the test subset's indices)
+  of task ``k``: the rows every run with these settings trains and tests on."""
+  train_rows = load_rows(task, "train", data_dir)
+  test_rows = load_rows(task, "test", data_dir)
+  return (train_rows, select(train_rows, task, num_train, subset, (seed, k, 0)),
+          test_rows, select(test_rows, task, num_test, subset, (seed, k, 2)))
+
+
 def load_task_data(tasks: Sequence[Task], tokenizer, *, data_dir: str | None,
                    num_train: int | None, num_test: int | None, num_val: int = 0,
                    subset: str = "balanced", max_length: int = 128, seed: int = 0,
@@ -469,16 +479,15 @@ def load_task_data(tasks: Sequence[Task], tokenizer, *, data_dir: str | None,
   total = num_labels(tasks)
   out = []
   for k, task in enumerate(tasks):
-    train_rows = load_rows(task, "train", data_dir)
-    test_rows = load_rows(task, "test", data_dir)
-    train_idx = select(train_rows, task, num_train, subset, (seed, k, 0))
+    train_rows, train_idx, test_rows, test_idx = task_subsets(
+        task, k, data_dir=data_dir, num_train=num_train, num_test=num_test, subset=subset,
+        seed=seed)
     val = None
     if num_val:
       val_idx = select(train_rows, task, num_val, "balanced", (seed, k, 1),
                        exclude=frozenset(train_idx))
       val = make_arrays(train_rows, val_idx, task, k, total, tokenizer, max_length, cache_dir,
                         as_text)
-    test_idx = select(test_rows, task, num_test, subset, (seed, k, 2))
     data = TaskData(
         task,
         make_arrays(train_rows, train_idx, task, k, total, tokenizer, max_length, cache_dir,
@@ -519,14 +528,16 @@ def num_batches(n: int, batch_size: int) -> int:
 
 
 def batches(arrays: dict[str, np.ndarray], batch_size: int, *,
-            seed: int | Sequence[int] | None = None,
-            start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+            seed: int | Sequence[int] | None = None, start: int = 0,
+            buckets: Sequence[int] = ()) -> Iterator[dict[str, np.ndarray]]:
   """Fixed-shape batches; shuffled by ``seed`` (None: in order), any
   ``np.random.default_rng`` seed: the study uses ``(seed, task, epoch)``.
 
   The last batch is padded with copies of the first example at ``weights`` 0, so
-  every example counts once and shapes never change. ``start`` skips that many
-  batches (to resume mid-epoch).
+  every example counts once and the batch size never changes. ``start`` skips that
+  many batches (to resume mid-epoch). With ``buckets`` (sequence lengths, see
+  :func:`length_buckets`) each batch's trailing padding is cut to the smallest bucket
+  that holds its longest row (:func:`trim_to_bucket`).
   """
   n = size(arrays)
   order = np.arange(n) if seed is None else np.random.default_rng(seed).permutation(n)
@@ -537,4 +548,60 @@ def batches(arrays: dict[str, np.ndarray], batch_size: int, *,
       idx = np.concatenate([idx, np.full(batch_size - real, idx[0])])
     batch = {k: v[idx] for k, v in arrays.items()}
     batch["weights"] = (np.arange(batch_size) < real).astype(np.float32)
-    yield batch
+    yield trim_to_bucket(batch, buckets) if buckets else batch
+
+
+# ----------------------------------------------------------------------------
+# Length buckets
+# ----------------------------------------------------------------------------
+
+# The [N, T] arrays of a batch, in groups that share their padding: the first of each
+# group is its token ids, the others masks (a row's length is past its last nonzero).
+SEQUENCE_GROUPS = (("input_ids", "attention_mask", "loss_mask"),
+                   ("lm_input_ids", "lm_attention_mask", "lm_loss_mask"))
+
+
+def length_buckets(max_length: int, multiple: int) -> tuple[int, ...]:
+  """The lengths a batch may be padded to: the multiples of ``multiple`` below
+  ``max_length``, and ``max_length`` (``multiple`` 0: ``max_length`` only)."""
+  if multiple <= 0:
+    return (max_length,)
+  return (*range(multiple, max_length, multiple), max_length)
+
+
+def row_lengths(arrays: dict[str, np.ndarray]) -> np.ndarray:
+  """Each row's length: one past its last nonzero mask entry, over every sequence
+  group (0 for a row with no real token)."""
+  out = np.zeros((size(arrays),), np.int64)
+  for group in SEQUENCE_GROUPS:
+    for key in group[1:]:
+      if key in arrays:
+        nonzero = np.asarray(arrays[key]) != 0
+        last = nonzero.shape[1] - np.argmax(nonzero[:, ::-1], axis=1)
+        out = np.maximum(out, np.where(nonzero.any(1), last, 0))
+  return out
+
+
+def trim_to_bucket(batch: dict[str, np.ndarray], buckets: Sequence[int]
+                   ) -> dict[str, np.ndarray]:
+  """``batch`` with every sequence array cut to the smallest bucket that holds its
+  longest row (never longer than it was).
+
+  Exact for right-padded rows: with causal attention no real position sees the cut
+  ones, the pooled token (the last that is not the pad id) is kept, and masked
+  positions carry no loss, so logits, losses and gradients do not change; a jitted
+  step compiles once per bucket."""
+  need = int(row_lengths(batch).max(initial=1))
+  length = next((b for b in sorted(buckets) if b >= need), None)
+  if length is None:
+    raise ValueError(f"A row of {need} tokens is longer than the largest length bucket "
+                     f"{max(buckets)}; the buckets must reach --max_length.")
+  seq = {k for g in SEQUENCE_GROUPS for k in g}
+  return {k: v[:, :length] if k in seq else v for k, v in batch.items()}
+
+
+def sort_by_length(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The rows in order of length (stable): batches of similar rows take small buckets
+  (for evaluation, where order does not matter)."""
+  order = np.argsort(row_lengths(arrays), kind="stable")
+  return {k: v[order] for k, v in arrays.items()}

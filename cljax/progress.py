@@ -23,6 +23,29 @@ import jax
 DIVERGENCE_FACTOR = 10.0
 
 
+class CompileTimer:
+  """XLA compilation seconds while it is open (a context manager): JAX's own
+  backend-compile events, summed."""
+
+  EVENT = "/jax/core/compile/backend_compile_duration"
+
+  def __init__(self):
+    self.seconds, self.programs = 0.0, 0
+
+  def _listen(self, event: str, duration: float, **kwargs) -> None:
+    del kwargs
+    if event == self.EVENT:
+      self.seconds += duration
+      self.programs += 1
+
+  def __enter__(self) -> CompileTimer:
+    jax.monitoring.register_event_duration_secs_listener(self._listen)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    jax.monitoring.unregister_event_duration_listener(self._listen)
+
+
 def fmt_time(seconds: float) -> str:
   seconds = int(max(seconds, 0))
   h, rem = divmod(seconds, 3600)

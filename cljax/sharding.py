@@ -16,6 +16,7 @@ batch: it is split over all devices of all hosts, so it must be divisible by the
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from absl import logging
@@ -28,9 +29,18 @@ MIN_SHARDED_SIZE = 2 ** 14
 
 
 def initialize_distributed() -> None:
-  """Starts JAX's multi-host runtime (coordinator from the environment: TPU pods and
-  SLURM are detected; otherwise set JAX_COORDINATOR_ADDRESS etc.)."""
-  jax.distributed.initialize()
+  """Starts JAX's multi-host runtime. TPU pods, SLURM, Open MPI and Kubernetes are
+  detected; elsewhere (several processes on CPUs or GPUs) set JAX_COORDINATOR_ADDRESS
+  (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID in each process. On
+  CPUs the collectives go through gloo."""
+  count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
+  if (count is None) != (index is None):
+    raise ValueError("Set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither, on a "
+                     f"cluster JAX detects); found {count=} {index=}.")
+  if jax.config.jax_platforms == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(num_processes=None if count is None else int(count),
+                             process_id=None if index is None else int(index))
   logging.info("Process %d of %d; %d local / %d global devices.", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
 

@@ -41,7 +41,7 @@ from cljax.methods import build as build_method
 from cljax.methods import registry as method_registry
 from cljax.model import (GPT2Classifier, GPT2LabelWords, add_peft_params, add_token_embeddings,
                          init_params)
-from cljax.progress import Interrupted, StepLogger, Writers, drop_records_after
+from cljax.progress import CompileTimer, Interrupted, StepLogger, Writers, drop_records_after
 
 __all__ = ["StudyConfig", "Study", "RunRecord", "Interrupted", "run", "setup", "begin_task",
            "restore_or_start", "evaluate_all", "train_task", "end_task"]
@@ -111,6 +111,7 @@ class Study:
   base_rng: jax.Array
   writes_files: bool               # process 0 of a multi-host run (or the only one)
   tokenizer: Any = None            # with the method's tokens added
+  buckets: tuple[int, ...] = ()    # the lengths batches are padded to (--length_bucket)
   warnings: tuple[str, ...] = ()   # about the data (a single-class training set)
   compiled: dict = dataclasses.field(default_factory=dict)   # plans and train steps
 
@@ -145,12 +146,15 @@ def build_model(cfg: StudyConfig, tokenizer, num_labels: int, label_tokens=None)
 
 
 def evaluate(eval_fn, params, arrays: dict[str, np.ndarray], batch_size: int,
-             mesh=None) -> tuple[float, float, float, dict[str, float]]:
+             mesh=None, buckets=()) -> tuple[float, float, float, dict[str, float]]:
   """(class-incremental accuracy, task-aware accuracy, mean loss, the method's own
-  rates such as ``task_inference``) over every example."""
+  rates such as ``task_inference``) over every example; with length ``buckets``, in
+  order of length, each batch cut to its bucket."""
+  if buckets:
+    arrays = data_lib.sort_by_length(arrays)
   totals = steps.accumulate(eval_fn, params, (
       b if mesh is None else sharding.shard_batch(b, mesh)
-      for b in data_lib.batches(arrays, batch_size)))
+      for b in data_lib.batches(arrays, batch_size, buckets=buckets)))
   n = float(totals["count"])
   own = {k[:-len("_correct")]: float(v) / n for k, v in totals.items()
          if k not in ("correct", "task_correct", "loss_sum", "count")}
@@ -173,6 +177,9 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
   sharding.check_batch_size(cfg.eval_batch_size, mesh, "--eval_batch_size")
   ckpt = checkpoint.open_run(workdir, cfg.to_dict(), resume, keep=cfg.keep_checkpoints,
                              outputs=OUTPUTS, resumable=RESUMABLE_CHANGES)
+  cache_dir = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cljax")
+  if not jax.config.jax_compilation_cache_dir:   # a sweep sets its own
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir, "xla"))
   tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
   tasks = data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(), cfg.data_dir,
                                  cfg.task_label_words())
@@ -183,7 +190,8 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
   method = build_method(cfg.method, cfg.method_config, BuildContext(
       num_labels=total_labels, num_tasks=len(tasks), max_length=cfg.max_length,
       n_layer=model.config.n_layer, head=cfg.head, first_new_token=len(tokenizer),
-      eos_token_id=tokenizer.eos_token_id, n_embd=model.config.n_embd))
+      eos_token_id=tokenizer.eos_token_id, n_embd=model.config.n_embd,
+      pad_token_id=tokenizer.pad_token_id))
   if method.tokens:
     model, params = add_method_tokens(model, params, tokenizer, method.tokens)
   if method.model_options:
@@ -195,7 +203,7 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
       tasks, tokenizer, data_dir=cfg.data_dir, num_train=cfg.num_train,
       num_test=cfg.num_test, num_val=cfg.num_val, subset=cfg.subset,
       max_length=cfg.max_length, seed=cfg.seed, as_text=as_text,
-      cache_dir=cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cljax"))
+      cache_dir=cache_dir)
   params = jax.device_put(params, sharding.param_shardings(mesh, params))
   eval_fn = jax.jit(lambda p, b, method_state: steps.eval_step(
       p, b, model=model, method=method, method_state=method_state),
@@ -209,7 +217,8 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
                                                  cfg.keep_checkpoints),
                base_rng=jax.random.PRNGKey(cfg.seed),
                warnings=tuple(data_lib.class_warnings(task_data)),
-               writes_files=jax.process_index() == 0, tokenizer=tokenizer)
+               writes_files=jax.process_index() == 0, tokenizer=tokenizer,
+               buckets=data_lib.length_buckets(cfg.max_length, cfg.length_bucket))
 
 
 def add_method_tokens(model, params, tokenizer, tokens: tuple[str, ...]):
@@ -265,8 +274,8 @@ def evaluate_all(study: Study, params, method_state=(), split: str = "test") -> 
     method_state = ()
   def fn(params, batch):
     return study.eval_fn(params, batch, method_state)
-  rows = [evaluate(fn, params, getattr(d, split), study.cfg.eval_batch_size, study.mesh)
-          for d in study.task_data]
+  rows = [evaluate(fn, params, getattr(d, split), study.cfg.eval_batch_size, study.mesh,
+                   study.buckets) for d in study.task_data]
   inference = [r[3]["task_inference"] for r in rows] if "task_inference" in rows[0][3] else None
   return Scores([r[0] for r in rows], [r[1] for r in rows], inference)
 
@@ -284,7 +293,7 @@ def task_context(study: Study, k: int, params=None, train=None, salt: int = 0,
       rng=jax.random.fold_in(study.base_rng, salt + k), batch_size=study.cfg.batch_size,
       previous_train=tuple(d.train for d in study.task_data[:k]),
       method_state=method_state, tasks=tuple(study.tasks), tokenizer=study.tokenizer,
-      report=report)
+      report=report, length_buckets=study.buckets)
 
 
 def trainable_mask(study: Study, k: int):
@@ -429,8 +438,8 @@ def train_task(study: Study, k: int, state, record: RunRecord, logger: StepLogge
   for s in range(start, plan.total_steps):
     epoch, b = divmod(s, plan.batches_per_epoch)
     if b == 0 or s == start:
-      batch_iter = data_lib.batches(plan.arrays, cfg.batch_size,
-                                    seed=(cfg.seed, k, epoch), start=b)
+      batch_iter = data_lib.batches(plan.arrays, cfg.batch_size, seed=(cfg.seed, k, epoch),
+                                    start=b, buckets=study.buckets)
     state, m = train_fn(state, sharding.shard_batch(next(batch_iter), study.mesh))
     record.global_step, record.step_in_task = record.global_step + 1, s + 1
     logger.push(record.global_step, s + 1, m)
@@ -496,24 +505,29 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
         flags: dict | None = None) -> dict:
   """Runs the sequential study and returns the results dict (also in results.json)."""
   t_start = time.time()
-  study = setup(cfg, workdir, resume)
-  state, record = restore_or_start(study, resume)
-  if study.writes_files and record.global_step:  # steps replayed from the checkpoint
-    drop_records_after(os.path.join(workdir, "metrics.jsonl"), record.global_step)
-  logger = StepLogger(Writers(workdir, enabled=study.writes_files), cfg.log_every,
-                      study.checkpointer.latest_step)
-  try:
-    for k in range(record.task, len(study.tasks)):
-      if record.step_in_task == 0:
-        state = begin_task(study, k, state, record)
-      state = train_task(study, k, state, record, logger)
-      state = end_task(study, k, state, record, logger)
-  finally:
-    logger.close()
-    study.checkpointer.close()
+  with CompileTimer() as compiling:
+    study = setup(cfg, workdir, resume)
+    state, record = restore_or_start(study, resume)
+    if study.writes_files and record.global_step:  # steps replayed from the checkpoint
+      drop_records_after(os.path.join(workdir, "metrics.jsonl"), record.global_step)
+    logger = StepLogger(Writers(workdir, enabled=study.writes_files), cfg.log_every,
+                        study.checkpointer.latest_step)
+    try:
+      for k in range(record.task, len(study.tasks)):
+        if record.step_in_task == 0:
+          state = begin_task(study, k, state, record)
+        state = train_task(study, k, state, record, logger)
+        state = end_task(study, k, state, record, logger)
+    finally:
+      logger.close()
+      study.checkpointer.close()
   results = make_results(study, record, flags, time.time() - t_start)
+  results["timing"].update(compile_seconds_this_process=compiling.seconds,
+                           compiled_programs_this_process=compiling.programs)
   if study.writes_files:
+    t0 = time.time()
     write_results(results, workdir)
+    logging.info("Results and figures written in %.1f s.", time.time() - t0)
   return results
 
 

@@ -84,6 +84,7 @@ class TaskContext(NamedTuple):
   tasks: tuple = ()           # every data.Task of the run, in order (prompts, label words)
   tokenizer: Any = None
   report: Callable = lambda record: None   # report(dict): kept in results.json
+  length_buckets: tuple = ()  # the lengths batches may be cut to (data.trim_to_bucket)
 
 
 def _no_loss(state, ctx):

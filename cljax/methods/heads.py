@@ -110,7 +110,7 @@ def er_ace(hp: replay.ReplayConfig, ctx: BuildContext) -> Method:
     batch = exclude_classes(batch, incoming(batch)[:, None] & absent_C[None])
     # Replayed rows stay out of the main (incoming) loss: ``loss`` adds their own mean.
     replayed = replay.sample(state.buffer, sctx.rng, hp.replay_batch_size)
-    return replay.append_replayed(batch, replayed, 0.0, tag)
+    return replay.append_replayed(batch, replayed, 0.0, tag, ctx.pad_token_id)
 
   def loss(state, sctx: StepContext):
     del state

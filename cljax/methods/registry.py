@@ -84,6 +84,7 @@ class BuildContext:
   first_new_token: int = 50257   # the id a method's first added token gets
   eos_token_id: int = 50256
   n_embd: int = 768
+  pad_token_id: int = 50256   # the tokenizer's (= eos in GPT-2's setup)
 
 
 _REGISTRY: dict[str, Registration] = {}

@@ -123,13 +123,14 @@ def _jitted_chunk_stat(fn, reduce):
 
 
 def per_example_statistic(params, arrays: dict[str, np.ndarray], fn, reduce, *,
-                          num_samples: int, chunk: int, rng) -> Any:
+                          num_samples: int, chunk: int, rng, buckets=()) -> Any:
   """``1/N sum_i reduce(grad fn(params, x_i))`` over N = min(num_samples, |data|)
   examples drawn without replacement (seeded by ``rng``).
 
   ``fn(params, input_ids, attention_mask, label, key) -> scalar`` is one example's
   function; ``reduce`` is ``jnp.square`` (Fisher) or ``jnp.abs`` (MAS). Examples
-  are processed ``chunk`` at a time so memory stays ``chunk`` x params.
+  are processed ``chunk`` at a time so memory stays ``chunk`` x params, each chunk
+  cut to its length bucket (``buckets``, :func:`cljax.data.trim_to_bucket`).
   """
   n_total = data_lib.size(arrays)
   n = min(num_samples, n_total)
@@ -138,7 +139,7 @@ def per_example_statistic(params, arrays: dict[str, np.ndarray], fn, reduce, *,
   subset = {k: v[idx] for k, v in arrays.items()}
   stat_fn = _jitted_chunk_stat(fn, reduce)
   total = None
-  for i, batch in enumerate(data_lib.batches(subset, chunk)):
+  for i, batch in enumerate(data_lib.batches(subset, chunk, buckets=buckets)):
     part = stat_fn(params, {k: batch[k] for k in ("input_ids", "attention_mask", "labels",
                                                     "weights")}, jax.random.fold_in(rng, i))
     total = part if total is None else jax.tree.map(jnp.add, total, part)
@@ -146,21 +147,21 @@ def per_example_statistic(params, arrays: dict[str, np.ndarray], fn, reduce, *,
 
 
 def fisher_diagonal(model, params, arrays, *, mode="empirical", num_samples=512, chunk=8,
-                    rng=None):
+                    rng=None, buckets=()):
   """Diagonal Fisher ``1/N sum_i (d log p(y_i|x_i) / d theta)^2`` from per-example
   gradients; ``mode`` 'empirical' (true labels) or 'true' (sampled labels)."""
   rng = jax.random.PRNGKey(0) if rng is None else rng
   fn = _ModelFn(fisher_log_prob, model, mode)
   return per_example_statistic(params, arrays, fn, jnp.square, num_samples=num_samples,
-                               chunk=chunk, rng=rng)
+                               chunk=chunk, rng=rng, buckets=buckets)
 
 
-def mas_importance(model, params, arrays, *, num_samples=512, chunk=8, rng=None):
+def mas_importance(model, params, arrays, *, num_samples=512, chunk=8, rng=None, buckets=()):
   """MAS importance ``1/N sum_i |d ||f(x_i)||^2 / d theta|``."""
   rng = jax.random.PRNGKey(0) if rng is None else rng
   fn = _ModelFn(mas_output_norm, model)
   return per_example_statistic(params, arrays, fn, jnp.abs, num_samples=num_samples,
-                               chunk=chunk, rng=rng)
+                               chunk=chunk, rng=rng, buckets=buckets)
 
 
 class _ModelFn:
@@ -264,7 +265,7 @@ def _ewc(hp: EWCConfig, online: bool) -> Method:
   def after_task(state, tctx: TaskContext):
     fisher = fisher_diagonal(tctx.model, tctx.params, tctx.train, mode=hp.fisher,
                              num_samples=hp.fisher_samples, chunk=hp.fisher_chunk,
-                             rng=tctx.rng)
+                             rng=tctx.rng, buckets=tctx.length_buckets)
     _log_importance("Fisher", fisher)
     if online:
       return consolidate_online(state, fisher, tctx.params, hp.online_gamma)
@@ -293,7 +294,8 @@ def mas(hp: MASConfig, ctx: BuildContext) -> Method:
 
   def after_task(state, tctx: TaskContext):
     omega = mas_importance(tctx.model, tctx.params, tctx.train, num_samples=hp.mas_samples,
-                           chunk=hp.fisher_chunk, rng=tctx.rng)
+                           chunk=hp.fisher_chunk, rng=tctx.rng,
+                           buckets=tctx.length_buckets)
     _log_importance("MAS", omega)
     return consolidate_online(state, omega, tctx.params, 1.0)
   return _penalty_method("mas", hp.mas_lambda, after_task)

@@ -82,7 +82,11 @@ def _slot_class_balanced(buf: Buffer, label, key):
 
 def add(buf: Buffer, batch: dict, key: jax.Array, policy: str = "reservoir",
         logits: jax.Array | None = None) -> Buffer:
-  """Offers each example of ``batch`` with ``weights`` > 0 to the buffer, in order."""
+  """Offers each example of ``batch`` with ``weights`` > 0 to the buffer, in order
+  (its rows as wide as the buffer's: :func:`widen` a length-bucketed batch first)."""
+  if batch["input_ids"].shape[1] != buf.input_ids.shape[1]:
+    raise ValueError(f"Rows of {batch['input_ids'].shape[1]} tokens offered to a replay "
+                     f"buffer of {buf.input_ids.shape[1]}; widen() the batch first.")
   if policy not in POLICIES:
     raise ValueError(f"Unknown replay policy {policy!r}; expected one of {POLICIES}.")
   slot_fn = _slot_reservoir if policy == "reservoir" else _slot_class_balanced
@@ -135,8 +139,28 @@ def sample(buf: Buffer, key: jax.Array, n: int) -> dict:
 _BATCH_KEYS = ("input_ids", "attention_mask", "labels", "task_ids", "class_mask", "weights")
 
 
-def append_replayed(batch: dict, extra: dict, ce_weight: float, tag: str) -> dict:
-  """Appends replayed examples; ``ce_weight`` 0 keeps them out of the main loss."""
+def widen(batch: dict, length: int, pad_id: int) -> dict:
+  """``batch`` with its ``input_ids`` and ``attention_mask`` right padded to ``length``
+  (pad id, mask 0): a length-bucketed batch (:func:`cljax.data.trim_to_bucket`) made
+  as wide as the buffer's rows. Exact: padding changes no logit."""
+  extra = length - batch["input_ids"].shape[1]
+  if extra < 0:
+    raise ValueError(f"A batch of {batch['input_ids'].shape[1]} tokens is wider than the "
+                     f"replay buffer's {length}; the study's --max_length must not change.")
+  if extra == 0:
+    return batch
+  out = dict(batch)
+  for key, value in (("input_ids", pad_id), ("attention_mask", 0)):
+    out[key] = jnp.pad(batch[key], ((0, 0), (0, extra)), constant_values=value)
+  return out
+
+
+def append_replayed(batch: dict, extra: dict, ce_weight: float, tag: str,
+                    pad_id: int = 50256) -> dict:
+  """Appends replayed examples; ``ce_weight`` 0 keeps them out of the main loss. The
+  batch is first padded (``pad_id``) to the replayed rows' width (the buffer stores
+  rows at ``--max_length``)."""
+  batch = widen(batch, extra["input_ids"].shape[1], pad_id)
   out = {k: jnp.concatenate([batch[k], extra[k].astype(batch[k].dtype)
                              if k != "weights" else extra[k] * ce_weight])
          for k in _BATCH_KEYS}
@@ -200,9 +224,10 @@ def _replay_method(name: str, hp: ReplayConfig, ctx: BuildContext, *, ce_weight:
 
   def prepare_batch(buf, sctx: StepContext):
     k1, k2 = jax.random.split(sctx.rng)
-    batch = append_replayed(sctx.batch, sample(buf, k1, r), ce_weight, f"{name}_a")
+    batch = append_replayed(sctx.batch, sample(buf, k1, r), ce_weight, f"{name}_a",
+                            ctx.pad_token_id)
     if der_beta:
-      batch = append_replayed(batch, sample(buf, k2, r), 0.0, f"{name}_b")
+      batch = append_replayed(batch, sample(buf, k2, r), 0.0, f"{name}_b", ctx.pad_token_id)
     return batch
 
   def loss(buf, sctx: StepContext):

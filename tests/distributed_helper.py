@@ -1,0 +1,38 @@
+"""One process of a multi-process JAX run on this machine's CPUs (the test sets
+XLA_FLAGS for its devices and JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+JAX_PROCESS_ID when there are several processes):
+
+  python distributed_helper.py study CONFIG_JSON WORKDIR [resume]
+  python distributed_helper.py sweep CONFIG_JSON ROOT
+
+Prints one JSON line: this process's index and count, its devices and the run's
+accuracy matrices.
+"""
+
+import json
+import sys
+
+import jax
+
+from cljax import study, sweep
+
+
+def main(mode, config_json, workdir, *rest):
+  spec = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(config_json).items()}
+  cfg = study.StudyConfig(**spec)
+  if mode == "study":
+    try:
+      results = study.run(cfg, workdir, resume="resume" in rest)
+    except study.Interrupted:   # --stop_after_steps: as if killed
+      results = {"accuracy_matrix": None, "task_aware_accuracy_matrix": None}
+  else:
+    out = sweep.run_sweep(cfg, workdir, methods=[cfg.method], seeds=[cfg.seed])
+    results = sweep.run_one(cfg, out["runs"][0])
+  print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
+                    "local_devices": jax.local_device_count(), "devices": jax.device_count(),
+                    "accuracy_matrix": results["accuracy_matrix"],
+                    "task_aware_accuracy_matrix": results["task_aware_accuracy_matrix"]}))
+
+
+if __name__ == "__main__":
+  main(*sys.argv[1:])

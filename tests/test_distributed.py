@@ -1,0 +1,107 @@
+"""Multi-host for real: the study and the sweep's first run as 2 JAX processes on this
+machine (2 CPU devices each, a coordinator on localhost, gloo collectives) give the
+matrices of 1 process with the same 4 devices and the same global batch; only process
+0 writes outputs; a checkpoint the 2 processes wrote resumes in 1 process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from test_study import tiny_config
+
+pytestmark = pytest.mark.slow
+
+HELPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "distributed_helper.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _spec(data_dir, tokenizer_dir, **overrides):
+  cfg = tiny_config(data_dir, tokenizer_dir, epochs=1, **overrides)
+  spec = {k: v for k, v in cfg.to_dict().items() if k != "method_config"}
+  return json.dumps(spec)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _env(devices: int, **extra) -> dict:
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+  return dict(env, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
+
+
+def _outputs(procs) -> list[dict]:
+  out = []
+  for p in procs:
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+    out.append(json.loads(stdout.strip().splitlines()[-1]))
+  return out
+
+
+def run_processes(n: int, devices: int, *args) -> list[dict]:
+  """Runs the helper as ``n`` processes of one JAX run (``devices`` CPU devices each)."""
+  port = _free_port()
+  procs = []
+  for i in range(n):
+    extra = ({} if n == 1 else dict(JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                    JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i)))
+    procs.append(subprocess.Popen([sys.executable, HELPER, *args], env=_env(devices, **extra),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return _outputs(procs)
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_data_dir, tiny_tokenizer_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("one"))
+  (out,) = run_processes(1, 4, "study", _spec(tiny_data_dir, tiny_tokenizer_dir), workdir)
+  assert (out["processes"], out["devices"]) == (1, 4)
+  return out
+
+
+def test_two_processes_give_one_process_matrices_and_only_process_0_writes(
+    one_process, tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+  spec = _spec(tiny_data_dir, tiny_tokenizer_dir, distributed=True)
+  outs = run_processes(2, 2, "study", spec, str(tmp_path))
+  assert [(o["process"], o["processes"], o["local_devices"], o["devices"]) for o in outs] == [
+      (0, 2, 2, 4), (1, 2, 2, 4)]
+  for o in outs:
+    assert o["accuracy_matrix"] == one_process["accuracy_matrix"]
+    assert o["task_aware_accuracy_matrix"] == one_process["task_aware_accuracy_matrix"]
+  with open(tmp_path / "results.json") as f:
+    assert json.load(f)["accuracy_matrix"] == one_process["accuracy_matrix"]
+  with open(tmp_path / "metrics.jsonl") as f:
+    steps = [json.loads(line)["global_step"] for line in f if '"loss"' in line]
+  assert steps == sorted(set(steps))          # one writer: every step once
+  events = os.listdir(tmp_path / "tensorboard")
+  assert len(events) == 1, events
+
+
+def test_a_checkpoint_of_two_processes_resumes_in_one(one_process, tiny_data_dir,
+                                                      tiny_tokenizer_dir, tmp_path):
+  spec = _spec(tiny_data_dir, tiny_tokenizer_dir, distributed=True, checkpoint_every=2,
+               stop_after_steps=3)
+  for o in run_processes(2, 2, "study", spec, str(tmp_path)):
+    assert o["accuracy_matrix"] is None     # stopped as if killed
+  assert sorted(os.listdir(tmp_path / "checkpoints"))[0].isdigit()
+  resumed = json.loads(_spec(tiny_data_dir, tiny_tokenizer_dir, checkpoint_every=2))
+  (out,) = run_processes(1, 4, "study", json.dumps(resumed), str(tmp_path), "resume")
+  assert out["accuracy_matrix"] == one_process["accuracy_matrix"]
+
+
+def test_the_sweeps_first_run_on_two_processes(one_process, tiny_data_dir, tiny_tokenizer_dir,
+                                               tmp_path):
+  spec = _spec(tiny_data_dir, tiny_tokenizer_dir, distributed=True)
+  outs = run_processes(2, 2, "sweep", spec, str(tmp_path))
+  for o in outs:
+    np.testing.assert_array_equal(o["accuracy_matrix"], one_process["accuracy_matrix"])
+  assert os.path.exists(tmp_path / "selection.json")
