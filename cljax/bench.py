@@ -164,6 +164,56 @@ def run(size: str, batch_size: int, seq_len: int, steps_: int, warmup: int,
   return out
 
 
+def step_profile(size: str, batch_size: int, seq_len: int, steps_: int, warmup: int,
+                 buckets: tuple[int, ...] = (32, 64, 96)) -> dict[str, Any]:
+  """Where a train step's time goes: seconds per step of its parts, each jitted alone
+  (forward; forward and backward without dropout, with and without the gradient of
+  the embedding table; the optimizer update alone; the whole step with dropout), then
+  the whole step at shorter (bucket) lengths, and each program's compile time."""
+  config = GPT2Config.from_size(size, num_labels=4)
+  model = GPT2Classifier(config)
+  params = jax.jit(functools.partial(init_params, model))(jax.random.PRNGKey(0))
+  tx, _ = steps.make_optimizer(total_steps=10_000)
+  state = steps.init_train_state(params, tx, jax.random.PRNGKey(1))
+  batch = random_batch(config, batch_size, seq_len)
+
+  def loss(p, b, wte=None):
+    p = p if wte is None else dict(p, wte=wte)
+    return steps._classification(steps._forward(model, p, b, deterministic=True), b)[0]
+
+  rest = {k: v for k, v in params.items() if k != "wte"}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  parts = {
+      "forward": (functools.partial(steps.eval_step, model=model), (params, batch)),
+      "forward_backward": (jax.grad(loss), (params, batch)),
+      "forward_backward_without_embedding_grad": (
+          lambda r, b, w: jax.grad(loss)(r, b, w), (rest, batch, params["wte"])),
+      "optimizer_update": (lambda g, o, p: tx.update(g, o, p), (grads, state.opt_state, params)),
+      "train_step": (functools.partial(steps.train_step, model=model, tx=tx), (state, batch)),
+  }
+  for length in buckets:
+    parts[f"train_step_at_{length}"] = (functools.partial(steps.train_step, model=model, tx=tx),
+                                        (state, random_batch(config, batch_size, length)))
+  out = {"size": size, "batch_size": batch_size, "seq_len": seq_len, "steps": steps_,
+         "device": jax.devices()[0].device_kind, "parameters": sum(
+             x.size for x in jax.tree.leaves(params)), "embedding_rows": config.vocab_size}
+  for name, (fn, args) in parts.items():
+    donate = name.startswith("train_step")   # as in a training loop: the state threads
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn, donate_argnums=0 if donate else ()).lower(*args).compile()
+    out[f"{name}_compile_s"] = time.perf_counter() - t0
+    box = [jax.tree.map(jnp.copy, args[0]) if donate else args[0]]
+
+    def once(c=compiled, a=args[1:], donate=donate, box=box):
+      result = c(box[0], *a)
+      if donate:
+        box[0] = result[0]
+      jax.block_until_ready(result)
+
+    out[f"{name}_s"] = _time(once, steps_, warmup)
+  return out
+
+
 def _peak_memory_bytes() -> dict[str, float]:
   """Peak device memory (accelerators) and the process's peak resident set (host)."""
   import resource  # pylint: disable=import-outside-toplevel

@@ -43,12 +43,17 @@ _GENERATE = flags.DEFINE_integer("generate_tokens", 0, "If > 0: instead, time gr
                                  "prompts (with --compare_torch: against transformers' "
                                  "generate, same weights and prompts).")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed generation calls (after the first).")
+_PROFILE = flags.DEFINE_bool("profile_step", False, "Instead, where a train step's time "
+                             "goes: its parts timed alone, and the step at shorter lengths.")
 _OUT = flags.DEFINE_string("output", None, "Also append the JSON line to this file.")
 
 
 def main(argv):
   del argv
-  if _FISHER.value:
+  if _PROFILE.value:
+    result = bench.step_profile(_SIZE.value, _BATCH.value, _SEQ.value, _STEPS.value,
+                                _WARMUP.value)
+  elif _FISHER.value:
     result = bench.bench_fisher(_SIZE.value, _SEQ.value, _FISHER.value, _FISHER_CHUNK.value)
   elif _GENERATE.value:
     result = bench.bench_generate(_SIZE.value, _BATCH.value, _SEQ.value, _GENERATE.value,

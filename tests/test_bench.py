@@ -1,0 +1,40 @@
+"""The baselines the benchmarks time: the seed's Trainer script sees the rows cljax
+trains and tests on, tokenized the same way, and runs the study."""
+
+import numpy as np
+import pytest
+
+from cljax import bench
+from cljax import data as data_lib
+from cljax import hf
+from cljax.config import StudyConfig
+
+
+def _config(data_dir, tokenizer_dir, **kw):
+  return StudyConfig(tasks=("imdb", "ag_news"), data_dir=data_dir, tokenizer=tokenizer_dir,
+                     init="random", size="tiny", num_train=16, num_test=8, max_length=24,
+                     batch_size=8, eval_batch_size=8, epochs=1, learning_rate=1e-3, **kw)
+
+
+def test_the_trainer_script_sees_cljaxs_rows_and_tokens(tiny_data_dir, tiny_tokenizer_dir):
+  cfg = _config(tiny_data_dir, tiny_tokenizer_dir)
+  tokenizer = hf.load_tokenizer(tiny_tokenizer_dir)
+  tasks = data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(), cfg.data_dir)
+  ours = data_lib.load_task_data(tasks, tokenizer, data_dir=cfg.data_dir,
+                                 num_train=cfg.num_train, num_test=cfg.num_test,
+                                 max_length=cfg.max_length, seed=cfg.seed)
+  theirs = bench._trainer_datasets(cfg, tasks, tokenizer)
+  for d, splits in zip(ours, theirs):
+    for arrays, ds in zip((d.train, d.test), splits):
+      np.testing.assert_array_equal(np.array(ds["input_ids"]), arrays["input_ids"])
+      np.testing.assert_array_equal(np.array(ds["attention_mask"]), arrays["attention_mask"])
+      np.testing.assert_array_equal(np.array(ds["label"]), arrays["labels"])
+
+
+@pytest.mark.slow
+def test_the_trainer_script_runs_the_study(tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+  pytest.importorskip("accelerate")
+  out = bench.trainer_study(_config(tiny_data_dir, tiny_tokenizer_dir), str(tmp_path))
+  matrix = np.array(out["trainer_accuracy_matrix"])
+  assert matrix.shape == (2, 2) and ((0 <= matrix) & (matrix <= 1)).all()
+  assert out["trainer_wall_seconds"] > out["trainer_train_and_eval_seconds"] > 0
