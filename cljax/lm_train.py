@@ -70,6 +70,11 @@ class LMConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
                            bound=POSITIVE)
   max_length: int = option(256, "--data_format=alpaca: tokens per example (prompt, "
                            "response and EOS, truncated; right padded).", bound=POSITIVE)
+  length_bucket: int = option(
+      32, "Pad each batch only to the smallest multiple of N (or its full length) that "
+      "holds its longest row, in training and the held-out evaluation (sorted by "
+      "length): exact, one compiled program per length. 0: full length.",
+      bound=NON_NEGATIVE)
   epochs: int = option(3, "Epochs over the training data.", bound=POSITIVE)
   learning_rate: float = option(2e-5, "AdamW peak learning rate, decayed linearly to 0 "
                                 "(Stanford Alpaca: 2e-5, 3 epochs).", bound=NON_NEGATIVE)
@@ -231,10 +236,18 @@ def _lm_batch(batch: dict) -> dict:
   return {**batch, "loss_mask": batch["loss_mask"] * weights[:, None].astype(np.int32)}
 
 
-def evaluate(eval_fn, params, arrays: dict, batch_size: int) -> dict[str, float]:
-  """Held-out next-token loss, perplexity and accuracy over the target tokens."""
-  totals = steps.accumulate(eval_fn, params,
-                            map(_lm_batch, data_lib.batches(arrays, batch_size)))
+def buckets(cfg: LMConfig, arrays: dict) -> tuple[int, ...]:
+  """The lengths the batches of ``arrays`` are cut to (``--length_bucket``)."""
+  return data_lib.length_buckets(arrays["input_ids"].shape[1], cfg.length_bucket)
+
+
+def evaluate(eval_fn, params, arrays: dict, batch_size: int, lengths=()) -> dict[str, float]:
+  """Held-out next-token loss, perplexity and accuracy over the target tokens; with
+  length buckets ``lengths``, in order of length, each batch cut to its bucket."""
+  if lengths:
+    arrays = data_lib.sort_by_length(arrays)
+  totals = steps.accumulate(eval_fn, params, map(_lm_batch, data_lib.batches(
+      arrays, batch_size, buckets=lengths)))
   loss = float(totals["loss_sum"]) / max(float(totals["count"]), 1.0)
   return {"loss": loss, "perplexity": float(np.exp(loss)),
           "token_accuracy": float(totals["correct"]) / max(float(totals["count"]), 1.0),
@@ -308,7 +321,8 @@ def _restore_or_start(cfg, ckpt, params, tx, held, eval_fn):
     logging.info("Resumed from %s, checkpoint %d.", ckpt.directory, step)
     return state, LMRecord(**{k: v for k, v in meta.items()
                               if k in {f.name for f in dataclasses.fields(LMRecord)}})
-  before = evaluate(eval_fn, params, held, cfg.eval_batch_size) if held else None
+  before = evaluate(eval_fn, params, held, cfg.eval_batch_size,
+                    buckets(cfg, held)) if held else None
   if before:
     logging.info("Held-out before training: loss %.4f, perplexity %.2f.", before["loss"],
                  before["perplexity"])
@@ -329,7 +343,8 @@ def train(cfg: LMConfig, state, record: LMRecord, arrays: dict, tx, schedule, ck
   for s in range(start, total):
     epoch, b = divmod(s, per_epoch)
     if b == 0 or s == start:
-      batch_iter = data_lib.batches(arrays, cfg.batch_size, seed=(cfg.seed, epoch), start=b)
+      batch_iter = data_lib.batches(arrays, cfg.batch_size, seed=(cfg.seed, epoch), start=b,
+                                    buckets=buckets(cfg, arrays))
     state, m = train_fn(state, _lm_batch(next(batch_iter)))
     record.step = s + 1
     logger.push(s + 1, s + 1, m)
@@ -380,7 +395,8 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
   logger = StepLogger(Writers(workdir), cfg.log_every, ckpt.latest_step, unit="tokens")
   try:
     held_out = held and functools.partial(evaluate, eval_fn, arrays=held,
-                                          batch_size=cfg.eval_batch_size)
+                                          batch_size=cfg.eval_batch_size,
+                                          lengths=buckets(cfg, held))
     state = train(cfg, state, record, arrays, tx, schedule, ckpt, logger, model, held_out)
   finally:
     logger.close()
@@ -392,7 +408,8 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
 def finish(cfg: LMConfig, workdir: str, model, params, tokenizer, record: LMRecord, held,
            eval_fn, diverged: str | None, flags: dict | None, wall_s: float) -> dict:
   """Held-out evaluation, generations and export after training; ``results.json``."""
-  after = evaluate(eval_fn, params, held, cfg.eval_batch_size) if held else None
+  after = evaluate(eval_fn, params, held, cfg.eval_batch_size,
+                    buckets(cfg, held)) if held else None
   if after:
     logging.info("Held-out after training: loss %.4f, perplexity %.2f.", after["loss"],
                  after["perplexity"])

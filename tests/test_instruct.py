@@ -176,3 +176,16 @@ def test_plain_text_blocks_all_carry_loss_and_perplexity_falls(bpe_tokenizer_dir
   curve = [p["loss"] for p in r["held_out_curve"]]
   assert len(curve) == (r["steps"] - 1) // 10 and curve[-1] < curve[0]
   assert not os.path.exists(tmp_path / "run" / "hf_model")
+
+
+@pytest.mark.slow
+def test_length_buckets_change_nothing(bpe_tokenizer_dir, alpaca_files, tuned, tmp_path):
+  """The tuned run cuts its batches to buckets of 32 (the rows are short); at full
+  length, the same training ends with the same held-out loss."""
+  cfg = _config(bpe_tokenizer_dir, alpaca_files, length_bucket=0, generate=None)
+  full = lm_train.run(cfg, str(tmp_path))
+  bucketed = tuned[0]
+  assert lm_train.buckets(_config(bpe_tokenizer_dir, alpaca_files),
+                          {"input_ids": np.zeros((1, 128))}) == (32, 64, 96, 128)
+  for key in ("held_out_before", "held_out_after"):
+    np.testing.assert_allclose(full[key]["loss"], bucketed[key]["loss"], rtol=1e-5)
