@@ -171,8 +171,10 @@ SMALL_HP = dict(fisher_samples=16, mas_samples=16, replay_size=16, replay_batch_
 def test_every_method_runs_end_to_end(method, tiny_data_dir, tiny_tokenizer_dir, tmp_path):
   from cljax.methods import MethodConfig
   as_text = dict(head="lm", label_words=("imdb=bad,good", "ag_news=software,match"))
+  # Buckets of 8 (8, 16, 24): every method sees length-bucketed batches, as in a
+  # default run at --max_length=128.
   cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, method=method, epochs=1,
-                    method_config=MethodConfig(**SMALL_HP),
+                    method_config=MethodConfig(**SMALL_HP), length_bucket=8,
                     **(as_text if method == "lamol" else {}))  # LAMOL is text-only
   r = study.run(cfg, str(tmp_path))
   assert r["method"] == method
