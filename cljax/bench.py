@@ -350,7 +350,7 @@ def _trainer_datasets(cfg, tasks, tokenizer):
     train_rows, train_idx, test_rows, test_idx = data_lib.task_subsets(
         task, k, data_dir=cfg.data_dir, num_train=cfg.num_train, num_test=cfg.num_test,
         subset=cfg.subset, seed=cfg.seed)
-    remap = {src: task.label_offset + j for j, src in enumerate(task.source_labels)}
+    remap = task.label_map
     splits = []
     for rows, idx in ((train_rows, train_idx), (test_rows, test_idx)):
       ds = datasets.Dataset.from_dict({"text": [rows[i][0] for i in idx],
@@ -368,7 +368,6 @@ def trainer_study(cfg, workdir: str) -> dict[str, Any]:
   task's test set (no evaluation before training: the study's baseline row is work
   the seed script does not do). Same rows and random-init size as
   ``cljax.study.run``; offline. Returns its wall time and accuracy matrix."""
-  import numpy as np  # pylint: disable=import-outside-toplevel,redefined-outer-name
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   from cljax import data as data_lib, hf  # pylint: disable=import-outside-toplevel

@@ -70,6 +70,11 @@ class Task:
   def head_labels(self) -> tuple[int, ...]:
     return tuple(range(self.label_offset, self.label_offset + len(self.source_labels)))
 
+  @property
+  def label_map(self) -> dict[int, int]:
+    """Source label id -> its id on the shared head."""
+    return dict(zip(self.source_labels, self.head_labels))
+
 
 def local_task_spec(name: str, data_dir: str) -> TaskSpec:
   """A task read from ``data_dir/name``, its classes the integer labels of its
@@ -426,7 +431,7 @@ def make_arrays(rows: Sequence[Row], indices: Sequence[int], task: Task, task_in
   texts = [rows[i][0] for i in indices]
   ids, mask = tokenize(texts, tokenizer, max_length, cache_dir,
                        prompt=task.prompt if as_text else None)
-  remap = {src: task.label_offset + k for k, src in enumerate(task.source_labels)}
+  remap = task.label_map
   class_mask = np.zeros((total_labels,), bool)
   class_mask[list(task.head_labels)] = True
   n = len(indices)
@@ -598,6 +603,15 @@ def trim_to_bucket(batch: dict[str, np.ndarray], buckets: Sequence[int]
                      f"{max(buckets)}; the buckets must reach --max_length.")
   seq = {k for g in SEQUENCE_GROUPS for k in g}
   return {k: v[:, :length] if k in seq else v for k, v in batch.items()}
+
+
+def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, buckets: Sequence[int] = ()
+                 ) -> Iterator[dict[str, np.ndarray]]:
+  """In-order batches for an evaluation (where order does not matter); with
+  ``buckets``, the rows go in order of length and each batch is cut to its bucket."""
+  if buckets:
+    arrays = sort_by_length(arrays)
+  return batches(arrays, batch_size, buckets=buckets)
 
 
 def sort_by_length(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

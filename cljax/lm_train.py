@@ -244,10 +244,8 @@ def buckets(cfg: LMConfig, arrays: dict) -> tuple[int, ...]:
 def evaluate(eval_fn, params, arrays: dict, batch_size: int, lengths=()) -> dict[str, float]:
   """Held-out next-token loss, perplexity and accuracy over the target tokens; with
   length buckets ``lengths``, in order of length, each batch cut to its bucket."""
-  if lengths:
-    arrays = data_lib.sort_by_length(arrays)
-  totals = steps.accumulate(eval_fn, params, map(_lm_batch, data_lib.batches(
-      arrays, batch_size, buckets=lengths)))
+  totals = steps.accumulate(eval_fn, params,
+                            map(_lm_batch, data_lib.eval_batches(arrays, batch_size, lengths)))
   loss = float(totals["loss_sum"]) / max(float(totals["count"]), 1.0)
   return {"loss": loss, "perplexity": float(np.exp(loss)),
           "token_accuracy": float(totals["correct"]) / max(float(totals["count"]), 1.0),

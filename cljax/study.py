@@ -150,11 +150,9 @@ def evaluate(eval_fn, params, arrays: dict[str, np.ndarray], batch_size: int,
   """(class-incremental accuracy, task-aware accuracy, mean loss, the method's own
   rates such as ``task_inference``) over every example; with length ``buckets``, in
   order of length, each batch cut to its bucket."""
-  if buckets:
-    arrays = data_lib.sort_by_length(arrays)
   totals = steps.accumulate(eval_fn, params, (
       b if mesh is None else sharding.shard_batch(b, mesh)
-      for b in data_lib.batches(arrays, batch_size, buckets=buckets)))
+      for b in data_lib.eval_batches(arrays, batch_size, buckets)))
   n = float(totals["count"])
   own = {k[:-len("_correct")]: float(v) / n for k, v in totals.items()
          if k not in ("correct", "task_correct", "loss_sum", "count")}
