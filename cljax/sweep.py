@@ -117,7 +117,8 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
               flags: dict | None = None) -> dict:
   """Runs every method on every seed (strengths chosen on validation; see module doc).
 
-  Returns ``{"selection": ..., "runs": [workdir, ...]}``.
+  Returns ``{"selection": ..., "runs": [workdir, ...], "results": [results, ...]}``
+  (results in the order of ``runs``).
   """
   grids = dict(grids or {})
   unknown = set(grids) - set(methods)
@@ -131,7 +132,7 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
   if os.path.exists(selection_path):
     with open(selection_path) as f:
       selection = json.load(f)
-  runs, total = [], sum(len(seeds) + (len(grids[m][1]) - 1 if m in grids else 0)
+  runs, all_results, total = [], [], sum(len(seeds) + (len(grids[m][1]) - 1 if m in grids else 0)
                         for m in methods)
   t0 = time.time()
 
@@ -145,6 +146,7 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
     results = run_one(base.replace(method=method, seed=seed, method_config=hp), workdir,
                       dict(flags or {}, **({field: value} if field else {})))
     runs.append(workdir)
+    all_results.append(results)
     return results
 
   for method in methods:
@@ -171,4 +173,4 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
     for seed in rest:
       one(method, field, chosen, seed)
   _write_json(selection_path, selection)
-  return {"selection": selection, "runs": runs}
+  return {"selection": selection, "runs": runs, "results": all_results}

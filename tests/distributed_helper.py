@@ -26,8 +26,10 @@ def main(mode, config_json, workdir, *rest):
     except study.Interrupted:   # --stop_after_steps: as if killed
       results = {"accuracy_matrix": None, "task_aware_accuracy_matrix": None}
   else:
-    out = sweep.run_sweep(cfg, workdir, methods=[cfg.method], seeds=[cfg.seed])
-    results = sweep.run_one(cfg, out["runs"][0])
+    # The sweep's own results: reading results.json here instead would race process 0's
+    # write (a process that misses it would start a resumed run alone and hang).
+    results = sweep.run_sweep(cfg, workdir, methods=[cfg.method], seeds=[cfg.seed])[
+        "results"][0]
   print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                     "local_devices": jax.local_device_count(), "devices": jax.device_count(),
                     "accuracy_matrix": results["accuracy_matrix"],
