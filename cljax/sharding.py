@@ -32,7 +32,10 @@ def initialize_distributed() -> None:
   """Starts JAX's multi-host runtime. TPU pods, SLURM, Open MPI and Kubernetes are
   detected; elsewhere (several processes on CPUs or GPUs) set JAX_COORDINATOR_ADDRESS
   (host:port of process 0), JAX_NUM_PROCESSES and JAX_PROCESS_ID in each process. On
-  CPUs the collectives go through gloo."""
+  CPUs the collectives go through gloo. Once per process: later calls (a sweep's later
+  runs) do nothing."""
+  if jax.distributed.is_initialized():
+    return
   count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
   if (count is None) != (index is None):
     raise ValueError("Set both JAX_NUM_PROCESSES and JAX_PROCESS_ID (or neither, on a "

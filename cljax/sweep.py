@@ -17,8 +17,9 @@ from collections.abc import Sequence
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 
-from cljax import study
+from cljax import sharding, study
 from cljax.checkpoint import Checkpointer
 from cljax.progress import fmt_time
 from cljax.methods import registry
@@ -80,6 +81,21 @@ def _has_checkpoint(ckpt_dir: str) -> bool:
     ckpt.close()
 
 
+def _remove_partial_outputs(workdir: str) -> None:
+  """A run killed before its first checkpoint starts over: its partial outputs go.
+  Process 0 removes them (the outputs are its own) while the others wait, so that no
+  process of a multi-host run deletes what another is removing or starting to write."""
+  if jax.process_index() == 0:
+    for name in study.OUTPUTS:
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"cljax sweep: partial outputs removed in {workdir}")
+
+
 def run_one(cfg: study.StudyConfig, workdir: str, flags: dict | None = None) -> dict:
   """Runs (or resumes, or just reads) one configuration."""
   path = os.path.join(workdir, RESULTS)
@@ -89,13 +105,7 @@ def run_one(cfg: study.StudyConfig, workdir: str, flags: dict | None = None) -> 
   ckpt_dir = os.path.join(workdir, "checkpoints")
   resume = os.path.isdir(ckpt_dir)
   if not _has_checkpoint(ckpt_dir):
-    # Killed before its first checkpoint: this run's partial outputs go, it starts over.
-    for name in study.OUTPUTS:
-      path = os.path.join(workdir, name)
-      if os.path.isdir(path):
-        shutil.rmtree(path)
-      elif os.path.exists(path):
-        os.remove(path)
+    _remove_partial_outputs(workdir)
   flags = dict(flags or {}, method=cfg.method, seed=cfg.seed, workdir=workdir)
   return study.run(cfg, workdir, resume=resume, flags=flags)
 
@@ -124,6 +134,8 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
   unknown = set(grids) - set(methods)
   if unknown:
     raise ValueError(f"Strength grids for {sorted(unknown)}, which are not in --methods.")
+  if base.distributed:   # before anything asks JAX for its processes
+    sharding.initialize_distributed()
   os.makedirs(root, exist_ok=True)
   # One persistent compilation cache for the whole sweep: later runs reuse compiled steps.
   jax.config.update("jax_compilation_cache_dir", os.path.join(root, ".jax_cache"))

@@ -3,7 +3,7 @@ XLA_FLAGS for its devices and JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
 JAX_PROCESS_ID when there are several processes):
 
   python distributed_helper.py study CONFIG_JSON WORKDIR [resume]
-  python distributed_helper.py sweep CONFIG_JSON ROOT
+  python distributed_helper.py sweep CONFIG_JSON ROOT     (seeds s and s + 1; prints s)
 
 Prints one JSON line: this process's index and count, its devices and the run's
 accuracy matrices.
@@ -28,8 +28,9 @@ def main(mode, config_json, workdir, *rest):
   else:
     # The sweep's own results: reading results.json here instead would race process 0's
     # write (a process that misses it would start a resumed run alone and hang).
-    results = sweep.run_sweep(cfg, workdir, methods=[cfg.method], seeds=[cfg.seed])[
-        "results"][0]
+    # Two seeds: the second run starts a study in a process whose runtime is up.
+    results = sweep.run_sweep(cfg, workdir, methods=[cfg.method],
+                              seeds=[cfg.seed, cfg.seed + 1])["results"][0]
   print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
                     "local_devices": jax.local_device_count(), "devices": jax.device_count(),
                     "accuracy_matrix": results["accuracy_matrix"],

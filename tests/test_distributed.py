@@ -1,4 +1,4 @@
-"""Multi-host for real: the study and the sweep's first run as 2 JAX processes on this
+"""Multi-host for real: the study and a sweep of two runs as 2 JAX processes on this
 machine (2 CPU devices each, a coordinator on localhost, gloo collectives) give the
 matrices of 1 process with the same 4 devices and the same global batch; only process
 0 writes outputs; a checkpoint the 2 processes wrote resumes in 1 process."""
@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 
+from cljax import sweep
 from test_study import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -98,10 +99,14 @@ def test_a_checkpoint_of_two_processes_resumes_in_one(one_process, tiny_data_dir
   assert out["accuracy_matrix"] == one_process["accuracy_matrix"]
 
 
-def test_the_sweeps_first_run_on_two_processes(one_process, tiny_data_dir, tiny_tokenizer_dir,
-                                               tmp_path):
+def test_a_sweep_of_two_runs_on_two_processes(one_process, tiny_data_dir, tiny_tokenizer_dir,
+                                             tmp_path):
   spec = _spec(tiny_data_dir, tiny_tokenizer_dir, distributed=True)
   outs = run_processes(2, 2, "sweep", spec, str(tmp_path))
   for o in outs:
     np.testing.assert_array_equal(o["accuracy_matrix"], one_process["accuracy_matrix"])
   assert os.path.exists(tmp_path / "selection.json")
+  method, seed = json.loads(spec)["method"], json.loads(spec)["seed"]
+  for s in (seed, seed + 1):   # the second run's study reused the started runtime
+    workdir = sweep.run_dir(str(tmp_path), method, None, None, s)
+    assert os.path.exists(os.path.join(workdir, "results.json"))
