@@ -144,8 +144,8 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
   if os.path.exists(selection_path):
     with open(selection_path) as f:
       selection = json.load(f)
-  runs, all_results, total = [], [], sum(len(seeds) + (len(grids[m][1]) - 1 if m in grids else 0)
-                        for m in methods)
+  runs, all_results = [], []
+  total = sum(len(seeds) + (len(grids[m][1]) - 1 if m in grids else 0) for m in methods)
   t0 = time.time()
 
   def one(method, field, value, seed):
