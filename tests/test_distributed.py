@@ -106,7 +106,7 @@ def test_a_sweep_of_two_runs_on_two_processes(one_process, tiny_data_dir, tiny_t
   for o in outs:
     np.testing.assert_array_equal(o["accuracy_matrix"], one_process["accuracy_matrix"])
   assert os.path.exists(tmp_path / "selection.json")
-  method, seed = json.loads(spec)["method"], json.loads(spec)["seed"]
-  for s in (seed, seed + 1):   # the second run's study reused the started runtime
-    workdir = sweep.run_dir(str(tmp_path), method, None, None, s)
+  cfg = json.loads(spec)
+  for s in (cfg["seed"], cfg["seed"] + 1):   # the second run's study reused the started runtime
+    workdir = sweep.run_dir(str(tmp_path), cfg["method"], None, None, s)
     assert os.path.exists(os.path.join(workdir, "results.json"))
