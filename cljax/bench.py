@@ -335,15 +335,31 @@ def _hf_model(cfg, tokenizer, num_labels: int):
   return transformers.GPT2ForSequenceClassification(hf_config)
 
 
-def _trainer_datasets(cfg, tasks, tokenizer):
-  """Per task, (train, test) ``datasets.Dataset`` of the rows cljax uses, labels on the
-  shared head, tokenized as the seed script does (``map``, padding to max_length)."""
-  import datasets  # pylint: disable=import-outside-toplevel
+def _trainer_datasets(cfg, tasks, tokenizer, use_datasets: bool | None = None):
+  """Per task, (train, test) datasets of the rows cljax uses, labels on the shared head,
+  tokenized as the seed script does (``datasets.map``, padding to max_length). Without
+  the ``datasets`` package (``use_datasets=None`` tries it), a list of the same feature
+  dicts, which ``Trainer`` takes as well. Returns (splits, "datasets.map" or "list")."""
   from cljax import data as data_lib  # pylint: disable=import-outside-toplevel
+  datasets = None
+  if use_datasets is not False:
+    try:
+      import datasets  # pylint: disable=import-outside-toplevel
+    except Exception:  # not installed, or a pyarrow/fsspec it cannot use
+      if use_datasets:
+        raise
 
   def tokenize(batch):
     return tokenizer(batch["text"], padding="max_length", truncation=True,
                      max_length=cfg.max_length)
+
+  def dataset(texts, labels):
+    if datasets is not None:
+      ds = datasets.Dataset.from_dict({"text": texts, "label": labels})
+      return ds.map(tokenize, batched=True, remove_columns=["text"])
+    enc = tokenize({"text": texts})
+    return [{"input_ids": ids, "attention_mask": m, "label": y}
+            for ids, m, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
 
   out = []
   for k, task in enumerate(tasks):
@@ -351,13 +367,9 @@ def _trainer_datasets(cfg, tasks, tokenizer):
         task, k, data_dir=cfg.data_dir, num_train=cfg.num_train, num_test=cfg.num_test,
         subset=cfg.subset, seed=cfg.seed)
     remap = task.label_map
-    splits = []
-    for rows, idx in ((train_rows, train_idx), (test_rows, test_idx)):
-      ds = datasets.Dataset.from_dict({"text": [rows[i][0] for i in idx],
-                                       "label": [remap[rows[i][1]] for i in idx]})
-      splits.append(ds.map(tokenize, batched=True, remove_columns=["text"]))
-    out.append(tuple(splits))
-  return out
+    out.append(tuple(dataset([rows[i][0] for i in idx], [remap[rows[i][1]] for i in idx])
+                     for rows, idx in ((train_rows, train_idx), (test_rows, test_idx))))
+  return out, "datasets.map" if datasets is not None else "list"
 
 
 def trainer_study(cfg, workdir: str) -> dict[str, Any]:
@@ -374,7 +386,7 @@ def trainer_study(cfg, workdir: str) -> dict[str, Any]:
   t_start = time.perf_counter()
   tasks = data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(), cfg.data_dir)
   tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
-  splits = _trainer_datasets(cfg, tasks, tokenizer)
+  splits, data_path = _trainer_datasets(cfg, tasks, tokenizer)
   model = _hf_model(cfg, tokenizer, data_lib.num_labels(tasks))
   evals = {t.name: test for t, (_, test) in zip(tasks, splits)}
 
@@ -408,7 +420,7 @@ def trainer_study(cfg, workdir: str) -> dict[str, Any]:
       last.update({k: v for k, v in entry.items() if k.startswith("eval_")})
     rows.append(row(last))
   return {"trainer_accuracy_matrix": rows, "trainer_train_and_eval_seconds": sum(train_s),
-          "trainer_wall_seconds": time.perf_counter() - t_start,
+          "trainer_wall_seconds": time.perf_counter() - t_start, "trainer_data": data_path,
           "transformers": transformers.__version__, "torch": torch.__version__}
 
 

@@ -1,29 +1,97 @@
 #!/usr/bin/env bash
 # The prepared check for a lent GPU (the workplace's device tool): one call of about
-# 9 minutes. Prepare here, once, from the repository root:
+# 6 minutes. Prepare here, once, from the repository root:
 #   mkdir -p .devdata && cp -r ../shared/data ../shared/gpt2-tokenizer .devdata/
-#   echo /.devdata/ >> .git/info/exclude
-# then: run(command="bash experiments/gpu_check.sh", carry=[".devdata"], timeout_s=590)
-# It prints (and writes under $OUT) JSON lines:
+#   printf '/.devdata/\n/.whl/\n' >> .git/info/exclude
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl datasets dill multiprocess   # optional
+# then: run(command="bash experiments/gpu_check.sh", carry=[".devdata", ".whl"],
+#           timeout_s=560)
+# The machine's image has JAX, flax, optax, orbax, torch, transformers and accelerate;
+# wheels under .whl (the seed script's `datasets`) are installed first when present,
+# and without `datasets` the Trainer reads the same rows from a list.
+# It prints (and writes under $OUT, stage by stage) JSON lines:
 #   1. GPT-2 small, sequence 128, batch 256, bfloat16: train/eval examples/s, MFU, and
 #      transformers' PyTorch model with the same config and optimizer (autocast bf16);
-#   2. the seed-size study (2 x 2000 training examples, every evaluation, random-init
-#      GPT-2 small) end to end in cljax and in the seed's own script (transformers'
-#      Trainer, the same rows and recipe), in one process, and the ratio;
-#   3. greedy generation, GPT-2 small, batch 64, 64-token prompts, 128 new tokens:
-#      cljax.generate against transformers' generate (same weights, same tokens).
+#   2. the seed-size study (2 x 2000 training examples, 500 test, every evaluation,
+#      random-init GPT-2 small, batch 8) end to end in cljax and in the seed's own
+#      script (transformers' Trainer, the same rows and recipe), in one process;
+#   3. cljax's study again in a fresh process with the XLA and token caches of 2 warm
+#      (a rerun or a sweep's next run), timed from the shell;
+#   4. greedy generation, GPT-2 small, batch 64, 64-token prompts, 128 new tokens:
+#      cljax.generate against transformers' generate (same weights, same tokens);
+#   5. the step benchmark at batch 512 (JAX alone), for MFU at a larger batch.
+# Smaller settings through the environment (a CPU smoke run of the script itself):
+#   SIZE=tiny BATCH=8 BIG_BATCH=16 NUM_TRAIN=32 NUM_TEST=16 bash experiments/gpu_check.sh
 set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+SIZE=${SIZE:-gpt2} BATCH=${BATCH:-256} BIG_BATCH=${BIG_BATCH:-512}
+NUM_TRAIN=${NUM_TRAIN:-2000} NUM_TEST=${NUM_TEST:-500} DTYPE=${DTYPE:-bfloat16}
 out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
-nvidia-smi -L
-python3 -c "import jax; print(jax.__version__, jax.devices())"
-timeout 170 python3 experiments/benchmark.py --size=gpt2 --seq_len=128 --batch_size=256 \
-  --dtype=bfloat16 --steps=20 --warmup=3 --compare_torch --output="$out/bench.jsonl" 2>&1 | tail -1
-timeout 330 python3 experiments/study_vs_torch.py --init=random --size=gpt2 \
-  --data_dir=.devdata/data --tokenizer=.devdata/gpt2-tokenizer --num_train=2000 \
-  --num_test=500 --batch_size=8 --eval_batch_size=64 --dtype=bfloat16 \
-  --learning_rate=5e-5 --epochs=1 --warmup_steps=0 --workdir=/tmp/vs_torch \
-  --torch_loop 2>&1 | tail -1 | tee -a "$out/study.jsonl"
-timeout 90 python3 experiments/benchmark.py --size=gpt2 --batch_size=64 --seq_len=64 \
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# JAX and PyTorch share the GPU in stages 1, 2 and 4: JAX takes 45% up front, not 75%.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
+site=""
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/gpu_check_site .whl/*.whl && site=/tmp/gpu_check_site
+fi
+export PYTHONPATH=$PWD${site:+:$site}${PYTHONPATH:+:$PYTHONPATH}
+stage() { echo "[$(date +%T)] $*"; }
+study_flags=(--init=random --size="$SIZE" --data_dir=.devdata/data
+  --tokenizer=.devdata/gpt2-tokenizer --num_train="$NUM_TRAIN" --num_test="$NUM_TEST"
+  --batch_size=8 --eval_batch_size=64 --dtype="$DTYPE" --learning_rate=5e-5 --epochs=1
+  --warmup_steps=0)
+
+stage "0 versions"
+nvidia-smi -L 2>/dev/null
+python3 - <<'EOF' 2>&1 | tee "$out/versions.txt"
+import importlib, jax
+print(jax.devices())
+for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "transformers", "torch",
+             "accelerate", "datasets", "tokenizers", "numpy"):
+  try:
+    print(name, importlib.import_module(name).__version__)
+  except Exception as e:  # report, carry on
+    print(name, "unavailable:", type(e).__name__, e)
+EOF
+
+stage "1 step benchmark, batch $BATCH"
+timeout 150 python3 experiments/benchmark.py --size="$SIZE" --seq_len=128 \
+  --batch_size="$BATCH" --dtype="$DTYPE" --steps=20 --warmup=3 --compare_torch \
+  --output="$out/bench.jsonl" 2>&1 | tail -3
+
+stage "2 study: cljax then the seed's Trainer script, one process"
+rm -rf /tmp/vs_torch
+JAX_LOG_COMPILES=1 timeout 240 python3 experiments/study_vs_torch.py "${study_flags[@]}" \
+  --workdir=/tmp/vs_torch > "$out/study.log" 2>&1
+grep '^{' "$out/study.log" | tail -1 | tee "$out/study.jsonl"
+tail -2 "$out/study.log"
+
+stage "3 study again, warm caches, fresh process"
+t0=$(date +%s.%N)
+timeout 120 python3 experiments/forgetting.py "${study_flags[@]}" --checkpoint_every=0 \
+  --cache_dir=/tmp/vs_torch/token_cache --workdir=/tmp/vs_torch_warm > "$out/warm.log" 2>&1
+rc=$?
+t1=$(date +%s.%N)
+python3 - "$rc" "$t0" "$t1" <<'EOF' | tee "$out/warm.jsonl"
+import json, sys
+rc, t0, t1 = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+out = {"rc": rc, "jax_warm_wall_seconds_from_shell": t1 - t0}
+try:
+  r = json.load(open("/tmp/vs_torch_warm/results.json"))
+  out.update(accuracy_matrix=r["accuracy_matrix"], timing=r["timing"])
+except OSError as e:
+  out["error"] = str(e)
+print(json.dumps(out))
+EOF
+
+stage "4 generation"
+timeout 90 python3 experiments/benchmark.py --size="$SIZE" --batch_size=64 --seq_len=64 \
   --generate_tokens=128 --compare_torch --output="$out/generate.jsonl" 2>&1 | tail -1
+
+stage "5 step benchmark, batch $BIG_BATCH, JAX alone"
+timeout 90 python3 experiments/benchmark.py --size="$SIZE" --seq_len=128 \
+  --batch_size="$BIG_BATCH" --dtype="$DTYPE" --steps=20 --warmup=3 \
+  --output="$out/bench_big.jsonl" 2>&1 | tail -1
+stage "done"

@@ -16,19 +16,22 @@ def _config(data_dir, tokenizer_dir, **kw):
                      batch_size=8, eval_batch_size=8, epochs=1, learning_rate=1e-3, **kw)
 
 
-def test_the_trainer_script_sees_cljaxs_rows_and_tokens(tiny_data_dir, tiny_tokenizer_dir):
+@pytest.mark.parametrize("use_datasets", [True, False])
+def test_the_trainer_script_sees_cljaxs_rows_and_tokens(tiny_data_dir, tiny_tokenizer_dir,
+                                                        use_datasets):
   cfg = _config(tiny_data_dir, tiny_tokenizer_dir)
   tokenizer = hf.load_tokenizer(tiny_tokenizer_dir)
   tasks = data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(), cfg.data_dir)
   ours = data_lib.load_task_data(tasks, tokenizer, data_dir=cfg.data_dir,
                                  num_train=cfg.num_train, num_test=cfg.num_test,
                                  max_length=cfg.max_length, seed=cfg.seed)
-  theirs = bench._trainer_datasets(cfg, tasks, tokenizer)
+  theirs, path = bench._trainer_datasets(cfg, tasks, tokenizer, use_datasets)
+  assert path == ("datasets.map" if use_datasets else "list")
   for d, splits in zip(ours, theirs):
     for arrays, ds in zip((d.train, d.test), splits):
-      np.testing.assert_array_equal(np.array(ds["input_ids"]), arrays["input_ids"])
-      np.testing.assert_array_equal(np.array(ds["attention_mask"]), arrays["attention_mask"])
-      np.testing.assert_array_equal(np.array(ds["label"]), arrays["labels"])
+      for key, want in (("input_ids", "input_ids"), ("attention_mask", "attention_mask"),
+                        ("label", "labels")):
+        np.testing.assert_array_equal(np.array([row[key] for row in ds]), arrays[want])
 
 
 @pytest.mark.slow
