@@ -16,7 +16,7 @@ import io
 import json
 import os
 from typing import Any
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from absl import logging
 import numpy as np
@@ -612,6 +612,16 @@ def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, buckets: Sequen
   if buckets:
     arrays = sort_by_length(arrays)
   return batches(arrays, batch_size, buckets=buckets)
+
+
+def one_batch_per_shape(batches: Iterable[dict[str, np.ndarray]]
+                        ) -> list[dict[str, np.ndarray]]:
+  """The first batch of each distinct set of array shapes and dtypes among ``batches``
+  (with length buckets: one per bucket met), in order of appearance."""
+  out: dict[tuple, dict[str, np.ndarray]] = {}
+  for b in batches:
+    out.setdefault(tuple(sorted((k, v.shape, v.dtype.str) for k, v in b.items())), b)
+  return list(out.values())
 
 
 def sort_by_length(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -25,18 +26,21 @@ DIVERGENCE_FACTOR = 10.0
 
 class CompileTimer:
   """XLA compilation seconds while it is open (a context manager): JAX's own
-  backend-compile events, summed."""
+  backend-compile events, summed (programs compiled at once count each: the sum can
+  exceed the wall time they took)."""
 
   EVENT = "/jax/core/compile/backend_compile_duration"
 
   def __init__(self):
     self.seconds, self.programs = 0.0, 0
+    self._lock = threading.Lock()   # programs compile in parallel threads (compile_ahead)
 
   def _listen(self, event: str, duration: float, **kwargs) -> None:
     del kwargs
     if event == self.EVENT:
-      self.seconds += duration
-      self.programs += 1
+      with self._lock:
+        self.seconds += duration
+        self.programs += 1
 
   def __enter__(self) -> CompileTimer:
     jax.monitoring.register_event_duration_secs_listener(self._listen)

@@ -23,7 +23,10 @@
 #   5. the step benchmark at batch 512 (JAX alone), for MFU at a larger batch.
 # Smaller settings through the environment (a CPU smoke run of the script itself):
 #   SIZE=tiny BATCH=8 BIG_BATCH=16 NUM_TRAIN=32 NUM_TEST=16 bash experiments/gpu_check.sh
+# and STAGES="2 3" runs only those stages (the versions always print).
 set -uo pipefail
+STAGES=" ${STAGES:-1 2 3 4 5} "
+want() { [[ $STAGES == *" $1 "* ]]; }
 SIZE=${SIZE:-gpt2} BATCH=${BATCH:-256} BIG_BATCH=${BIG_BATCH:-512}
 NUM_TRAIN=${NUM_TRAIN:-2000} NUM_TEST=${NUM_TEST:-500} DTYPE=${DTYPE:-bfloat16}
 out=${OUT:-/tmp/gpu_check}
@@ -56,19 +59,23 @@ for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "transformers
     print(name, "unavailable:", type(e).__name__, e)
 EOF
 
+if want 1; then
 stage "1 step benchmark, batch $BATCH"
 timeout 150 python3 experiments/benchmark.py --size="$SIZE" --seq_len=128 \
   --batch_size="$BATCH" --dtype="$DTYPE" --steps=20 --warmup=3 --compare_torch \
   --output="$out/bench.jsonl" 2>&1 | tail -3
-
+fi
+if want 2; then
 stage "2 study: cljax then the seed's Trainer script, one process"
 rm -rf /tmp/vs_torch
 JAX_LOG_COMPILES=1 timeout 240 python3 experiments/study_vs_torch.py "${study_flags[@]}" \
   --workdir=/tmp/vs_torch > "$out/study.log" 2>&1
 grep '^{' "$out/study.log" | tail -1 | tee "$out/study.jsonl"
 tail -2 "$out/study.log"
-
+fi
+if want 3; then
 stage "3 study again, warm caches, fresh process"
+rm -rf /tmp/vs_torch_warm
 t0=$(date +%s.%N)
 timeout 120 python3 experiments/forgetting.py "${study_flags[@]}" --checkpoint_every=0 \
   --cache_dir=/tmp/vs_torch/token_cache --workdir=/tmp/vs_torch_warm > "$out/warm.log" 2>&1
@@ -78,20 +85,23 @@ python3 - "$rc" "$t0" "$t1" <<'EOF' | tee "$out/warm.jsonl"
 import json, sys
 rc, t0, t1 = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
 out = {"rc": rc, "jax_warm_wall_seconds_from_shell": t1 - t0}
-try:
+try:   # a run that failed wrote none
   r = json.load(open("/tmp/vs_torch_warm/results.json"))
   out.update(accuracy_matrix=r["accuracy_matrix"], timing=r["timing"])
 except OSError as e:
   out["error"] = str(e)
 print(json.dumps(out))
 EOF
-
+fi
+if want 4; then
 stage "4 generation"
 timeout 90 python3 experiments/benchmark.py --size="$SIZE" --batch_size=64 --seq_len=64 \
   --generate_tokens=128 --compare_torch --output="$out/generate.jsonl" 2>&1 | tail -1
-
+fi
+if want 5; then
 stage "5 step benchmark, batch $BIG_BATCH, JAX alone"
 timeout 90 python3 experiments/benchmark.py --size="$SIZE" --seq_len=128 \
   --batch_size="$BIG_BATCH" --dtype="$DTYPE" --steps=20 --warmup=3 \
   --output="$out/bench_big.jsonl" 2>&1 | tail -1
+fi
 stage "done"

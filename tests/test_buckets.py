@@ -190,3 +190,27 @@ def test_a_bucketed_study_compiles_once_per_bucket_and_ends_with_the_same_matric
   assert runs[0][0].eval_fn._cache_size() == 1
   np.testing.assert_array_equal(record.rows, runs[0][1].rows)
   np.testing.assert_array_equal(record.task_rows, runs[0][1].task_rows)
+
+
+def test_one_batch_per_shape_keeps_the_first_of_each_bucket():
+  arrays = {k: v for k, v in _batch(lengths=(3, 30, 5, 20, 2, 4, 31, 1)).items()
+            if k in ("input_ids", "attention_mask", "labels")}
+  got = data_lib.one_batch_per_shape(data_lib.batches(arrays, 2, buckets=BUCKETS))
+  # rows in pairs: (3, 30) -> 32, (5, 20) -> 24, (2, 4) -> 8, (31, 1) -> 32
+  assert [b["input_ids"].shape[1] for b in got] == [32, 24, 8]
+  np.testing.assert_array_equal(got[0]["labels"], arrays["labels"][:2])
+
+
+def test_compile_ahead_compiles_every_shape_once_and_the_calls_compile_nothing():
+  from cljax.progress import CompileTimer
+  from cljax.study import compile_ahead
+  fn = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
+  args = [(np.ones((n, 4), np.float32),) for n in (2, 3, 5)]
+  with CompileTimer() as ahead:
+    compile_ahead(fn, args)
+    compile_ahead(fn, args)   # already compiled: nothing again
+  with CompileTimer() as calls:
+    got = [float(fn(*a)) for a in args]
+  assert ahead.programs == 3 and calls.programs == 0
+  np.testing.assert_allclose(got, [float(jnp.tanh(a @ a.T).sum()) for (a,) in args],
+                             rtol=1e-6)
