@@ -336,3 +336,28 @@ def test_classification_as_text_learns_each_task_and_forgets(method, tiny_data_d
   assert r["head"] == "lm"
   assert r["task_classes"]["imdb"]["label_words"] == [" bad", " good"]
   assert r["task_classes"]["ag_news"]["prompt"] == ["Article: ", "\nTopic:"]
+
+
+def test_random_init_on_an_accelerator_runs_on_the_host_cpu_with_the_same_values(monkeypatch):
+  """On an accelerator the random init is computed by the host CPU (its compiler is
+  faster): the same params as the init on the default device, committed to the CPU."""
+  import functools
+  import jax
+  from cljax.model import GPT2Classifier, GPT2Config, init_params
+  model = GPT2Classifier(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1,
+                                    n_head=2, num_labels=4, pad_token_id=0))
+  want = jax.jit(functools.partial(init_params, model))(jax.random.PRNGKey(3))
+  placed = []
+  real_default_device = jax.default_device
+
+  def spy(device):
+    placed.append(device.platform)
+    return real_default_device(device)
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax, "default_device", spy)
+  got = study.random_params(model, 3)
+  assert placed == ["cpu"]
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert {d.platform for d in b.devices()} == {"cpu"}
