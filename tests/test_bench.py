@@ -1,6 +1,8 @@
 """The baselines the benchmarks time: the seed's Trainer script sees the rows cljax
 trains and tests on, tokenized the same way, and runs the study."""
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -35,9 +37,14 @@ def test_the_trainer_script_sees_cljaxs_rows_and_tokens(tiny_data_dir, tiny_toke
 
 
 @pytest.mark.slow
-def test_the_trainer_script_runs_the_study(tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("has_datasets", [True, False])
+def test_the_trainer_script_runs_the_study(tiny_data_dir, tiny_tokenizer_dir, tmp_path,
+                                           monkeypatch, has_datasets):
   pytest.importorskip("accelerate")
+  if not has_datasets:   # a machine without the package: the same rows from a list
+    monkeypatch.setitem(sys.modules, "datasets", None)
   out = bench.trainer_study(_config(tiny_data_dir, tiny_tokenizer_dir), str(tmp_path))
+  assert out["trainer_data"] == ("datasets.map" if has_datasets else "list")
   matrix = np.array(out["trainer_accuracy_matrix"])
   assert matrix.shape == (2, 2) and ((0 <= matrix) & (matrix <= 1)).all()
   assert out["trainer_wall_seconds"] > out["trainer_train_and_eval_seconds"] > 0
