@@ -34,7 +34,7 @@ from cljax.checkpoint import Checkpointer
 from cljax.config import (COUNT, NON_NEGATIVE, POSITIVE, CheckpointOptions, ModelOptions,
                           OptimizerOptions, option)
 from cljax.generation import generate
-from cljax.model import GPT2LM, init_params
+from cljax.model import GPT2LM, random_params
 from cljax.progress import Interrupted, StepLogger, Writers, drop_records_after  # noqa: F401
 
 # Stanford Alpaca's prompt templates (tatsu-lab/stanford_alpaca, train.py).
@@ -227,7 +227,7 @@ def build_lm(cfg: LMConfig, tokenizer) -> tuple[GPT2LM, dict]:
     return model, params
   model = GPT2LM(cfg.random_init_config(
       tokenizer, max(cfg.max_length, cfg.block_size) + cfg.max_new_tokens))
-  return model, jax.jit(functools.partial(init_params, model))(jax.random.key(cfg.seed))
+  return model, random_params(model, jax.random.key(cfg.seed))
 
 
 def _lm_batch(batch: dict) -> dict:
@@ -244,6 +244,8 @@ def buckets(cfg: LMConfig, arrays: dict) -> tuple[int, ...]:
 def evaluate(eval_fn, params, arrays: dict, batch_size: int, lengths=()) -> dict[str, float]:
   """Held-out next-token loss, perplexity and accuracy over the target tokens; with
   length buckets ``lengths``, in order of length, each batch cut to its bucket."""
+  steps.compile_ahead(eval_fn, [(params, b) for b in data_lib.one_batch_per_shape(
+      map(_lm_batch, data_lib.eval_batches(arrays, batch_size, lengths)))])
   totals = steps.accumulate(eval_fn, params,
                             map(_lm_batch, data_lib.eval_batches(arrays, batch_size, lengths)))
   loss = float(totals["loss_sum"]) / max(float(totals["count"]), 1.0)
@@ -338,12 +340,18 @@ def train(cfg: LMConfig, state, record: LMRecord, arrays: dict, tx, schedule, ck
   logger.start_task(0, cfg.data_format, total,
                     lambda s: schedule(min(s, total) // cfg.grad_accum_steps))
   t0, start = time.time(), record.step
-  for s in range(start, total):
-    epoch, b = divmod(s, per_epoch)
-    if b == 0 or s == start:
-      batch_iter = data_lib.batches(arrays, cfg.batch_size, seed=(cfg.seed, epoch), start=b,
-                                    buckets=buckets(cfg, arrays))
-    state, m = train_fn(state, _lm_batch(next(batch_iter)))
+
+  def batches_from(start: int):
+    first_epoch, b = divmod(start, per_epoch)
+    for epoch in range(first_epoch, cfg.epochs):
+      yield from map(_lm_batch, data_lib.batches(
+          arrays, cfg.batch_size, seed=(cfg.seed, epoch),
+          start=b if epoch == first_epoch else 0, buckets=buckets(cfg, arrays)))
+
+  steps.compile_ahead(train_fn, [(state, b) for b in
+                                 data_lib.one_batch_per_shape(batches_from(start))])
+  for s, batch in zip(range(start, total), batches_from(start)):
+    state, m = train_fn(state, batch)
     record.step = s + 1
     logger.push(s + 1, s + 1, m)
     if held_out and cfg.eval_every and record.step % cfg.eval_every == 0 and s + 1 < total:

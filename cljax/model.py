@@ -769,6 +769,18 @@ def init_params(model: GPT2Classifier, rng: jax.Array, seq_len: int = 8):
   return model.init(rng, ids)["params"]
 
 
+def random_params(model, rng: jax.Array):
+  """:func:`init_params` under ``jax.jit``. On an accelerator with one process it is
+  computed by the host's CPU, whose compiler builds the initializers in a fraction of
+  a GPU compilation (18.8 s for GPT-2 small on an H100, 3.3 s on its CPU); the caller
+  puts the params where they go."""
+  init = jax.jit(functools.partial(init_params, model))
+  if jax.default_backend() == "cpu" or jax.process_count() > 1:
+    return init(rng)
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    return init(rng)
+
+
 def param_shapes(model: GPT2Classifier):
   """The params' ShapeDtypeStructs, computed without allocating (jax.eval_shape)."""
   ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)

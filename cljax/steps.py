@@ -18,6 +18,8 @@ Steps return sums and counts; the host divides.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 from typing import Any, NamedTuple
 
 import jax
@@ -242,6 +244,18 @@ def accumulate(step_fn, params, batches) -> dict[str, Any]:
     out = step_fn(params, batch)
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   return jax.device_get(totals)
+
+
+def compile_ahead(jitted, arg_sets) -> None:
+  """Compiles the ``jax.jit`` function ``jitted`` for each argument tuple in ``arg_sets``
+  at once: each is traced and lowered in turn, then XLA compiles them in parallel
+  threads (outside the GIL), so a task's length buckets take about one compilation's
+  wall time instead of one each. The calls that follow find the programs in jit's own
+  cache; those already compiled cost nothing here."""
+  lowered = [jitted.lower(*args) for args in arg_sets]
+  if len(lowered) > 1:
+    with concurrent.futures.ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1)) as ex:
+      list(ex.map(lambda low: low.compile(), lowered))
 
 
 def logits_step(params, batch: Batch, *, model) -> jax.Array:

@@ -13,7 +13,6 @@ for each task :func:`begin_task` (when it starts afresh), :func:`train_task` and
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -41,7 +40,7 @@ from cljax.methods import BuildContext, Method, TaskContext
 from cljax.methods import build as build_method
 from cljax.methods import registry as method_registry
 from cljax.model import (GPT2Classifier, GPT2LabelWords, add_peft_params, add_token_embeddings,
-                         init_params)
+                         random_params)
 from cljax.progress import CompileTimer, Interrupted, StepLogger, Writers, drop_records_after
 
 __all__ = ["StudyConfig", "Study", "RunRecord", "Interrupted", "run", "setup", "begin_task",
@@ -142,31 +141,7 @@ def build_model(cfg: StudyConfig, tokenizer, num_labels: int, label_tokens=None)
   config = cfg.random_init_config(tokenizer, cfg.max_length, num_labels=num_labels)
   model = (GPT2Classifier(config) if label_tokens is None
            else GPT2LabelWords(config, label_tokens))
-  return model, random_params(model, cfg.seed)
-
-
-def random_params(model, seed: int):
-  """A random init of ``model`` (flax's initializers under ``PRNGKey(seed)``). On an
-  accelerator with one process it is computed by the host's CPU, whose compiler builds
-  the initializers in a fraction of a GPU compilation (18.8 s for GPT-2 small on an
-  H100), and :func:`setup` then puts the params on the mesh."""
-  init = jax.jit(functools.partial(init_params, model))
-  if jax.default_backend() == "cpu" or jax.process_count() > 1:
-    return init(jax.random.PRNGKey(seed))
-  with jax.default_device(jax.local_devices(backend="cpu")[0]):
-    return init(jax.random.PRNGKey(seed))
-
-
-def compile_ahead(jitted, arg_sets) -> None:
-  """Compiles the ``jax.jit`` function ``jitted`` for each argument tuple in ``arg_sets``
-  at once: each is traced and lowered in turn, then XLA compiles them in parallel
-  threads (outside the GIL), so a task's length buckets take about one compilation's
-  wall time instead of one each. The calls that follow find the programs in jit's own
-  cache; those already compiled cost nothing here."""
-  lowered = [jitted.lower(*args) for args in arg_sets]
-  if len(lowered) > 1:
-    with concurrent.futures.ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1)) as ex:
-      list(ex.map(lambda low: low.compile(), lowered))
+  return model, random_params(model, jax.random.PRNGKey(cfg.seed))
 
 
 def evaluate(eval_fn, params, arrays: dict[str, np.ndarray], batch_size: int,
@@ -294,7 +269,7 @@ def evaluate_all(study: Study, params, method_state=(), split: str = "test") -> 
   reaches a method's ``eval_logits`` (per-task modules)."""
   if study.method.eval_logits is None:
     method_state = ()
-  compile_ahead(study.eval_fn, [
+  steps.compile_ahead(study.eval_fn, [
       (params, sharding.shard_batch(b, study.mesh), method_state)
       for b in data_lib.one_batch_per_shape(
           b for d in study.task_data for b in data_lib.eval_batches(
@@ -473,8 +448,9 @@ def train_task(study: Study, k: int, state, record: RunRecord, logger: StepLogge
   logger.start_task(k, study.tasks[k].name, plan.total_steps,
                     lambda s: plan.schedule(min(s, plan.total_steps) // cfg.grad_accum_steps))
   t_task, start = time.time(), record.step_in_task
-  compile_ahead(train_fn, [(state, sharding.shard_batch(b, study.mesh)) for b in
-                           data_lib.one_batch_per_shape(task_batches(study, plan, k, start))])
+  steps.compile_ahead(train_fn, [
+      (state, sharding.shard_batch(b, study.mesh))
+      for b in data_lib.one_batch_per_shape(task_batches(study, plan, k, start))])
   for s, batch in zip(range(start, plan.total_steps), task_batches(study, plan, k, start)):
     state, m = train_fn(state, sharding.shard_batch(batch, study.mesh))
     record.global_step, record.step_in_task = record.global_step + 1, s + 1

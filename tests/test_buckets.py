@@ -203,12 +203,11 @@ def test_one_batch_per_shape_keeps_the_first_of_each_bucket():
 
 def test_compile_ahead_compiles_every_shape_once_and_the_calls_compile_nothing():
   from cljax.progress import CompileTimer
-  from cljax.study import compile_ahead
   fn = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
   args = [(np.ones((n, 4), np.float32),) for n in (2, 3, 5)]
   with CompileTimer() as ahead:
-    compile_ahead(fn, args)
-    compile_ahead(fn, args)   # already compiled: nothing again
+    steps.compile_ahead(fn, args)
+    steps.compile_ahead(fn, args)   # already compiled: nothing again
   with CompileTimer() as calls:
     got = [float(fn(*a)) for a in args]
   assert ahead.programs == 3 and calls.programs == 0

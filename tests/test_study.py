@@ -343,7 +343,7 @@ def test_random_init_on_an_accelerator_runs_on_the_host_cpu_with_the_same_values
   faster): the same params as the init on the default device, committed to the CPU."""
   import functools
   import jax
-  from cljax.model import GPT2Classifier, GPT2Config, init_params
+  from cljax.model import GPT2Classifier, GPT2Config, init_params, random_params
   model = GPT2Classifier(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1,
                                     n_head=2, num_labels=4, pad_token_id=0))
   want = jax.jit(functools.partial(init_params, model))(jax.random.PRNGKey(3))
@@ -356,7 +356,7 @@ def test_random_init_on_an_accelerator_runs_on_the_host_cpu_with_the_same_values
 
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   monkeypatch.setattr(jax, "default_device", spy)
-  got = study.random_params(model, 3)
+  got = random_params(model, jax.random.PRNGKey(3))
   assert placed == ["cpu"]
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
