@@ -340,7 +340,7 @@ def test_classification_as_text_learns_each_task_and_forgets(method, tiny_data_d
 
 def test_random_init_on_an_accelerator_runs_on_the_host_cpu_with_the_same_values(monkeypatch):
   """On an accelerator the random init is computed by the host CPU (its compiler is
-  faster): the same params as the init on the default device, committed to the CPU."""
+  faster), then moved to the default device: the same params as the init there."""
   import functools
   import jax
   from cljax.model import GPT2Classifier, GPT2Config, init_params, random_params
@@ -360,4 +360,4 @@ def test_random_init_on_an_accelerator_runs_on_the_host_cpu_with_the_same_values
   assert placed == ["cpu"]
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert {d.platform for d in b.devices()} == {"cpu"}
+    assert b.devices() == {jax.devices()[0]}
