@@ -244,10 +244,9 @@ def buckets(cfg: LMConfig, arrays: dict) -> tuple[int, ...]:
 def evaluate(eval_fn, params, arrays: dict, batch_size: int, lengths=()) -> dict[str, float]:
   """Held-out next-token loss, perplexity and accuracy over the target tokens; with
   length buckets ``lengths``, in order of length, each batch cut to its bucket."""
-  steps.compile_ahead(eval_fn, [(params, b) for b in data_lib.one_batch_per_shape(
-      map(_lm_batch, data_lib.eval_batches(arrays, batch_size, lengths)))])
-  totals = steps.accumulate(eval_fn, params,
-                            map(_lm_batch, data_lib.eval_batches(arrays, batch_size, lengths)))
+  batches = list(map(_lm_batch, data_lib.eval_batches(arrays, batch_size, lengths)))
+  steps.compile_ahead(eval_fn, [(params, b) for b in data_lib.one_batch_per_shape(batches)])
+  totals = steps.accumulate(eval_fn, params, batches)
   loss = float(totals["loss_sum"]) / max(float(totals["count"]), 1.0)
   return {"loss": loss, "perplexity": float(np.exp(loss)),
           "token_accuracy": float(totals["correct"]) / max(float(totals["count"]), 1.0),

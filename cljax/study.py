@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import platform
@@ -144,14 +145,13 @@ def build_model(cfg: StudyConfig, tokenizer, num_labels: int, label_tokens=None)
   return model, random_params(model, jax.random.PRNGKey(cfg.seed))
 
 
-def evaluate(eval_fn, params, arrays: dict[str, np.ndarray], batch_size: int,
-             mesh=None, buckets=()) -> tuple[float, float, float, dict[str, float]]:
+def evaluate(eval_fn, params, batches, mesh=None
+             ) -> tuple[float, float, float, dict[str, float]]:
   """(class-incremental accuracy, task-aware accuracy, mean loss, the method's own
-  rates such as ``task_inference``) over every example; with length ``buckets``, in
-  order of length, each batch cut to its bucket."""
+  rates such as ``task_inference``) over every example of ``batches`` (host batches:
+  :func:`data.eval_batches`)."""
   totals = steps.accumulate(eval_fn, params, (
-      b if mesh is None else sharding.shard_batch(b, mesh)
-      for b in data_lib.eval_batches(arrays, batch_size, buckets)))
+      b if mesh is None else sharding.shard_batch(b, mesh) for b in batches))
   n = float(totals["count"])
   own = {k[:-len("_correct")]: float(v) / n for k, v in totals.items()
          if k not in ("correct", "task_correct", "loss_sum", "count")}
@@ -269,16 +269,16 @@ def evaluate_all(study: Study, params, method_state=(), split: str = "test") -> 
   reaches a method's ``eval_logits`` (per-task modules)."""
   if study.method.eval_logits is None:
     method_state = ()
+  # In order of length, each batch cut to its bucket; every bucket's program compiled at once.
+  batches = [list(data_lib.eval_batches(getattr(d, split), study.cfg.eval_batch_size,
+                                        study.buckets)) for d in study.task_data]
   steps.compile_ahead(study.eval_fn, [
       (params, sharding.shard_batch(b, study.mesh), method_state)
-      for b in data_lib.one_batch_per_shape(
-          b for d in study.task_data for b in data_lib.eval_batches(
-              getattr(d, split), study.cfg.eval_batch_size, study.buckets))])
+      for b in data_lib.one_batch_per_shape(itertools.chain.from_iterable(batches))])
 
   def fn(params, batch):
     return study.eval_fn(params, batch, method_state)
-  rows = [evaluate(fn, params, getattr(d, split), study.cfg.eval_batch_size, study.mesh,
-                   study.buckets) for d in study.task_data]
+  rows = [evaluate(fn, params, task_batches, study.mesh) for task_batches in batches]
   inference = [r[3]["task_inference"] for r in rows] if "task_inference" in rows[0][3] else None
   return Scores([r[0] for r in rows], [r[1] for r in rows], inference)
 
