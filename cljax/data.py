@@ -134,6 +134,12 @@ def num_labels(tasks: Sequence[Task]) -> int:
   return sum(len(t.source_labels) for t in tasks)
 
 
+def answer_tokens(tasks: Sequence[Task], tokenizer) -> int:
+  """The most tokens any class's label word takes (an answer written after the cue)."""
+  return max(len(tokenizer(w, add_special_tokens=False)["input_ids"])
+             for t in tasks for w in t.label_words)
+
+
 def label_tokens(tasks: Sequence[Task], tokenizer) -> tuple[int, ...]:
   """The first token of every class's label word, in head order (classification as
   text reads the LM's next-token logits there); they must differ."""

@@ -639,8 +639,8 @@ class GPT2LM(nn.Module):
   For generation (see ``cljax.generate``): ``positions [B, T]`` (default
   ``0..T-1``), ``cache`` (a :class:`KVCache`, written at slots
   ``cache_index..cache_index+T-1``; the call then returns ``(logits, cache)``) and
-  ``logits_index [B]`` (logits at that token only: ``[B, vocab]``); ``peft_slot`` as
-  in :class:`GPT2Classifier`.
+  ``logits_index [B]`` (logits at that token only: ``[B, vocab]``; ``[B, K]``: at K
+  tokens, ``[B, K, vocab]``); ``peft_slot`` as in :class:`GPT2Classifier`.
   """
 
   config: GPT2Config
@@ -673,8 +673,10 @@ class GPT2LM(nn.Module):
                         peft_slot)
       new_k.append(kv.k)
       new_v.append(kv.v)
-    if logits_index is not None:
+    if logits_index is not None and logits_index.ndim == 1:
       x_BTD = jnp.take_along_axis(x_BTD, logits_index[:, None, None], axis=1)[:, 0]
+    elif logits_index is not None:   # [B, K] -> [B, K, D]
+      x_BTD = jnp.take_along_axis(x_BTD, logits_index[:, :, None], axis=1)
     logits = wte.attend(_layer_norm(cfg, "ln_f")(x_BTD)).astype(jnp.float32)
     return logits if cache is None else (logits, cache._replace(k=tuple(new_k),
                                                                 v=tuple(new_v)))

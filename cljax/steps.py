@@ -114,20 +114,24 @@ def cross_entropy(logits_BC, labels_B, weights_B):
 
 def _forward(model, params, batch, *, deterministic, rng=None):
   rngs = None if deterministic else {"dropout": rng}
-  modules = {k: batch[k] for k in ("peft_slot", "prompt_active") if batch.get(k) is not None}
+  modules = {k: batch[k] for k in ("peft_slot", "prompt_active", "logits_index")
+             if batch.get(k) is not None}
   return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                      deterministic=deterministic, rngs=rngs, **modules)
 
 
 def _lm_apply(model, *, deterministic, rng=None):
   """``lm_apply_fn(params, input_ids, attention_mask, deterministic=, rng=,
-  peft_slot=None) -> [B, T, vocab]``: the trunk of ``model`` with its tied LM head."""
+  peft_slot=None, logits_index=None) -> [B, T, vocab]``: the trunk of ``model`` with its
+  tied LM head (``logits_index [B, K]``: the logits at those tokens only, ``[B, K,
+  vocab]``)."""
   lm = GPT2LM(model.config)
 
   def lm_apply_fn(params, input_ids, attention_mask, deterministic=deterministic, rng=rng,
-                  peft_slot=None):
+                  peft_slot=None, logits_index=None):
     return _forward(lm, params, {"input_ids": input_ids, "attention_mask": attention_mask,
-                                 "peft_slot": peft_slot}, deterministic=deterministic, rng=rng)
+                                 "peft_slot": peft_slot, "logits_index": logits_index},
+                    deterministic=deterministic, rng=rng)
   return lm_apply_fn
 
 
@@ -184,13 +188,20 @@ def _step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransform
 
 
 def _classification(logits_BC, batch: Batch):
+  """The mean CE over the batch's examples, and its metric sums. A method may set
+  ``ce_weights`` (the CE's own example weights: 0 where its loss replaces the CE, as
+  LAMOL's full-vocabulary QA loss) and ``ce_exclude`` (classes out of an example's
+  softmax: the labels trick); the metrics keep ``weights``."""
   weights = batch["weights"]
   count = jnp.maximum(jnp.sum(weights), 1.0)
   ce_logits_BC = logits_BC
-  if "ce_exclude" in batch:   # classes out of an example's softmax (the labels trick)
+  if "ce_exclude" in batch:
     ce_logits_BC = jnp.where(batch["ce_exclude"], jnp.finfo(logits_BC.dtype).min, logits_BC)
   ce = cross_entropy(ce_logits_BC, batch["labels"], weights) / count
-  return ce, {"loss_sum": ce * jnp.sum(weights),
+  objective = ce
+  if "ce_weights" in batch:
+    objective = cross_entropy(ce_logits_BC, batch["labels"], batch["ce_weights"]) / count
+  return objective, {"loss_sum": ce * jnp.sum(weights),
               "correct": jnp.sum((jnp.argmax(logits_BC, -1) == batch["labels"]) * weights),
               "count": jnp.sum(weights)}
 

@@ -2,6 +2,7 @@
 and loss (against transformers' GPT2LMHeadModel loss), vocabulary growth, and whole
 runs that resume mid-task with the generated data."""
 
+import json
 import types
 
 import jax
@@ -299,6 +300,63 @@ def test_logit_labels_replace_the_hard_label_by_distillation():
   np.testing.assert_allclose(float(value), 4 * np.sum(pt * np.log(pt / ps)), rtol=1e-5)
 
 
+def _lamol(**hp):
+  ctx = BuildContext(num_labels=4, num_tasks=2, max_length=16, n_layer=2, head="lm",
+                     first_new_token=V, eos_token_id=EOS, answer_tokens=2)
+  return registry.build("lamol", MethodConfig(**hp), ctx)
+
+
+def test_lamol_qa_loss_is_the_reference_full_vocabulary_loss(grown, tmp_path):
+  """``lamol_qa_loss=vocab``: transformers' causal-LM loss of the QA rows (the LM rows
+  without GEN) with the answer's tokens and EOS as the only targets, averaged over the
+  batch's answers; rows of weight 0 count for nothing; the study's label-word CE gets
+  weight 0 (its metrics keep theirs). ``label_words`` adds no term."""
+  _, _, model, params = grown
+  gen, ans = V, V + 1
+  rs = np.random.RandomState(0)
+  answers = [[7], [11, 12], [13], [5, 6]]          # one- and two-token answers
+  rows = [lm_row(gen, rs.randint(0, V - 1, n).tolist(), [3, ans], a, eos=EOS, length=16)
+          for n, a in zip([4, 30, 8, 2], answers)]   # the second is cut to fit the row
+  arrays = lm_arrays(rows, length=16, pad=EOS, weights={ans: 5.0})
+  weights = np.array([1, 1, 1, 0], np.float32)
+  lm = GPT2LM(model.config)
+
+  def value(method):
+    batch = dict(arrays, weights=weights, labels=np.zeros(4, np.int32))
+    batch = method.prepare_batch((), StepContext(batch=batch))
+    def apply(p, i, m, logits_index=None):
+      return lm.apply({"params": p}, i, m, logits_index=logits_index)
+    loss = method.loss((), StepContext(params=params, batch=batch, lm_apply_fn=apply))[0]
+    return float(loss), batch
+
+  ours, batch = value(_lamol(lamol_lm_lambda=0.0))
+  np.testing.assert_array_equal(batch["ce_weights"], np.zeros(4))
+  qa_ids = arrays["lm_input_ids"][:3, 1:]
+  qa_mask = arrays["lm_attention_mask"][:3, 1:]
+  labels = np.full(qa_ids.shape, -100)
+  for i, a in enumerate(answers[:3]):
+    end = int(qa_mask[i].sum())
+    labels[i, end - len(a) - 1:end] = qa_ids[i, end - len(a) - 1:end]
+    assert qa_ids[i, end - len(a) - 2] == ans and qa_ids[i, end - 1] == EOS
+  cljax.save_pretrained(params, model.config, str(tmp_path), head="lm")
+  back = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
+  with torch.no_grad():
+    ref = back(input_ids=torch.tensor(qa_ids, dtype=torch.long),
+               attention_mask=torch.tensor(qa_mask),
+               labels=torch.tensor(labels, dtype=torch.long)).loss.item()
+  np.testing.assert_allclose(ours, ref, rtol=1e-5)
+  off, batch = value(_lamol(lamol_lm_lambda=0.0, lamol_qa_loss="label_words"))
+  assert off == 0.0 and "ce_weights" not in batch
+  # The objective keeps the label-word CE out of the gradient, not out of the metrics.
+  logits = jnp.asarray([[2.0, 0.0], [0.0, 1.0]])
+  b = {"weights": jnp.ones(2), "labels": jnp.array([0, 0]), "ce_weights": jnp.zeros(2)}
+  objective, sums = cljax.steps._classification(logits, b)
+  assert float(objective) == 0.0
+  np.testing.assert_allclose(sums["loss_sum"], float(
+      cljax.steps.cross_entropy(logits, b["labels"], b["weights"])), rtol=1e-6)
+  assert float(sums["correct"]) == 1.0
+
+
 def test_lamol_needs_the_lm_head():
   ctx = BuildContext(num_labels=4, num_tasks=2, max_length=16, n_layer=2)
   with pytest.raises(ValueError, match="--head=lm"):
@@ -350,15 +408,26 @@ def test_generative_replay_resumes_mid_task_with_the_same_pseudo_data(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("qa_loss", ["label_words", "vocab"])
 def test_lamol_runs_as_text_with_its_answer_token(tiny_data_dir, tiny_tokenizer_dir,
-                                                  tmp_path):
+                                                  tmp_path, qa_loss):
+  """A whole LAMOL run as text. With the label-word QA loss the tiny model learns
+  IMDb; with the reference's full-vocabulary one (the default) the QA + LM objective
+  falls through task A (this model learns the answer word more slowly from it)."""
   cfg = _config(tiny_data_dir, tiny_tokenizer_dir, method="lamol", head="lm",
                 label_words=("imdb=bad,good", "ag_news=software,match"),
-                method_config=MethodConfig(gen_batch_size=8, lamol_gamma=0.5))
+                method_config=MethodConfig(gen_batch_size=8, lamol_gamma=0.5,
+                                           lamol_qa_loss=qa_loss))
   r = study.run(cfg, str(tmp_path))
   assert r["task_classes"]["imdb"]["prompt"] == ["Review: ", "\nSentiment:__ans__"]
   (report,) = r["method_reports"]
   assert report["requested"] == 16
   assert report["kept"] + sum(report["dropped"].values()) == 16
   assert r["model"]["vocab_size"] == len(cljax.load_tokenizer(tiny_tokenizer_dir)) + 2
-  assert np.array(r["task_aware_accuracy_matrix"])[0, 0] >= 0.75
+  if qa_loss == "label_words":
+    assert np.array(r["task_aware_accuracy_matrix"])[0, 0] >= 0.75
+  else:
+    with open(tmp_path / "metrics.jsonl") as f:
+      penalty = [m["penalty"] for m in map(json.loads, f) if m.get("task") == 0
+                 and "penalty" in m]
+    assert len(penalty) >= 4 and max(penalty[-2:]) < 0.8 * penalty[0], penalty

@@ -19,12 +19,14 @@ losses.
   the argmax over the classes of the task that wrote it, or of every earlier task with
   a shared token; ``logits``: the main loss on pseudo-texts is replaced by the
   distillation loss to the old model's logits over those classes, temperature 2).
-- ``lamol`` (``--head=lm``): each example is ``prompt(x) __ans__ label-word EOS``; the
-  study's objective (the label words' logits after ``__ans__``) is LAMOL's QA loss,
-  and the LM loss covers ``GEN prompt(x) __ans__ label-word EOS`` with the target
-  ``__ans__`` weighted 5 (the reference code's ``tokens_weight``). A pseudo-example
-  is kept only if it splits into exactly one text and one answer at ``__ans__`` and
-  the answer is an earlier task's label word (its class is then the label).
+- ``lamol`` (``--head=lm``): each example is ``prompt(x) __ans__ label-word EOS``;
+  LAMOL's QA loss is the reference's full-vocabulary cross-entropy of the answer's
+  tokens and EOS given that row (``lamol_qa_loss=vocab``; it replaces the study's
+  cross-entropy over the label words, which ``label_words`` keeps instead), and the LM
+  loss covers ``GEN prompt(x) __ans__ label-word EOS`` with the target ``__ans__``
+  weighted 5 (the reference code's ``tokens_weight``). A pseudo-example is kept only
+  if it splits into exactly one text and one answer at ``__ans__`` and the answer is
+  an earlier task's label word (its class is then the label).
 
 The generated pseudo-data lives in the method state (so in checkpoints: a resumed run
 trains on the same samples), and each boundary reports its cost (seconds, tokens/s),
@@ -43,6 +45,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from cljax import data as data_lib
 from cljax import generation
@@ -54,6 +57,7 @@ from cljax.model import GPT2LM
 
 ANSWER_TOKEN = "__ans__"
 LABEL_CHOICES = ("hard", "logits")
+QA_LOSS_CHOICES = ("vocab", "label_words")
 
 
 class PseudoData(NamedTuple):
@@ -202,6 +206,11 @@ class LamolConfig(GenerationConfig):
                                    "(LAMOL_TASK) instead of the shared __gen__ (LAMOL_GEN).")
   lamol_ans_weight: float = hparam(5.0, "LAMOL: LM-loss weight of the __ans__ target "
                                    "(the reference code's tokens_weight).", bound=NON_NEGATIVE)
+  lamol_qa_loss: str = hparam("vocab", "LAMOL: the QA loss. vocab: the reference's "
+                              "full-vocabulary cross-entropy of the answer's tokens and EOS "
+                              "after __ans__ (replacing the study's label-word loss); "
+                              "label_words: the study's cross-entropy over the label words' "
+                              "first tokens.", choices=QA_LOSS_CHOICES)
 
 
 class _Spec(NamedTuple):
@@ -213,6 +222,7 @@ class _Spec(NamedTuple):
   lamol: bool
   labels: str = "hard"
   ans_weight: float = 1.0
+  qa_loss: str = "label_words"   # LAMOL: vocab replaces the study's CE by the reference's
 
 
 def _tokens(spec: _Spec, num_tasks: int) -> tuple[str, ...]:
@@ -241,6 +251,7 @@ class _Setup(NamedTuple):
   num_labels: int               # C
   eos: int
   as_text: bool                 # --head=lm: rows end in the prompt's answer cue
+  answer_tokens: int = 1        # the most tokens of a label word (LAMOL's QA loss)
 
   def gen_token(self, k: int) -> int:
     return self.gen_ids[k] if self.spec.task_tokens else self.gen_ids[0]
@@ -393,18 +404,52 @@ def _prepare_batch(s: _Setup, state, sctx: StepContext):
   batch = dict(sctx.batch, lm_weight=sctx.batch["weights"])
   if s.spec.labels == "logits":  # pseudo-texts train on the distillation loss instead
     batch["weights"] = batch["weights"] * (1.0 - batch["replayed"])
+  if s.spec.qa_loss == "vocab":  # LAMOL's QA loss replaces the label-word CE
+    batch["ce_weights"] = jnp.zeros_like(batch["weights"])
   return batch
 
 
+def answer_targets(lm_ids_BT, lm_mask_BT, ans_id: int, k: int):
+  """(positions ``[B, k]`` in the LM rows of the first ``k`` tokens after ``__ans__``,
+  whether each is one): the answer's tokens and its EOS, LAMOL's QA targets."""
+  T = lm_ids_BT.shape[1]
+  after_BT = ((jnp.cumsum(lm_ids_BT == ans_id, axis=1) > 0) & (lm_ids_BT != ans_id)
+              & (lm_mask_BT > 0))
+  _, idx_BK = jax.lax.top_k(after_BT * (T - jnp.arange(T)), k)   # the earliest first
+  return idx_BK, jnp.take_along_axis(after_BT, idx_BK, axis=1)
+
+
+def qa_loss(lm_apply_fn, params, batch, *, ans_id: int, k: int, pad: int) -> jax.Array:
+  """LAMOL's QA loss (the reference's ``qa_loss``): the mean full-vocabulary
+  cross-entropy of the answer's tokens and EOS, given the QA row ``prompt(x) __ans__
+  answer EOS`` (the LM row without its ``GEN``), over the batch's answers (example
+  weights ``lm_weight``). The logits are computed at those ``k`` positions only."""
+  ids_BT, mask_BT = batch["lm_input_ids"], batch["lm_attention_mask"]
+  idx_BK, is_BK = answer_targets(ids_BT, mask_BT, ans_id, k)
+  qa_ids_BT = jnp.concatenate([ids_BT[:, 1:], jnp.full_like(ids_BT[:, :1], pad)], axis=1)
+  qa_mask_BT = jnp.concatenate([mask_BT[:, 1:], jnp.zeros_like(mask_BT[:, :1])], axis=1)
+  # Token j of the LM row is token j-1 of the QA row, predicted at position j-2.
+  logits_BKV = lm_apply_fn(params, qa_ids_BT, qa_mask_BT,
+                           logits_index=jnp.maximum(idx_BK - 2, 0))
+  ce_BK = optax.softmax_cross_entropy_with_integer_labels(
+      logits_BKV.astype(jnp.float32), jnp.take_along_axis(ids_BT, idx_BK, axis=1))
+  w_BK = is_BK * batch["lm_weight"][:, None]
+  return jnp.sum(ce_BK * w_BK) / jnp.maximum(jnp.sum(w_BK), 1e-9)
+
+
 def _loss(s: _Setup, state, sctx: StepContext):
-  """``lm_lambda`` times the weighted mean next-token CE of the batch's LM rows (and,
-  with ``gr_labels=logits``, the distillation of the pseudo-texts)."""
+  """``lm_lambda`` times the weighted mean next-token CE of the batch's LM rows (and
+  LAMOL's full-vocabulary QA loss; with ``gr_labels=logits``, the distillation of the
+  pseudo-texts)."""
   del state
   b = sctx.batch
   logits = sctx.lm_apply_fn(sctx.params, b["lm_input_ids"], b["lm_attention_mask"])
   loss_sum, count, _ = steps.lm_cross_entropy(
       logits, b["lm_input_ids"], b["lm_loss_mask"] * b["lm_weight"][:, None])
   total = s.spec.lm_lambda * loss_sum / jnp.maximum(count, 1e-9)
+  if s.spec.qa_loss == "vocab":
+    total += qa_loss(sctx.lm_apply_fn, sctx.params, b, ans_id=s.ans_id,
+                     k=s.answer_tokens + 1, pad=s.eos)
   if s.spec.labels == "logits":
     old = b["class_mask"] & (b["replayed"][:, None] > 0)
     total += distillation_loss(sctx.logits, b["teacher_logits"], old,
@@ -417,7 +462,7 @@ def _generative_method(spec: _Spec, gen: GenerationConfig, ctx: BuildContext) ->
   ids = {t: ctx.first_new_token + i for i, t in enumerate(tokens)}
   s = _Setup(spec, gen, tokens, tuple(ids[t] for t in tokens if t != ANSWER_TOKEN),
              ids.get(ANSWER_TOKEN), ctx.max_length, ctx.num_labels, ctx.eos_token_id,
-             ctx.head == "lm")
+             ctx.head == "lm", ctx.answer_tokens)
   return Method(name=spec.name, init=lambda params: _empty(s.length, s.num_labels),
                 before_task=functools.partial(_before_task, s),
                 train_arrays=functools.partial(_train_arrays, s),
@@ -446,4 +491,5 @@ def lamol(hp: LamolConfig, ctx: BuildContext) -> Method:
                      "--method=generative_replay with the score head).")
   return _generative_method(_Spec("lamol", hp.lamol_gamma, hp.lamol_lm_lambda,
                                   hp.lamol_task_tokens, lamol=True,
-                                  ans_weight=hp.lamol_ans_weight), hp, ctx)
+                                  ans_weight=hp.lamol_ans_weight,
+                                  qa_loss=hp.lamol_qa_loss), hp, ctx)

@@ -85,6 +85,7 @@ class BuildContext:
   eos_token_id: int = 50256
   n_embd: int = 768
   pad_token_id: int = 50256   # the tokenizer's (= eos in GPT-2's setup)
+  answer_tokens: int = 1      # (--head=lm) the most tokens of any task's label word
 
 
 _REGISTRY: dict[str, Registration] = {}
