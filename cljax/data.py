@@ -136,8 +136,8 @@ def num_labels(tasks: Sequence[Task]) -> int:
 
 def answer_tokens(tasks: Sequence[Task], tokenizer) -> int:
   """The most tokens any class's label word takes (an answer written after the cue)."""
-  return max(len(tokenizer(w, add_special_tokens=False)["input_ids"])
-             for t in tasks for w in t.label_words)
+  return max((len(tokenizer(w, add_special_tokens=False)["input_ids"])
+              for t in tasks for w in t.label_words), default=1)
 
 
 def label_tokens(tasks: Sequence[Task], tokenizer) -> tuple[int, ...]:
