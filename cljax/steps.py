@@ -197,10 +197,9 @@ def _classification(logits_BC, batch: Batch):
   ce_logits_BC = logits_BC
   if "ce_exclude" in batch:
     ce_logits_BC = jnp.where(batch["ce_exclude"], jnp.finfo(logits_BC.dtype).min, logits_BC)
-  ce = cross_entropy(ce_logits_BC, batch["labels"], weights) / count
-  objective = ce
-  if "ce_weights" in batch:
-    objective = cross_entropy(ce_logits_BC, batch["labels"], batch["ce_weights"]) / count
+  losses_B = optax.softmax_cross_entropy_with_integer_labels(ce_logits_BC, batch["labels"])
+  ce = jnp.sum(losses_B * weights) / count
+  objective = jnp.sum(losses_B * batch.get("ce_weights", weights)) / count
   return objective, {"loss_sum": ce * jnp.sum(weights),
               "correct": jnp.sum((jnp.argmax(logits_BC, -1) == batch["labels"]) * weights),
               "count": jnp.sum(weights)}
