@@ -226,7 +226,8 @@ def check_resumable(saved: dict | None, now: dict, workdir: str,
                     resumable: frozenset[str]) -> None:
   """Refuses to resume a run with settings that change its computation: one line
   listing every such setting (old -> new); method hyperparameters are compared one
-  by one."""
+  by one, and one in ``now`` that the stored run did not record is refused (its value
+  in that run is unknown: the code that wrote it predates the hyperparameter)."""
   if not saved:
     logging.warning("The checkpoints in %s predate stored configurations: resuming without "
                     "checking that the settings match.", workdir)
@@ -234,8 +235,9 @@ def check_resumable(saved: dict | None, now: dict, workdir: str,
   changed = [f"--{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
              if k not in resumable and k != "method_config" and saved.get(k) != now.get(k)]
   old_hp, new_hp = saved.get("method_config") or {}, now.get("method_config") or {}
-  changed += [f"--{k} {old_hp.get(k)!r} -> {new_hp.get(k)!r}" for k in sorted(new_hp)
-              if k in old_hp and old_hp[k] != new_hp[k]]
+  changed += [f"--{k} {old_hp[k]!r} -> {new_hp[k]!r}" if k in old_hp else
+              f"--{k} (not recorded: the checkpoint predates it) -> {new_hp[k]!r}"
+              for k in sorted(new_hp) if k not in old_hp or old_hp[k] != new_hp[k]]
   if changed:
     raise ValueError(f"Cannot resume {workdir}: its run used other settings ({'; '.join(changed)})"
                      ". Resuming would mix two runs under one label: rerun with the original "

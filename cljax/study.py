@@ -172,7 +172,7 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
   mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)
   sharding.check_batch_size(cfg.batch_size, mesh)
   sharding.check_batch_size(cfg.eval_batch_size, mesh, "--eval_batch_size")
-  ckpt = checkpoint.open_run(workdir, cfg.to_dict(), resume, keep=cfg.keep_checkpoints,
+  ckpt = checkpoint.open_run(workdir, resume_view(cfg), resume, keep=cfg.keep_checkpoints,
                              outputs=OUTPUTS, resumable=RESUMABLE_CHANGES)
   cache_dir = cfg.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cljax")
   if not jax.config.jax_compilation_cache_dir:   # a sweep sets its own
@@ -255,6 +255,17 @@ RESUMABLE_CHANGES = frozenset({
     "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "stop_after_steps",
     "cache_dir", "eval_batch_size", "mesh_data", "mesh_model", "distributed", "remat",
     "stop_on_divergence"})
+
+
+def resume_view(cfg: StudyConfig) -> dict:
+  """The settings a resume compares: ``cfg.to_dict()`` with ``method_config`` cut to
+  the hyperparameters the run's methods read (one added since, for another method,
+  does not block a resume; one of this run's that its checkpoint lacks does)."""
+  view = cfg.to_dict()
+  parts = set(method_registry.parse(cfg.method))
+  view["method_config"] = {k: v for k, v in view["method_config"].items()
+                           if parts & set(method_registry.users(k))}
+  return view
 
 
 class Scores(NamedTuple):

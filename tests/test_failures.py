@@ -93,6 +93,24 @@ def test_a_method_option_is_checked_at_the_flag_and_in_python():
     MethodConfig(fisher="bogus")
 
 
+def test_a_resume_compares_the_hyperparameters_of_the_run_s_methods_only():
+  from cljax import checkpoint
+  lamol = study.resume_view(study.StudyConfig(method="lamol+ewc", head="lm"))
+  assert {"lamol_qa_loss", "lamol_gamma", "ewc_lambda"} <= set(lamol["method_config"])
+  assert "der_alpha" not in lamol["method_config"]
+  # A checkpoint written before --lamol_qa_loss existed ran another QA loss: refused.
+  old = dict(lamol, method_config={k: v for k, v in lamol["method_config"].items()
+                                   if k != "lamol_qa_loss"})
+  with pytest.raises(ValueError, match=r"^Cannot resume w: .*--lamol_qa_loss \(not recorded: "
+                                       r"the checkpoint predates it\) -> 'vocab'\)"):
+    checkpoint.check_resumable(old, lamol, "w", study.RESUMABLE_CHANGES)
+  checkpoint.check_resumable(lamol, lamol, "w", study.RESUMABLE_CHANGES)
+  # A hyperparameter added for another method does not block fine-tuning's resume.
+  finetune = study.resume_view(study.StudyConfig(method="finetune"))
+  checkpoint.check_resumable(dict(finetune, method_config={}), finetune, "w",
+                             study.RESUMABLE_CHANGES)
+
+
 def test_a_model_with_fewer_embeddings_than_the_tokenizer_has_tokens(argv, tmp_path):
   """Today's alternative: ids past the table read out NaN logits as accuracy."""
   torch = pytest.importorskip("torch")
