@@ -11,11 +11,13 @@ another run, or a resume with settings that change the computation;
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging as std_logging
 import os
 import re
 import sys
+import threading
 from typing import Any
 
 from absl import logging
@@ -148,9 +150,11 @@ def _quiet_async_leftovers():
   """orbax reads and writes arrays in asyncio tasks and threads; when one fails, the
   others print a traceback each ("Event loop is closed", "exception was never
   retrieved", "Exception ignored in coroutine", orbax's own error log): hundreds of
-  lines. The caller reports the failure in one line; within this block those go."""
-  hooks = sys.excepthook, sys.unraisablehook
-  sys.excepthook = sys.unraisablehook = lambda *args: None
+  lines. The caller reports the failure in one line; within this block those go, and
+  after a failure so does "Event loop is closed" from the tasks and threads that
+  outlive the block (on a loaded machine they report after it)."""
+  hooks = sys.excepthook, sys.unraisablehook, threading.excepthook
+  sys.excepthook = sys.unraisablehook = threading.excepthook = lambda *args: None
   drop = lambda record: False  # noqa: E731
   std_logging.getLogger("asyncio").addFilter(drop)
   _quiet.errors = False
@@ -160,10 +164,18 @@ def _quiet_async_leftovers():
     failed = False
   finally:
     gc.collect()
-    sys.excepthook, sys.unraisablehook = hooks
+    sys.excepthook, sys.unraisablehook, threading.excepthook = (
+        hooks if not failed else [functools.partial(_unless_closed_loop, h) for h in hooks])
     _quiet.errors = True
     if not failed:  # else the failed operation's tasks still report when collected
       std_logging.getLogger("asyncio").removeFilter(drop)
+
+
+def _unless_closed_loop(hook, *args) -> None:
+  """``hook`` (sys's, sys's unraisable or threading's) but for "Event loop is closed"."""
+  value = args[0].exc_value if len(args) == 1 else args[1]
+  if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
+    hook(*args)
 
 
 def _os_reason(e: BaseException) -> str | None:
