@@ -165,10 +165,17 @@ def _quiet_async_leftovers():
   finally:
     gc.collect()
     sys.excepthook, sys.unraisablehook, threading.excepthook = (
-        hooks if not failed else [functools.partial(_unless_closed_loop, h) for h in hooks])
+        hooks if not failed else [_without_closed_loop(h) for h in hooks])
     _quiet.errors = True
     if not failed:  # else the failed operation's tasks still report when collected
       std_logging.getLogger("asyncio").removeFilter(drop)
+
+
+def _without_closed_loop(hook):
+  """``hook`` wrapped by ``_unless_closed_loop`` once: a later failure does not nest it."""
+  if isinstance(hook, functools.partial) and hook.func is _unless_closed_loop:
+    return hook
+  return functools.partial(_unless_closed_loop, hook)
 
 
 def _unless_closed_loop(hook, *args) -> None:
