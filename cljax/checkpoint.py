@@ -39,19 +39,29 @@ _quiet = _QuietOrbax()
 
 
 class Checkpointer:
-  """A thin wrapper over ``orbax.checkpoint.CheckpointManager``."""
+  """A thin wrapper over ``orbax.checkpoint.CheckpointManager``. Nothing is created on
+  disk until the first save (a run refused after opening it leaves no folder)."""
 
   def __init__(self, directory: str, max_to_keep: int = 2):
     handler = logging.get_absl_handler()
     if _quiet not in handler.filters:
       handler.addFilter(_quiet)
     self.directory = os.path.abspath(directory)
-    self._manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                             enable_async_checkpointing=False))
+    self._max_to_keep = max_to_keep
+    self._opened = None
+
+  @property
+  def _manager(self) -> ocp.CheckpointManager:
+    if self._opened is None:
+      self._opened = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep, create=True,
+                                               enable_async_checkpointing=False))
+    return self._opened
 
   def latest_step(self) -> int | None:
+    if self._opened is None and not os.path.isdir(self.directory):
+      return None
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict) -> None:
@@ -142,7 +152,8 @@ class Checkpointer:
                      "--workdir.")
 
   def close(self):
-    self._manager.close()
+    if self._opened is not None:
+      self._opened.close()
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import dataclasses
 from cljax.methods import MethodConfig
 from cljax.methods import registry
 from cljax.methods.registry import DROPOUT, NON_NEGATIVE, POSITIVE, Bound
-from cljax.model import SIZE_ALIASES, SIZES, GPT2Config
+from cljax.models import SIZE_ALIASES, SIZES, GPT2Config
 
 COUNT = Bound("> 0, or -1 for all", lambda v: v > 0)
 DEVICES = Bound("> 0, or -1 for all devices left", lambda v: v > 0 or v == -1)

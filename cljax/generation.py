@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax.model import GPT2LM, KVCache, init_cache
+from cljax.kv_cache import KVCache, init_cache
+from cljax.models import GPT2LM
 
 PROMPT_BUCKET = 32   # prompts are padded to a multiple of this: one program per bucket
 

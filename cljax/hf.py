@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax import model as model_lib
-from cljax.model import GPT2LM, GPT2Classifier, GPT2Config
+from cljax import models as model_lib
+from cljax.models import GPT2LM, GPT2Classifier, GPT2Config
 
 PREFIX = "transformer."
 
@@ -283,7 +283,7 @@ def save_pretrained(params: Mapping[str, Any], config: GPT2Config, folder: str, 
   if config.has_peft:
     raise ValueError("These params hold LoRA, adapters, soft prompts or PNN columns, which "
                      "a plain Hugging Face folder cannot; merge LoRA first "
-                     "(cljax.model.merge_lora).")
+                     "(cljax.models.merge_lora).")
   head = head or ("score" if "score" in params else "lm")
   if head not in ("score", "lm"):
     raise ValueError(f"head={head!r}: expected 'score' or 'lm'.")

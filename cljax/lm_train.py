@@ -1,6 +1,7 @@
-"""Language-model training: Alpaca-style instruction tuning and plain-text
-(domain-adaptive) pretraining, with checkpoints, exact ``--resume``, held-out
-perplexity, generations and a Hugging Face ``GPT2LMHeadModel`` export.
+"""Language-model training on the study's loop (:mod:`cljax.loop`): Alpaca-style
+instruction tuning and plain-text (domain-adaptive) pretraining, with checkpoints,
+exact ``--resume``, held-out perplexity, generations and a Hugging Face
+``GPT2LMHeadModel`` export. The data itself is :mod:`cljax.lm_data`.
 
 ``run(config, workdir)`` writes ``results.json`` (held-out loss and perplexity before
 and after training, step counts, timing), ``metrics.jsonl``, TensorBoard scalars,
@@ -29,23 +30,13 @@ import numpy as np
 from cljax import checkpoint
 from cljax import data as data_lib
 from cljax import hf
+from cljax import lm_data
+from cljax import loop
 from cljax import steps
-from cljax.checkpoint import Checkpointer
 from cljax.config import (COUNT, NON_NEGATIVE, POSITIVE, CheckpointOptions, ModelOptions,
                           OptimizerOptions, option)
 from cljax.generation import generate
-from cljax.model import GPT2LM, random_params
-from cljax.progress import Interrupted, StepLogger, Writers, drop_records_after  # noqa: F401
-
-# Stanford Alpaca's prompt templates (tatsu-lab/stanford_alpaca, train.py).
-PROMPT_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides "
-    "further context. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
-PROMPT_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately "
-    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
-
+from cljax.progress import StepLogger
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
@@ -106,111 +97,25 @@ class LMConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
 # Data
 # ----------------------------------------------------------------------------
 
-def read_records(source: str) -> list[tuple[dict, str]]:
-  """(row, where) pairs of a .json list, a .jsonl file or a hub dataset's train split;
-  ``where`` ("file:line") names the row in errors."""
-  path = os.path.expanduser(source)
-  if os.path.isfile(path):
-    return data_lib.read_json_records(path)
-  if os.path.exists(path) or source.startswith((".", "/", "~")):
-    raise FileNotFoundError(f"{source}: not a file; expected a .json or .jsonl file or a "
-                            "Hugging Face hub dataset id.")
-  try:
-    import datasets  # pylint: disable=import-outside-toplevel
-    ds = datasets.load_dataset(source, split="train")
-  except Exception as e:  # offline, unknown id
-    raise OSError(f"Could not load {source!r} from the Hugging Face hub ({type(e).__name__}:"
-                  f" {e}). Offline, pass a local .json / .jsonl file.") from e
-  return [(row, f"hub:{source}:{i}") for i, row in enumerate(ds)]
-
-
-def alpaca_prompt(row: dict, where: str = "") -> str:
-  """The Stanford Alpaca prompt of a row (with or without its ``input``)."""
-  for key in ("instruction",) + (("input",) if row.get("input") else ()):
-    if not isinstance(row.get(key), str):
-      raise ValueError(f"{where}: {key!r} must be a string, found {row.get(key)!r:.60}.")
-  if row.get("input"):
-    return PROMPT_INPUT.format(instruction=row["instruction"], input=row["input"])
-  return PROMPT_NO_INPUT.format(instruction=row["instruction"])
-
-
-def alpaca_arrays(records, tokenizer, max_length: int) -> dict[str, np.ndarray]:
-  """``input_ids``, ``attention_mask`` and ``loss_mask`` (1 on the response and its
-  EOS only) of Alpaca rows, truncated to ``max_length`` and right padded."""
-  n = len(records)
-  ids = np.full((n, max_length), tokenizer.pad_token_id, np.int32)
-  mask, loss = np.zeros((n, max_length), np.int32), np.zeros((n, max_length), np.int32)
-  cut = 0
-  for i, (row, where) in enumerate(records):
-    if not isinstance(row, dict) or "instruction" not in row or "output" not in row:
-      raise ValueError(f"{where}: expected an object with 'instruction' and 'output' (and "
-                       f"optionally 'input'), found {str(row)[:80]!r}.")
-    if not isinstance(row["output"], str):
-      raise ValueError(f"{where}: 'output' must be a string, found {row['output']!r:.60}.")
-    prompt = alpaca_prompt(row, where)
-    source = tokenizer(prompt)["input_ids"]
-    full = tokenizer(prompt + row["output"] + tokenizer.eos_token)["input_ids"][:max_length]
-    cut += len(source) >= len(full)
-    ids[i, :len(full)] = full
-    mask[i, :len(full)] = 1
-    loss[i, len(source):len(full)] = 1
-  if cut:
-    logging.warning("%d of %d examples have no response token left within --max_length=%d "
-                    "(their prompts fill it); they carry no loss.", cut, n, max_length)
-  return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss}
-
-
-def text_arrays(records, tokenizer, block_size: int, field: str = "text"
-                ) -> dict[str, np.ndarray]:
-  """Every row's text plus EOS, concatenated and cut into full blocks of
-  ``block_size`` tokens (the remainder is dropped), every token a target."""
-  texts = []
-  for row, where in records:
-    text = row.get(field) if isinstance(row, dict) else None
-    if not isinstance(text, str) or not text.strip():
-      raise ValueError(f"{where}: expected a non-empty string field {field!r}.")
-    texts.append(text)
-  stream = [t for ids in tokenizer(texts, verbose=False)["input_ids"]
-            for t in (*ids, tokenizer.eos_token_id)]
-  blocks = len(stream) // block_size
-  if blocks == 0:
-    raise ValueError(f"The data holds {len(stream)} tokens, less than one --block_size="
-                     f"{block_size} block.")
-  ids = np.asarray(stream[:blocks * block_size], np.int32).reshape(blocks, block_size)
-  ones = np.ones_like(ids)
-  return {"input_ids": ids, "attention_mask": ones, "loss_mask": ones}
-
-
-def read_sources(sources: str) -> list[tuple[dict, str]]:
-  """The rows of one source or of several joined by commas, in order."""
-  return [r for source in sources.split(",") if source.strip()
-          for r in read_records(source.strip())]
-
-
-def _sample(records: list, n: int | None, seed) -> list:
-  """At most ``n`` records, a seeded sample kept in file order (None: all)."""
-  if n is None or n >= len(records):
-    return records
-  return [records[i] for i in sorted(np.random.default_rng(seed).permutation(len(records))[:n])]
-
-
 def load_splits(cfg: LMConfig, tokenizer) -> tuple[dict, dict | None]:
   """(train arrays, held-out arrays or None) of the configured data: held-out rows are
   ``--num_eval`` of ``--eval_data`` (seeded sample), or carved from ``--data``."""
-  records = read_sources(cfg.data)
+  records = lm_data.read_sources(cfg.data)
   if cfg.eval_data:
-    held = _sample(read_sources(cfg.eval_data), cfg.num_eval or None, (cfg.seed, 1))
+    held = lm_data.sample_records(lm_data.read_sources(cfg.eval_data), cfg.num_eval or None,
+                                  (cfg.seed, 1))
   else:
     order = np.random.default_rng(cfg.seed).permutation(len(records))
     n_eval = min(cfg.num_eval, len(records) // 2)
     held = [records[i] for i in order[:n_eval]]
     records = [records[i] for i in sorted(order[n_eval:])]
-  records = _sample(records, cfg.max_examples, (cfg.seed, 2))
+  records = lm_data.sample_records(records, cfg.max_examples, (cfg.seed, 2))
   if cfg.data_format == "alpaca":
-    make = functools.partial(alpaca_arrays, tokenizer=tokenizer, max_length=cfg.max_length)
+    make = functools.partial(lm_data.alpaca_arrays, tokenizer=tokenizer,
+                             max_length=cfg.max_length)
   else:
-    make = functools.partial(text_arrays, tokenizer=tokenizer, block_size=cfg.block_size,
-                             field=cfg.text_field)
+    make = functools.partial(lm_data.text_arrays, tokenizer=tokenizer,
+                             block_size=cfg.block_size, field=cfg.text_field)
   train = make(records)
   return train, (make(held) if held else None)
 
@@ -219,15 +124,11 @@ def load_splits(cfg: LMConfig, tokenizer) -> tuple[dict, dict | None]:
 # Model, evaluation, generation
 # ----------------------------------------------------------------------------
 
-def build_lm(cfg: LMConfig, tokenizer) -> tuple[GPT2LM, dict]:
-  """The LM to train: ``--model``'s weights or a random init of ``--size``."""
-  if cfg.init == "pretrained":
-    model, params = hf.load_lm(cfg.model, dtype=cfg.dtype, **cfg.config_overrides())
-    cfg.check_vocabulary(model.config, tokenizer)
-    return model, params
-  model = GPT2LM(cfg.random_init_config(
-      tokenizer, max(cfg.max_length, cfg.block_size) + cfg.max_new_tokens))
-  return model, random_params(model, jax.random.key(cfg.seed))
+def build_lm(cfg: LMConfig, tokenizer):
+  """(model, params): the LM to train, ``--model``'s weights or a random init of
+  ``--size`` (positions for the longest example plus the generated tokens)."""
+  return loop.build_model(cfg, tokenizer, kind="lm", rng=jax.random.key(cfg.seed),
+                          n_positions=max(cfg.max_length, cfg.block_size) + cfg.max_new_tokens)
 
 
 def _lm_batch(batch: dict) -> dict:
@@ -241,25 +142,18 @@ def buckets(cfg: LMConfig, arrays: dict) -> tuple[int, ...]:
   return data_lib.length_buckets(arrays["input_ids"].shape[1], cfg.length_bucket)
 
 
-def evaluate(eval_fn, params, arrays: dict, batch_size: int, lengths=()) -> dict[str, float]:
-  """Held-out next-token loss, perplexity and accuracy over the target tokens; with
-  length buckets ``lengths``, in order of length, each batch cut to its bucket."""
-  batches = list(map(_lm_batch, data_lib.eval_batches(arrays, batch_size, lengths)))
-  steps.compile_ahead(eval_fn, [(params, b) for b in data_lib.one_batch_per_shape(batches)])
-  totals = steps.accumulate(eval_fn, params, batches)
-  loss = float(totals["loss_sum"]) / max(float(totals["count"]), 1.0)
+def evaluate_held_out(eval_fn, params, arrays: dict, batch_size: int, lengths=()
+                      ) -> dict[str, float]:
+  """Held-out next-token ``loss``, ``perplexity`` and ``token_accuracy`` over the target
+  tokens (and their number, ``tokens``); with length buckets ``lengths``, in order of
+  length, each batch cut to its bucket."""
+  totals = loop.evaluation_totals(eval_fn, params, list(map(_lm_batch, data_lib.eval_batches(
+      arrays, batch_size, lengths))))
+  loss = totals["loss_sum"] / max(totals["count"], 1.0)
   return {"loss": loss, "perplexity": float(np.exp(loss)),
-          "token_accuracy": float(totals["correct"]) / max(float(totals["count"]), 1.0),
+          "token_accuracy": totals["correct"] / max(totals["count"], 1.0),
           "tokens": int(totals["count"])}
 
-
-def read_prompts(path: str) -> list[dict]:
-  """Prompts to answer: JSON Lines rows with ``instruction`` (and ``input``), or a text
-  file with one instruction per line."""
-  if path.endswith((".jsonl", ".json")):
-    return [row for row, _ in read_records(path)]
-  return [{"instruction": line} for line in data_lib.read_text(path).splitlines()
-          if line.strip()]
 
 
 def answer(model, params, tokenizer, prompts: list[dict], cfg: LMConfig,
@@ -269,7 +163,7 @@ def answer(model, params, tokenizer, prompts: list[dict], cfg: LMConfig,
   rng = jax.random.key(cfg.seed)
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
-    texts = [alpaca_prompt(p, f"prompt {start + i}") for i, p in enumerate(chunk)]
+    texts = [lm_data.alpaca_prompt(p, f"prompt {start + i}") for i, p in enumerate(chunk)]
     enc = tokenizer(texts, padding="longest", return_attention_mask=True)
     rng, key = jax.random.split(rng)
     tokens = np.asarray(generate(
@@ -297,7 +191,7 @@ RESUMABLE_CHANGES = frozenset({
 
 
 @dataclasses.dataclass
-class LMRecord:
+class LMRecord(loop.Record):
   """The run's progress, stored as JSON in every checkpoint."""
   step: int = 0
   held_out_before: dict | None = None
@@ -313,15 +207,9 @@ def _check_lengths(model, train: dict) -> None:
                      f"{model.config.n_positions}; lower --max_length or --block_size.")
 
 
-def _restore_or_start(cfg, ckpt, params, tx, held, eval_fn):
-  state = steps.init_train_state(params, tx, jax.random.key(cfg.seed))
-  if ckpt is not None and ckpt.latest_step() is not None:
-    state, meta, step = ckpt.restore_newest(jax.eval_shape(lambda: state))
-    logging.info("Resumed from %s, checkpoint %d.", ckpt.directory, step)
-    return state, LMRecord(**{k: v for k, v in meta.items()
-                              if k in {f.name for f in dataclasses.fields(LMRecord)}})
-  before = evaluate(eval_fn, params, held, cfg.eval_batch_size,
-                    buckets(cfg, held)) if held else None
+def _start(cfg: LMConfig, state, held, held_out) -> tuple[steps.TrainState, LMRecord]:
+  """The initial state and a new record holding the held-out loss before training."""
+  before = held_out(state.params) if held else None
   if before:
     logging.info("Held-out before training: loss %.4f, perplexity %.2f.", before["loss"],
                  before["perplexity"])
@@ -330,45 +218,47 @@ def _restore_or_start(cfg, ckpt, params, tx, held, eval_fn):
 
 def train(cfg: LMConfig, state, record: LMRecord, arrays: dict, tx, schedule, ckpt,
           logger: StepLogger, model, held_out=None):
-  """Trains from ``record.step`` to the end, checkpointing every ``checkpoint_every``
-  and, with ``held_out(params) -> dict``, evaluating every ``eval_every`` steps."""
-  per_epoch = data_lib.num_batches(data_lib.size(arrays), cfg.batch_size)
-  total = per_epoch * cfg.epochs
+  """Trains from ``record.step`` to the end on :func:`loop.train_loop`, checkpointing
+  every ``checkpoint_every`` and, with ``held_out(params) -> dict``, evaluating every
+  ``eval_every`` steps; a last checkpoint at the end."""
+  total = data_lib.num_batches(data_lib.size(arrays), cfg.batch_size) * cfg.epochs
   train_fn = jax.jit(functools.partial(steps.lm_train_step, model=model, tx=tx),
                      donate_argnums=0)
   logger.start_task(0, cfg.data_format, total,
                     lambda s: schedule(min(s, total) // cfg.grad_accum_steps))
-  t0, start = time.time(), record.step
+  t0 = time.time()
 
-  def batches_from(start: int):
-    first_epoch, b = divmod(start, per_epoch)
-    for epoch in range(first_epoch, cfg.epochs):
-      yield from map(_lm_batch, data_lib.batches(
-          arrays, cfg.batch_size, seed=(cfg.seed, epoch),
-          start=b if epoch == first_epoch else 0, buckets=buckets(cfg, arrays)))
+  def clock() -> None:
+    nonlocal t0
+    record.train_seconds += time.time() - t0
+    t0 = time.time()
 
-  steps.compile_ahead(train_fn, [(state, b) for b in
-                                 data_lib.one_batch_per_shape(batches_from(start))])
-  for s, batch in zip(range(start, total), batches_from(start)):
-    state, m = train_fn(state, batch)
-    record.step = s + 1
-    logger.push(s + 1, s + 1, m)
-    if held_out and cfg.eval_every and record.step % cfg.eval_every == 0 and s + 1 < total:
-      logger.flush()
-      point = {"global_step": record.step, **held_out(state.params)}
-      record.curve.append(point)
-      logger.writers.write(point, record.step, "held_out")
-      logging.info("step %d: held-out loss %.4f, perplexity %.2f", record.step, point["loss"],
-                   point["perplexity"])
-    if cfg.checkpoint_every and record.step % cfg.checkpoint_every == 0 and s + 1 < total:
-      logger.flush()
-      record.train_seconds += time.time() - t0
-      t0 = time.time()
-      checkpoint.save_finite(ckpt, record.step, state, dataclasses.asdict(record))
-    logger.stop_after(cfg.stop_after_steps)
-  logger.flush()
-  record.train_seconds += time.time() - t0
-  checkpoint.save_finite(ckpt, record.step, state, dataclasses.asdict(record))
+  def advance(step: int) -> int:
+    record.step = step
+    return step
+
+  def evaluate(state) -> None:
+    point = {"global_step": record.step, **held_out(state.params)}
+    record.curve.append(point)
+    logger.writers.write(point, record.step, "held_out")
+    logging.info("step %d: held-out loss %.4f, perplexity %.2f", record.step, point["loss"],
+                 point["perplexity"])
+
+  def save(state) -> None:
+    clock()
+    checkpoint.save_finite(ckpt, record.step, state, record.to_json())
+
+  def batches(start: int):
+    return map(_lm_batch, loop.epoch_batches(arrays, cfg.batch_size, epochs=cfg.epochs,
+                                             seed=(cfg.seed,), start=start,
+                                             buckets=buckets(cfg, arrays)))
+
+  state = loop.train_loop(
+      train_fn, state, batches, start=record.step, total=total, logger=logger,
+      advance=advance, periodic=(loop.Periodic(cfg.eval_every if held_out else 0, evaluate),
+                                 loop.Periodic(cfg.checkpoint_every, save)),
+      stop_after=cfg.stop_after_steps)
+  save(state)
   return state
 
 
@@ -377,8 +267,8 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
   """Trains the LM, evaluates held-out loss and perplexity, generates on request,
   exports ``workdir/hf_model``; returns the results dict (also ``results.json``)."""
   t_start = time.time()
-  ckpt = checkpoint.open_run(workdir, cfg.to_dict(), resume, keep=cfg.keep_checkpoints,
-                             outputs=OUTPUTS, resumable=RESUMABLE_CHANGES)
+  ckpt = loop.open_run(workdir, cfg.to_dict(), resume, keep=cfg.keep_checkpoints,
+                       outputs=OUTPUTS, resumable=RESUMABLE_CHANGES)
   tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
   model, params = build_lm(cfg, tokenizer)
   arrays, held = load_splits(cfg, tokenizer)
@@ -387,41 +277,41 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
                data_lib.size(arrays), "examples" if cfg.data_format == "alpaca" else "blocks",
                arrays["input_ids"].shape[1], int(arrays["loss_mask"][:, 1:].sum()),
                data_lib.size(held) if held else "no")
-  updates = -(-data_lib.num_batches(data_lib.size(arrays), cfg.batch_size) * cfg.epochs
-              // cfg.grad_accum_steps)
   tx, schedule = steps.make_optimizer(
-      learning_rate=cfg.learning_rate, total_steps=updates, warmup_steps=cfg.warmup_steps,
+      learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+      total_steps=loop.update_count(data_lib.num_batches(data_lib.size(arrays), cfg.batch_size),
+                                    cfg.epochs, cfg.grad_accum_steps),
       weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
       grad_accum_steps=cfg.grad_accum_steps)
   eval_fn = jax.jit(functools.partial(steps.lm_eval_step, model=model))
-  state, record = _restore_or_start(cfg, ckpt if resume else None, params, tx, held, eval_fn)
-  ckpt = ckpt or Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
-  drop_records_after(os.path.join(workdir, "metrics.jsonl"), record.step)
-  logger = StepLogger(Writers(workdir), cfg.log_every, ckpt.latest_step, unit="tokens")
+  held_out = held and functools.partial(evaluate_held_out, eval_fn, arrays=held,
+                                        batch_size=cfg.eval_batch_size,
+                                        lengths=buckets(cfg, held))
+  state = steps.init_train_state(params, tx, jax.random.key(cfg.seed))
+  state, record = loop.restore_or_start(
+      ckpt, resume, target=jax.eval_shape(lambda: state), record_cls=LMRecord,
+      start=functools.partial(_start, cfg, state, held, held_out))
+  logger = loop.open_logger(workdir, record.step, cfg.log_every, ckpt, unit="tokens")
   try:
-    held_out = held and functools.partial(evaluate, eval_fn, arrays=held,
-                                          batch_size=cfg.eval_batch_size,
-                                          lengths=buckets(cfg, held))
     state = train(cfg, state, record, arrays, tx, schedule, ckpt, logger, model, held_out)
   finally:
     logger.close()
     ckpt.close()
-  return finish(cfg, workdir, model, state.params, tokenizer, record, held, eval_fn,
+  return finish(cfg, workdir, model, state.params, tokenizer, record, held_out,
                 logger.divergence(), flags, time.time() - t_start)
 
 
-def finish(cfg: LMConfig, workdir: str, model, params, tokenizer, record: LMRecord, held,
-           eval_fn, diverged: str | None, flags: dict | None, wall_s: float) -> dict:
+def finish(cfg: LMConfig, workdir: str, model, params, tokenizer, record: LMRecord, held_out,
+           diverged: str | None, flags: dict | None, wall_s: float) -> dict:
   """Held-out evaluation, generations and export after training; ``results.json``."""
-  after = evaluate(eval_fn, params, held, cfg.eval_batch_size,
-                    buckets(cfg, held)) if held else None
+  after = held_out(params) if held_out else None
   if after:
     logging.info("Held-out after training: loss %.4f, perplexity %.2f.", after["loss"],
                  after["perplexity"])
   if diverged:
     logging.warning("%s", diverged)
   if cfg.generate:
-    rows = answer(model, params, tokenizer, read_prompts(cfg.generate), cfg)
+    rows = answer(model, params, tokenizer, lm_data.read_prompts(cfg.generate), cfg)
     with open(os.path.join(workdir, "generations.jsonl"), "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in rows)
     logging.info("Wrote %d generations to %s.", len(rows),

@@ -1,6 +1,7 @@
-"""Pure train and eval steps.
+"""The train state, the optimizer (AdamW with the Hugging Face Trainer's defaults) and
+the pure train and eval steps of classification and causal language modelling.
 
-Both are plain functions; jit them where the loop is built, e.g.::
+The steps are plain functions; jit them where the loop is built, e.g.::
 
     step = jax.jit(functools.partial(train_step, model=model, tx=tx),
                    donate_argnums=0)
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from cljax.methods.base import Method, StepContext, finetune
-from cljax.model import GPT2LM
+from cljax.models import MODEL_INPUTS, GPT2LM
 
 Batch = dict[str, jax.Array]
 
@@ -114,8 +115,7 @@ def cross_entropy(logits_BC, labels_B, weights_B):
 
 def _forward(model, params, batch, *, deterministic, rng=None):
   rngs = None if deterministic else {"dropout": rng}
-  modules = {k: batch[k] for k in ("peft_slot", "prompt_active", "logits_index")
-             if batch.get(k) is not None}
+  modules = {k: batch[k] for k in MODEL_INPUTS if batch.get(k) is not None}
   return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                      deterministic=deterministic, rngs=rngs, **modules)
 
@@ -284,11 +284,17 @@ def lm_cross_entropy(logits_BTV, input_ids_BT, loss_mask_BT):
   ``loss_mask[b, t] = 1`` makes token t a target, predicted from position t-1 (so
   position 0 never is one): instruction tuning marks the response and its EOS, plain
   LM training every real token after the first."""
-  logits_BTV, targets_BT = logits_BTV[:, :-1].astype(jnp.float32), input_ids_BT[:, 1:]
-  weights_BT = loss_mask_BT[:, 1:].astype(jnp.float32)
-  losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
-  hits_BT = jnp.argmax(logits_BTV, -1) == targets_BT
+  losses_BT, weights_BT = next_token_losses(logits_BTV, input_ids_BT, loss_mask_BT)
+  hits_BT = jnp.argmax(logits_BTV[:, :-1], -1) == input_ids_BT[:, 1:]
   return jnp.sum(losses_BT * weights_BT), jnp.sum(weights_BT), jnp.sum(hits_BT * weights_BT)
+
+
+def next_token_losses(logits_BTV, input_ids_BT, loss_mask_BT):
+  """(the CE of each token t >= 1 predicted from position t-1, ``[B, T-1]`` float32;
+  its weight, ``loss_mask[:, 1:]``): the shifted loss every LM objective shares."""
+  logits_BTV, targets_BT = logits_BTV[:, :-1].astype(jnp.float32), input_ids_BT[:, 1:]
+  losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT)
+  return losses_BT, loss_mask_BT[:, 1:].astype(jnp.float32)
 
 
 def _next_token(logits_BTV, batch: Batch):
@@ -302,7 +308,7 @@ def lm_train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientT
                   method: Method = finetune(), deterministic: bool = False,
                   dropout_rng: str = "rbg") -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the mean next-token CE of the batch's target tokens plus
-  the method's terms; ``model`` is a :class:`~cljax.model.GPT2LM`.
+  the method's terms; ``model`` is a :class:`~cljax.models.GPT2LM`.
 
   The batch holds ``input_ids``, ``attention_mask`` and ``loss_mask`` ``[B, T]`` (see
   :func:`lm_cross_entropy`). Returns the new state and sums: ``loss_sum`` (CE over

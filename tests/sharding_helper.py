@@ -17,13 +17,13 @@ from cljax import sharding, steps
 from cljax.checkpoint import Checkpointer
 from cljax.methods import BuildContext, MethodConfig, build
 from cljax.methods import regularizers
-from cljax.model import GPT2Classifier, GPT2Config, init_params
+from cljax.models import GPT2Classifier, GPT2Config, init_params
 
 # The tiny model's matrices are small: shard every leaf of 1024+ elements over "model".
 sharding.MIN_SHARDED_SIZE = 1024
 CONFIG = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4,
                     num_labels=4, pad_token_id=63, eos_token_id=63)
-CTX = BuildContext(num_labels=4, num_tasks=2, max_length=12, n_layer=2)
+CTX = BuildContext(num_labels=4, num_tasks=2, max_length=12, n_layer=2, pad_token_id=63)
 
 
 def batches(n, batch_size=8, seed=0):

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from cljax import bench
+from cljax import baselines
 from cljax import data as data_lib
 from cljax import hf
 from cljax.config import StudyConfig
@@ -27,7 +27,7 @@ def test_the_trainer_script_sees_cljaxs_rows_and_tokens(tiny_data_dir, tiny_toke
   ours = data_lib.load_task_data(tasks, tokenizer, data_dir=cfg.data_dir,
                                  num_train=cfg.num_train, num_test=cfg.num_test,
                                  max_length=cfg.max_length, seed=cfg.seed)
-  theirs, path = bench._trainer_datasets(cfg, tasks, tokenizer, use_datasets)
+  theirs, path = baselines._trainer_datasets(cfg, tasks, tokenizer, use_datasets)
   assert path == ("datasets.map" if use_datasets else "list")
   for d, splits in zip(ours, theirs):
     for arrays, ds in zip((d.train, d.test), splits):
@@ -43,7 +43,7 @@ def test_the_trainer_script_runs_the_study(tiny_data_dir, tiny_tokenizer_dir, tm
   pytest.importorskip("accelerate")
   if not has_datasets:   # a machine without the package: the same rows from a list
     monkeypatch.setitem(sys.modules, "datasets", None)
-  out = bench.trainer_study(_config(tiny_data_dir, tiny_tokenizer_dir), str(tmp_path))
+  out = baselines.trainer_study(_config(tiny_data_dir, tiny_tokenizer_dir), str(tmp_path))
   assert out["trainer_data"] == ("datasets.map" if has_datasets else "list")
   matrix = np.array(out["trainer_accuracy_matrix"])
   assert matrix.shape == (2, 2) and ((0 <= matrix) & (matrix <= 1)).all()

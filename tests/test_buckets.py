@@ -15,7 +15,7 @@ from cljax.config import MethodConfig
 from cljax.methods import BuildContext, build
 from cljax.methods import replay as replay_lib
 from cljax.methods import regularizers
-from cljax.model import GPT2Classifier, GPT2Config, GPT2LabelWords, GPT2LM, init_params
+from cljax.models import GPT2Classifier, GPT2Config, GPT2LabelWords, GPT2LM, init_params
 
 from conftest import TINY_HF, padded_batch
 
@@ -163,9 +163,9 @@ def _run_stages(cfg, workdir):
   state, record = study.restore_or_start(s)
   logger = StepLogger(Writers(workdir, enabled=False), cfg.log_every, lambda: None)
   for k in range(len(s.tasks)):
-    state = study.begin_task(s, k, state, record)
-    state = study.train_task(s, k, state, record, logger)
-    state = study.end_task(s, k, state, record, logger)
+    state, plan = study.begin_task(s, k, state, record)
+    state = study.train_task(s, plan, state, record, logger)
+    state = study.end_task(s, plan, state, record, logger)
   logger.close()
   s.checkpointer.close()
   return s, record

@@ -12,10 +12,10 @@ import pytest
 
 import cljax
 from cljax import data as data_lib
-from cljax import study
+from cljax import models, study
 from cljax.methods import BuildContext, MethodConfig, StepContext, TaskContext, registry
-from cljax.methods.generative import lm_arrays, lm_row, split_answer, split_sizes
-from cljax.model import GPT2Classifier, GPT2LM, add_token_embeddings
+from cljax.methods.pseudo_data import lm_arrays, lm_row, pad_rows, split_answer, split_sizes
+from cljax.models import GPT2Classifier, GPT2LM, add_token_embeddings
 
 from conftest import TINY_HF, padded_batch
 
@@ -96,12 +96,12 @@ def test_the_study_adds_the_method_tokens_to_the_tokenizer(tiny_tokenizer_dir, t
   tokenizer = cljax.load_tokenizer(tiny_tokenizer_dir)
   n = len(tokenizer)
   model, params = cljax.load_pretrained(torch_tiny[0], num_labels=3)
-  model, params = study.add_method_tokens(model, params, tokenizer, ("__g0__", "__ans__"))
+  model, params = models.add_method_tokens(model, params, tokenizer, ("__g0__", "__ans__"))
   assert tokenizer.convert_tokens_to_ids(["__g0__", "__ans__"]) == [n, n + 1]
   assert tokenizer("good\nLabel:__ans__", add_special_tokens=False)["input_ids"][-1] == n + 1
   assert model.config.vocab_size == max(V, n + 2)
   with pytest.raises(ValueError, match="already holds"):
-    study.add_method_tokens(model, params, tokenizer, ("__ans__",))
+    models.add_method_tokens(model, params, tokenizer, ("__ans__",))
 
 
 def _dgr(**hp):
@@ -272,7 +272,7 @@ def test_the_old_model_labels_dgr_samples_over_the_writing_task_classes(grown,
                      rng=jax.random.key(0), tokenizer=types.SimpleNamespace(
                          decode=lambda ids: " ".join(map(str, ids))))
   state = method.before_task(method.init(params), tctx)
-  ids, mask = generative._rows(samples, 16, EOS)
+  ids, mask = pad_rows(samples, 16, EOS)
   logits = np.asarray(model.apply({"params": params}, ids, mask))
   np.testing.assert_array_equal(state.labels, np.argmax(logits[:, :2], axis=1))  # task a
   np.testing.assert_allclose(state.teacher_logits, logits, rtol=1e-5)
@@ -358,7 +358,8 @@ def test_lamol_qa_loss_is_the_reference_full_vocabulary_loss(grown, tmp_path):
 
 
 def test_lamol_needs_the_lm_head():
-  ctx = BuildContext(num_labels=4, num_tasks=2, max_length=16, n_layer=2)
+  ctx = BuildContext(num_labels=4, num_tasks=2, max_length=16, n_layer=2,
+                     first_new_token=V, eos_token_id=EOS)
   with pytest.raises(ValueError, match="--head=lm"):
     registry.build("lamol", MethodConfig(), ctx)
   method = registry.build("lamol", MethodConfig(), ctx.__class__(

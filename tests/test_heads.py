@@ -9,10 +9,10 @@ import pytest
 from cljax import data as data_lib
 from cljax import steps
 from cljax.methods import BuildContext, MethodConfig, StepContext, TaskContext, build, replay
-from cljax.methods import heads
-from cljax.model import GPT2Classifier, GPT2Config, init_params
+from cljax.methods import head_fixes
+from cljax.models import GPT2Classifier, GPT2Config, init_params
 
-CTX = BuildContext(num_labels=4, num_tasks=2, max_length=8, n_layer=1)
+CTX = BuildContext(num_labels=4, num_tasks=2, max_length=8, n_layer=1, pad_token_id=49)
 TASKS = (data_lib.Task("a", (0, 1), ("n", "p"), 0), data_lib.Task("b", (0, 1), ("x", "y"), 2))
 
 
@@ -81,7 +81,7 @@ def test_labels_trick_leaves_replayed_rows_every_class(spec):
   state = tuple(buf if i != trick_i else s for i, s in enumerate(state))
   out = method.prepare_batch(state, StepContext(batch=_batch([2, 3, 2], (2, 3)),
                                                 rng=jax.random.PRNGKey(2)))
-  exclude = np.asarray(out[heads.EXCLUDE])
+  exclude = np.asarray(out[head_fixes.EXCLUDE])
   assert exclude.shape == (5, 4)
   np.testing.assert_array_equal(exclude[:3], [[True, True, False, False]] * 3)
   assert not exclude[3:].any()   # replayed rows: a softmax over every class
@@ -99,10 +99,10 @@ def test_er_ace_masks_seen_classes_absent_from_the_incoming_batch():
   incoming = _batch([2, 2, 2], (2, 3))   # class 3 not present (and never seen)
   # Task 0 (no masking yet), then the second task with classes 0, 1 and 2 seen.
   first = method.prepare_batch(state, StepContext(batch=incoming, rng=jax.random.PRNGKey(1)))
-  assert not np.asarray(first[heads.EXCLUDE]).any()
+  assert not np.asarray(first[head_fixes.EXCLUDE]).any()
   state = state._replace(seen=jnp.array([True, True, True, False]), task=jnp.int32(1))
   out = method.prepare_batch(state, StepContext(batch=incoming, rng=jax.random.PRNGKey(1)))
-  exclude = np.asarray(out[heads.EXCLUDE])
+  exclude = np.asarray(out[head_fixes.EXCLUDE])
   np.testing.assert_array_equal(exclude[:3], [[True, True, False, False]] * 3)
   assert not exclude[3:].any()
   np.testing.assert_array_equal(np.asarray(out["weights"]), [1, 1, 1, 0, 0])

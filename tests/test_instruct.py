@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import cljax
-from cljax import lm_train
+from cljax import lm_data, lm_train, progress
 
 from conftest import FILLER, NEGATIVE, POSITIVE
 
@@ -30,7 +30,7 @@ def bpe_tokenizer_dir(tmp_path_factory):
   """A byte-level BPE tokenizer (as GPT-2's) trained on the tests' text, EOS last."""
   from tokenizers import ByteLevelBPETokenizer
   from transformers import PreTrainedTokenizerFast
-  corpus = [lm_train.PROMPT_INPUT, lm_train.PROMPT_NO_INPUT] + [
+  corpus = [lm_data.PROMPT_INPUT, lm_data.PROMPT_NO_INPUT] + [
       " ".join(str(v) for v in e.values()) for e in EXAMPLES + HELD_OUT] + [
       " ".join(POSITIVE + NEGATIVE + FILLER)]
   bpe = ByteLevelBPETokenizer()
@@ -59,10 +59,10 @@ def alpaca_files(tmp_path_factory):
 def test_only_the_response_and_its_eos_carry_loss(bpe_tokenizer_dir):
   tok = cljax.load_tokenizer(bpe_tokenizer_dir)
   records = [(e, f"row {i}") for i, e in enumerate(EXAMPLES)]
-  arrays = lm_train.alpaca_arrays(records, tok, max_length=96)
+  arrays = lm_data.alpaca_arrays(records, tok, max_length=96)
   for e, ids, mask, loss in zip(EXAMPLES, arrays["input_ids"], arrays["attention_mask"],
                                 arrays["loss_mask"]):
-    prompt = lm_train.alpaca_prompt(e)
+    prompt = lm_data.alpaca_prompt(e)
     n_prompt = len(tok(prompt)["input_ids"])
     assert prompt.endswith("### Response:") and ("### Input:" in prompt) == bool(e["input"])
     assert not loss[:n_prompt].any()                      # no prompt token is a target
@@ -79,11 +79,11 @@ def test_a_row_without_instruction_or_output_names_the_file_and_line(tmp_path,
   path.write_text(json.dumps(EXAMPLES[0]) + "\n\n" + json.dumps({"instruction": "x"}) + "\n")
   with pytest.raises(ValueError, match=rf"{path}:3: expected an object with 'instruction' "
                                        "and 'output'"):
-    lm_train.alpaca_arrays(lm_train.read_records(str(path)), tok, 64)
+    lm_data.alpaca_arrays(lm_data.read_records(str(path)), tok, 64)
   listed = tmp_path / "bad.json"
   listed.write_text(json.dumps([EXAMPLES[0], {"output": "y"}]))
   with pytest.raises(ValueError, match=rf"{listed}:item 1: expected an object"):
-    lm_train.alpaca_arrays(lm_train.read_records(str(listed)), tok, 64)
+    lm_data.alpaca_arrays(lm_data.read_records(str(listed)), tok, 64)
   with pytest.raises(ValueError, match="--top_p=0.0: expected a value in"):
     lm_train.LMConfig(data=str(path), top_p=0.0)
   with pytest.raises(ValueError, match="--data is required"):
@@ -128,7 +128,7 @@ def test_the_exported_folder_loads_in_transformers_with_the_same_logits(tuned,
   folder = os.path.join(workdir, "hf_model")
   model, params = cljax.load_lm(folder)
   tok = transformers.AutoTokenizer.from_pretrained(folder)
-  enc = tok([lm_train.alpaca_prompt(e) for e in EXAMPLES[:2]], return_tensors="np",
+  enc = tok([lm_data.alpaca_prompt(e) for e in EXAMPLES[:2]], return_tensors="np",
             padding=True)
   ours = np.asarray(model.apply({"params": params}, enc["input_ids"], enc["attention_mask"]))
   ref = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
@@ -144,7 +144,7 @@ def test_resume_gives_the_uninterrupted_run(bpe_tokenizer_dir, alpaca_files, tun
                                             tmp_path):
   cfg = _config(bpe_tokenizer_dir, alpaca_files)
   workdir = str(tmp_path / "cut")
-  with pytest.raises(lm_train.Interrupted):
+  with pytest.raises(progress.Interrupted):
     lm_train.run(cfg.replace(stop_after_steps=65), workdir)   # checkpoint at 50
   with pytest.raises(ValueError, match="--learning_rate 0.003 -> 0.001"):
     lm_train.run(cfg.replace(learning_rate=1e-3), workdir, resume=True)
@@ -162,9 +162,9 @@ def test_plain_text_blocks_all_carry_loss_and_perplexity_falls(bpe_tokenizer_dir
     for _ in range(60):
       f.write(json.dumps({"text": " ".join(rs.choice(POSITIVE + FILLER, 12))}) + "\n")
   tok = cljax.load_tokenizer(bpe_tokenizer_dir)
-  arrays = lm_train.text_arrays(lm_train.read_records(str(path)), tok, block_size=32)
+  arrays = lm_data.text_arrays(lm_data.read_records(str(path)), tok, block_size=32)
   n_tokens = sum(len(tok(r["text"])["input_ids"]) + 1 for r, _ in
-                 lm_train.read_records(str(path)))
+                 lm_data.read_records(str(path)))
   assert arrays["input_ids"].shape == (n_tokens // 32, 32) and arrays["loss_mask"].all()
   assert (arrays["input_ids"] == tok.eos_token_id).sum() >= 40   # rows end with EOS
   cfg = lm_train.LMConfig(data=str(path), data_format="text", num_eval=10, block_size=32,

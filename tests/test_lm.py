@@ -14,7 +14,8 @@ import pytest
 import cljax
 from cljax import generation as gen_lib
 from cljax import steps
-from cljax.model import GPT2Config, GPT2LM, init_cache, init_params
+from cljax.kv_cache import init_cache
+from cljax.models import GPT2Config, GPT2LM, init_params
 
 from conftest import TINY_HF, padded_batch
 
@@ -322,13 +323,13 @@ def test_the_lm_step_learns_a_sequence():
 def test_label_word_logits_are_the_lm_next_token_logits(torch_lm, lm, tiny_batch):
   """GPT2LabelWords reads transformers' GPT2LMHeadModel next-token logits after the
   last real token, at the label words' tokens, from the same (LM) params."""
-  from cljax.model import GPT2LabelWords
+  from cljax.models import GPT2LabelWords
   ids, mask = tiny_batch
   lm_model, params = lm
   words = (5, 17, 3, 60)
   model = GPT2LabelWords(lm_model.config, words)
   ours = np.asarray(model.apply({"params": params}, ids, mask))
   ref = _torch_logits(torch_lm[1], ids, mask)
-  last = cljax.model.pool_index(jnp.asarray(ids), TINY_HF["pad_token_id"])
+  last = cljax.models.pool_index(jnp.asarray(ids), TINY_HF["pad_token_id"])
   expect = ref[np.arange(len(ids)), np.asarray(last)][:, list(words)]
   np.testing.assert_allclose(ours, expect, atol=1e-5)

@@ -12,9 +12,9 @@ from cljax.methods import (BuildContext, MethodConfig, StepContext, TaskContext,
                            distill, projection)
 from cljax.methods import regularizers as reg
 from cljax.methods import replay
-from cljax.model import GPT2Classifier, GPT2Config, init_params
+from cljax.models import GPT2Classifier, GPT2Config, init_params
 
-CTX = BuildContext(num_labels=4, num_tasks=2, max_length=12, n_layer=2)
+CTX = BuildContext(num_labels=4, num_tasks=2, max_length=12, n_layer=2, pad_token_id=49)
 
 
 class Linear:
@@ -263,7 +263,8 @@ def test_replay_train_step_does_not_retrace_as_the_buffer_fills():
   model = GPT2Classifier(config)
   params = init_params(model, jax.random.PRNGKey(0))
   method = build("derpp", MethodConfig(replay_size=6, replay_batch_size=2),
-                 BuildContext(num_labels=4, num_tasks=2, max_length=8, n_layer=1))
+                 BuildContext(num_labels=4, num_tasks=2, max_length=8, n_layer=1,
+                              pad_token_id=49))
   tx, _ = steps.make_optimizer(total_steps=10)
   traces = []
 

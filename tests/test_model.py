@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cljax import model as model_lib
-from cljax.model import GPT2Classifier, GPT2Config
+from cljax import models as model_lib
+from cljax.models import GPT2Classifier, GPT2Config
 
 TINY = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                   num_labels=3, pad_token_id=96, eos_token_id=96)

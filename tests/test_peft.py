@@ -9,7 +9,7 @@ import pytest
 import cljax
 from cljax import study
 from cljax.methods import BuildContext, MethodConfig, StepContext, build, peft
-from cljax.model import (GPT2Classifier, GPT2Config, GPT2LM, add_peft_params, init_params,
+from cljax.models import (GPT2Classifier, GPT2Config, GPT2LM, add_peft_params, init_params,
                          merge_lora, peft_slot_of)
 from cljax.progress import StepLogger, Writers
 
@@ -161,9 +161,9 @@ def test_training_moves_only_the_current_slot(method, tiny_data_dir, tiny_tokeni
   logger = StepLogger(Writers(str(tmp_path), enabled=False), 100, lambda: None)
   after = []
   for k in range(2):
-    state = study.begin_task(s, k, state, record)
-    state = study.train_task(s, k, state, record, logger)
-    state = study.end_task(s, k, state, record, logger)
+    state, plan = study.begin_task(s, k, state, record)
+    state = study.train_task(s, plan, state, record, logger)
+    state = study.end_task(s, plan, state, record, logger)
     after.append(_numpy(state.params))
   s.checkpointer.close()
 
@@ -292,7 +292,7 @@ def test_per_task_lora_as_text_infers_the_task_by_perplexity(tiny_data_dir, tiny
 
 
 def test_replayed_rows_take_their_task_slot_and_the_prompts_in_use():
-  ctx = BuildContext(num_labels=4, num_tasks=2, max_length=4, n_layer=1)
+  ctx = BuildContext(num_labels=4, num_tasks=2, max_length=4, n_layer=1, pad_token_id=96)
   from cljax.methods import replay
   stored = {"input_ids": jnp.ones((2, 4), jnp.int32), "attention_mask": jnp.ones((2, 4), jnp.int32),
             "labels": jnp.asarray([0, 1]), "task_ids": jnp.asarray([0, 0]),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cljax import steps
-from cljax.model import GPT2Classifier, GPT2Config, init_params
+from cljax.models import GPT2Classifier, GPT2Config, init_params
 
 CONFIG = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                     num_labels=4, pad_token_id=96, eos_token_id=96)

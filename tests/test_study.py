@@ -231,7 +231,7 @@ def test_a_new_task_does_not_keep_the_previous_optimizer_state(tiny_data_dir,
   monkeypatch.setattr(progress.StepLogger, "push", measuring_push)
   cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, epochs=1)
   study.run(cfg, str(tmp_path))
-  from cljax.model import GPT2Config
+  from cljax.models import GPT2Config
   config = GPT2Config.from_size("tiny", vocab_size=64)
   param_bytes = 4 * config.n_layer * 12 * config.n_embd ** 2   # blocks alone: a lower bound
   assert peak[1] - peak[0] < 0.5 * param_bytes, (peak, param_bytes)
@@ -343,7 +343,7 @@ def test_random_init_on_an_accelerator_runs_on_the_host_cpu_with_the_same_values
   faster), then moved to the default device: the same params as the init there."""
   import functools
   import jax
-  from cljax.model import GPT2Classifier, GPT2Config, init_params, random_params
+  from cljax.models import GPT2Classifier, GPT2Config, init_params, random_params
   model = GPT2Classifier(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1,
                                     n_head=2, num_labels=4, pad_token_id=0))
   want = jax.jit(functools.partial(init_params, model))(jax.random.PRNGKey(3))

@@ -3,7 +3,7 @@ r"""The whole study timed end to end in cljax and in the seed's own script (tran
 device, in one process run; ``--torch_loop`` adds a hand-written PyTorch loop over
 cljax's arrays (no Trainer overhead: the per-step comparison).
 
-  cljax-study-vs-torch --flagfile=experiments/presets/smoke.flags --size=mini \
+  cljax-study-vs-torch --flagfile=experiments/presets/smoke_shared.flags --size=mini \
       --epochs=1 --learning_rate=5e-4 --workdir=/tmp/vs_torch
 
 Prints one JSON line with the wall times (data loading, compilation, training and
@@ -21,7 +21,7 @@ from absl import app
 from absl import flags
 
 from cljax import cli
-from cljax import bench
+from cljax import baselines
 from cljax import flags as cljax_flags
 from cljax import study
 
@@ -53,12 +53,12 @@ def main(argv):
          "jax_accuracy_matrix": results["accuracy_matrix"],
          "jax_baseline_accuracy": results["baseline_accuracy"]}
   try:
-    out.update(bench.trainer_study(cfg, os.path.join(_WORKDIR.value, "trainer")))
+    out.update(baselines.trainer_study(cfg, os.path.join(_WORKDIR.value, "trainer")))
     out["speedup_vs_trainer"] = out["trainer_wall_seconds"] / jax_wall
   except ImportError as e:   # Trainer needs accelerate: pip install -e '.[test]'
     out["trainer_error"] = f"{type(e).__name__}: {e}"
   if _TORCH_LOOP.value:
-    out.update(bench.torch_study(cfg))
+    out.update(baselines.torch_study(cfg))
     out["speedup_vs_torch_loop"] = out["torch_wall_seconds"] / jax_wall
   print(json.dumps(out))
 

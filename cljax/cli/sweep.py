@@ -1,6 +1,6 @@
 r"""Methods x seeds x strengths of the forgetting study, one run after another.
 
-  cljax-sweep --flagfile=experiments/presets/smoke.flags --root=runs/sweep \
+  cljax-sweep --flagfile=experiments/presets/smoke_shared.flags --root=runs/sweep \
       --methods=finetune,ewc,replay --seeds=0,1,2 --num_val=200 \
       --grid=ewc:ewc_lambda=1e2,1e4,1e6
   (or: python experiments/sweep.py ...; --methods=all --default_grids sweeps every

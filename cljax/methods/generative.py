@@ -31,129 +31,39 @@ losses.
 The generated pseudo-data lives in the method state (so in checkpoints: a resumed run
 trains on the same samples), and each boundary reports its cost (seconds, tokens/s),
 how many samples were kept and why the others were dropped, and the first few texts.
+
+This file holds the two methods, their configs and hooks; the pseudo-data pieces that
+hold no method state (generation, LAMOL's filter, the rows, the QA loss) are in
+``pseudo_data.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-import time
 from typing import NamedTuple
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from cljax import data as data_lib
-from cljax import generation
 from cljax import steps
 from cljax.methods.base import Method, StepContext, TaskContext
 from cljax.methods.distill import distillation_loss
 from cljax.methods.registry import NON_NEGATIVE, POSITIVE, BuildContext, hparam, register
-from cljax.model import GPT2LM
+from cljax.methods.pseudo_data import (PseudoData, empty_pseudo_data, generate_texts, lm_arrays,
+                                       lm_row, pad_rows, qa_loss, split_answer, split_sizes)
 
 ANSWER_TOKEN = "__ans__"
 LABEL_CHOICES = ("hard", "logits")
 QA_LOSS_CHOICES = ("vocab", "label_words")
 
 
-class PseudoData(NamedTuple):
-  """Generated examples as training rows; the first ``count`` rows are real (at least
-  one row is stored: orbax saves no empty array)."""
-  input_ids: jax.Array          # [M, T] the example as the task's input row
-  attention_mask: jax.Array     # [M, T]
-  labels: jax.Array             # [M]
-  task_ids: jax.Array           # [M] the earlier task it replays
-  class_mask: jax.Array         # [M, C] that task's classes
-  teacher_logits: jax.Array     # [M, C] float32: the old model's (DGR), else 0
-  lm_input_ids: jax.Array       # [M, T] GEN text [__ans__ answer] EOS
-  lm_attention_mask: jax.Array  # [M, T]
-  lm_loss_mask: jax.Array       # [M, T] float32: target weights
-  count: jax.Array              # int32
-
-
 # ----------------------------------------------------------------------------
-# Host pieces: how many to generate, LM rows, generation, the LAMOL filter
+# Host pieces: the method state on the host, the prompt's answer cue
 # ----------------------------------------------------------------------------
-
-def split_sizes(task_size: int, gamma: float, num_earlier: int) -> list[int]:
-  """Pseudo-examples per earlier task, as LAMOL's ``create_extra_data``:
-  ``N = ceil(gamma * task_size)`` rounded down to a multiple of the number of
-  earlier tasks, split evenly."""
-  n = int(math.ceil(task_size * gamma - 1e-9))
-  n -= n % num_earlier
-  return [n // num_earlier] * num_earlier
-
-
-def lm_row(gen: int, head: list[int], tail: list[int], answer: list[int], *, eos: int,
-           length: int, ended: bool = True) -> list[int]:
-  """``GEN head tail answer [EOS]`` in ``length`` tokens: ``head`` (the text) is cut
-  from its end when it does not fit; ``tail`` (the prompt's answer cue) never is."""
-  room = length - 1 - len(tail) - len(answer) - int(ended)
-  return ([gen] + list(head)[:max(room, 0)] + list(tail) + list(answer)
-          + ([eos] if ended else []))[:length]
-
-
-def lm_arrays(rows: list[list[int]], *, length: int, pad: int, weights: dict[int, float]
-              ) -> dict[str, np.ndarray]:
-  """``lm_input_ids``, ``lm_attention_mask`` and ``lm_loss_mask`` (every token after
-  the first is a target, weighted by ``weights.get(token, 1)``) of LM rows."""
-  n = len(rows)
-  ids = np.full((n, length), pad, np.int32)
-  mask = np.zeros((n, length), np.int32)
-  loss = np.zeros((n, length), np.float32)
-  for i, row in enumerate(rows):
-    ids[i, :len(row)] = row
-    mask[i, :len(row)] = 1
-    loss[i, 1:len(row)] = [weights.get(t, 1.0) for t in row[1:]]
-  return {"lm_input_ids": ids, "lm_attention_mask": mask, "lm_loss_mask": loss}
-
-
-def generate_texts(model, params, prompts: list[int], *, length: int, batch_size: int,
-                   rng, top_k: int, temperature: float, eos: int
-                   ) -> tuple[list[list[int]], list[bool], float]:
-  """Samples after each one-token prompt, up to ``length - 1`` new tokens: (the new
-  tokens before EOS, whether EOS came, seconds). Batches of ``batch_size`` rows (the
-  last padded), one compiled program."""
-  lm = GPT2LM(model.config)
-  texts, ended, t0 = [], [], time.time()
-  for s in range(0, len(prompts), batch_size):
-    chunk = prompts[s:s + batch_size]
-    ids = np.asarray(chunk + [chunk[0]] * (batch_size - len(chunk)), np.int32)[:, None]
-    new = generation.generate(lm, params, ids, np.ones_like(ids), max_new_tokens=length - 1,
-                              rng=jax.random.fold_in(rng, s), temperature=temperature,
-                              top_k=top_k, eos_token_id=eos, pad_token_id=eos)
-    for row in new[:len(chunk)]:
-      stop = np.flatnonzero(row == eos)
-      texts.append(row[:stop[0] if len(stop) else len(row)].tolist())
-      ended.append(bool(len(stop)))
-  return texts, ended, time.time() - t0
-
-
-def split_answer(tokens: list[int], answer_token: int, answers: dict[tuple[int, ...], int]
-                 ) -> tuple[list[int], int] | str:
-  """LAMOL's filter: (text, class) when ``tokens`` split into exactly one non-empty
-  text and one answer at ``answer_token`` and the answer is a known label word
-  (``answers`` maps its tokens to its class); else why not: ``malformed`` or
-  ``unknown_answer``."""
-  at = [i for i, t in enumerate(tokens) if t == answer_token]
-  if len(at) != 1 or at[0] == 0:
-    return "malformed"
-  label = answers.get(tuple(tokens[at[0] + 1:]))
-  return "unknown_answer" if label is None else (tokens[:at[0]], label)
-
-
-def _rows(texts: list[list[int]], length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-  ids = np.full((len(texts), length), pad, np.int32)
-  mask = np.zeros((len(texts), length), np.int32)
-  for i, t in enumerate(texts):
-    ids[i, :len(t)] = t[:length]
-    mask[i, :len(t)] = 1
-  return ids, mask
-
 
 def _host(x) -> np.ndarray:
   """A replicated state array on the host (under several processes each holds it whole)."""
@@ -232,14 +142,6 @@ def _tokens(spec: _Spec, num_tasks: int) -> tuple[str, ...]:
   return gens + ((ANSWER_TOKEN,) if spec.lamol else ())
 
 
-def _empty(length: int, num_labels: int) -> PseudoData:
-  def z():  # distinct buffers: the train step donates each
-    return jnp.zeros((1, length), jnp.int32)
-  return PseudoData(z(), z(), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32),
-                    jnp.zeros((1, num_labels), bool), jnp.zeros((1, num_labels), jnp.float32),
-                    z(), z(), jnp.zeros((1, length), jnp.float32), jnp.zeros((), jnp.int32))
-
-
 class _Setup(NamedTuple):
   """What every hook of one generative method knows."""
   spec: _Spec
@@ -306,7 +208,7 @@ def _train_arrays(s: _Setup, tctx: TaskContext):
 def _label_by_old_model(s: _Setup, tctx: TaskContext, texts, sources):
   """DGR: rows, the old model's labels and logits, over the classes of the task that
   wrote each text (or of every earlier task, with a shared token)."""
-  ids, mask = _rows(texts, s.length, s.eos)
+  ids, mask = pad_rows(texts, s.length, s.eos)
   logits_fn = jax.jit(lambda p, b: steps.logits_step(p, b, model=tctx.model))
   logits = np.concatenate([
       np.asarray(logits_fn(tctx.params, {"input_ids": b["input_ids"],
@@ -327,7 +229,7 @@ def _pseudo_data(s: _Setup, tctx: TaskContext, texts, sources, ended, labels) ->
   if s.spec.lamol:
     words = {c: list(w) for w, c in _label_words(tctx, tctx.task_index).items()}
     rows = [t + [s.ans_id] for t in texts]
-    ids, mask = _rows(rows, s.length, s.eos)
+    ids, mask = pad_rows(rows, s.length, s.eos)
     teacher = np.zeros((n, s.num_labels), np.float32)
     lm = [lm_row(s.gen_token(j), r, [], words[c], eos=s.eos, length=s.length)
           for r, j, c in zip(rows, sources, labels)]
@@ -375,7 +277,7 @@ def _before_task(s: _Setup, state: PseudoData, tctx: TaskContext) -> PseudoData:
   k = tctx.task_index
   sizes = split_sizes(data_lib.size(tctx.train), s.spec.gamma, k) if k else []
   if not sum(sizes):
-    return _empty(s.length, s.num_labels)
+    return empty_pseudo_data(s.length, s.num_labels)
   sources = [j for j, n in enumerate(sizes) for _ in range(n)]
   texts, ended, seconds = generate_texts(
       tctx.model, tctx.params, [s.gen_token(j) for j in sources], length=s.length,
@@ -396,7 +298,7 @@ def _before_task(s: _Setup, state: PseudoData, tctx: TaskContext) -> PseudoData:
   logging.info("%s before task %d: generated %d pseudo-examples (%d tokens) in %.1f s "
                "(%.0f tokens/s); kept %d, dropped %s.", s.spec.name, k, len(texts),
                generated, seconds, report["tokens_per_second"], len(kept[0]), dropped)
-  return _pseudo_data(s, tctx, *kept) if kept[0] else _empty(s.length, s.num_labels)
+  return _pseudo_data(s, tctx, *kept) if kept[0] else empty_pseudo_data(s.length, s.num_labels)
 
 
 def _prepare_batch(s: _Setup, state, sctx: StepContext):
@@ -407,35 +309,6 @@ def _prepare_batch(s: _Setup, state, sctx: StepContext):
   if s.spec.qa_loss == "vocab":  # LAMOL's QA loss replaces the label-word CE
     batch["ce_weights"] = jnp.zeros_like(batch["weights"])
   return batch
-
-
-def answer_targets(lm_ids_BT, lm_mask_BT, ans_id: int, k: int):
-  """(positions ``[B, k]`` in the LM rows of the first ``k`` tokens after ``__ans__``,
-  whether each is one): the answer's tokens and its EOS, LAMOL's QA targets."""
-  T = lm_ids_BT.shape[1]
-  after_BT = ((jnp.cumsum(lm_ids_BT == ans_id, axis=1) > 0) & (lm_ids_BT != ans_id)
-              & (lm_mask_BT > 0))
-  _, idx_BK = jax.lax.top_k(after_BT * (T - jnp.arange(T)), k)   # the earliest first
-  return idx_BK, jnp.take_along_axis(after_BT, idx_BK, axis=1)
-
-
-def qa_loss(lm_apply_fn, params, batch, *, ans_id: int, k: int, pad: int) -> jax.Array:
-  """LAMOL's QA loss (the reference's ``qa_loss``): the mean full-vocabulary
-  cross-entropy of the answer's tokens and EOS, given the QA row ``prompt(x) __ans__
-  answer EOS`` (the LM row without its ``GEN``), over the batch's answers (example
-  weights ``lm_weight``). The logits are computed at those ``k`` positions only."""
-  ids_BT, mask_BT = batch["lm_input_ids"], batch["lm_attention_mask"]
-  idx_BK, is_BK = answer_targets(ids_BT, mask_BT, ans_id, k)
-  qa_ids_BT = jnp.concatenate([ids_BT[:, 1:], jnp.full_like(ids_BT[:, :1], pad)], axis=1)
-  qa_mask_BT = jnp.concatenate([mask_BT[:, 1:], jnp.zeros_like(mask_BT[:, :1])], axis=1)
-  # Token j of the LM row is token j-1 of the QA row, predicted at position j-2.
-  logits_BKV = lm_apply_fn(params, qa_ids_BT, qa_mask_BT,
-                           logits_index=jnp.maximum(idx_BK - 2, 0))
-  ce_BK = optax.softmax_cross_entropy_with_integer_labels(
-      logits_BKV.astype(jnp.float32), jnp.take_along_axis(ids_BT, idx_BK, axis=1))
-  w_BK = is_BK * batch["lm_weight"][:, None]
-  return jnp.sum(ce_BK * w_BK) / jnp.maximum(jnp.sum(w_BK), 1e-9)
-
 
 def _loss(s: _Setup, state, sctx: StepContext):
   """``lm_lambda`` times the weighted mean next-token CE of the batch's LM rows (and
@@ -459,11 +332,12 @@ def _loss(s: _Setup, state, sctx: StepContext):
 
 def _generative_method(spec: _Spec, gen: GenerationConfig, ctx: BuildContext) -> Method:
   tokens = _tokens(spec, ctx.num_tasks)
-  ids = {t: ctx.first_new_token + i for i, t in enumerate(tokens)}
+  first, eos = ctx.need("first_new_token", spec.name), ctx.need("eos_token_id", spec.name)
+  ids = {t: first + i for i, t in enumerate(tokens)}
   s = _Setup(spec, gen, tokens, tuple(ids[t] for t in tokens if t != ANSWER_TOKEN),
-             ids.get(ANSWER_TOKEN), ctx.max_length, ctx.num_labels, ctx.eos_token_id,
+             ids.get(ANSWER_TOKEN), ctx.max_length, ctx.num_labels, eos,
              ctx.head == "lm", ctx.answer_tokens)
-  return Method(name=spec.name, init=lambda params: _empty(s.length, s.num_labels),
+  return Method(name=spec.name, init=lambda params: empty_pseudo_data(s.length, s.num_labels),
                 before_task=functools.partial(_before_task, s),
                 train_arrays=functools.partial(_train_arrays, s),
                 prepare_batch=functools.partial(_prepare_batch, s),

@@ -3,7 +3,7 @@ task (``lora_per_task``, ``adapter_per_task``; AdapterCL, Madotto et al. 2021), 
 (Wang et al. 2023), Progressive Prompts (Razdaibiedina et al. 2023) and Progressive
 Neural Networks (Rusu et al. 2016).
 
-The modules live in the model (``cljax.model.LoRA``, ``Adapter``: ``peft_slots`` of
+The modules live in the model (``cljax.models.LoRA``, ``Adapter``: ``peft_slots`` of
 each, one per task, added by the study from ``Method.model_options``); the base
 weights are frozen through the optimizer mask and task k trains slot k alone.
 
@@ -46,10 +46,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax.methods import heads
+from cljax import steps
+from cljax.methods import head_fixes
 from cljax.methods.base import Method, StepContext, TaskContext
 from cljax.methods.registry import DROPOUT, NON_NEGATIVE, POSITIVE, BuildContext, hparam, register
-from cljax.model import LORA_TARGETS, column_prefix, is_peft, peft_slot_of
+from cljax.models import LORA_TARGETS, column_prefix, is_peft, peft_slot_of
 
 INFERENCE = ("entropy", "perplexity")
 
@@ -122,9 +123,7 @@ class PerTaskState(NamedTuple):
 
 def _input_nll(lm_logits_BTV, input_ids_BT, mask_BT) -> jax.Array:
   """[B] mean next-token negative log-likelihood of each row's real tokens."""
-  logp = jax.nn.log_softmax(lm_logits_BTV[:, :-1].astype(jnp.float32), axis=-1)
-  nll_BT = -jnp.take_along_axis(logp, input_ids_BT[:, 1:, None], axis=-1)[..., 0]
-  w_BT = mask_BT[:, 1:].astype(jnp.float32)
+  nll_BT, w_BT = steps.next_token_losses(lm_logits_BTV, input_ids_BT, mask_BT)
   return jnp.sum(nll_BT * w_BT, -1) / jnp.maximum(jnp.sum(w_BT, -1), 1.0)
 
 
@@ -176,7 +175,7 @@ def _per_task(name: str, options: dict, infer: str, ctx: BuildContext,
 
   def prepare_batch(state, sctx: StepContext):
     del state
-    return heads.own_classes_only({**sctx.batch, "peft_slot": sctx.batch["task_ids"]})
+    return head_fixes.own_classes_only({**sctx.batch, "peft_slot": sctx.batch["task_ids"]})
 
   return Method(name=name, init=init, before_task=before_task, prepare_batch=prepare_batch,
                 trainable=trainable, model_options=tuple(options.items()),
@@ -280,7 +279,7 @@ def progressive_prompts(hp: PromptConfig, ctx: BuildContext) -> Method:
     return jnp.asarray(tctx.task_index, jnp.int32)
 
   def prepare_batch(task, sctx: StepContext):
-    return heads.own_classes_only({**sctx.batch, "prompt_active": in_use(task, sctx.batch)})
+    return head_fixes.own_classes_only({**sctx.batch, "prompt_active": in_use(task, sctx.batch)})
 
   def eval_logits(task, sctx: StepContext):
     logits = sctx.apply_fn(sctx.params, {**sctx.batch,
@@ -320,7 +319,7 @@ def pnn(hp: InferenceOptions, ctx: BuildContext) -> Method:
   if ctx.head != "score":
     raise ValueError("pnn gives each column its pooled output for the score head; --head=lm "
                      "is not supported (use --head=score).")
-  if ctx.n_embd > PNN_MAX_WIDTH:
+  if ctx.need("n_embd", "pnn") > PNN_MAX_WIDTH:
     raise ValueError(f"pnn keeps a whole GPT-2 per task ({ctx.num_tasks} here) and "
                      f"laterals between them: refused above GPT-2 small's width "
                      f"({PNN_MAX_WIDTH}); this model's is {ctx.n_embd}. Use lora_per_task "

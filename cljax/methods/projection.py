@@ -1,10 +1,16 @@
-"""A-GEM (Chaudhry et al. 2019): project the gradient when it conflicts with the
+"""Methods that act on the update rather than the loss: A-GEM's gradient projection
+and layer freezing.
+
+A-GEM (Chaudhry et al. 2019): project the gradient when it conflicts with the
 gradient on a batch from the episodic memory.
 
 ``g <- g - (g . g_ref) / (g_ref . g_ref) * g_ref`` whenever ``g . g_ref < 0``, so
 the update never increases the memory loss to first order. The memory is a replay
 buffer (``replay.py``) filled by reservoir sampling over each finished task's
 training data.
+
+Layer freezing (``freeze``): only the head (or the head, the final LayerNorm and the
+last k blocks) is trainable; the optimizer's mask leaves the rest unchanged.
 """
 
 from __future__ import annotations

@@ -81,11 +81,21 @@ class BuildContext:
   max_length: int
   n_layer: int
   head: str = "score"     # the study's --head: score, or lm (classification as text)
-  first_new_token: int = 50257   # the id a method's first added token gets
-  eos_token_id: int = 50256
-  n_embd: int = 768
-  pad_token_id: int = 50256   # the tokenizer's (= eos in GPT-2's setup)
+  # The model's and tokenizer's facts, unset (None) unless given: a method that needs
+  # one reads it with need(), which names it when it is missing (no GPT-2 small guess).
+  first_new_token: int | None = None   # the id a method's first added token gets
+  eos_token_id: int | None = None
+  n_embd: int | None = None
+  pad_token_id: int | None = None   # the tokenizer's (= eos in GPT-2's setup)
   answer_tokens: int = 1      # (--head=lm) the most tokens of any task's label word
+
+  def need(self, name: str, method: str) -> int:
+    """The field ``name``, or a clear error that ``method`` needs it."""
+    value = getattr(self, name)
+    if value is None:
+      raise ValueError(f"The method {method!r} needs BuildContext.{name} (the model's or "
+                       "tokenizer's); pass it when building the method.")
+    return value
 
 
 _REGISTRY: dict[str, Registration] = {}

@@ -156,7 +156,7 @@ def widen(batch: dict, length: int, pad_id: int) -> dict:
 
 
 def append_replayed(batch: dict, extra: dict, ce_weight: float, tag: str,
-                    pad_id: int = 50256) -> dict:
+                    pad_id: int) -> dict:
   """Appends replayed examples; ``ce_weight`` 0 keeps them out of the main loss. The
   batch is first padded (``pad_id``) to the replayed rows' width (the buffer stores
   rows at ``--max_length``)."""
@@ -216,7 +216,7 @@ def _replay_method(name: str, hp: ReplayConfig, ctx: BuildContext, *, ce_weight:
   if hp.replay_policy not in POLICIES:
     raise ValueError(f"Unknown --replay_policy {hp.replay_policy!r}; expected one of "
                      f"{POLICIES}.")
-  r = hp.replay_batch_size
+  r, pad = hp.replay_batch_size, ctx.need("pad_token_id", name)
 
   def init_fn(params):
     del params
@@ -224,10 +224,9 @@ def _replay_method(name: str, hp: ReplayConfig, ctx: BuildContext, *, ce_weight:
 
   def prepare_batch(buf, sctx: StepContext):
     k1, k2 = jax.random.split(sctx.rng)
-    batch = append_replayed(sctx.batch, sample(buf, k1, r), ce_weight, f"{name}_a",
-                            ctx.pad_token_id)
+    batch = append_replayed(sctx.batch, sample(buf, k1, r), ce_weight, f"{name}_a", pad)
     if der_beta:
-      batch = append_replayed(batch, sample(buf, k2, r), 0.0, f"{name}_b", ctx.pad_token_id)
+      batch = append_replayed(batch, sample(buf, k2, r), 0.0, f"{name}_b", pad)
     return batch
 
   def loss(buf, sctx: StepContext):

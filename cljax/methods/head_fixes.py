@@ -92,7 +92,7 @@ def er_ace(hp: replay.ReplayConfig, ctx: BuildContext) -> Method:
   if hp.replay_policy not in replay.POLICIES:
     raise ValueError(f"Unknown --replay_policy {hp.replay_policy!r}; expected one of "
                      f"{replay.POLICIES}.")
-  tag = "er_ace"
+  tag, pad = "er_ace", ctx.need("pad_token_id", "er_ace")
 
   def init(params):
     del params
@@ -110,7 +110,7 @@ def er_ace(hp: replay.ReplayConfig, ctx: BuildContext) -> Method:
     batch = exclude_classes(batch, incoming(batch)[:, None] & absent_C[None])
     # Replayed rows stay out of the main (incoming) loss: ``loss`` adds their own mean.
     replayed = replay.sample(state.buffer, sctx.rng, hp.replay_batch_size)
-    return replay.append_replayed(batch, replayed, 0.0, tag, ctx.pad_token_id)
+    return replay.append_replayed(batch, replayed, 0.0, tag, pad)
 
   def loss(state, sctx: StepContext):
     del state

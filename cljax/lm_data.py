@@ -1,0 +1,118 @@
+"""Language-model data: the Stanford Alpaca prompt templates and instruction rows
+(prompt masked out of the loss), plain text packed into blocks, the files and hub
+datasets they are read from, and prompts to answer."""
+
+from __future__ import annotations
+
+import os
+
+from absl import logging
+import numpy as np
+
+from cljax import data as data_lib
+
+# Stanford Alpaca's prompt templates (tatsu-lab/stanford_alpaca, train.py).
+PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:")
+
+
+def read_records(source: str) -> list[tuple[dict, str]]:
+  """(row, where) pairs of a .json list, a .jsonl file or a hub dataset's train split;
+  ``where`` ("file:line") names the row in errors."""
+  path = os.path.expanduser(source)
+  if os.path.isfile(path):
+    return data_lib.read_json_records(path)
+  if os.path.exists(path) or source.startswith((".", "/", "~")):
+    raise FileNotFoundError(f"{source}: not a file; expected a .json or .jsonl file or a "
+                            "Hugging Face hub dataset id.")
+  try:
+    import datasets  # pylint: disable=import-outside-toplevel
+    ds = datasets.load_dataset(source, split="train")
+  except Exception as e:  # offline, unknown id
+    raise OSError(f"Could not load {source!r} from the Hugging Face hub ({type(e).__name__}:"
+                  f" {e}). Offline, pass a local .json / .jsonl file.") from e
+  return [(row, f"hub:{source}:{i}") for i, row in enumerate(ds)]
+
+
+def alpaca_prompt(row: dict, where: str = "") -> str:
+  """The Stanford Alpaca prompt of a row (with or without its ``input``)."""
+  for key in ("instruction",) + (("input",) if row.get("input") else ()):
+    if not isinstance(row.get(key), str):
+      raise ValueError(f"{where}: {key!r} must be a string, found {row.get(key)!r:.60}.")
+  if row.get("input"):
+    return PROMPT_INPUT.format(instruction=row["instruction"], input=row["input"])
+  return PROMPT_NO_INPUT.format(instruction=row["instruction"])
+
+
+def alpaca_arrays(records, tokenizer, max_length: int) -> dict[str, np.ndarray]:
+  """``input_ids``, ``attention_mask`` and ``loss_mask`` (1 on the response and its
+  EOS only) of Alpaca rows, truncated to ``max_length`` and right padded."""
+  n = len(records)
+  ids = np.full((n, max_length), tokenizer.pad_token_id, np.int32)
+  mask, loss = np.zeros((n, max_length), np.int32), np.zeros((n, max_length), np.int32)
+  cut = 0
+  for i, (row, where) in enumerate(records):
+    if not isinstance(row, dict) or "instruction" not in row or "output" not in row:
+      raise ValueError(f"{where}: expected an object with 'instruction' and 'output' (and "
+                       f"optionally 'input'), found {str(row)[:80]!r}.")
+    if not isinstance(row["output"], str):
+      raise ValueError(f"{where}: 'output' must be a string, found {row['output']!r:.60}.")
+    prompt = alpaca_prompt(row, where)
+    source = tokenizer(prompt)["input_ids"]
+    full = tokenizer(prompt + row["output"] + tokenizer.eos_token)["input_ids"][:max_length]
+    cut += len(source) >= len(full)
+    ids[i, :len(full)] = full
+    mask[i, :len(full)] = 1
+    loss[i, len(source):len(full)] = 1
+  if cut:
+    logging.warning("%d of %d examples have no response token left within --max_length=%d "
+                    "(their prompts fill it); they carry no loss.", cut, n, max_length)
+  return {"input_ids": ids, "attention_mask": mask, "loss_mask": loss}
+
+
+def text_arrays(records, tokenizer, block_size: int, field: str = "text"
+                ) -> dict[str, np.ndarray]:
+  """Every row's text plus EOS, concatenated and cut into full blocks of
+  ``block_size`` tokens (the remainder is dropped), every token a target."""
+  texts = []
+  for row, where in records:
+    text = row.get(field) if isinstance(row, dict) else None
+    if not isinstance(text, str) or not text.strip():
+      raise ValueError(f"{where}: expected a non-empty string field {field!r}.")
+    texts.append(text)
+  stream = [t for ids in tokenizer(texts, verbose=False)["input_ids"]
+            for t in (*ids, tokenizer.eos_token_id)]
+  blocks = len(stream) // block_size
+  if blocks == 0:
+    raise ValueError(f"The data holds {len(stream)} tokens, less than one --block_size="
+                     f"{block_size} block.")
+  ids = np.asarray(stream[:blocks * block_size], np.int32).reshape(blocks, block_size)
+  ones = np.ones_like(ids)
+  return {"input_ids": ids, "attention_mask": ones, "loss_mask": ones}
+
+
+def read_sources(sources: str) -> list[tuple[dict, str]]:
+  """The rows of one source or of several joined by commas, in order."""
+  return [r for source in sources.split(",") if source.strip()
+          for r in read_records(source.strip())]
+
+
+def sample_records(records: list, n: int | None, seed) -> list:
+  """At most ``n`` records, a seeded sample kept in file order (None: all)."""
+  if n is None or n >= len(records):
+    return records
+  return [records[i] for i in sorted(np.random.default_rng(seed).permutation(len(records))[:n])]
+
+
+def read_prompts(path: str) -> list[dict]:
+  """Prompts to answer: JSON Lines rows with ``instruction`` (and ``input``), or a text
+  file with one instruction per line."""
+  if path.endswith((".jsonl", ".json")):
+    return [row for row, _ in read_records(path)]
+  return [{"instruction": line} for line in data_lib.read_text(path).splitlines()
+          if line.strip()]

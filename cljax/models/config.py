@@ -1,0 +1,211 @@
+"""GPT-2's hyperparameters: the config dataclass, the standard sizes, the compute and
+parameter dtypes, and the conversion from and to Hugging Face's ``config.json``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+from collections.abc import Mapping
+
+import jax.numpy as jnp
+
+# ----------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------
+
+# Standard sizes (n_layer, n_embd, n_head), as in Hugging Face's hub configs, plus
+# tiny sizes for tests and CPU smoke runs.
+SIZES: dict[str, dict[str, int]] = {
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16),
+    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20),
+    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25),
+    # Small random-init sizes for CPU runs and tests.
+    "mini": dict(n_layer=4, n_embd=256, n_head=4),
+    "tiny": dict(n_layer=2, n_embd=64, n_head=4),
+}
+SIZE_ALIASES = {"small": "gpt2", "medium": "gpt2-medium", "large": "gpt2-large",
+                "xl": "gpt2-xl"}
+
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(dtype: Any) -> Any:
+  """Maps 'float32' / 'bfloat16' / a jnp dtype to a jnp dtype, with a clear error."""
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise ValueError(f"Unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}.")
+    return _DTYPES[dtype]
+  return jnp.dtype(dtype).type
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+  """Hyperparameters of a GPT-2 classifier (Hugging Face names where they exist).
+
+  ``dtype`` is the compute dtype (activations, matmuls); ``param_dtype`` is the
+  storage dtype of the parameters (float32 master weights by default). Logits are
+  always returned in float32.
+  """
+
+  vocab_size: int = 50257
+  n_positions: int = 1024
+  n_embd: int = 768
+  n_layer: int = 12
+  n_head: int = 12
+  n_inner: int | None = None
+  layer_norm_epsilon: float = 1e-5
+  embd_pdrop: float = 0.1
+  attn_pdrop: float = 0.1
+  resid_pdrop: float = 0.1
+  initializer_range: float = 0.02
+  num_labels: int = 2
+  pad_token_id: int | None = 50256
+  eos_token_id: int = 50256
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False
+  # Parameter-efficient modules (none by default), ``peft_slots`` of each (one per
+  # task for the per-task methods): LoRA on the projections named in ``lora_targets``
+  # (c_attn, c_proj: attention's and the MLP's, c_fc) and a bottleneck adapter after
+  # each block. They add parameters and leave the base ones as they are.
+  lora_rank: int = 0
+  lora_alpha: float = 8.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = ("c_attn",)
+  adapter_size: int = 0
+  prompt_length: int = 0     # soft-prompt tokens per slot, prepended to the input
+  peft_slots: int = 1
+  # Progressive Neural Networks: this many GPT-2 columns (0 or 1: none), laterals from
+  # every earlier column's block outputs into each later one.
+  pnn_columns: int = 0
+
+  def __post_init__(self):
+    if self.n_embd % self.n_head:
+      raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}).")
+    as_dtype(self.dtype), as_dtype(self.param_dtype)
+    unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+    if unknown:
+      raise ValueError(f"LoRA targets {unknown}: expected some of {list(LORA_TARGETS)}.")
+    if min(self.lora_rank, self.adapter_size, self.prompt_length) < 0 or self.peft_slots < 1:
+      raise ValueError(f"lora_rank={self.lora_rank}, adapter_size={self.adapter_size}, "
+                       f"prompt_length={self.prompt_length} and peft_slots="
+                       f"{self.peft_slots}: expected >= 0, >= 0, >= 0 and >= 1.")
+
+    if self.pnn_columns > 1 and (self.lora_rank or self.adapter_size or self.prompt_length):
+      raise ValueError("Progressive columns (pnn_columns) do not combine with LoRA, "
+                       "adapters or prompts.")
+
+  @property
+  def has_peft(self) -> bool:
+    """Whether the model holds modules a plain Hugging Face GPT-2 cannot."""
+    return bool(self.lora_rank or self.adapter_size or self.prompt_length
+                or self.pnn_columns > 1)
+
+  @property
+  def head_dim(self) -> int:
+    return self.n_embd // self.n_head
+
+  @property
+  def inner_dim(self) -> int:
+    return self.n_inner or 4 * self.n_embd
+
+  def replace(self, **kwargs) -> GPT2Config:
+    return dataclasses.replace(self, **kwargs)
+
+  @classmethod
+  def from_size(cls, size: str, **overrides) -> GPT2Config:
+    """A config of a named size: gpt2 / gpt2-medium / gpt2-large / gpt2-xl (or
+    small / medium / large / xl), or the random-init sizes mini / tiny."""
+    name = SIZE_ALIASES.get(size, size)
+    if name not in SIZES:
+      raise ValueError(
+          f"Unknown GPT-2 size {size!r}; expected one of "
+          f"{sorted(SIZES) + sorted(SIZE_ALIASES)}.")
+    return cls(**{**SIZES[name], **overrides})
+
+  @classmethod
+  def from_hf(cls, hf_config: Mapping[str, Any] | str | os.PathLike,
+              **overrides) -> GPT2Config:
+    """Builds a config from a Hugging Face ``config.json`` (a dict or a path).
+
+    The pad id is the checkpoint's ``pad_token_id``, or its ``eos_token_id`` when
+    it has none (pad = eos, as the study does).
+    """
+    if not isinstance(hf_config, Mapping):
+      with open(hf_config) as f:
+        hf_config = json.load(f)
+    model_type = hf_config.get("model_type")
+    if model_type != "gpt2":
+      raise ValueError(
+          f"This checkpoint's config.json has model_type={model_type!r}, expected "
+          "'gpt2': cljax implements the GPT-2 architecture only. Pass a GPT-2 "
+          "checkpoint (for example 'gpt2' or a folder saved from GPT2Model / "
+          "GPT2ForSequenceClassification).")
+    act = hf_config.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+      raise ValueError(f"Unsupported activation_function {act!r}; cljax implements "
+                       "GPT-2's tanh-approximate GELU ('gelu_new').")
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn",
+                 "add_cross_attention"):
+      if hf_config.get(flag):
+        raise ValueError(f"Unsupported GPT-2 option {flag}=True in config.json.")
+    if hf_config.get("scale_attn_weights", True) is False:
+      raise ValueError("Unsupported GPT-2 option scale_attn_weights=False.")
+    eos = hf_config.get("eos_token_id", 50256)
+    pad = hf_config.get("pad_token_id")
+    kwargs = dict(
+        vocab_size=hf_config["vocab_size"],
+        n_positions=hf_config.get("n_positions", 1024),
+        n_embd=hf_config["n_embd"],
+        n_layer=hf_config["n_layer"],
+        n_head=hf_config["n_head"],
+        n_inner=hf_config.get("n_inner"),
+        layer_norm_epsilon=hf_config.get("layer_norm_epsilon", 1e-5),
+        embd_pdrop=hf_config.get("embd_pdrop", 0.1),
+        attn_pdrop=hf_config.get("attn_pdrop", 0.1),
+        resid_pdrop=hf_config.get("resid_pdrop", 0.1),
+        initializer_range=hf_config.get("initializer_range", 0.02),
+        num_labels=hf_config.get("num_labels", len(hf_config.get("id2label", {})) or 2),
+        eos_token_id=eos,
+        pad_token_id=eos if pad is None else pad,
+    )
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+  def to_hf(self, head: str = "score") -> dict[str, Any]:
+    """The Hugging Face ``config.json`` dict of a GPT2ForSequenceClassification
+    (``head="score"``) or a GPT2LMHeadModel (``head="lm"``)."""
+    return {
+        "architectures": ["GPT2ForSequenceClassification" if head == "score"
+                          else "GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "vocab_size": self.vocab_size,
+        "n_positions": self.n_positions,
+        "n_ctx": self.n_positions,
+        "n_embd": self.n_embd,
+        "n_layer": self.n_layer,
+        "n_head": self.n_head,
+        "n_inner": self.n_inner,
+        "layer_norm_epsilon": self.layer_norm_epsilon,
+        "embd_pdrop": self.embd_pdrop,
+        "attn_pdrop": self.attn_pdrop,
+        "resid_pdrop": self.resid_pdrop,
+        "summary_first_dropout": 0.1,
+        "initializer_range": self.initializer_range,
+        "bos_token_id": self.eos_token_id,
+        "eos_token_id": self.eos_token_id,
+        "pad_token_id": self.pad_token_id,
+        "num_labels": self.num_labels,
+        "id2label": {str(i): f"LABEL_{i}" for i in range(self.num_labels)},
+        "label2id": {f"LABEL_{i}": i for i in range(self.num_labels)},
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+    }
+
+

@@ -1,0 +1,150 @@
+"""The GPT-2 trunk in Flax Linen, numerically equal to transformers': embeddings,
+causal self-attention (with the KV cache for generation), the MLP and the
+pre-LayerNorm block.
+
+Attribute names follow transformers' GPT-2 (``wte``, ``wpe``, ``h_i``, ``ln_1``,
+``attn/c_attn``, ``mlp/c_fc``, ``ln_f``) so that weight loading is a small
+declarative table (see ``cljax/hf.py``). ``cljax.models`` is the only package that
+imports ``flax.linen``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cljax.kv_cache import attend_cached
+from cljax.models.config import GPT2Config, as_dtype
+from cljax.models.peft import Adapter, LoRA
+
+def dense(features: int, config: GPT2Config, name: str, use_bias: bool = True):
+  """A linear layer with GPT-2's init and dtypes."""
+  # HF's Conv1D stores its weight as (in, out), exactly Flax's Dense kernel layout.
+  return nn.Dense(features, use_bias=use_bias, dtype=as_dtype(config.dtype),
+                  param_dtype=as_dtype(config.param_dtype),
+                  kernel_init=nn.initializers.normal(config.initializer_range),
+                  name=name)
+
+
+def layer_norm(config: GPT2Config, name: str):
+  """A LayerNorm with the config's epsilon and dtypes."""
+  # Hugging Face uses epsilon 1e-5; Linen's default is 1e-6.
+  return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=as_dtype(config.dtype),
+                      param_dtype=as_dtype(config.param_dtype), name=name)
+def projection(cfg: GPT2Config, features: int, name: str, x, slot_B, deterministic: bool):
+  """The projection ``name`` of x, plus its LoRA update where ``lora_targets`` names it.
+  Called inside a module's compact ``__call__`` (the parameters are that module's)."""
+  y = dense(features, cfg, name)(x)
+  if cfg.lora_rank and name in cfg.lora_targets:
+    y = y + LoRA(cfg, features, name=f"{name}_lora")(x, slot_B, deterministic).astype(y.dtype)
+  return y
+
+
+
+class CausalSelfAttention(nn.Module):
+  """Multi-head causal self-attention; padded keys are masked as transformers does.
+
+  With ``query_idx_B`` only that position's query is computed (keys and values still
+  cover every position): the classifier needs nothing else from its last block.
+  With ``kv`` (a :class:`LayerCache`) the new keys and values are written into the
+  cache at their positions and the queries attend to the cache; returns
+  ``(output, updated kv)``.
+  """
+
+  config: GPT2Config
+
+  @nn.compact
+  def __call__(self, x_BTD, mask_BT, deterministic: bool, query_idx_B=None, kv=None,
+               slot_B=None):
+    cfg = self.config
+    B, T, _ = x_BTD.shape
+    qkv = projection(cfg, 3 * cfg.n_embd, "c_attn", x_BTD, slot_B, deterministic)
+    q, k, v = jnp.split(qkv, 3, axis=-1)
+    q_BQNH, k_BTNH, v_BTNH = (a.reshape(B, T, cfg.n_head, cfg.head_dim) for a in (q, k, v))
+    if kv is not None:
+      out_BTNH, kv = attend_cached(q_BQNH, k_BTNH, v_BTNH, kv)
+      out_BTD = projection(cfg, cfg.n_embd, "c_proj", out_BTNH.reshape(B, T, cfg.n_embd),
+                            slot_B, deterministic)
+      return nn.Dropout(cfg.resid_pdrop)(out_BTD, deterministic=deterministic), kv
+    # Padded keys are masked, as transformers does.
+    pad_B11S = None if mask_BT is None else mask_BT[:, None, None, :].astype(bool)
+    if query_idx_B is None:
+      keep_B1QS = jnp.tril(jnp.ones((T, T), dtype=bool))[None, None]
+    else:
+      q_BQNH = jnp.take_along_axis(q_BQNH, query_idx_B[:, None, None, None], axis=1)
+      keep_B1QS = (jnp.arange(T)[None, :] <= query_idx_B[:, None])[:, None, None, :]
+    if pad_B11S is not None:
+      keep_B1QS = keep_B1QS & pad_B11S
+    Q = q_BQNH.shape[1]
+    if not deterministic and cfg.attn_pdrop > 0.0:
+      # jax.nn.dot_product_attention has no attention dropout; spell it out.
+      scale = jnp.asarray(1.0 / cfg.head_dim ** 0.5, q_BQNH.dtype)
+      logits_BNQS = jnp.einsum("bqnh,bsnh->bnqs", q_BQNH * scale, k_BTNH)
+      logits_BNQS = jnp.where(keep_B1QS, logits_BNQS.astype(jnp.float32),
+                              jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(logits_BNQS, axis=-1).astype(q_BQNH.dtype)
+      probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=False)
+      out_BQNH = jnp.einsum("bnqs,bsnh->bqnh", probs, v_BTNH)
+    elif query_idx_B is None:
+      # The causal flag (rather than an explicit mask) lets GPUs use fused kernels.
+      out_BQNH = jax.nn.dot_product_attention(q_BQNH, k_BTNH, v_BTNH, mask=pad_B11S,
+                                              is_causal=True)
+    else:
+      out_BQNH = jax.nn.dot_product_attention(q_BQNH, k_BTNH, v_BTNH, mask=keep_B1QS)
+    out_BQD = out_BQNH.reshape(B, Q, cfg.n_embd)
+    out_BQD = projection(cfg, cfg.n_embd, "c_proj", out_BQD, slot_B, deterministic)
+    return nn.Dropout(cfg.resid_pdrop)(out_BQD, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+  config: GPT2Config
+
+  @nn.compact
+  def __call__(self, x_BTD, deterministic: bool, slot_B=None):
+    cfg = self.config
+    h = projection(cfg, cfg.inner_dim, "c_fc", x_BTD, slot_B, deterministic)
+    h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
+    h = projection(cfg, cfg.n_embd, "c_proj", h, slot_B, deterministic)
+    return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+
+
+class Block(nn.Module):
+  """Pre-LayerNorm transformer block; with ``query_idx_B``, outputs only that
+  position of each sequence (``[B, 1, D]``); with ``kv``, returns ``(x, kv)``;
+  ``slot_B`` picks each example's LoRA / adapter slot (None: their sum)."""
+
+  config: GPT2Config
+
+  @nn.compact
+  def __call__(self, x_BTD, mask_BT, deterministic: bool, query_idx_B=None, kv=None,
+               slot_B=None):
+    cfg = self.config
+    attn = CausalSelfAttention(cfg, name="attn")(
+        layer_norm(cfg, "ln_1")(x_BTD), mask_BT, deterministic, query_idx_B, kv, slot_B)
+    if kv is not None:
+      attn, kv = attn
+    if query_idx_B is not None:
+      x_BTD = jnp.take_along_axis(x_BTD, query_idx_B[:, None, None], axis=1)
+    x_BTD = x_BTD + attn
+    x_BTD = x_BTD + MLP(cfg, name="mlp")(layer_norm(cfg, "ln_2")(x_BTD), deterministic,
+                                         slot_B)
+    if cfg.adapter_size:
+      x_BTD = Adapter(cfg, name="adapter")(x_BTD, slot_B)
+    return x_BTD if kv is None else (x_BTD, kv)
+
+
+def embeddings(cfg: GPT2Config, input_ids_BT, positions_BT, deterministic: bool,
+                prefix: str = ""):
+  """(the ``wte`` module, token + position embeddings after dropout). Called inside
+  a model's compact ``__call__``: ``wte`` and ``wpe`` (names after ``prefix``) are
+  that model's parameters."""
+  init = nn.initializers.normal(cfg.initializer_range)
+  embed = functools.partial(nn.Embed, features=cfg.n_embd, embedding_init=init,
+                            dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype))
+  wte = embed(cfg.vocab_size, name=f"{prefix}wte")
+  x_BTD = wte(input_ids_BT) + embed(cfg.n_positions, name=f"{prefix}wpe")(positions_BT)
+  return wte, nn.Dropout(cfg.embd_pdrop)(x_BTD, deterministic=deterministic)
+

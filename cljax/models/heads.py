@@ -1,0 +1,161 @@
+"""The three models over the GPT-2 trunk: the classifier (a ``score`` head at the
+pooled token), classification as text (label-word logits of the tied LM head) and the
+language model (the tied LM head over every position, with the KV cache for
+generation); the optional inputs they take, declared once."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cljax.kv_cache import KVCache, LayerCache
+from cljax.models.config import GPT2Config
+from cljax.models.gpt2 import Block, dense, embeddings, layer_norm
+from cljax.models.peft import Prompts
+from cljax.models.pnn import columns_hidden
+
+# The optional inputs a batch may carry into the models (set by methods: the per-task
+# modules' slot, the progressive prompts in use, the LM positions whose logits a loss
+# reads); the steps pass exactly these keys of a batch on to ``model.apply``.
+MODEL_INPUTS = ("peft_slot", "prompt_active", "logits_index")
+
+def pool_index(input_ids_BT: jax.Array, pad_token_id: int | None) -> jax.Array:
+  """Index of the rightmost token that is not the pad id (0 if all are pad).
+
+  Exactly transformers' rule, which reads ``input_ids`` and not the attention mask.
+  """
+  T = input_ids_BT.shape[-1]
+  if pad_token_id is None:
+    return jnp.full(input_ids_BT.shape[:-1], T - 1, dtype=jnp.int32)
+  not_pad = (input_ids_BT != pad_token_id).astype(jnp.int32)
+  return jnp.argmax(jnp.arange(T, dtype=jnp.int32) * not_pad, axis=-1)
+
+
+def pooled_hidden(cfg: GPT2Config, input_ids, attention_mask, deterministic: bool,
+                   peft_slot=None, prompt_active=None):
+  """(the ``wte`` module, the final hidden state at the pooled token ``[B, D]``).
+  Called inside a model's compact ``__call__`` (its parameters are that model's)."""
+  B, T = input_ids.shape
+  if T > cfg.n_positions:
+    raise ValueError(f"Sequence length {T} exceeds n_positions={cfg.n_positions}.")
+  wte, x_BTD = embeddings(cfg, input_ids, jnp.arange(T)[None], deterministic)
+  block_cls = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
+  # Only the pooled token reaches the head: the last block computes its query,
+  # attention output and MLP at that position alone (exactly, with less work).
+  idx_B = pool_index(input_ids, cfg.pad_token_id)
+  if cfg.prompt_length:
+    prefix_BPD, prefix_mask_BP = Prompts(cfg, name="prompts")(B, prompt_active)
+    x_BTD = jnp.concatenate([prefix_BPD.astype(x_BTD.dtype), x_BTD], axis=1)
+    real_BT = (jnp.ones((B, T), jnp.int32) if attention_mask is None
+               else attention_mask.astype(jnp.int32))
+    attention_mask = jnp.concatenate([prefix_mask_BP, real_BT], axis=1)
+    idx_B = idx_B + prefix_BPD.shape[1]
+  if cfg.pnn_columns > 1:
+    return wte, columns_hidden(cfg, input_ids, x_BTD, attention_mask, deterministic, idx_B,
+                                peft_slot)
+  for i in range(cfg.n_layer):
+    last = i == cfg.n_layer - 1
+    x_BTD = block_cls(cfg, name=f"h_{i}")(x_BTD, attention_mask, deterministic,
+                                          idx_B if last else None, None, peft_slot)
+  return wte, layer_norm(cfg, "ln_f")(x_BTD[:, 0])
+
+
+
+class GPT2Classifier(nn.Module):
+  """GPT-2 trunk with a bias-free linear ``score`` head at the pooled token.
+
+  Call: ``model.apply({"params": params}, input_ids, attention_mask=None,
+  deterministic=True)`` -> float32 logits ``[batch, num_labels]``. Dropout needs
+  ``deterministic=False`` and ``rngs={"dropout": key}``. With LoRA or adapters in the
+  config, ``peft_slot [B]`` (int) picks each example's slot (None: their sum); with
+  soft prompts, ``prompt_active [B, S]`` (bool) the prompts in front of each example.
+  """
+
+  config: GPT2Config
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, deterministic: bool = True,
+               peft_slot=None, prompt_active=None):
+    _, x_BD = pooled_hidden(self.config, input_ids, attention_mask, deterministic,
+                             peft_slot, prompt_active)
+    logits_BC = dense(self.config.num_labels, self.config, "score", use_bias=False)(x_BD)
+    return logits_BC.astype(jnp.float32)
+
+
+class GPT2LabelWords(nn.Module):
+  """Classification as text: the LM's next-token logits after the prompt (at its last
+  real token, the answer marker), read at each class's label-word token.
+
+  ``label_tokens[c]`` is the first token of class c's label word; the logits
+  ``[batch, classes]`` are the tied LM head's (``wte``) at those tokens, so
+  ``argmax`` is the most likely label word and a softmax cross-entropy over them is
+  the verbalizer loss of PET and LM-BFF. No ``score`` head: the params are the LM's.
+  """
+
+  config: GPT2Config
+  label_tokens: tuple[int, ...]
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, deterministic: bool = True,
+               peft_slot=None, prompt_active=None):
+    wte, x_BD = pooled_hidden(self.config, input_ids, attention_mask, deterministic,
+                               peft_slot, prompt_active)
+    words_CD = jnp.take(wte.embedding, jnp.asarray(self.label_tokens), axis=0)
+    x_BD, words_CD = x_BD.astype(wte.dtype), words_CD.astype(wte.dtype)
+    return jnp.einsum("bd,cd->bc", x_BD, words_CD).astype(jnp.float32)
+
+
+class GPT2LM(nn.Module):
+  """GPT-2 with its language-model head: the output projection is ``wte`` itself
+  (tied, no new parameters), as transformers' ``GPT2LMHeadModel``. A classifier's
+  params work too (its ``score`` head is simply not read).
+
+  Call: ``model.apply({"params": params}, input_ids, attention_mask=None,
+  deterministic=True)`` -> float32 logits ``[batch, seq, vocab]``.
+
+  For generation (see ``cljax.generate``): ``positions [B, T]`` (default
+  ``0..T-1``), ``cache`` (a :class:`KVCache`, written at slots
+  ``cache_index..cache_index+T-1``; the call then returns ``(logits, cache)``) and
+  ``logits_index [B]`` (logits at that token only: ``[B, vocab]``; ``[B, K]``: at K
+  tokens, ``[B, K, vocab]``); ``peft_slot`` as in :class:`GPT2Classifier`.
+  """
+
+  config: GPT2Config
+
+  @nn.compact
+  def __call__(self, input_ids, attention_mask=None, deterministic: bool = True, *,
+               positions=None, cache: KVCache | None = None, cache_index=0,
+               logits_index=None, peft_slot=None):
+    cfg = self.config
+    B, T = input_ids.shape
+    if cache is None and T > cfg.n_positions:
+      raise ValueError(f"Sequence length {T} exceeds n_positions={cfg.n_positions}.")
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    wte, x_BTD = embeddings(cfg, input_ids, positions, deterministic)
+    if cache is not None:
+      real_BT = (jnp.ones((B, T), bool) if attention_mask is None
+                 else attention_mask.astype(bool))
+      cache = cache._replace(valid=jax.lax.dynamic_update_slice(cache.valid, real_BT,
+                                                                (0, cache_index)))
+    block_cls = nn.remat(Block, static_argnums=(3,)) if cfg.remat and cache is None else Block
+    new_k, new_v = [], []
+    for i in range(cfg.n_layer):
+      block = block_cls(cfg, name=f"h_{i}")
+      if cache is None:
+        x_BTD = block(x_BTD, attention_mask, deterministic, None, None, peft_slot)
+        continue
+      x_BTD, kv = block(x_BTD, None, deterministic, None,
+                        LayerCache(cache.k[i], cache.v[i], cache_index, cache.valid),
+                        peft_slot)
+      new_k.append(kv.k)
+      new_v.append(kv.v)
+    if logits_index is not None and logits_index.ndim == 1:
+      x_BTD = jnp.take_along_axis(x_BTD, logits_index[:, None, None], axis=1)[:, 0]
+    elif logits_index is not None:   # [B, K] -> [B, K, D]
+      x_BTD = jnp.take_along_axis(x_BTD, logits_index[:, :, None], axis=1)
+    logits = wte.attend(layer_norm(cfg, "ln_f")(x_BTD)).astype(jnp.float32)
+    return logits if cache is None else (logits, cache._replace(k=tuple(new_k),
+                                                                v=tuple(new_v)))
+

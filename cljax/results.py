@@ -1,0 +1,112 @@
+"""A study's results: the ``results.json`` dict (the public contract: the accuracy
+matrices, their metrics, the flags, the data and model, timing), the generated
+samples a person reads, and the figures."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+
+from absl import logging
+import jax
+import numpy as np
+
+from cljax import data as data_lib
+from cljax import metrics as metrics_lib
+
+
+def count_params(params, mask=None) -> int:
+  """How many parameters ``params`` holds (where ``mask`` is True)."""
+  leaves = jax.tree.leaves(params)
+  keep = [True] * len(leaves) if mask is None else jax.tree.leaves(mask)
+  return int(sum(np.prod(x.shape) for x, k in zip(leaves, keep) if k))
+
+
+def fmt_accs(tasks, accs) -> str:
+  """``imdb 0.812, ag_news 0.950``: accuracies named by task, for the log."""
+  return ", ".join(f"{t.name} {a:.3f}" for t, a in zip(tasks, accs))
+
+
+def make_results(study, record, flags: dict | None, wall_s: float) -> dict:
+  """The results dict (the public contract of ``results.json``) of a
+  :class:`~cljax.study.Study` and its :class:`~cljax.study.RunRecord`."""
+  cfg, model = study.cfg, study.model
+  return {
+      "tasks": [t.name for t in study.tasks],
+      "head": cfg.head,
+      "task_classes": {t.name: {"classes": list(t.class_names),
+                                "head_labels": list(t.head_labels),
+                                **({"label_words": list(t.label_words), "prompt": list(t.prompt)}
+                                   if cfg.head == "lm" else {})} for t in study.tasks},
+      "accuracy_matrix": record.rows,
+      "task_aware_accuracy_matrix": record.task_rows,
+      "task_inference_accuracy_matrix": record.inference_rows or None,
+      "baseline_accuracy": record.baseline,
+      "task_aware_baseline_accuracy": record.task_aware_baseline,
+      "metrics": metrics_lib.summarize(record.rows, baseline=record.baseline),
+      "task_aware_metrics": metrics_lib.summarize(record.task_rows,
+                                                  baseline=record.task_aware_baseline),
+      "val_accuracy_matrix": record.val_rows or None,
+      "val_task_aware_accuracy_matrix": record.val_task_rows or None,
+      "val_metrics": metrics_lib.summarize(record.val_rows) if record.val_rows else None,
+      "method": cfg.method,
+      "method_config": cfg.method_config.to_dict(),
+      "seed": cfg.seed,
+      "flags": flags if flags is not None else cfg.to_dict(),
+      "data": {d.task.name: {"train": data_lib.size(d.train), "test": data_lib.size(d.test),
+                             "val": data_lib.size(d.val) if d.val else 0}
+               for d in study.task_data},
+      "model": {"source": cfg.model if cfg.init == "pretrained" else f"random:{cfg.size}",
+                "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
+                "vocab_size": model.config.vocab_size, "dtype": cfg.dtype,
+                "parameters": count_params(study.param_shapes),
+                "trainable_parameters_per_task": record.trainable_parameters,
+                "train_state_bytes_per_task": record.state_bytes},
+      "curve": record.curve,
+      "warnings": record.warnings,
+      "method_reports": record.method_reports,
+      "timing": {"wall_seconds_this_process": wall_s,
+                 "train_seconds_per_task": record.train_seconds,
+                 "train_seconds": float(sum(record.train_seconds)),
+                 "eval_seconds": record.eval_seconds,
+                 "method_seconds_per_task": record.method_seconds,
+                 "steps_per_task": record.steps_per_task},
+      "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
+                      "devices": [d.device_kind for d in jax.devices()],
+                      "python": platform.python_version()},
+  }
+
+
+def _samples_text(reports: list[dict]) -> str:
+  """What a generative method replayed, for a person to read: per task boundary, the
+  counts, the cost and the first samples of each earlier task."""
+  out = []
+  for r in reports:
+    out.append(f"== before task {r['task']} ({r['task_name']}), {r.get('method', '')}: "
+               f"{r.get('kept')} of {r.get('requested')} pseudo-examples kept "
+               f"(dropped {r.get('dropped')}), {r.get('generated_tokens')} tokens in "
+               f"{r.get('generation_seconds', 0):.1f} s "
+               f"({r.get('tokens_per_second', 0):.0f} tokens/s)")
+    for task, texts in r["samples"].items():
+      out.append(f"-- written as {task}:")
+      out.extend(f"{i + 1}. {t!r}" for i, t in enumerate(texts))
+    out.append("")
+  return "\n".join(out)
+
+
+def write_results(results: dict, workdir: str) -> None:
+  """``results.json`` and the figures."""
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  samples = [r for r in results.get("method_reports") or [] if r.get("samples")]
+  if samples:
+    with open(os.path.join(workdir, "generated_samples.txt"), "w") as f:
+      f.write(_samples_text(samples))
+  try:
+    from cljax import plots  # pylint: disable=import-outside-toplevel
+    plots.study_figures(results, workdir)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Could not draw the figures: %s", e)
+  logging.info("Wrote %s", os.path.join(workdir, "results.json"))
+

@@ -1,0 +1,194 @@
+"""What a study builds once: the :class:`Study` (tasks and their data, the model with
+the method's tokens and modules, the mesh, the compiled evaluation, the
+checkpointer), the :class:`RunRecord` of its progress, the :class:`TaskPlan` of a
+task, and the guards of its workdir (:data:`OUTPUTS`, :data:`RESUMABLE_CHANGES`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+from collections.abc import Callable
+
+import jax
+import numpy as np
+import optax
+
+from cljax import data as data_lib
+from cljax import hf
+from cljax import loop
+from cljax import models
+from cljax import sharding
+from cljax import steps
+from cljax.checkpoint import Checkpointer
+from cljax.config import StudyConfig
+from cljax.methods import BuildContext, Method
+from cljax.methods import build as build_method
+from cljax.methods import registry as method_registry
+
+# The host hooks' random keys are ``fold_in(seed's key, salt + task index)``, one salt
+# per hook; the method's added modules are initialized from ``fold_in(seed's key,
+# MODULES_SALT)``.
+MODULES_SALT = 7
+BEFORE_TASK_SALT = 10_000
+AFTER_TASK_SALT = 20_000
+TRAIN_ARRAYS_SALT = 30_000
+
+
+# ----------------------------------------------------------------------------
+# What is built once, and what a run has done so far
+# ----------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class RunRecord(loop.Record):
+  """The run's progress; every checkpoint stores it as JSON beside the train state."""
+  task: int = 0                    # the task being trained (len(tasks) when done)
+  step_in_task: int = 0            # steps of that task already taken
+  global_step: int = 0
+  rows: list = dataclasses.field(default_factory=list)        # accuracy after each task
+  task_rows: list = dataclasses.field(default_factory=list)   # task-aware accuracy
+  val_rows: list = dataclasses.field(default_factory=list)    # validation (--num_val)
+  val_task_rows: list = dataclasses.field(default_factory=list)
+  baseline: list = dataclasses.field(default_factory=list)    # accuracy before training
+  task_aware_baseline: list = dataclasses.field(default_factory=list)
+  curve: list = dataclasses.field(default_factory=list)       # evaluations through the run
+  train_seconds: list = dataclasses.field(default_factory=list)   # per task
+  eval_seconds: float = 0.0
+  method_seconds: list = dataclasses.field(default_factory=list)  # after_task, per task
+  steps_per_task: list = dataclasses.field(default_factory=list)
+  config: dict = dataclasses.field(default_factory=dict)     # the run's StudyConfig
+  warnings: list = dataclasses.field(default_factory=list)   # e.g. a diverged task
+  method_reports: list = dataclasses.field(default_factory=list)  # from the host hooks
+  inference_rows: list = dataclasses.field(default_factory=list)  # per-task modules
+  trainable_parameters: list = dataclasses.field(default_factory=list)   # per task
+  state_bytes: list = dataclasses.field(default_factory=list)   # train state, per task
+
+
+class TaskPlan(NamedTuple):
+  """How task k trains: its arrays (the method's ``train_arrays``), optimizer, schedule
+  and number of steps; made once per task by :func:`begin_task` and passed to the
+  stages that need it."""
+  k: int
+  arrays: dict[str, np.ndarray]
+  tx: optax.GradientTransformation
+  schedule: Callable
+  batches_per_epoch: int
+  total_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """What a run builds once. ``initial_params`` feed the first task's state (its
+  buffers are donated to the first step; afterwards only ``param_shapes`` is used)."""
+  cfg: StudyConfig
+  workdir: str
+  tasks: list                      # data_lib.Task, in training order
+  task_data: list                  # data_lib.TaskData, same order
+  model: Any
+  initial_params: Any
+  param_shapes: Any
+  method: Method
+  mesh: Any
+  eval_fn: Callable
+  checkpointer: Checkpointer
+  base_rng: jax.Array
+  writes_files: bool               # process 0 of a multi-host run (or the only one)
+  tokenizer: Any = None            # with the method's tokens added
+  buckets: tuple[int, ...] = ()    # the lengths batches are padded to (--length_bucket)
+  warnings: tuple[str, ...] = ()   # about the data (a single-class training set)
+  compiled: dict = dataclasses.field(default_factory=dict)   # optimizers and train steps
+
+
+# ----------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------
+
+def build_model(cfg: StudyConfig, tokenizer, num_labels: int, label_tokens=None):
+  """(model, params): pretrained weights or a random init of a named size; with
+  ``label_tokens`` (``--head=lm``) a :class:`~cljax.models.GPT2LabelWords` over the
+  LM's weights."""
+  return loop.build_model(cfg, tokenizer, kind="classifier" if label_tokens is None
+                          else "label_words", rng=jax.random.PRNGKey(cfg.seed),
+                          n_positions=cfg.max_length, num_labels=num_labels,
+                          label_tokens=label_tokens)
+
+
+def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
+  """Loads the tokenizer, the model (checked against the tokenizer), the method and
+  then the data; builds the mesh, the compiled evaluation and the checkpointer.
+
+  The config was checked when it was made; a workdir that holds another run, a
+  changed setting on resume, a bad model or tokenizer fail before the data is read,
+  and nothing is written before the first checkpoint."""
+  method_registry.parse(cfg.method)  # still registered?
+  if cfg.distributed:
+    sharding.initialize_distributed()
+  mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)
+  sharding.check_batch_size(cfg.batch_size, mesh)
+  sharding.check_batch_size(cfg.eval_batch_size, mesh, "--eval_batch_size")
+  ckpt = loop.open_run(workdir, resume_view(cfg), resume, keep=cfg.keep_checkpoints,
+                       outputs=OUTPUTS, resumable=RESUMABLE_CHANGES)
+  cache_dir = loop.use_compilation_cache(cfg.cache_dir)
+  tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
+  tasks = data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(), cfg.data_dir,
+                                 cfg.task_label_words())
+  total_labels = data_lib.num_labels(tasks)
+  as_text = cfg.head == "lm"
+  model, params = build_model(cfg, tokenizer, total_labels,
+                              data_lib.label_tokens(tasks, tokenizer) if as_text else None)
+  method = build_method(cfg.method, cfg.method_config, BuildContext(
+      num_labels=total_labels, num_tasks=len(tasks), max_length=cfg.max_length,
+      n_layer=model.config.n_layer, head=cfg.head, first_new_token=len(tokenizer),
+      eos_token_id=tokenizer.eos_token_id, n_embd=model.config.n_embd,
+      pad_token_id=tokenizer.pad_token_id,
+      answer_tokens=data_lib.answer_tokens(tasks, tokenizer) if as_text else 1))
+  if method.tokens:
+    model, params = models.add_method_tokens(model, params, tokenizer, method.tokens)
+  if method.model_options:
+    model, params = models.add_method_modules(
+        model, params, dict(method.model_options),
+        jax.random.fold_in(jax.random.PRNGKey(cfg.seed), MODULES_SALT))
+  if method.answer_marker:
+    tasks = [dataclasses.replace(t, prompt=(t.prompt[0], t.prompt[1] + method.answer_marker))
+             for t in tasks]
+  task_data = data_lib.load_task_data(
+      tasks, tokenizer, data_dir=cfg.data_dir, num_train=cfg.num_train,
+      num_test=cfg.num_test, num_val=cfg.num_val, subset=cfg.subset,
+      max_length=cfg.max_length, seed=cfg.seed, as_text=as_text,
+      cache_dir=cache_dir)
+  params = jax.device_put(params, sharding.param_shardings(mesh, params))
+  eval_fn = jax.jit(lambda p, b, method_state: steps.eval_step(
+      p, b, model=model, method=method, method_state=method_state),
+                    in_shardings=(sharding.param_shardings(mesh, params),
+                                  sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                    out_shardings=sharding.replicated(mesh))
+  return Study(cfg=cfg, workdir=workdir, tasks=tasks, task_data=task_data, model=model,
+               initial_params=params, param_shapes=jax.eval_shape(lambda: params),
+               method=method, mesh=mesh, eval_fn=eval_fn,
+               checkpointer=ckpt,
+               base_rng=jax.random.PRNGKey(cfg.seed),
+               warnings=tuple(data_lib.class_warnings(task_data)),
+               writes_files=jax.process_index() == 0, tokenizer=tokenizer,
+               buckets=data_lib.length_buckets(cfg.max_length, cfg.length_bucket))
+
+
+# What a run writes beside its checkpoints.
+OUTPUTS = ("results.json", "metrics.jsonl", "tensorboard", "accuracy_matrix.png",
+           "accuracy_curve.png", "generated_samples.txt")
+
+# Settings that change only logging, outputs, evaluation batching or the device layout:
+# a resumed run may change them (the new values are recorded).
+RESUMABLE_CHANGES = frozenset({
+    "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "stop_after_steps",
+    "cache_dir", "eval_batch_size", "mesh_data", "mesh_model", "distributed", "remat",
+    "stop_on_divergence"})
+
+
+def resume_view(cfg: StudyConfig) -> dict:
+  """The settings a resume compares: ``cfg.to_dict()`` with ``method_config`` cut to
+  the hyperparameters the run's methods read (one added since, for another method,
+  does not block a resume; one of this run's that its checkpoint lacks does)."""
+  view = cfg.to_dict()
+  parts = set(method_registry.parse(cfg.method))
+  view["method_config"] = {k: v for k, v in view["method_config"].items()
+                           if parts & set(method_registry.users(k))}
+  return view
