@@ -275,7 +275,8 @@ def check_resumable(saved: dict | None, now: dict, workdir: str,
 
 
 @jax.jit
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
+  """Whether every float in ``tree`` is finite (one device scalar)."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
@@ -283,7 +284,7 @@ def _all_finite(tree) -> jax.Array:
 def save_finite(ckpt: Checkpointer, step: int, state: Any, meta: dict) -> None:
   """Saves ``state`` as checkpoint ``step`` after checking on device that every float
   in it (params, optimizer and method state) is finite: a checkpoint never is not."""
-  if not bool(_all_finite(state)):
+  if not bool(all_finite(state)):
     raise FloatingPointError(
         f"Non-finite parameters or optimizer state after global step {step}; not saved. "
         f"The last finite checkpoint is global step {ckpt.latest_step()}. Lower "

@@ -311,14 +311,38 @@ def save_pretrained(params: Mapping[str, Any], config: GPT2Config, folder: str, 
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 
+def _folder_tokenizer_class(path: str):
+  """The transformers tokenizer class a local folder names (its
+  ``tokenizer_config.json``'s ``tokenizer_class``, the fast one where there is one;
+  without it, ``PreTrainedTokenizerFast`` over ``tokenizer.json`` or GPT-2's BPE
+  files), taken by name: ``AutoTokenizer``'s import pulls in torch (seconds of
+  start-up that a JAX run does not need)."""
+  import transformers  # pylint: disable=import-outside-toplevel
+  name = None
+  config = os.path.join(path, "tokenizer_config.json")
+  if os.path.exists(config):
+    with open(config, encoding="utf-8") as f:
+      name = json.load(f).get("tokenizer_class")
+  if not name:
+    name = ("PreTrainedTokenizerFast" if os.path.exists(os.path.join(path, "tokenizer.json"))
+            else "GPT2TokenizerFast")
+  for candidate in ((name,) if name.endswith("Fast") else (name + "Fast", name)):
+    try:
+      return getattr(transformers, candidate)
+    except Exception:  # pylint: disable=broad-except  # not in this transformers
+      continue
+  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+  return AutoTokenizer
+
+
 def load_tokenizer(name_or_path: str):
   """A Hugging Face tokenizer with pad = eos and right padding.
 
-  Loads a folder (or hub id) with ``AutoTokenizer.from_pretrained``; this avoids
+  Loads a folder with the class its ``tokenizer_config.json`` names (no torch import)
+  and a hub id with ``AutoTokenizer.from_pretrained``; this avoids
   transformers 5's ``GPT2TokenizerFast(vocab_file=..., merges_file=...)``, which
   silently encodes everything to ``[]``.
   """
-  from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
   path = os.path.expanduser(str(name_or_path))
   if not os.path.isdir(path):
     if _looks_like_path(str(name_or_path)):
@@ -329,7 +353,11 @@ def load_tokenizer(name_or_path: str):
         f"Tokenizer folder {name_or_path!r} holds no tokenizer: expected tokenizer.json, or "
         f"vocab.json and merges.txt; found {sorted(os.listdir(path))[:10]}.")
   try:
-    tok = AutoTokenizer.from_pretrained(path if os.path.isdir(path) else str(name_or_path))
+    if os.path.isdir(path):
+      tok = _folder_tokenizer_class(path).from_pretrained(path)
+    else:
+      from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+      tok = AutoTokenizer.from_pretrained(str(name_or_path))
   except OSError as e:
     raise OSError(f"Could not load a tokenizer from {name_or_path!r} ({e}). Offline, pass "
                   "a local folder holding vocab.json and merges.txt (or tokenizer.json).") from e

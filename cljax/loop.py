@@ -13,6 +13,7 @@ study's stages, ``cljax.lm_train`` the LM's data and evaluation.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from typing import Any, NamedTuple
 from collections.abc import Callable, Iterable, Iterator
@@ -45,6 +46,10 @@ class Record:
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
 
+  def where(self) -> str:
+    """Where the run stands, for the resume message (``: task 1, step 4 in the task``)."""
+    return ""
+
   @classmethod
   def from_json(cls, d: dict):
     names = {f.name for f in dataclasses.fields(cls)}
@@ -63,16 +68,20 @@ def open_run(workdir: str, view: dict, resume: bool, *, keep: int, outputs: tupl
 
 
 def use_compilation_cache(cache_dir: str | None) -> str:
-  """Keeps compiled programs in ``cache_dir/xla`` (default ``~/.cache/cljax``) unless
-  the caller (a sweep) already chose a folder; returns ``cache_dir``."""
+  """Keeps every compiled program in ``cache_dir/xla`` (default ``~/.cache/cljax``)
+  unless the caller (a sweep) already chose a folder; returns ``cache_dir``."""
   cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "cljax")
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir, "xla"))
+  # Every program, however small or quick: a warm rerun then compiles nothing.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return cache_dir
 
 
 def open_logger(workdir: str, step: int, log_every: int, ckpt: Checkpointer, *,
-                enabled: bool = True, unit: str = "examples") -> StepLogger:
+                enabled: bool = True, unit: str = "examples",
+                on_first_step: Callable[[], None] | None = None) -> StepLogger:
   """The step logger of a run at global ``step`` (the workdir made if need be): records
   of steps after it (logged by a run that stopped before its next checkpoint) are
   dropped from ``metrics.jsonl``."""
@@ -80,7 +89,8 @@ def open_logger(workdir: str, step: int, log_every: int, ckpt: Checkpointer, *,
     os.makedirs(workdir, exist_ok=True)
   if enabled and step:
     drop_records_after(os.path.join(workdir, "metrics.jsonl"), step)
-  return StepLogger(Writers(workdir, enabled=enabled), log_every, ckpt.latest_step, unit=unit)
+  return StepLogger(Writers(workdir, enabled=enabled), log_every, ckpt.latest_step, unit=unit,
+                    on_first_step=on_first_step)
 
 
 # ----------------------------------------------------------------------------
@@ -129,7 +139,7 @@ def restore_or_start(ckpt: Checkpointer, resume: bool, *, target, record_cls: ty
   if resume and ckpt.latest_step() is not None:
     state, meta, step = ckpt.restore_newest(target, saved_shapes_under=saved_shapes_under)
     record = record_cls.from_json(meta)
-    logging.info("Resumed from %s, checkpoint %d.", ckpt.directory, step)
+    logging.info("Resumed from %s, checkpoint %d%s.", ckpt.directory, step, record.where())
     return state, record
   if resume:
     logging.info("--resume given but %s holds no checkpoint: starting afresh.",
@@ -168,17 +178,30 @@ class Periodic(NamedTuple):
 def train_loop(train_fn, state, batches: Callable[[int], Iterable[dict]], *, start: int,
                total: int, logger: StepLogger, advance: Callable[[int], int],
                periodic: tuple[Periodic, ...] = (), stop_after: int | None = None,
-               put: Callable[[dict], Any] = lambda b: b):
+               put: Callable[[dict], Any] = lambda b: b, ahead: Iterable[dict] = (),
+               programs: Iterable[tuple[Callable, tuple]] = ()):
   """Steps ``start..total-1`` of ``train_fn(state, batch) -> (state, metrics)`` over
-  ``batches(start)``: every program a shape needs compiled first, in parallel;
-  ``advance(step)`` records each step and returns the global step, which the logger
-  and the ``periodic`` callbacks (evaluation, checkpoints; the logger flushed before
-  each) go by. ``put`` places a host batch on the devices. Stops with
-  :class:`progress.Interrupted` after ``stop_after`` global steps."""
-  steps.compile_ahead(train_fn, [(state, put(b)) for b in
-                                 data_lib.one_batch_per_shape(batches(start))])
-  for s, batch in zip(range(start, total), batches(start)):
-    state, metrics = train_fn(state, put(batch))
+  ``batches(start)``.
+
+  Before the first step, one round compiles in parallel every program the loop needs:
+  ``train_fn`` for each batch shape of ``batches(start)`` and of ``ahead`` (later
+  tasks' batches), and the other ``programs`` (``(jitted, args)``: evaluation, the
+  finiteness check). In the loop, the next batch is put on the devices (``put``)
+  while the step runs; ``advance(step)`` records each step and returns the global
+  step, which the logger and the ``periodic`` callbacks (evaluation, checkpoints;
+  the logger flushed before each) go by. Stops with :class:`progress.Interrupted`
+  after ``stop_after`` global steps."""
+  shapes = data_lib.one_batch_per_shape(itertools.chain(batches(start), ahead))
+  steps.compile_programs([(train_fn, (state, put(b))) for b in shapes] + list(programs))
+  upcoming = iter(batches(start))
+  batch = next(upcoming, None)
+  batch = None if batch is None else put(batch)
+  for s in range(start, total):
+    if batch is None:
+      break
+    state, metrics = train_fn(state, batch)
+    batch = next(upcoming, None)   # on its way to the devices while the step runs
+    batch = None if batch is None else put(batch)
     g = advance(s + 1)
     logger.push(g, s + 1, metrics)
     for every, fn in periodic:

@@ -25,29 +25,61 @@ DIVERGENCE_FACTOR = 10.0
 
 
 class CompileTimer:
-  """XLA compilation seconds while it is open (a context manager): JAX's own
-  backend-compile events, summed (programs compiled at once count each: the sum can
-  exceed the wall time they took)."""
+  """XLA programs built while it is open (a context manager), from JAX's own events:
+  ``programs`` compiled (``seconds``: their compile time, summed: programs compiled at
+  once count each, so the sum can exceed the wall time they took) and ``loaded`` from
+  the persistent cache; ``compiled_after`` and ``loaded_after``, those built after
+  :meth:`mark` (the loop marks its first step, after which nothing should be built)."""
 
-  EVENT = "/jax/core/compile/backend_compile_duration"
+  BUILT = "/jax/core/compile/backend_compile_duration"   # compiled or loaded
+  LOADED = "/jax/compilation_cache/cache_hits"            # fires first, in the same thread
 
   def __init__(self):
-    self.seconds, self.programs = 0.0, 0
+    self.seconds, self.programs, self.loaded = 0.0, 0, 0
+    self.compiled_after = self.loaded_after = 0
+    self._marked = False
+    self._hit = threading.local()
     self._lock = threading.Lock()   # programs compile in parallel threads (compile_ahead)
+
+  def _count(self, event: str, **kwargs) -> None:
+    del kwargs
+    if event == self.LOADED:
+      self._hit.value = True
 
   def _listen(self, event: str, duration: float, **kwargs) -> None:
     del kwargs
-    if event == self.EVENT:
-      with self._lock:
+    if event != self.BUILT:
+      return
+    loaded, self._hit.value = getattr(self._hit, "value", False), False
+    with self._lock:
+      if loaded:
+        self.loaded += 1
+        self.loaded_after += self._marked
+      else:
         self.seconds += duration
         self.programs += 1
+        self.compiled_after += self._marked
+
+  def mark(self) -> None:
+    """From now on, count the programs built in ``compiled_after`` / ``loaded_after``."""
+    self._marked = True
+
+  def summary(self) -> dict:
+    """The counts for ``results.json``'s timing."""
+    return {"compile_seconds_this_process": self.seconds,
+            "compiled_programs_this_process": self.programs,
+            "loaded_programs_this_process": self.loaded,
+            "compiled_after_first_step": self.compiled_after,
+            "loaded_after_first_step": self.loaded_after}
 
   def __enter__(self) -> CompileTimer:
     jax.monitoring.register_event_duration_secs_listener(self._listen)
+    jax.monitoring.register_event_listener(self._count)
     return self
 
   def __exit__(self, *exc) -> None:
     jax.monitoring.unregister_event_duration_listener(self._listen)
+    jax.monitoring.unregister_event_listener(self._count)
 
 
 def fmt_time(seconds: float) -> str:
@@ -93,9 +125,10 @@ class Writers:
     if not enabled:
       return
     self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-    try:
-      from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-      self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    try:  # tensorboard's own writer: no TensorFlow, and no torch (tensorboardX imports it)
+      from tensorboard.summary.writer.event_file_writer import (  # pylint: disable=import-outside-toplevel
+          EventFileWriter)
+      self.tb = EventFileWriter(os.path.join(workdir, "tensorboard"))
     except ImportError:
       self.tb = None
 
@@ -105,9 +138,12 @@ class Writers:
     self.jsonl.write(json.dumps(record) + "\n")
     self.jsonl.flush()
     if self.tb:
-      for k, v in record.items():
-        if isinstance(v, (int, float)) and k not in ("step", "task"):
-          self.tb.add_scalar(f"{prefix}/{k}", v, step)
+      from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=import-outside-toplevel
+      values = [summary_pb2.Summary.Value(tag=f"{prefix}/{k}", simple_value=float(v))
+                for k, v in record.items()
+                if isinstance(v, (int, float)) and k not in ("step", "task")]
+      self.tb.add_event(event_pb2.Event(wall_time=time.time(), step=int(step),
+                                        summary=summary_pb2.Summary(value=values)))
 
   def close(self) -> None:
     if self.jsonl is not None:
@@ -124,13 +160,16 @@ class StepLogger:
     log_every: a record every N steps of a task (and at its last step).
     last_checkpoint: returns the step of the last saved checkpoint (for the error).
     unit: what ``count`` counts, for the rate (``examples``; ``tokens`` in LM training).
+    on_first_step: called once, when this process's first step was dispatched.
   """
 
   _SUMS = ("loss_sum", "correct", "count")
 
   def __init__(self, writers: Writers, log_every: int,
-               last_checkpoint: Callable[[], int | None], unit: str = "examples"):
+               last_checkpoint: Callable[[], int | None], unit: str = "examples",
+               on_first_step: Callable[[], None] | None = None):
     self.writers, self.log_every = writers, log_every
+    self.on_first_step = on_first_step
     self.unit = unit
     self.last_checkpoint = last_checkpoint
     self.steps_this_process = 0
@@ -157,6 +196,8 @@ class StepLogger:
     self.flush()
     self._pending = (global_step, step_in_task, metrics)
     self.steps_this_process += 1
+    if self.steps_this_process == 1 and self.on_first_step:
+      self.on_first_step()
 
   def stop_after(self, steps: int | None) -> None:
     """Flushes and raises :class:`Interrupted` once this process has taken ``steps``

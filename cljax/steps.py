@@ -20,8 +20,10 @@ Steps return sums and counts; the host divides.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -53,34 +55,58 @@ def decay_mask(params):
       lambda path, _: getattr(path[-1], "key", None) not in ("bias", "scale"), params)
 
 
+def linear_warmup_decay(count, peak, warmup_steps, total_steps):
+  """The learning rate after ``count`` updates: linear warmup from 0 to ``peak`` over
+  ``warmup_steps``, then linear decay to 0 at ``total_steps`` (the Hugging Face
+  Trainer's ``get_linear_schedule_with_warmup``), computed as optax's linear schedules
+  compute it but from values that may be traced: a schedule's length is data, not a
+  constant of the compiled step."""
+  warm = jnp.maximum(warmup_steps, 1)
+  decay = jnp.maximum(total_steps - warmup_steps, 1)
+  up = (0.0 - peak) * (1 - jnp.clip(count, 0, warm) / warm) + peak
+  down = peak * (1 - jnp.clip(count - warmup_steps, 0, decay) / decay)
+  return jnp.where(count < warmup_steps, up, down)
+
+
+def host_learning_rate(count: int, peak: float, warmup_steps: int, total_steps: int) -> float:
+  """:func:`linear_warmup_decay` on the host, in Python floats (for the log)."""
+  if count < warmup_steps:
+    return peak * min(max(count, 0), max(warmup_steps, 1)) / max(warmup_steps, 1)
+  decay = max(total_steps - warmup_steps, 1)
+  return peak * (1 - min(max(count - warmup_steps, 0), decay) / decay)
+
+
 def make_optimizer(*, learning_rate: float = 5e-5, total_steps: int, warmup_steps: int = 0,
                    weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                    grad_accum_steps: int = 1, trainable_mask=None
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+                   ) -> tuple[optax.GradientTransformation, Callable[[int], float]]:
   """AdamW with the Hugging Face Trainer's defaults: lr 5e-5 decayed linearly to 0
   over ``total_steps`` (after an optional linear warmup), weight decay 0, gradient
   clipping at global norm 1.0.
 
-  ``total_steps`` counts optimizer updates (after gradient accumulation).
+  ``total_steps`` counts optimizer updates (after gradient accumulation). The peak,
+  warmup and total are values in the optimizer state (``optax.inject_hyperparams``),
+  not constants of the compiled update: optimizers that differ only in them share
+  their programs (tasks of any length train with one train step per shape).
   ``trainable_mask`` (a pytree of bools like the params, or a function of them)
   freezes the parameters where it is False: their updates are exactly zero.
 
   Returns:
-    (optimizer, learning-rate schedule).
+    (optimizer, the learning rate after a number of updates, on the host).
   """
   total_steps = max(int(total_steps), 1)
   warmup_steps = min(int(warmup_steps), total_steps)
-  schedule = optax.join_schedules(
-      [optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
-       optax.linear_schedule(learning_rate, 0.0, total_steps - warmup_steps)],
-      [warmup_steps]) if warmup_steps else optax.linear_schedule(
-          learning_rate, 0.0, total_steps)
+
+  def adamw(peak_lr, warmup, total):
+    return optax.adamw(lambda count: linear_warmup_decay(count, peak_lr, warmup, total),
+                       b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask)
+
   parts = []
   if max_grad_norm:
     parts.append(optax.clip_by_global_norm(max_grad_norm))
-  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                           mask=decay_mask))
+  parts.append(optax.inject_hyperparams(adamw)(peak_lr=learning_rate, warmup=warmup_steps,
+                                               total=total_steps))
   tx = optax.chain(*parts)
   if trainable_mask is not None:
     # Frozen leaves get no optimizer state and a zero update.
@@ -91,7 +117,8 @@ def make_optimizer(*, learning_rate: float = 5e-5, total_steps: int, warmup_step
                                else trainable_mask))
   if grad_accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=grad_accum_steps)
-  return tx, schedule
+  return tx, functools.partial(host_learning_rate, peak=learning_rate,
+                               warmup_steps=warmup_steps, total_steps=total_steps)
 
 
 def init_train_state(params, tx: optax.GradientTransformation, rng: jax.Array,
@@ -258,14 +285,22 @@ def accumulate(step_fn, params, batches) -> dict[str, Any]:
 
 def compile_ahead(jitted, arg_sets) -> None:
   """Compiles the ``jax.jit`` function ``jitted`` for each argument tuple in ``arg_sets``
-  at once: each is traced and lowered in turn, then XLA compiles them in parallel
-  threads (outside the GIL), so a task's length buckets take about one compilation's
-  wall time instead of one each. The calls that follow find the programs in jit's own
-  cache; those already compiled cost nothing here."""
-  lowered = [jitted.lower(*args) for args in arg_sets]
+  at once (:func:`compile_programs`)."""
+  compile_programs([(jitted, args) for args in arg_sets])
+
+
+def compile_programs(programs) -> None:
+  """Compiles ``(jitted, args)`` pairs (``jax.jit`` functions and an argument tuple
+  each) at once: each is traced and lowered in turn, then XLA compiles them in
+  parallel threads (outside the GIL), so a run's programs take about one
+  compilation's wall time per core instead of one each. The calls that follow find
+  the programs in jit's own cache; those already compiled cost nothing here."""
+  lowered = [jitted.lower(*args) for jitted, args in programs]
   if len(lowered) > 1:
     with concurrent.futures.ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1)) as ex:
       list(ex.map(lambda low: low.compile(), lowered))
+  elif lowered:
+    lowered[0].compile()
 
 
 def logits_step(params, batch: Batch, *, model) -> jax.Array:

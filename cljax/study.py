@@ -65,17 +65,29 @@ class Scores(NamedTuple):
   inference: list | None
 
 
+def _eval_batches(study: Study, split: str) -> list[list[dict]]:
+  """Every task's ``split`` (test or val) as host batches, in order of length, each
+  cut to its bucket."""
+  return [list(data_lib.eval_batches(getattr(d, split), study.cfg.eval_batch_size,
+                                     study.buckets)) for d in study.task_data]
+
+
+def _eval_programs(study: Study, params, method_state, batches) -> list[tuple]:
+  """The evaluation's argument sets, one per batch shape of ``batches`` (lists of
+  host batches), for :func:`steps.compile_ahead`."""
+  if study.method.eval_logits is None:
+    method_state = ()
+  return [(params, sharding.shard_batch(b, study.mesh), method_state)
+          for b in data_lib.one_batch_per_shape(itertools.chain.from_iterable(batches))]
+
+
 def evaluate_all(study: Study, params, method_state=(), split: str = "test") -> Scores:
   """The :class:`Scores` on every task's ``split`` (test or val); ``method_state``
   reaches a method's ``eval_logits`` (per-task modules)."""
+  batches = _eval_batches(study, split)
+  steps.compile_ahead(study.eval_fn, _eval_programs(study, params, method_state, batches))
   if study.method.eval_logits is None:
     method_state = ()
-  # In order of length, each batch cut to its bucket; every bucket's program compiled at once.
-  batches = [list(data_lib.eval_batches(getattr(d, split), study.cfg.eval_batch_size,
-                                        study.buckets)) for d in study.task_data]
-  steps.compile_ahead(study.eval_fn, [
-      (params, sharding.shard_batch(b, study.mesh), method_state)
-      for b in data_lib.one_batch_per_shape(itertools.chain.from_iterable(batches))])
 
   def fn(params, batch):
     return study.eval_fn(params, batch, method_state)
@@ -110,25 +122,25 @@ def trainable_mask(study: Study, k: int):
   return study.method.trainable(study.param_shapes, k)
 
 
-def _optimizer(study: Study, updates: int, k: int):
-  """(optimizer, schedule) for task k of ``updates`` updates: one per count and set of
-  trainable parameters (tasks that agree share it, and its compiled step)."""
-  cfg = study.cfg
+def _mask_key(study: Study, k: int) -> tuple | None:
+  """Task k's set of trainable parameters, hashable: tasks that agree on it share
+  their optimizer's structure, and so their compiled train steps."""
   mask = trainable_mask(study, k)
-  key = ("optimizer", updates, None if mask is None else tuple(jax.tree.leaves(mask)))
-  if key not in study.compiled:
-    study.compiled[key] = steps.make_optimizer(
-        learning_rate=cfg.learning_rate, total_steps=updates,
-        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, grad_accum_steps=cfg.grad_accum_steps,
-        trainable_mask=mask)
-  return study.compiled[key]
+  return None if mask is None else tuple(jax.tree.leaves(mask))
+
+
+def _optimizer(study: Study, updates: int, k: int):
+  """(optimizer, the learning rate on the host) for task k of ``updates`` updates."""
+  cfg = study.cfg
+  return steps.make_optimizer(
+      learning_rate=cfg.learning_rate, total_steps=updates, warmup_steps=cfg.warmup_steps,
+      weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+      grad_accum_steps=cfg.grad_accum_steps, trainable_mask=trainable_mask(study, k))
 
 
 def plan_task(study: Study, k: int, method_state) -> TaskPlan:
   """Task k's training arrays (the method's ``train_arrays``, given its state after
-  ``before_task``) and optimizer; tasks with the same number of updates share one
-  optimizer (and its compiled step)."""
+  ``before_task``) and optimizer."""
   cfg = study.cfg
   arrays = study.method.train_arrays(task_context(study, k, salt=TRAIN_ARRAYS_SALT,
                                                   method_state=method_state))
@@ -138,15 +150,19 @@ def plan_task(study: Study, k: int, method_state) -> TaskPlan:
   return TaskPlan(k, arrays, tx, schedule, batches_per_epoch, batches_per_epoch * cfg.epochs)
 
 
-def _train_fn(study: Study, tx, state):
-  """The jitted, sharded train step for optimizer ``tx`` (compiled once per tx)."""
-  if ("step", id(tx)) not in study.compiled:
+def _train_fn(study: Study, plan: TaskPlan, state):
+  """The jitted, sharded train step of task ``plan.k``: one per set of trainable
+  parameters, whatever the task's length (the schedule's length is a value in the
+  optimizer state, :func:`steps.make_optimizer`)."""
+  key = ("step", _mask_key(study, plan.k))
+  if key not in study.compiled:
     shardings = sharding.state_shardings(study.mesh, state, study.param_shapes)
-    study.compiled["step", id(tx)] = jax.jit(
-        functools.partial(steps.train_step, model=study.model, tx=tx, method=study.method),
+    study.compiled[key] = jax.jit(
+        functools.partial(steps.train_step, model=study.model, tx=plan.tx,
+                          method=study.method),
         in_shardings=(shardings, sharding.batch_sharding(study.mesh)),
         out_shardings=(shardings, sharding.replicated(study.mesh)), donate_argnums=0)
-  return study.compiled["step", id(tx)]
+  return study.compiled[key]
 
 
 def fresh_state(study: Study, k: int, params, method_state, tx) -> steps.TrainState:
@@ -197,8 +213,6 @@ def restore_or_start(study: Study, resume: bool = False
       study.checkpointer, resume, target=functools.partial(_restore_target, study),
       record_cls=RunRecord, start=functools.partial(_start, study),
       saved_shapes_under="method_state")
-  if record.global_step:
-    logging.info("At task %d, step %d in the task.", record.task, record.step_in_task)
   return state, record
 
 
@@ -242,6 +256,31 @@ class _Clock:
     self.t = now
 
 
+def _later_batches(study: Study, plan: TaskPlan) -> list[dict]:
+  """One batch of each shape that the later tasks with task ``plan.k``'s trainable
+  parameters will train on (their own data, as a plain run draws it), so that their
+  programs compile in this task's round, before its first step. A method whose
+  ``train_arrays`` or state changes a later task's shapes compiles what is left at
+  that task's start."""
+  cfg, key = study.cfg, _mask_key(study, plan.k)
+  later = itertools.chain.from_iterable(
+      loop.epoch_batches(study.task_data[j].train, cfg.batch_size, epochs=cfg.epochs,
+                         seed=(cfg.seed, j), buckets=study.buckets)
+      for j in range(plan.k + 1, len(study.tasks)) if _mask_key(study, j) == key)
+  return list(data_lib.one_batch_per_shape(later))
+
+
+def _other_programs(study: Study, state) -> list[tuple]:
+  """The programs besides the train step that the rest of the run calls with
+  ``state``'s shapes: the evaluation of each test (and validation) batch shape, the
+  finiteness check of a checkpoint."""
+  splits = ("test", "val") if study.cfg.num_val else ("test",)
+  batches = [b for split in splits for b in _eval_batches(study, split)]
+  return ([(study.eval_fn, args)
+           for args in _eval_programs(study, state.params, state.method_state, batches)]
+          + [(checkpoint.all_finite, (state,))])
+
+
 def train_task(study: Study, plan: TaskPlan, state, record: RunRecord, logger: StepLogger):
   """Trains task ``plan.k`` from ``record.step_in_task`` to its end (``state`` from
   :func:`begin_task`); evaluates every ``eval_every`` and checkpoints every
@@ -267,7 +306,8 @@ def train_task(study: Study, plan: TaskPlan, state, record: RunRecord, logger: S
                               seed=(cfg.seed, k), start=start, buckets=study.buckets)
 
   state = loop.train_loop(
-      _train_fn(study, plan.tx, state), state, batches,
+      _train_fn(study, plan, state), state, batches, ahead=_later_batches(study, plan),
+      programs=_other_programs(study, state),
       start=record.step_in_task, total=plan.total_steps, logger=logger, advance=advance,
       periodic=(loop.Periodic(cfg.eval_every, functools.partial(
                     _evaluate_mid_task, study, k, record=record, logger=logger)),
@@ -343,7 +383,7 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
     study = setup(cfg, workdir, resume)
     state, record = restore_or_start(study, resume)
     logger = loop.open_logger(workdir, record.global_step, cfg.log_every, study.checkpointer,
-                              enabled=study.writes_files)
+                              enabled=study.writes_files, on_first_step=compiling.mark)
     try:
       for k in range(record.task, len(study.tasks)):
         state, plan = begin_task(study, k, state, record)
@@ -353,8 +393,7 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
       logger.close()
       study.checkpointer.close()
   results = make_results(study, record, flags, time.time() - t_start)
-  results["timing"].update(compile_seconds_this_process=compiling.seconds,
-                           compiled_programs_this_process=compiling.programs)
+  results["timing"].update(compiling.summary())
   if study.writes_files:
     t0 = time.time()
     write_results(results, workdir)

@@ -62,6 +62,9 @@ class RunRecord(loop.Record):
   trainable_parameters: list = dataclasses.field(default_factory=list)   # per task
   state_bytes: list = dataclasses.field(default_factory=list)   # train state, per task
 
+  def where(self) -> str:
+    return f": task {self.task}, step {self.step_in_task} in the task"
+
 
 class TaskPlan(NamedTuple):
   """How task k trains: its arrays (the method's ``train_arrays``), optimizer, schedule

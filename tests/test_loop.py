@@ -87,3 +87,17 @@ def test_evaluation_totals_sum_every_batch_to_host_floats():
   totals = loop.evaluation_totals(fn, jnp.int32(1), batches)
   assert totals == {"count": 7.0, "correct": 3.0}
   assert all(type(v) is float for v in totals.values())
+
+
+def test_writers_keep_json_lines_and_tensorboard_scalars(tmp_path):
+  from tensorboard.backend.event_processing import event_accumulator
+  writers = Writers(str(tmp_path))
+  writers.write({"step": 3, "loss": 0.5, "accuracy": 0.75, "task": 0, "name": "x"}, 3, "train")
+  writers.write({"step": 4, "loss": 0.25}, 4, "train")
+  writers.close()
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 2 and '"name": "x"' in lines[0]
+  events = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  events.Reload()
+  assert sorted(events.Tags()["scalars"]) == ["train/accuracy", "train/loss"]
+  assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(3, 0.5), (4, 0.25)]

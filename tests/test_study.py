@@ -361,3 +361,41 @@ def test_random_init_on_an_accelerator_runs_on_the_host_cpu_with_the_same_values
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert b.devices() == {jax.devices()[0]}
+
+
+def test_a_study_imports_neither_torch_nor_the_auto_classes(tiny_data_dir, tiny_tokenizer_dir,
+                                                             tmp_path):
+  """A study on a local tokenizer folder needs no torch: its import (seconds of start-up)
+  would come from AutoTokenizer or tensorboardX."""
+  code = (f"import sys\nfrom cljax import cli\nfrom cljax.cli import forgetting\n"
+          f"sys.argv = ['forgetting', '--workdir={tmp_path / 'run'}', "
+          f"{', '.join(repr(a) for a in _tiny_argv(tiny_data_dir, tiny_tokenizer_dir))}, "
+          f"'--epochs=1']\n"
+          "try:\n  forgetting.run()\nexcept SystemExit as e:\n  assert not e.code, e.code\n"
+          "print('torch imported:', 'torch' in sys.modules)\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "torch imported: False" in proc.stdout, proc.stdout[-2000:]
+  assert os.path.exists(tmp_path / "run" / "results.json")
+
+
+def test_every_program_compiles_before_the_first_step_and_a_rerun_only_loads(
+    tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+  """One compile round: the tasks' train shapes (AG News's shorter buckets too), the
+  evaluation's and the finiteness check, before the first step; a warm rerun in a new
+  process, with cljax's default cache settings, compiles nothing."""
+  argv = [*_tiny_argv(tiny_data_dir, tiny_tokenizer_dir), "--length_bucket=8",
+          f"--cache_dir={tmp_path / 'cache'}"]
+  timings = []
+  for run in ("cold", "warm"):
+    proc = _cli(tmp_path / run, argv)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / run / "results.json") as f:
+      timings.append(json.load(f)["timing"])
+  cold, warm = timings
+  assert cold["compiled_programs_this_process"] > 3
+  assert cold["compiled_after_first_step"] == 0 and cold["loaded_after_first_step"] == 0
+  assert warm["compiled_programs_this_process"] == 0, warm
+  assert warm["loaded_programs_this_process"] >= cold["compiled_programs_this_process"]
+  assert warm["loaded_after_first_step"] == 0
