@@ -142,13 +142,17 @@ def buckets(cfg: LMConfig, arrays: dict) -> tuple[int, ...]:
   return data_lib.length_buckets(arrays["input_ids"].shape[1], cfg.length_bucket)
 
 
-def evaluate_held_out(eval_fn, params, arrays: dict, batch_size: int, lengths=()
-                      ) -> dict[str, float]:
+def held_out_batches(cfg: LMConfig, arrays: dict) -> list[dict]:
+  """The held-out rows as LM batches of ``--eval_batch_size``, in order of length,
+  each cut to its length bucket."""
+  return list(map(_lm_batch, data_lib.eval_batches(arrays, cfg.eval_batch_size,
+                                                   buckets(cfg, arrays))))
+
+
+def evaluate_held_out(eval_fn, params, batches: list[dict]) -> dict[str, float]:
   """Held-out next-token ``loss``, ``perplexity`` and ``token_accuracy`` over the target
-  tokens (and their number, ``tokens``); with length buckets ``lengths``, in order of
-  length, each batch cut to its bucket."""
-  totals = loop.evaluation_totals(eval_fn, params, list(map(_lm_batch, data_lib.eval_batches(
-      arrays, batch_size, lengths))))
+  tokens of ``batches`` (:func:`held_out_batches`), and their number, ``tokens``."""
+  totals = loop.evaluation_totals(eval_fn, params, batches)
   loss = totals["loss_sum"] / max(totals["count"], 1.0)
   return {"loss": loss, "perplexity": float(np.exp(loss)),
           "token_accuracy": totals["correct"] / max(totals["count"], 1.0),
@@ -217,10 +221,11 @@ def _start(cfg: LMConfig, state, held, held_out) -> tuple[steps.TrainState, LMRe
 
 
 def train(cfg: LMConfig, state, record: LMRecord, arrays: dict, tx, schedule, ckpt,
-          logger: StepLogger, model, held_out=None):
+          logger: StepLogger, model, held_out=None, programs=()):
   """Trains from ``record.step`` to the end on :func:`loop.train_loop`, checkpointing
   every ``checkpoint_every`` and, with ``held_out(params) -> dict``, evaluating every
-  ``eval_every`` steps; a last checkpoint at the end."""
+  ``eval_every`` steps; a last checkpoint at the end. ``programs`` (``(jitted, args)``)
+  compile in the train step's round, before the first step."""
   total = data_lib.num_batches(data_lib.size(arrays), cfg.batch_size) * cfg.epochs
   train_fn = jax.jit(functools.partial(steps.lm_train_step, model=model, tx=tx),
                      donate_argnums=0)
@@ -257,7 +262,7 @@ def train(cfg: LMConfig, state, record: LMRecord, arrays: dict, tx, schedule, ck
       train_fn, state, batches, start=record.step, total=total, logger=logger,
       advance=advance, periodic=(loop.Periodic(cfg.eval_every if held_out else 0, evaluate),
                                  loop.Periodic(cfg.checkpoint_every, save)),
-      stop_after=cfg.stop_after_steps)
+      stop_after=cfg.stop_after_steps, programs=programs)
   save(state)
   return state
 
@@ -269,6 +274,7 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
   t_start = time.time()
   ckpt = loop.open_run(workdir, cfg.to_dict(), resume, keep=cfg.keep_checkpoints,
                        outputs=OUTPUTS, resumable=RESUMABLE_CHANGES)
+  loop.use_compilation_cache(None)
   tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
   model, params = build_lm(cfg, tokenizer)
   arrays, held = load_splits(cfg, tokenizer)
@@ -284,16 +290,17 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
       weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
       grad_accum_steps=cfg.grad_accum_steps)
   eval_fn = jax.jit(functools.partial(steps.lm_eval_step, model=model))
-  held_out = held and functools.partial(evaluate_held_out, eval_fn, arrays=held,
-                                        batch_size=cfg.eval_batch_size,
-                                        lengths=buckets(cfg, held))
+  held_batches = held_out_batches(cfg, held) if held else []
+  held_out = held and functools.partial(evaluate_held_out, eval_fn, batches=held_batches)
   state = steps.init_train_state(params, tx, jax.random.key(cfg.seed))
   state, record = loop.restore_or_start(
       ckpt, resume, target=jax.eval_shape(lambda: state), record_cls=LMRecord,
       start=functools.partial(_start, cfg, state, held, held_out))
   logger = loop.open_logger(workdir, record.step, cfg.log_every, ckpt, unit="tokens")
+  programs = [(eval_fn, (state.params, b)) for b in data_lib.one_batch_per_shape(held_batches)]
   try:
-    state = train(cfg, state, record, arrays, tx, schedule, ckpt, logger, model, held_out)
+    state = train(cfg, state, record, arrays, tx, schedule, ckpt, logger, model, held_out,
+                  programs + [(checkpoint.all_finite, (state,))])
   finally:
     logger.close()
     ckpt.close()

@@ -123,11 +123,12 @@ def make_optimizer(*, learning_rate: float = 5e-5, total_steps: int, warmup_step
 
 def init_train_state(params, tx: optax.GradientTransformation, rng: jax.Array,
                      method: Method = finetune(), method_state=None) -> TrainState:
-  """A fresh train state (step 0) for ``params``."""
+  """A fresh train state (step 0) for ``params`` (``tx`` None: no optimizer state)."""
   if method_state is None:
     method_state = method.init(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(params), rng=rng, method_state=method_state)
+                    opt_state=() if tx is None else tx.init(params), rng=rng,
+                    method_state=method_state)
 
 
 # ----------------------------------------------------------------------------

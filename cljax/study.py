@@ -166,9 +166,12 @@ def _train_fn(study: Study, plan: TaskPlan, state):
 
 
 def fresh_state(study: Study, k: int, params, method_state, tx) -> steps.TrainState:
-  """Task k's starting state: ``params``, a fresh optimizer ``tx``, the method's state."""
+  """Task k's starting state: ``params``, a fresh optimizer ``tx`` (None: no optimizer
+  state, as between tasks), the method's state."""
   state = steps.init_train_state(params, tx, jax.random.fold_in(study.base_rng, k),
                                  study.method, method_state)
+  if tx is None:
+    state = state._replace(opt_state=())
   return jax.device_put(state, sharding.state_shardings(study.mesh, state,
                                                         study.param_shapes))
 
@@ -178,11 +181,12 @@ def fresh_state(study: Study, k: int, params, method_state, tx) -> steps.TrainSt
 # ----------------------------------------------------------------------------
 
 def _restore_target(study: Study, meta: dict):
-  """The abstract state a checkpoint with ``meta`` holds: a fresh optimizer of the task
-  it was saved in (its frozen parameters have no optimizer state); the method's arrays
-  (generated pseudo-data) take the shapes they were saved with."""
-  k = meta["task"] - (meta["step_in_task"] == 0)  # the end of task k-1 or inside task k
-  tx = _optimizer(study, 1, max(k, 0))[0]  # on the host, not under eval_shape's tracing
+  """The abstract state a checkpoint with ``meta`` holds: inside task k, the task's
+  optimizer (its frozen parameters have no optimizer state); at a task boundary, none
+  (:func:`end_task` does not save moments the next task would discard). The method's
+  arrays (generated pseudo-data) take the shapes they were saved with."""
+  boundary = meta["step_in_task"] == 0
+  tx = _optimizer(study, 1, meta["task"])[0] if not boundary else None  # on the host
   abstract = jax.eval_shape(lambda: fresh_state(
       study, 0, study.initial_params, study.method.init(study.initial_params), tx))
   return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
@@ -260,13 +264,14 @@ def _later_batches(study: Study, plan: TaskPlan) -> list[dict]:
   """One batch of each shape that the later tasks with task ``plan.k``'s trainable
   parameters will train on (their own data, as a plain run draws it), so that their
   programs compile in this task's round, before its first step. A method whose
-  ``train_arrays`` or state changes a later task's shapes compiles what is left at
-  that task's start."""
+  ``train_arrays`` add arrays (generative replay's LM rows), or whose state changes
+  shape, compiles what is left at that task's start."""
   cfg, key = study.cfg, _mask_key(study, plan.k)
   later = itertools.chain.from_iterable(
       loop.epoch_batches(study.task_data[j].train, cfg.batch_size, epochs=cfg.epochs,
                          seed=(cfg.seed, j), buckets=study.buckets)
-      for j in range(plan.k + 1, len(study.tasks)) if _mask_key(study, j) == key)
+      for j in range(plan.k + 1, len(study.tasks))
+      if _mask_key(study, j) == key and set(study.task_data[j].train) == set(plan.arrays))
   return list(data_lib.one_batch_per_shape(later))
 
 
@@ -371,6 +376,7 @@ def end_task(study: Study, plan: TaskPlan, state, record: RunRecord, logger: Ste
   logging.info("After task %d (%s): accuracy %s | task-aware %s", k, study.tasks[k].name,
                fmt_accs(study.tasks, acc), fmt_accs(study.tasks, task_acc))
   record.task, record.step_in_task = k + 1, 0
+  state = state._replace(opt_state=())   # the next task starts a fresh optimizer
   save_checkpoint(study, state, record)
   return state
 

@@ -399,3 +399,25 @@ def test_every_program_compiles_before_the_first_step_and_a_rerun_only_loads(
   assert warm["compiled_programs_this_process"] == 0, warm
   assert warm["loaded_programs_this_process"] >= cold["compiled_programs_this_process"]
   assert warm["loaded_after_first_step"] == 0
+
+
+def _folder_bytes(path) -> int:
+  return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_a_task_boundary_checkpoint_holds_no_optimizer_moments_and_resumes_exactly(
+    uninterrupted, tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+  """The next task starts a fresh optimizer, so the end-of-task checkpoint leaves the
+  AdamW moments out (about a third of a mid-task one) and a resume from it is exact."""
+  workdir = tmp_path / "run"
+  cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, checkpoint_every=4,
+                    stop_after_steps=13)   # task A: 12 steps; stop inside task B
+  with pytest.raises(study.Interrupted):
+    study.run(cfg, str(workdir))
+  ckpts = workdir / "checkpoints"
+  assert sorted(os.listdir(ckpts)) == ["12", "8"]
+  mid, boundary = _folder_bytes(ckpts / "8"), _folder_bytes(ckpts / "12")
+  assert boundary < 0.5 * mid, (boundary, mid)
+  resumed = study.run(cfg.replace(stop_after_steps=None), str(workdir), resume=True)
+  assert resumed["accuracy_matrix"] == uninterrupted[0]["accuracy_matrix"]
+  assert resumed["task_aware_accuracy_matrix"] == uninterrupted[0]["task_aware_accuracy_matrix"]
