@@ -1,10 +1,13 @@
-"""Progress of a training run: step metrics checked one step behind, rates, ETA, and
-the writers (JSON Lines and TensorBoard).
+"""Progress of a training run: step metrics read once per logged window, rates, ETA,
+compile counts, and the writers (JSON Lines and TensorBoard).
 
 The train step returns device arrays; reading them right away would stall the host on
-every step. :class:`StepLogger` keeps the latest step's metrics pending and reads them
-when the next step has been dispatched (or at a flush), so the device never waits.
-Reading them is where a non-finite loss or gradient stops the run.
+every step. :class:`StepLogger` holds them and reads a window of ``log_every`` steps in
+one transfer once the next step has been dispatched (or at a flush: before an
+evaluation, a checkpoint, the end of a task), so the device never waits. Reading them
+is where a non-finite loss or gradient stops the run, naming its first such step; a
+checkpoint is never written before the steps it holds were read, and never holds a
+non-finite state.
 """
 
 from __future__ import annotations
@@ -173,7 +176,7 @@ class StepLogger:
     self.unit = unit
     self.last_checkpoint = last_checkpoint
     self.steps_this_process = 0
-    self._pending = None
+    self._pending: list[tuple[int, int, dict]] = []
     self._start_loss = self._last_loss = None   # per task: first step, last logged window
     self._task = (0, "", 1)
     self._lr: Callable[[int], float] = lambda s: 0.0
@@ -192,12 +195,16 @@ class StepLogger:
     self._reset()
 
   def push(self, global_step: int, step_in_task: int, metrics: dict) -> None:
-    """Holds this step's metrics and checks the previous step's."""
-    self.flush()
-    self._pending = (global_step, step_in_task, metrics)
+    """Holds this step's metrics (device arrays). Once ``log_every`` steps are held, all
+    but this one are read to the host in one transfer and checked: the host never waits
+    on the step it just dispatched, and reads the device once per logged window."""
+    self._pending.append((global_step, step_in_task, metrics))
     self.steps_this_process += 1
     if self.steps_this_process == 1 and self.on_first_step:
       self.on_first_step()
+    if len(self._pending) > max(self.log_every, 1):
+      held, self._pending = self._pending[:-1], self._pending[-1:]
+      self._read(held)
 
   def stop_after(self, steps: int | None) -> None:
     """Flushes and raises :class:`Interrupted` once this process has taken ``steps``
@@ -208,14 +215,17 @@ class StepLogger:
                         "(--stop_after_steps).")
 
   def flush(self) -> None:
-    """Checks (and logs) the pending step, if any."""
-    if self._pending is not None:
-      pending, self._pending = self._pending, None
-      self._check(*pending)
+    """Reads, checks (and logs) every held step."""
+    held, self._pending = self._pending, []
+    self._read(held)
+
+  def _read(self, held: list[tuple[int, int, dict]]) -> None:
+    if held:
+      for (g, s, _), m in zip(held, jax.device_get([m for _, _, m in held])):
+        self._check(g, s, m)
 
   def _check(self, g: int, s: int, m: dict) -> None:
     k, name, total = self._task
-    m = jax.device_get(m)
     if not m["finite"]:
       raise FloatingPointError(
           f"Non-finite loss or gradient at task {k} ({name}), step {s} (loss sum "

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import itertools
 import time
-from typing import NamedTuple
 
 from absl import logging
 import jax
@@ -33,71 +32,19 @@ from cljax.config import StudyConfig
 from cljax.methods import TaskContext
 from cljax.progress import CompileTimer, Interrupted, StepLogger
 from cljax.results import count_params, fmt_accs, make_results, write_results
+from cljax.study_eval import Scores, eval_batches, eval_programs, evaluate_all
 from cljax.study_setup import (AFTER_TASK_SALT, BEFORE_TASK_SALT, OUTPUTS, RESUMABLE_CHANGES,
                                TRAIN_ARRAYS_SALT, RunRecord, Study, TaskPlan, build_model,
                                resume_view, setup)
 
 __all__ = ["StudyConfig", "Study", "RunRecord", "TaskPlan", "Interrupted", "OUTPUTS",
            "RESUMABLE_CHANGES", "run", "setup", "build_model", "resume_view",
-           "restore_or_start", "begin_task", "evaluate_all", "train_task", "end_task"]
+           "restore_or_start", "begin_task", "evaluate_all", "Scores", "train_task", "end_task"]
 
 
 # ----------------------------------------------------------------------------
-# Evaluation, a task's plan and state
+# A task's context, plan and state
 # ----------------------------------------------------------------------------
-
-def task_scores(totals: dict[str, float]) -> dict[str, float]:
-  """The rates of an eval step's sums over one task (:func:`steps.eval_step`):
-  ``accuracy`` (class-incremental), ``task_aware_accuracy``, ``loss`` (mean CE) and
-  the method's own (``task_inference``: per-task modules)."""
-  n = totals["count"]
-  own = {k[:-len("_correct")]: v / n for k, v in totals.items()
-         if k not in ("correct", "task_correct", "loss_sum", "count")}
-  return {"accuracy": totals["correct"] / n, "task_aware_accuracy": totals["task_correct"] / n,
-          "loss": totals["loss_sum"] / n, **own}
-
-
-class Scores(NamedTuple):
-  """Accuracy on every task: class-incremental, task-aware, and (per-task modules) how
-  often the task was inferred right (None for other methods)."""
-  acc: list
-  task_acc: list
-  inference: list | None
-
-
-def _eval_batches(study: Study, split: str) -> list[list[dict]]:
-  """Every task's ``split`` (test or val) as host batches, in order of length, each
-  cut to its bucket."""
-  return [list(data_lib.eval_batches(getattr(d, split), study.cfg.eval_batch_size,
-                                     study.buckets)) for d in study.task_data]
-
-
-def _eval_programs(study: Study, params, method_state, batches) -> list[tuple]:
-  """The evaluation's argument sets, one per batch shape of ``batches`` (lists of
-  host batches), for :func:`steps.compile_ahead`."""
-  if study.method.eval_logits is None:
-    method_state = ()
-  return [(params, sharding.shard_batch(b, study.mesh), method_state)
-          for b in data_lib.one_batch_per_shape(itertools.chain.from_iterable(batches))]
-
-
-def evaluate_all(study: Study, params, method_state=(), split: str = "test") -> Scores:
-  """The :class:`Scores` on every task's ``split`` (test or val); ``method_state``
-  reaches a method's ``eval_logits`` (per-task modules)."""
-  batches = _eval_batches(study, split)
-  steps.compile_ahead(study.eval_fn, _eval_programs(study, params, method_state, batches))
-  if study.method.eval_logits is None:
-    method_state = ()
-
-  def fn(params, batch):
-    return study.eval_fn(params, batch, method_state)
-  rows = [task_scores(loop.evaluation_totals(
-      fn, params, task_batches, functools.partial(sharding.shard_batch, mesh=study.mesh),
-      compile_first=False)) for task_batches in batches]
-  inference = [r["task_inference"] for r in rows] if "task_inference" in rows[0] else None
-  return Scores([r["accuracy"] for r in rows], [r["task_aware_accuracy"] for r in rows],
-                inference)
-
 
 def task_context(study: Study, k: int, params=None, train=None, salt: int = 0,
                  record: RunRecord | None = None, method_state=None) -> TaskContext:
@@ -280,9 +227,9 @@ def _other_programs(study: Study, state) -> list[tuple]:
   ``state``'s shapes: the evaluation of each test (and validation) batch shape, the
   finiteness check of a checkpoint."""
   splits = ("test", "val") if study.cfg.num_val else ("test",)
-  batches = [b for split in splits for b in _eval_batches(study, split)]
+  batches = [b for split in splits for b in eval_batches(study, split)]
   return ([(study.eval_fn, args)
-           for args in _eval_programs(study, state.params, state.method_state, batches)]
+           for args in eval_programs(study, state.params, state.method_state, batches)]
           + [(checkpoint.all_finite, (state,))])
 
 

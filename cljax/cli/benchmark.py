@@ -4,6 +4,8 @@ r"""Examples per second of the jitted train and eval steps (and PyTorch's).
       --compare_torch
   cljax-benchmark --size=gpt2 --batch_size=8 --seq_len=64 --generate_tokens=128 \
       --compare_torch     # generation tokens/s
+  cljax-benchmark --size=tiny --loop_overhead --steps=300   # the loop against a bare one
+  cljax-benchmark --size=gpt2 --compile_overhead   # compile against a minimal GPT-2
 
 Prints one JSON line: JAX train/eval examples/s, with --compare_torch the
 transformers PyTorch model's figures measured in the same run and their ratios,
@@ -18,6 +20,7 @@ from absl import flags
 
 from cljax import cli
 from cljax import bench
+from cljax import bench_overhead
 
 _SIZE = flags.DEFINE_string("size", "gpt2", "Model size: gpt2 (small), gpt2-medium, "
                             "gpt2-large, gpt2-xl, mini or tiny. Random init.")
@@ -45,12 +48,21 @@ _GENERATE = flags.DEFINE_integer("generate_tokens", 0, "If > 0: instead, time gr
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed generation calls (after the first).")
 _PROFILE = flags.DEFINE_bool("profile_step", False, "Instead, where a train step's time "
                              "goes: its parts timed alone, and the step at shorter lengths.")
+_LOOP = flags.DEFINE_bool("loop_overhead", False, "Instead, steps/s of the study's loop "
+                          "against a bare loop of the same jitted step (--steps steps).")
+_COMPILE = flags.DEFINE_bool("compile_overhead", False, "Instead, the seconds to compile "
+                             "the train program against a minimal Flax GPT-2 + AdamW step "
+                             "of the same shapes, in float32 and bfloat16.")
 _OUT = flags.DEFINE_string("output", None, "Also append the JSON line to this file.")
 
 
 def main(argv):
   del argv
-  if _PROFILE.value:
+  if _LOOP.value:
+    result = bench_overhead.loop_overhead(_SIZE.value, _BATCH.value, _SEQ.value, _STEPS.value)
+  elif _COMPILE.value:
+    result = bench_overhead.compile_overhead(_SIZE.value, _BATCH.value, _SEQ.value)
+  elif _PROFILE.value:
     result = bench.step_profile(_SIZE.value, _BATCH.value, _SEQ.value, _STEPS.value,
                                 _WARMUP.value)
   elif _FISHER.value:

@@ -8,6 +8,7 @@
 - ``peft.py``: LoRA, adapters and soft prompts in per-task slots.
 - ``pnn.py``: Progressive Neural Networks' columns and laterals.
 - ``surgery.py``: new token rows, added modules' params, LoRA merging, random init.
+- ``minimal.py``: a bare GPT-2 classifier, the compile benchmark's baseline.
 
 This package is the only place that imports ``flax.linen``.
 """
