@@ -87,26 +87,29 @@ def loop_overhead(size: str = "tiny", batch_size: int = 8, seq_len: int = 128,
 
 
 def _minimal_step(config: GPT2Config, dtype):
-  """The minimal model's jitted AdamW step (CE at the last token) and its init."""
+  """The minimal model's jitted step (CE at the last token, training dropout, the
+  Trainer's clipping and AdamW) and its init."""
   model = MinimalGPT2Classifier(config.vocab_size, config.n_positions, config.n_embd,
                                 config.n_layer, config.n_head, config.num_labels, dtype)
-  tx = optax.adamw(optax.linear_schedule(5e-5, 0.0, 10_000))
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   optax.adamw(optax.linear_schedule(5e-5, 0.0, 10_000), weight_decay=0.0))
 
   def step(state, batch):
-    params, opt_state = state
+    params, opt_state, rng = state
 
     def loss(p):
-      logits = model.apply({"params": p}, batch["input_ids"], batch["attention_mask"])
+      logits = model.apply({"params": p}, batch["input_ids"], batch["attention_mask"],
+                           train=True, rngs={"dropout": jax.random.fold_in(rng, 0)})
       return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
 
     value, grads = jax.value_and_grad(loss)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), value
+    return (optax.apply_updates(params, updates), opt_state, jax.random.fold_in(rng, 1)), value
 
   def init(batch):
     params = model.init(jax.random.PRNGKey(0), batch["input_ids"],
                         batch["attention_mask"])["params"]
-    return params, tx.init(params)
+    return params, tx.init(params), jax.random.PRNGKey(1)
   return jax.jit(step, donate_argnums=0), init
 
 

@@ -20,7 +20,13 @@
 #      (a rerun or a sweep's next run), timed from the shell;
 #   4. greedy generation, GPT-2 small, batch 64, 64-token prompts, 128 new tokens:
 #      cljax.generate against transformers' generate (same weights, same tokens);
-#   5. the step benchmark at batch 512 (JAX alone), for MFU at a larger batch.
+#   5. the step benchmark at batch 512 (JAX alone), for MFU at a larger batch;
+#   6. (not in the default stages: STAGES=6, about 3 minutes, a second call) the
+#      compile time of one bfloat16 train program against a minimal Flax GPT-2 of the
+#      same computation, with the default GPU autotuning and with
+#      --xla_gpu_autotune_level=0.
+# Stage 3's results.json counts the programs compiled and loaded (a warm rerun should
+# compile none) and those built after the first step.
 # Smaller settings through the environment (a CPU smoke run of the script itself):
 #   SIZE=tiny BATCH=8 BIG_BATCH=16 NUM_TRAIN=32 NUM_TEST=16 bash experiments/gpu_check.sh
 # and STAGES="2 3" runs only those stages (the versions always print).
@@ -103,5 +109,14 @@ stage "5 step benchmark, batch $BIG_BATCH, JAX alone"
 timeout 90 python3 experiments/benchmark.py --size="$SIZE" --seq_len=128 \
   --batch_size="$BIG_BATCH" --dtype="$DTYPE" --steps=20 --warmup=3 \
   --output="$out/bench_big.jsonl" 2>&1 | tail -1
+fi
+if want 6; then
+stage "6 compile of one train program against a minimal GPT-2, default and lower autotuning"
+timeout 150 python3 experiments/benchmark.py --size="$SIZE" --compile_overhead \
+  --compile_dtypes="$DTYPE" --compile_repeats=1 \
+  --output="$out/compile_overhead.jsonl" 2>&1 | tail -1
+XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" timeout 150 python3 \
+  experiments/benchmark.py --size="$SIZE" --compile_overhead --compile_dtypes="$DTYPE" \
+  --compile_repeats=1 --output="$out/compile_overhead_autotune0.jsonl" 2>&1 | tail -1
 fi
 stage "done"

@@ -53,6 +53,10 @@ _LOOP = flags.DEFINE_bool("loop_overhead", False, "Instead, steps/s of the study
 _COMPILE = flags.DEFINE_bool("compile_overhead", False, "Instead, the seconds to compile "
                              "the train program against a minimal Flax GPT-2 + AdamW step "
                              "of the same shapes, in float32 and bfloat16.")
+_COMPILE_DTYPES = flags.DEFINE_list("compile_dtypes", ["float32", "bfloat16"],
+                                    "--compile_overhead: the compute dtypes to time.")
+_COMPILE_REPEATS = flags.DEFINE_integer("compile_repeats", 2, "--compile_overhead: "
+                                        "compiles of each program (the best is kept).")
 _OUT = flags.DEFINE_string("output", None, "Also append the JSON line to this file.")
 
 
@@ -61,7 +65,9 @@ def main(argv):
   if _LOOP.value:
     result = bench_overhead.loop_overhead(_SIZE.value, _BATCH.value, _SEQ.value, _STEPS.value)
   elif _COMPILE.value:
-    result = bench_overhead.compile_overhead(_SIZE.value, _BATCH.value, _SEQ.value)
+    result = bench_overhead.compile_overhead(_SIZE.value, _BATCH.value, _SEQ.value,
+                                             tuple(_COMPILE_DTYPES.value),
+                                             _COMPILE_REPEATS.value)
   elif _PROFILE.value:
     result = bench.step_profile(_SIZE.value, _BATCH.value, _SEQ.value, _STEPS.value,
                                 _WARMUP.value)
