@@ -4,9 +4,11 @@ What a run does around its steps, in named pieces: :func:`open_run` (the workdir
 guards and its checkpointer), :func:`build_model` (pretrained weights or a random
 init), :func:`restore_or_start` (the newest checkpoint, or a fresh start),
 :func:`epoch_batches` (seeded epochs from any step, length-bucketed),
-:func:`train_loop` (the steps with their evaluation and checkpoint callbacks),
+:func:`train_loop` (one compile round, then the steps with their evaluation and
+checkpoint callbacks, the next batch on its way while a step runs),
 :func:`evaluation_totals` (an eval step's sums over batches) and :class:`Record` (a
-run's progress, stored as JSON in every checkpoint). ``cljax.study`` adds the
+run's progress, stored as JSON in every checkpoint), :func:`use_compilation_cache`
+(every program kept on disk). ``cljax.study`` adds the
 study's stages, ``cljax.lm_train`` the LM's data and evaluation.
 """
 
