@@ -231,12 +231,7 @@ def train(cfg: LMConfig, state, record: LMRecord, arrays: dict, tx, schedule, ck
                      donate_argnums=0)
   logger.start_task(0, cfg.data_format, total,
                     lambda s: schedule(min(s, total) // cfg.grad_accum_steps))
-  t0 = time.time()
-
-  def clock() -> None:
-    nonlocal t0
-    record.train_seconds += time.time() - t0
-    t0 = time.time()
+  clock = loop.Stopwatch()
 
   def advance(step: int) -> int:
     record.step = step
@@ -250,7 +245,7 @@ def train(cfg: LMConfig, state, record: LMRecord, arrays: dict, tx, schedule, ck
                  point["perplexity"])
 
   def save(state) -> None:
-    clock()
+    record.train_seconds += clock.lap()
     checkpoint.save_finite(ckpt, record.step, state, record.to_json())
 
   def batches(start: int):

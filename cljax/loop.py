@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import time
 from typing import Any, NamedTuple
 from collections.abc import Callable, Iterable, Iterator
 
@@ -31,7 +32,7 @@ from cljax.checkpoint import Checkpointer
 from cljax.models import GPT2Classifier, GPT2LabelWords, GPT2LM, random_params
 from cljax.progress import StepLogger, Writers, drop_records_after
 
-__all__ = ["Record", "Periodic", "open_run", "use_compilation_cache", "open_logger",
+__all__ = ["Record", "Periodic", "Stopwatch", "open_run", "use_compilation_cache", "open_logger",
            "build_model", "restore_or_start", "update_count", "epoch_batches", "train_loop",
            "evaluation_totals"]
 
@@ -113,8 +114,8 @@ def build_model(cfg, tokenizer, *, kind: str, rng: jax.Array, n_positions: int,
   if cfg.init == "random":
     config = cfg.random_init_config(tokenizer, n_positions, **(
         {} if kind == "lm" else {"num_labels": num_labels}))
-    model = {"classifier": lambda: GPT2Classifier(config), "lm": lambda: GPT2LM(config),
-             "label_words": lambda: GPT2LabelWords(config, label_tokens)}[kind]()
+    model = (GPT2LM(config) if kind == "lm" else GPT2Classifier(config)
+             if kind == "classifier" else GPT2LabelWords(config, label_tokens))
     return model, random_params(model, rng)
   overrides = cfg.config_overrides()
   if kind == "classifier":
@@ -170,6 +171,20 @@ def epoch_batches(arrays: dict, batch_size: int, *, epochs: int, seed: tuple, st
                                 start=b if epoch == first_epoch else 0, buckets=buckets)
 
 
+class Stopwatch:
+  """Seconds between readings (a run's training time, taken at checkpoints and at the
+  end, is stored in its record)."""
+
+  def __init__(self):
+    self._t = time.time()
+
+  def lap(self) -> float:
+    """Seconds since the last lap (or since the stopwatch was made)."""
+    now = time.time()
+    seconds, self._t = now - self._t, now
+    return seconds
+
+
 class Periodic(NamedTuple):
   """A callback ``fn(state)`` every ``every`` global steps (0: never), not after the
   last step (the caller's end-of-training work covers it)."""
@@ -188,22 +203,16 @@ def train_loop(train_fn, state, batches: Callable[[int], Iterable[dict]], *, sta
   Before the first step, one round compiles in parallel every program the loop needs:
   ``train_fn`` for each batch shape of ``batches(start)`` and of ``ahead`` (later
   tasks' batches), and the other ``programs`` (``(jitted, args)``: evaluation, the
-  finiteness check). In the loop, the next batch is put on the devices (``put``)
-  while the step runs; ``advance(step)`` records each step and returns the global
+  finiteness check). In the loop, each batch is put on the devices (``put``) once
+  the step before it was dispatched, so its transfer overlaps that step;
+  ``advance(step)`` records each step and returns the global
   step, which the logger and the ``periodic`` callbacks (evaluation, checkpoints;
   the logger flushed before each) go by. Stops with :class:`progress.Interrupted`
   after ``stop_after`` global steps."""
   shapes = data_lib.one_batch_per_shape(itertools.chain(batches(start), ahead))
   steps.compile_programs([(train_fn, (state, put(b))) for b in shapes] + list(programs))
-  upcoming = iter(batches(start))
-  batch = next(upcoming, None)
-  batch = None if batch is None else put(batch)
-  for s in range(start, total):
-    if batch is None:
-      break
-    state, metrics = train_fn(state, batch)
-    batch = next(upcoming, None)   # on its way to the devices while the step runs
-    batch = None if batch is None else put(batch)
+  for s, batch in zip(range(start, total), map(put, batches(start))):
+    state, metrics = train_fn(state, batch)   # dispatched: the host goes on
     g = advance(s + 1)
     logger.push(g, s + 1, metrics)
     for every, fn in periodic:

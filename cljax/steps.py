@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from cljax.methods.base import Method, StepContext, finetune
@@ -55,25 +56,22 @@ def decay_mask(params):
       lambda path, _: getattr(path[-1], "key", None) not in ("bias", "scale"), params)
 
 
-def linear_warmup_decay(count, peak, warmup_steps, total_steps):
+def linear_warmup_decay(count, peak, warmup_steps, total_steps, xp=jnp):
   """The learning rate after ``count`` updates: linear warmup from 0 to ``peak`` over
   ``warmup_steps``, then linear decay to 0 at ``total_steps`` (the Hugging Face
   Trainer's ``get_linear_schedule_with_warmup``), computed as optax's linear schedules
   compute it but from values that may be traced: a schedule's length is data, not a
-  constant of the compiled step."""
-  warm = jnp.maximum(warmup_steps, 1)
-  decay = jnp.maximum(total_steps - warmup_steps, 1)
-  up = (0.0 - peak) * (1 - jnp.clip(count, 0, warm) / warm) + peak
-  down = peak * (1 - jnp.clip(count - warmup_steps, 0, decay) / decay)
-  return jnp.where(count < warmup_steps, up, down)
+  constant of the compiled step. ``xp=np`` computes it on the host (for the log)."""
+  warm = xp.maximum(warmup_steps, 1)
+  decay = xp.maximum(total_steps - warmup_steps, 1)
+  up = (0.0 - peak) * (1 - xp.clip(count, 0, warm) / warm) + peak
+  down = peak * (1 - xp.clip(count - warmup_steps, 0, decay) / decay)
+  return xp.where(count < warmup_steps, up, down)
 
 
 def host_learning_rate(count: int, peak: float, warmup_steps: int, total_steps: int) -> float:
-  """:func:`linear_warmup_decay` on the host, in Python floats (for the log)."""
-  if count < warmup_steps:
-    return peak * min(max(count, 0), max(warmup_steps, 1)) / max(warmup_steps, 1)
-  decay = max(total_steps - warmup_steps, 1)
-  return peak * (1 - min(max(count - warmup_steps, 0), decay) / decay)
+  """:func:`linear_warmup_decay` on the host, a Python float (no device program)."""
+  return float(linear_warmup_decay(count, peak, warmup_steps, total_steps, xp=np))
 
 
 def make_optimizer(*, learning_rate: float = 5e-5, total_steps: int, warmup_steps: int = 0,
@@ -297,11 +295,9 @@ def compile_programs(programs) -> None:
   compilation's wall time per core instead of one each. The calls that follow find
   the programs in jit's own cache; those already compiled cost nothing here."""
   lowered = [jitted.lower(*args) for jitted, args in programs]
-  if len(lowered) > 1:
+  if lowered:
     with concurrent.futures.ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1)) as ex:
       list(ex.map(lambda low: low.compile(), lowered))
-  elif lowered:
-    lowered[0].compile()
 
 
 def logits_step(params, batch: Batch, *, model) -> jax.Array:

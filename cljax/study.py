@@ -195,18 +195,6 @@ def _evaluate_mid_task(study: Study, k: int, state, record: RunRecord, logger) -
   logger.evaluation(record.global_step, k, {t.name: a for t, a in zip(study.tasks, acc)})
 
 
-class _Clock:
-  """Adds the seconds since the last reading to the task's ``train_seconds``."""
-
-  def __init__(self, record: RunRecord):
-    self.record, self.t = record, time.time()
-
-  def read(self) -> None:
-    now = time.time()
-    self.record.train_seconds[-1] += now - self.t
-    self.t = now
-
-
 def _later_batches(study: Study, plan: TaskPlan) -> list[dict]:
   """One batch of each shape that the later tasks with task ``plan.k``'s trainable
   parameters will train on (their own data, as a plain run draws it), so that their
@@ -244,14 +232,14 @@ def train_task(study: Study, plan: TaskPlan, state, record: RunRecord, logger: S
                plan.total_steps, cfg.batch_size, study.method.name)
   logger.start_task(k, study.tasks[k].name, plan.total_steps,
                     lambda s: plan.schedule(min(s, plan.total_steps) // cfg.grad_accum_steps))
-  clock = _Clock(record)
+  clock = loop.Stopwatch()
 
   def advance(step_in_task: int) -> int:
     record.global_step, record.step_in_task = record.global_step + 1, step_in_task
     return record.global_step
 
   def save(state) -> None:
-    clock.read()
+    record.train_seconds[-1] += clock.lap()
     save_checkpoint(study, state, record)
 
   def batches(start: int):   # each epoch shuffled by (seed, task, epoch)
@@ -267,7 +255,7 @@ def train_task(study: Study, plan: TaskPlan, state, record: RunRecord, logger: S
                 loop.Periodic(cfg.checkpoint_every, save)),
       stop_after=cfg.stop_after_steps,
       put=functools.partial(sharding.shard_batch, mesh=study.mesh))
-  clock.read()
+  record.train_seconds[-1] += clock.lap()
   _check_divergence(study, record, logger)
   return state
 
