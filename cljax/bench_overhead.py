@@ -7,6 +7,8 @@
 - :func:`compile_overhead`: the compile time of cljax's train program against a
   minimal Flax GPT-2 (:mod:`cljax.models.minimal`) with an optax AdamW step of the
   same shapes, with the persistent cache off.
+- :func:`checkpoint_overhead`: how long a task-boundary checkpoint blocks training,
+  against the time its write takes.
 
 Quote ratios: the machines these run on are shared and noisy.
 """
@@ -14,6 +16,9 @@ Quote ratios: the machines these run on are shared and noisy.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -22,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cljax import checkpoint
 from cljax import loop
 from cljax import sharding
 from cljax import steps
@@ -145,3 +151,57 @@ def compile_overhead(size: str = "gpt2", batch_size: int = 8, seq_len: int = 128
     out[f"{dtype}_spread"] = {"cljax": [float(np.round(t, 2)) for t in ours],
                               "minimal": [float(np.round(t, 2)) for t in theirs]}
   return out
+
+
+def checkpoint_overhead(size: str = "gpt2", batch_size: int = 8, seq_len: int = 128,
+                        steps_: int = 10, repeats: int = 2,
+                        directory: str | None = None) -> dict[str, Any]:
+  """A task-boundary checkpoint (params, RNG, step: what the next task needs) saved as
+  the study saves it (:func:`checkpoint.save_finite`), timed three ways: written with
+  nothing else running (``write_s``: save and wait); saved, then ``steps_`` train steps
+  while it is written (``blocked_s``: the time the save call held the loop;
+  ``steps_during_write_s``); and the same steps with no write (``steps_s``). The best
+  of ``repeats`` of each. ``directory``: where to write (default: a temporary folder)."""
+  config, _, tx, step, params = _setup(size, batch_size, seq_len)
+  mesh = sharding.make_mesh(-1, 1)
+  batches = [sharding.shard_batch(random_batch(config, batch_size, seq_len, seed=i), mesh)
+             for i in range(steps_)]
+  train = steps.init_train_state(jax.tree.map(jnp.copy, params), tx, jax.random.PRNGKey(1))
+  boundary = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=(),
+                              rng=jax.random.PRNGKey(2), method_state=())
+  train, _ = step(train, batches[0])   # compiled here, outside the timings
+  jax.block_until_ready((train, checkpoint.all_finite(boundary)))
+  root = tempfile.mkdtemp(dir=directory)
+
+  def run_steps(state):
+    for b in batches:
+      state, _ = step(state, b)
+    return jax.block_until_ready(state)
+
+  times: dict[str, list[float]] = {k: [] for k in ("write_s", "blocked_s",
+                                                   "steps_during_write_s", "steps_s")}
+  try:
+    for r in range(repeats):
+      ckpt = checkpoint.Checkpointer(os.path.join(root, str(r)), max_to_keep=1)
+      t0 = time.perf_counter()
+      checkpoint.save_finite(ckpt, 1, boundary, {})
+      ckpt.wait()
+      times["write_s"].append(time.perf_counter() - t0)
+      t0 = time.perf_counter()
+      checkpoint.save_finite(ckpt, 2, boundary, {})
+      times["blocked_s"].append(time.perf_counter() - t0)
+      train = run_steps(train)
+      times["steps_during_write_s"].append(time.perf_counter() - t0)
+      ckpt.close()
+      t0 = time.perf_counter()
+      train = run_steps(train)
+      times["steps_s"].append(time.perf_counter() - t0)
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+  best = {k: min(v) for k, v in times.items()}
+  return {"size": size, "batch_size": batch_size, "seq_len": seq_len, "steps": steps_,
+          "backend": jax.default_backend(),
+          "checkpoint_bytes": int(sum(x.nbytes for x in jax.tree.leaves(boundary))),
+          **best, "blocked_over_write": best["blocked_s"] / best["write_s"],
+          "steps_slowdown_during_write": best["steps_during_write_s"] / best["steps_s"],
+          "spread": {k: [float(np.round(t, 3)) for t in v] for k, v in times.items()}}

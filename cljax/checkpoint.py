@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import threading
+import time
 from typing import Any
 
 from absl import logging
@@ -30,6 +31,7 @@ class _QuietOrbax:
   """Drops orbax's INFO chatter (a dozen lines per save) from the absl log, and its
   errors too while :func:`_quiet_async_leftovers` reports them once instead."""
   errors = True
+  failed = False   # after a failure, asyncio's log and "Event loop is closed" stay dropped
 
   def filter(self, record) -> bool:  # pylint: disable=missing-function-docstring
     return "orbax" not in record.pathname or (record.levelno >= 30 and self.errors)
@@ -39,34 +41,47 @@ _quiet = _QuietOrbax()
 
 
 class Checkpointer:
-  """A thin wrapper over ``orbax.checkpoint.CheckpointManager``. Nothing is created on
+  """A thin wrapper over ``orbax.checkpoint.CheckpointManager`` that writes in the
+  background: :meth:`save` returns once the arrays are copied off the devices, and the
+  files are written while training goes on. Orbax writes into a temporary folder and
+  renames it when complete, so a process killed mid-write leaves the previous
+  checkpoint the newest. A failed write (disk full) is reported at the next
+  :meth:`save`, :meth:`wait` or :meth:`close` as one ``OSError``. Nothing is created on
   disk until the first save (a run refused after opening it leaves no folder)."""
 
-  def __init__(self, directory: str, max_to_keep: int = 2):
+  def __init__(self, directory: str, max_to_keep: int = 2, *, background: bool = True):
     handler = logging.get_absl_handler()
     if _quiet not in handler.filters:
       handler.addFilter(_quiet)
     self.directory = os.path.abspath(directory)
     self._max_to_keep = max_to_keep
+    self._background = background
     self._opened = None
+    self._writing: tuple[int, int | None] | None = None   # (step, the one before it)
+    self.blocked_seconds = 0.0   # the callers' time in save/wait/close: what a run waits
+    self.saves = 0
 
   @property
   def _manager(self) -> ocp.CheckpointManager:
     if self._opened is None:
       self._opened = ocp.CheckpointManager(
           self.directory,
-          options=ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep, create=True,
-                                               enable_async_checkpointing=False))
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=self._max_to_keep, create=True, cleanup_tmp_directories=True,
+              enable_async_checkpointing=self._background))
     return self._opened
 
   def latest_step(self) -> int | None:
+    """The newest complete checkpoint (waits for a write in progress)."""
     if self._opened is None and not os.path.isdir(self.directory):
       return None
+    self.wait()
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    """Saves ``state`` and ``meta`` as checkpoint ``step`` (overwriting it). A failed
-    write (disk full, quota) is one ``OSError`` naming the last complete checkpoint."""
+    """Starts saving ``state`` and ``meta`` as checkpoint ``step`` (overwriting it),
+    after the previous write is complete; returns when the arrays are on the host."""
+    t0 = time.perf_counter()
     previous = self.latest_step()
     try:
       with _quiet_async_leftovers():
@@ -74,14 +89,27 @@ class Checkpointer:
           self._manager.delete(step)
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-        self._manager.wait_until_finished()
     except Exception as e:  # orbax and tensorstore wrap the OS error in their own types
-      then = (f"rerun with --resume: it continues from checkpoint {previous}"
-              if previous is not None else "start again in a new --workdir (no checkpoint "
-              "of this run was complete)")
-      raise OSError(f"Could not write checkpoint {step} to {self.directory} "
-                    f"({_os_reason(e) or _root_cause(e)}). Free disk space, then {then}."
-                    ) from e
+      raise _write_error(self.directory, step, previous, e) from e
+    self._writing = step, previous
+    self.saves += 1
+    _quiet_background(True)
+    self.blocked_seconds += time.perf_counter() - t0
+
+  def wait(self) -> None:
+    """Blocks until the checkpoint being written is complete. A failed write (disk
+    full, quota) is one ``OSError`` naming the last complete checkpoint."""
+    if self._writing is None:
+      return
+    (step, previous), self._writing = self._writing, None
+    t0 = time.perf_counter()
+    try:
+      with _quiet_async_leftovers():
+        self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise _write_error(self.directory, step, previous, e) from e
+    finally:
+      self.blocked_seconds += time.perf_counter() - t0
 
   def restore_meta(self, step: int | None = None) -> dict:
     """The ``meta`` of checkpoint ``step`` (default: the newest whose meta reads)."""
@@ -151,9 +179,14 @@ class Checkpointer:
     raise ValueError(f"No checkpoint in {self.directory} restores ({why}); start a new "
                      "--workdir.")
 
-  def close(self):
+  def close(self) -> None:
+    """Waits for the write in progress (raising its failure), then closes orbax's
+    manager."""
     if self._opened is not None:
-      self._opened.close()
+      try:
+        self.wait()
+      finally:
+        self._opened.close()
 
 
 @contextlib.contextmanager
@@ -166,20 +199,36 @@ def _quiet_async_leftovers():
   outlive the block (on a loaded machine they report after it)."""
   hooks = sys.excepthook, sys.unraisablehook, threading.excepthook
   sys.excepthook = sys.unraisablehook = threading.excepthook = lambda *args: None
-  drop = lambda record: False  # noqa: E731
-  std_logging.getLogger("asyncio").addFilter(drop)
-  _quiet.errors = False
+  _quiet_background(True)
   failed = True
   try:
     yield
     failed = False
   finally:
-    gc.collect()
+    if failed or _quiet.failed:  # a failed operation's tasks report when collected:
+      gc.collect()                 # here, quietly
     sys.excepthook, sys.unraisablehook, threading.excepthook = (
         hooks if not failed else [_without_closed_loop(h) for h in hooks])
-    _quiet.errors = True
-    if not failed:  # else the failed operation's tasks still report when collected
-      std_logging.getLogger("asyncio").removeFilter(drop)
+    _quiet.failed |= failed
+    _quiet_background(False)
+
+
+def _drop(record) -> bool:  # pylint: disable=unused-argument
+  return False
+
+
+def _quiet_background(on: bool) -> None:
+  """While a checkpoint is written in the background, orbax's error log, asyncio's
+  tracebacks and the "Event loop is closed" of its threads go: :meth:`Checkpointer.wait`
+  reports a failure in one line."""
+  _quiet.errors = not on
+  if not on and _quiet.failed:  # the failed operation's tasks still report when collected
+    return
+  logger = std_logging.getLogger("asyncio")
+  (logger.addFilter if on else logger.removeFilter)(_drop)
+  change = _without_closed_loop if on else _with_closed_loop
+  sys.excepthook, sys.unraisablehook, threading.excepthook = (
+      change(h) for h in (sys.excepthook, sys.unraisablehook, threading.excepthook))
 
 
 def _without_closed_loop(hook):
@@ -189,11 +238,27 @@ def _without_closed_loop(hook):
   return functools.partial(_unless_closed_loop, hook)
 
 
+def _with_closed_loop(hook):
+  """The hook that ``_without_closed_loop`` wrapped."""
+  if isinstance(hook, functools.partial) and hook.func is _unless_closed_loop:
+    return hook.args[0]
+  return hook
+
+
 def _unless_closed_loop(hook, *args) -> None:
   """``hook`` (sys's, sys's unraisable or threading's) but for "Event loop is closed"."""
   value = args[0].exc_value if len(args) == 1 else args[1]
   if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
     hook(*args)
+
+
+def _write_error(directory: str, step: int, previous: int | None, e: BaseException
+                 ) -> OSError:
+  then = (f"rerun with --resume: it continues from checkpoint {previous}"
+          if previous is not None else "start again in a new --workdir (no checkpoint "
+          "of this run was complete)")
+  return OSError(f"Could not write checkpoint {step} to {directory} "
+                 f"({_os_reason(e) or _root_cause(e)}). Free disk space, then {then}.")
 
 
 def _os_reason(e: BaseException) -> str | None:
@@ -281,10 +346,20 @@ def all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def timing(ckpt: Checkpointer | None) -> dict:
+  """The checkpoints this process saved and the seconds the run waited for them (the
+  finiteness check, the copy off the devices, a previous write still in progress)."""
+  return ({"checkpoints_saved": ckpt.saves,
+           "checkpoint_blocked_seconds": round(ckpt.blocked_seconds, 3)} if ckpt else {})
+
+
 def save_finite(ckpt: Checkpointer, step: int, state: Any, meta: dict) -> None:
   """Saves ``state`` as checkpoint ``step`` after checking on device that every float
   in it (params, optimizer and method state) is finite: a checkpoint never is not."""
-  if not bool(all_finite(state)):
+  t0 = time.perf_counter()
+  finite = bool(all_finite(state))
+  ckpt.blocked_seconds += time.perf_counter() - t0
+  if not finite:
     raise FloatingPointError(
         f"Non-finite parameters or optimizer state after global step {step}; not saved. "
         f"The last finite checkpoint is global step {ckpt.latest_step()}. Lower "

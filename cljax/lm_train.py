@@ -300,11 +300,12 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
     logger.close()
     ckpt.close()
   return finish(cfg, workdir, model, state.params, tokenizer, record, held_out,
-                logger.divergence(), flags, time.time() - t_start)
+                logger.divergence(), flags, time.time() - t_start, checkpoint.timing(ckpt))
 
 
 def finish(cfg: LMConfig, workdir: str, model, params, tokenizer, record: LMRecord, held_out,
-           diverged: str | None, flags: dict | None, wall_s: float) -> dict:
+           diverged: str | None, flags: dict | None, wall_s: float,
+           checkpoint_timing: dict | None = None) -> dict:
   """Held-out evaluation, generations and export after training; ``results.json``."""
   after = held_out(params) if held_out else None
   if after:
@@ -327,7 +328,7 @@ def finish(cfg: LMConfig, workdir: str, model, params, tokenizer, record: LMReco
              "warnings": [diverged] if diverged else [],
              "flags": flags if flags is not None else cfg.to_dict(),
              "timing": {"train_seconds": record.train_seconds,
-                        "wall_seconds_this_process": wall_s},
+                        "wall_seconds_this_process": wall_s, **(checkpoint_timing or {})},
              "model": {"n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
                        "vocab_size": model.config.vocab_size}}
   with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -336,6 +336,7 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
       study.checkpointer.close()
   results = make_results(study, record, flags, time.time() - t_start)
   results["timing"].update(compiling.summary())
+  results["timing"].update(checkpoint.timing(study.checkpointer))
   if study.writes_files:
     t0 = time.time()
     write_results(results, workdir)

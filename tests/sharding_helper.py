@@ -108,7 +108,9 @@ def save(directory):
                                       state), sh)
   wte = state.params["wte"]["embedding"]
   assert len(wte.sharding.device_set) == 8 and wte.addressable_shards[0].data.shape == (32, 32)
-  Checkpointer(directory).save(7, state, {"note": "sharded"})
+  ckpt = Checkpointer(directory)
+  ckpt.save(7, state, {"note": "sharded"})
+  ckpt.close()   # the write completes before the expected values are kept
   np.savez(os.path.join(directory, "expected.npz"),
            *[np.asarray(x) for x in jax.tree.leaves(state)])
   print("OK")

@@ -214,13 +214,19 @@ def test_a_new_task_does_not_keep_the_previous_optimizer_state(tiny_data_dir,
                                                                tiny_tokenizer_dir, tmp_path,
                                                                monkeypatch):
   """Device memory while training task 2 is what it was on task 1: the previous task's
-  Adam moments (2x the params) are released when the next task starts."""
+  Adam moments (2x the params) are released when the next task starts. Checkpoints are
+  written before the next step here: a write in progress holds the arrays it saves."""
   import gc
 
   import jax
 
   from cljax import progress
-  peak, push = {}, progress.StepLogger.push
+  from cljax.checkpoint import Checkpointer
+  peak, push, save = {}, progress.StepLogger.push, Checkpointer.save
+
+  def saved(self, *args):
+    save(self, *args)
+    self.wait()
 
   def measuring_push(self, g, s, m):
     gc.collect()
@@ -229,6 +235,7 @@ def test_a_new_task_does_not_keep_the_previous_optimizer_state(tiny_data_dir,
     return push(self, g, s, m)
 
   monkeypatch.setattr(progress.StepLogger, "push", measuring_push)
+  monkeypatch.setattr(Checkpointer, "save", saved)
   cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, epochs=1)
   study.run(cfg, str(tmp_path))
   from cljax.models import GPT2Config
@@ -318,6 +325,51 @@ def test_a_failed_checkpoint_write_is_one_line_and_resume_recovers(
   assert proc.returncode == 0, proc.stderr[-3000:]
   with open(workdir / "results.json") as f:
     assert json.load(f)["accuracy_matrix"] == uninterrupted[0]["accuracy_matrix"]
+
+
+_KILLS = {  # code run before the study: SIGKILL at checkpoint 8, at two points of its write
+    "after_save_returned": (
+        "from cljax import checkpoint\nsave = checkpoint.Checkpointer.save\n"
+        "def killing(self, step, *args):\n  save(self, step, *args)\n"
+        "  if step == 8: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "checkpoint.Checkpointer.save = killing\n"),
+    "before_the_rename": (
+        "from orbax.checkpoint._src.path import atomicity\n"
+        "finalize = atomicity.AtomicRenameTemporaryPath.finalize\n"
+        "async def killing(self):\n"
+        "  if self._final_path.name == '8': os.kill(os.getpid(), signal.SIGKILL)\n"
+        "  return await finalize(self)\n"
+        "atomicity.AtomicRenameTemporaryPath.finalize = killing\n")}
+
+
+@pytest.mark.parametrize("when", sorted(_KILLS))
+def test_a_run_killed_while_a_checkpoint_is_written_resumes_to_the_same_matrices(
+    when, tiny_data_dir, tiny_tokenizer_dir, tmp_path, uninterrupted):
+  """Checkpoints are written in the background; SIGKILL during the write of checkpoint
+  8 (right after the arrays left the devices, or with every file written but the
+  folder not yet renamed) leaves checkpoint 4 the newest, and --resume ends with the
+  uninterrupted run's matrices."""
+  workdir = tmp_path / "run"
+  argv = ["forgetting", f"--workdir={workdir}",
+          *_tiny_argv(tiny_data_dir, tiny_tokenizer_dir)]
+  code = (f"import os, signal, sys\n{_KILLS[when]}from cljax.cli import forgetting\n"
+          f"sys.argv = {argv!r}\nforgetting.run()\n")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == -9, proc.stderr[-3000:]
+  assert not (workdir / "results.json").exists()
+  left = sorted(os.listdir(workdir / "checkpoints"))
+  assert "4" in left and "8" not in left, left
+  if when == "before_the_rename":   # every file of checkpoint 8 written, in its tmp folder
+    assert [n for n in left if n.startswith("8.") and "tmp" in n], left
+  proc = _cli(workdir, _tiny_argv(tiny_data_dir, tiny_tokenizer_dir), "--resume")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "checkpoint 4: task 0, step 4 in the task" in proc.stderr
+  with open(workdir / "results.json") as f:
+    resumed = json.load(f)
+  assert resumed["accuracy_matrix"] == uninterrupted[0]["accuracy_matrix"]
+  assert resumed["task_aware_accuracy_matrix"] == uninterrupted[0]["task_aware_accuracy_matrix"]
+  assert [n for n in os.listdir(workdir / "checkpoints") if "tmp" in n] == []
 
 
 @pytest.mark.parametrize("method", ["finetune", "ewc+replay"])

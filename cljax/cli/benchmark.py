@@ -6,6 +6,7 @@ r"""Examples per second of the jitted train and eval steps (and PyTorch's).
       --compare_torch     # generation tokens/s
   cljax-benchmark --size=tiny --loop_overhead --steps=300   # the loop against a bare one
   cljax-benchmark --size=gpt2 --compile_overhead   # compile against a minimal GPT-2
+  cljax-benchmark --size=gpt2 --checkpoint_overhead  # a boundary checkpoint's blocking
 
 Prints one JSON line: JAX train/eval examples/s, with --compare_torch the
 transformers PyTorch model's figures measured in the same run and their ratios,
@@ -57,6 +58,11 @@ _COMPILE_DTYPES = flags.DEFINE_list("compile_dtypes", ["float32", "bfloat16"],
                                     "--compile_overhead: the compute dtypes to time.")
 _COMPILE_REPEATS = flags.DEFINE_integer("compile_repeats", 2, "--compile_overhead: "
                                         "compiles of each program (the best is kept).")
+_CKPT = flags.DEFINE_bool("checkpoint_overhead", False, "Instead, how long a task-boundary "
+                          "checkpoint blocks training against the time its write takes "
+                          "(--steps train steps run while it is written).")
+_CKPT_DIR = flags.DEFINE_string("checkpoint_dir", None, "--checkpoint_overhead: where to "
+                                "write (default: a temporary folder).")
 _OUT = flags.DEFINE_string("output", None, "Also append the JSON line to this file.")
 
 
@@ -68,6 +74,9 @@ def main(argv):
     result = bench_overhead.compile_overhead(_SIZE.value, _BATCH.value, _SEQ.value,
                                              tuple(_COMPILE_DTYPES.value),
                                              _COMPILE_REPEATS.value)
+  elif _CKPT.value:
+    result = bench_overhead.checkpoint_overhead(_SIZE.value, _BATCH.value, _SEQ.value,
+                                                _STEPS.value, directory=_CKPT_DIR.value)
   elif _PROFILE.value:
     result = bench.step_profile(_SIZE.value, _BATCH.value, _SEQ.value, _STEPS.value,
                                 _WARMUP.value)
