@@ -290,14 +290,18 @@ def compile_ahead(jitted, arg_sets) -> None:
 
 def compile_programs(programs) -> None:
   """Compiles ``(jitted, args)`` pairs (``jax.jit`` functions and an argument tuple
-  each) at once: each is traced and lowered in turn, then XLA compiles them in
-  parallel threads (outside the GIL), so a run's programs take about one
-  compilation's wall time per core instead of one each. The calls that follow find
-  the programs in jit's own cache; those already compiled cost nothing here."""
-  lowered = [jitted.lower(*args) for jitted, args in programs]
-  if lowered:
-    with concurrent.futures.ThreadPoolExecutor(min(len(lowered), os.cpu_count() or 1)) as ex:
-      list(ex.map(lambda low: low.compile(), lowered))
+  each) at once: each is traced and lowered in turn, and XLA compiles each in a
+  parallel thread (outside the GIL) as soon as it is lowered, so a run's programs take
+  about one compilation's wall time per core instead of one each, and the lowering of
+  the next overlaps the compilation of the last. The calls that follow find the
+  programs in jit's own cache; those already compiled cost nothing here."""
+  programs = list(programs)
+  if not programs:
+    return
+  with concurrent.futures.ThreadPoolExecutor(min(len(programs), os.cpu_count() or 1)) as ex:
+    done = [ex.submit(jitted.lower(*args).compile) for jitted, args in programs]
+  for d in done:
+    d.result()
 
 
 def logits_step(params, batch: Batch, *, model) -> jax.Array:

@@ -213,13 +213,14 @@ def _later_batches(study: Study, plan: TaskPlan) -> list[dict]:
 def _other_programs(study: Study, state) -> list[tuple]:
   """The programs besides the train step that the rest of the run calls with
   ``state``'s shapes: the evaluation of each test (and validation) batch shape, the
-  finiteness check of a checkpoint inside a task and at its end (no optimizer state)."""
+  finiteness check of a checkpoint inside a task (if ``checkpoint_every``) and at its
+  end (no optimizer state)."""
   splits = ("test", "val") if study.cfg.num_val else ("test",)
   batches = [b for split in splits for b in eval_batches(study, split)]
+  inside = [(checkpoint.all_finite, (state,))] if study.cfg.checkpoint_every else []
   return ([(study.eval_fn, args)
            for args in eval_programs(study, state.params, state.method_state, batches)]
-          + [(checkpoint.all_finite, (state,)),       # inside a task
-             (checkpoint.all_finite, (state._replace(opt_state=()),))])   # at its end
+          + inside + [(checkpoint.all_finite, (state._replace(opt_state=()),))])  # task end
 
 
 def train_task(study: Study, plan: TaskPlan, state, record: RunRecord, logger: StepLogger):

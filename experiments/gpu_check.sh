@@ -21,10 +21,11 @@
 #   4. greedy generation, GPT-2 small, batch 64, 64-token prompts, 128 new tokens:
 #      cljax.generate against transformers' generate (same weights, same tokens);
 #   5. the step benchmark at batch 512 (JAX alone), for MFU at a larger batch;
-#   6. (not in the default stages: STAGES=6, about 3 minutes, a second call) the
+#   6. (not in the default stages: STAGES=6, about 4 minutes, a second call) the
 #      compile time of one bfloat16 train program against a minimal Flax GPT-2 of the
 #      same computation, with the default GPU autotuning and with
-#      --xla_gpu_autotune_level=0.
+#      --xla_gpu_autotune_level=0; and how long a task-boundary checkpoint of GPT-2
+#      small blocks training against the time its write takes.
 # Stage 3's results.json counts the programs compiled and loaded (a warm rerun should
 # compile none) and those built after the first step.
 # Smaller settings through the environment (a CPU smoke run of the script itself):
@@ -118,5 +119,7 @@ timeout 150 python3 experiments/benchmark.py --size="$SIZE" --compile_overhead \
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" timeout 150 python3 \
   experiments/benchmark.py --size="$SIZE" --compile_overhead --compile_dtypes="$DTYPE" \
   --compile_repeats=1 --output="$out/compile_overhead_autotune0.jsonl" 2>&1 | tail -1
+timeout 90 python3 experiments/benchmark.py --size="$SIZE" --checkpoint_overhead \
+  --batch_size=8 --steps=20 --output="$out/checkpoint_overhead.jsonl" 2>&1 | tail -1
 fi
 stage "done"

@@ -101,3 +101,17 @@ def test_writers_keep_json_lines_and_tensorboard_scalars(tmp_path):
   events.Reload()
   assert sorted(events.Tags()["scalars"]) == ["train/accuracy", "train/loss"]
   assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(3, 0.5), (4, 0.25)]
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_all_finite_finds_one_non_finite_float_in_any_leaf_and_dtype(bad):
+  """The check before every checkpoint: one bad value anywhere (float32 or bfloat16)
+  makes it False; integer leaves (the step, PRNG keys) are not read."""
+  from cljax.checkpoint import all_finite
+  tree = {"w": np.ones((3, 4), np.float32), "b": jnp.zeros((5,), jnp.bfloat16),
+          "step": np.int32(7), "big": np.full((2,), 3e38, np.float32)}
+  assert bool(all_finite(tree))
+  for name in ("w", "b"):
+    x = np.array(tree[name], np.float32)
+    x.flat[-1] = bad
+    assert not bool(all_finite({**tree, name: jnp.asarray(x, tree[name].dtype)})), name
