@@ -49,13 +49,12 @@ class Checkpointer:
   :meth:`save`, :meth:`wait` or :meth:`close` as one ``OSError``. Nothing is created on
   disk until the first save (a run refused after opening it leaves no folder)."""
 
-  def __init__(self, directory: str, max_to_keep: int = 2, *, background: bool = True):
+  def __init__(self, directory: str, max_to_keep: int = 2):
     handler = logging.get_absl_handler()
     if _quiet not in handler.filters:
       handler.addFilter(_quiet)
     self.directory = os.path.abspath(directory)
     self._max_to_keep = max_to_keep
-    self._background = background
     self._opened = None
     self._writing: tuple[int, int | None] | None = None   # (step, the one before it)
     self.blocked_seconds = 0.0   # the callers' time in save/wait/close: what a run waits
@@ -68,7 +67,7 @@ class Checkpointer:
           self.directory,
           options=ocp.CheckpointManagerOptions(
               max_to_keep=self._max_to_keep, create=True, cleanup_tmp_directories=True,
-              enable_async_checkpointing=self._background))
+              enable_async_checkpointing=True))
     return self._opened
 
   def latest_step(self) -> int | None:
@@ -81,6 +80,7 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts saving ``state`` and ``meta`` as checkpoint ``step`` (overwriting it),
     after the previous write is complete; returns when the arrays are on the host."""
+    self.wait()   # counts its own blocked time
     t0 = time.perf_counter()
     previous = self.latest_step()
     try:
