@@ -27,6 +27,7 @@ of composition does not matter.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -140,11 +141,17 @@ def er_ace(hp: replay.ReplayConfig, ctx: BuildContext) -> Method:
 def align_weights(kernel_DC: jax.Array, old_classes, new_classes) -> tuple[jax.Array, float]:
   """(the kernel with the ``new_classes`` columns scaled by ``gamma``, gamma): gamma is
   the old columns' mean L2 norm over the new ones' (Zhao et al. 2020, eq. 7)."""
-  norms_C = jnp.linalg.norm(kernel_DC.astype(jnp.float32), axis=0)
-  old, new = np.asarray(list(old_classes)), np.asarray(list(new_classes))
-  gamma = jnp.mean(norms_C[old]) / jnp.maximum(jnp.mean(norms_C[new]), 1e-12)
-  scaled = kernel_DC.at[:, new].multiply(gamma.astype(kernel_DC.dtype))
+  scaled, gamma = _align(kernel_DC, tuple(old_classes), tuple(new_classes))
   return scaled, float(gamma)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _align(kernel_DC: jax.Array, old_classes: tuple, new_classes: tuple):
+  """One program (eagerly, each operation compiled one of its own)."""
+  norms_C = jnp.linalg.norm(kernel_DC.astype(jnp.float32), axis=0)
+  old, new = np.asarray(old_classes), np.asarray(new_classes)
+  gamma = jnp.mean(norms_C[old]) / jnp.maximum(jnp.mean(norms_C[new]), 1e-12)
+  return kernel_DC.at[:, new].multiply(gamma.astype(kernel_DC.dtype)), gamma
 
 
 @register("weight_align", "weight aligning (WA): after each task, rescale the new classes' "
