@@ -149,12 +149,18 @@ def bench_torch(config: GPT2Config, batch_size: int, seq_len: int, steps_: int,
 
 def run(size: str, batch_size: int, seq_len: int, steps_: int, warmup: int,
         dtype: str = "float32", remat: bool = False, compare_torch: bool = False,
-        num_labels: int = 4, mesh_data: int = -1, mesh_model: int = 1) -> dict[str, Any]:
-  """Runs the JAX (and optionally PyTorch) benchmark; returns one flat dict."""
-  config = GPT2Config.from_size(size, num_labels=num_labels, dtype=dtype, remat=remat)
+        num_labels: int = 4, mesh_data: int = -1, mesh_model: int = 1,
+        attention: str = "xla", attn_pdrop: float | None = None) -> dict[str, Any]:
+  """Runs the JAX (and optionally PyTorch) benchmark; returns one flat dict.
+  ``attention``: the fused kernel where attention has no dropout; ``attn_pdrop``:
+  attention dropout (default GPT-2's 0.1; 0 lets training use the fused kernel)."""
+  config = GPT2Config.from_size(size, num_labels=num_labels, dtype=dtype, remat=remat,
+                                attention=attention,
+                                **({} if attn_pdrop is None else {"attn_pdrop": attn_pdrop}))
   if seq_len > config.n_positions:
     raise ValueError(f"seq_len {seq_len} exceeds n_positions {config.n_positions}.")
   out = {"size": size, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype,
+         "attention": attention, "attn_pdrop": config.attn_pdrop,
          "steps": steps_, "backend": jax.default_backend(),
          "device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
          "jax_version": jax.__version__}

@@ -74,11 +74,14 @@ class ModelOptions(Options):
                                  "(default: the checkpoint's, 0.1 for GPT-2).",
                                  bound=DROPOUT)
   remat: bool = option(False, "Rematerialize blocks in the backward pass (memory).")
+  attention: str = option("xla", "The fused attention kernel where attention has no "
+                          "dropout (evaluation, generation, --dropout=0): xla, or cudnn "
+                          "(NVIDIA GPUs with --dtype=bfloat16).", choices=("xla", "cudnn"))
 
   def config_overrides(self) -> dict:
-    """The ``GPT2Config`` fields these options set: remat, and dropout everywhere
-    when it is given."""
-    out: dict = {"remat": self.remat}
+    """The ``GPT2Config`` fields these options set: remat, the attention kernel, and
+    dropout everywhere when it is given."""
+    out: dict = {"remat": self.remat, "attention": self.attention}
     if self.dropout is not None:
       out.update(embd_pdrop=self.dropout, attn_pdrop=self.dropout, resid_pdrop=self.dropout)
     return out
@@ -103,6 +106,9 @@ class ModelOptions(Options):
     if self.init == "random" and self.size not in SIZES | SIZE_ALIASES:
       raise ValueError(f"--size={self.size!r}: expected one of "
                        f"{sorted(SIZES) + sorted(SIZE_ALIASES)}.")
+    if self.attention == "cudnn" and self.dtype == "float32":
+      raise ValueError("--attention=cudnn needs --dtype=bfloat16: cuDNN's fused attention "
+                       "has no float32 kernel.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -190,8 +190,8 @@ OUTPUTS = ("results.json", "metrics.jsonl", "tensorboard", "generations.jsonl", 
 # Settings a resumed run may change (logging, outputs, generation): recorded, not refused.
 RESUMABLE_CHANGES = frozenset({
     "checkpoint_every", "keep_checkpoints", "log_every", "stop_after_steps", "eval_batch_size",
-    "eval_every", "remat", "generate", "max_new_tokens", "temperature", "top_k", "top_p",
-    "export"})
+    "eval_every", "remat", "attention", "generate", "max_new_tokens", "temperature", "top_k",
+    "top_p", "export"})
 
 
 @dataclasses.dataclass

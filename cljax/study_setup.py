@@ -183,7 +183,7 @@ OUTPUTS = ("results.json", "metrics.jsonl", "tensorboard", "accuracy_matrix.png"
 RESUMABLE_CHANGES = frozenset({
     "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "stop_after_steps",
     "cache_dir", "eval_batch_size", "mesh_data", "mesh_model", "distributed", "remat",
-    "stop_on_divergence"})
+    "attention", "stop_on_divergence"})
 
 
 def resume_view(cfg: StudyConfig) -> dict:

@@ -21,11 +21,13 @@
 #   4. greedy generation, GPT-2 small, batch 64, 64-token prompts, 128 new tokens:
 #      cljax.generate against transformers' generate (same weights, same tokens);
 #   5. the step benchmark at batch 512 (JAX alone), for MFU at a larger batch;
-#   6. (not in the default stages: STAGES=6, about 4 minutes, a second call) the
+#   6. (not in the default stages: STAGES=6, about 6 minutes, a second call) the
 #      compile time of one bfloat16 train program against a minimal Flax GPT-2 of the
 #      same computation, with the default GPU autotuning and with
-#      --xla_gpu_autotune_level=0; and how long a task-boundary checkpoint of GPT-2
-#      small blocks training against the time its write takes.
+#      --xla_gpu_autotune_level=0; how long a task-boundary checkpoint of GPT-2 small
+#      blocks training against the time its write takes; and the step at batch $BATCH
+#      without attention dropout, with XLA's attention and with cuDNN's fused kernel
+#      (--attention=cudnn), for MFU with and without attention dropout (stage 1).
 # Stage 3's results.json counts the programs compiled and loaded (a warm rerun should
 # compile none) and those built after the first step.
 # Smaller settings through the environment (a CPU smoke run of the script itself):
@@ -121,5 +123,10 @@ XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" timeout 150 python3 \
   --compile_repeats=1 --output="$out/compile_overhead_autotune0.jsonl" 2>&1 | tail -1
 timeout 90 python3 experiments/benchmark.py --size="$SIZE" --checkpoint_overhead \
   --batch_size=8 --steps=20 --output="$out/checkpoint_overhead.jsonl" 2>&1 | tail -1
+for attention in xla cudnn; do
+  timeout 90 python3 experiments/benchmark.py --size="$SIZE" --seq_len=128 \
+    --batch_size="$BATCH" --dtype="$DTYPE" --steps=20 --warmup=3 --attn_pdrop=0 \
+    --attention="$attention" --output="$out/bench_no_attn_dropout.jsonl" 2>&1 | tail -1
+done
 fi
 stage "done"

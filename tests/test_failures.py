@@ -79,6 +79,7 @@ def argv(tiny_data_dir, tiny_tokenizer_dir, tmp_path):
     ("--tasks=imdb,imdb", ["--tasks=imdb,imdb", "more than once"]),
     ("--method=ewc+bogus", ["Unknown method 'ewc+bogus'"]),
     ("--size=huge", ["--size='huge'", "mini"]),
+    ("--attention=cudnn", ["--attention=cudnn", "--dtype=bfloat16"]),
 ])
 def test_a_bad_flag_value_is_one_line_before_any_work(flag, words, argv, tmp_path):
   refused(tmp_path / "run", [*argv, flag], *words)

@@ -81,3 +81,36 @@ def test_remat_gives_the_same_gradients():
 
 def test_config_round_trips_through_hf_dict():
   assert GPT2Config.from_hf(TINY.to_hf()) == TINY
+
+
+def test_the_attention_kernel_reaches_dot_product_attention(monkeypatch):
+  """--attention=cudnn asks jax.nn.dot_product_attention for cuDNN's kernel wherever
+  attention has no dropout, and only there (run here on XLA's: no GPU), and is refused
+  with float32 compute; the default asks for XLA's."""
+  from cljax.config import ModelOptions
+  asked, real = [], jax.nn.dot_product_attention
+
+  def spy(*args, implementation=None, **kwargs):
+    asked.append(implementation)
+    return real(*args, implementation="xla", **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+  overrides = ModelOptions(attention="cudnn", dtype="bfloat16").config_overrides()
+  cfg = GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                   num_labels=2, pad_token_id=0, dtype="bfloat16", **overrides)
+  model = GPT2Classifier(cfg)
+  ids, mask = jnp.ones((2, 8), jnp.int32), jnp.ones((2, 8), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), ids, mask)["params"]
+  asked.clear()
+  model.apply({"params": params}, ids, mask, deterministic=True)
+  assert asked == ["cudnn", "cudnn"]
+  model.apply({"params": params}, ids, mask, deterministic=False,
+              rngs={"dropout": jax.random.PRNGKey(1)})   # attention dropout: spelled out
+  assert asked == ["cudnn", "cudnn"]
+  GPT2Classifier(cfg.replace(attention="xla")).apply({"params": params}, ids, mask,
+                                                     deterministic=True)
+  assert asked[2:] == ["xla", "xla"]
+  with pytest.raises(ValueError, match="cudnn.*bfloat16"):
+    GPT2Config(dtype="float32", attention="cudnn")
+  with pytest.raises(ValueError, match="expected 'xla' or 'cudnn'"):
+    GPT2Config(attention="flash")

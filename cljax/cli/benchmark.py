@@ -33,6 +33,11 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps before timing (the fi
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype; params and optimizer state stay float32.")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialize each block in the backward pass.")
+_ATTENTION = flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"], "The fused attention "
+                               "kernel where attention has no dropout (cudnn: NVIDIA GPUs, "
+                               "--dtype=bfloat16).")
+_ATTN_PDROP = flags.DEFINE_float("attn_pdrop", None, "Attention dropout (default GPT-2's "
+                                 "0.1; 0 lets training use the fused kernel).")
 _TORCH = flags.DEFINE_bool("compare_torch", False, "Also time transformers' PyTorch "
                            "GPT2ForSequenceClassification with the same config and "
                            "optimizer, in this run.")
@@ -87,7 +92,8 @@ def main(argv):
                                   repeats=_REPEATS.value, compare_torch=_TORCH.value)
   else:
     result = bench.run(_SIZE.value, _BATCH.value, _SEQ.value, _STEPS.value, _WARMUP.value,
-                       dtype=_DTYPE.value, remat=_REMAT.value,
+                       dtype=_DTYPE.value, remat=_REMAT.value, attention=_ATTENTION.value,
+                       attn_pdrop=_ATTN_PDROP.value,
                        compare_torch=_TORCH.value, mesh_data=_MESH_DATA.value,
                        mesh_model=_MESH_MODEL.value)
   line = json.dumps(result)

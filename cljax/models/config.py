@@ -69,6 +69,10 @@ class GPT2Config:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False
+  # The fused attention kernel where attention has no dropout (evaluation, generation,
+  # attn_pdrop=0): "xla" (XLA's, everywhere) or "cudnn" (NVIDIA GPUs, float16 or
+  # bfloat16 compute only; the values differ from XLA's in the last bits).
+  attention: str = "xla"
   # Parameter-efficient modules (none by default), ``peft_slots`` of each (one per
   # task for the per-task methods): LoRA on the projections named in ``lora_targets``
   # (c_attn, c_proj: attention's and the MLP's, c_fc) and a bottleneck adapter after
@@ -88,6 +92,11 @@ class GPT2Config:
     if self.n_embd % self.n_head:
       raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}).")
     as_dtype(self.dtype), as_dtype(self.param_dtype)
+    if self.attention not in ("xla", "cudnn"):
+      raise ValueError(f"attention={self.attention!r}: expected 'xla' or 'cudnn'.")
+    if self.attention == "cudnn" and self.dtype == "float32":
+      raise ValueError("attention='cudnn' needs a float16 or bfloat16 compute dtype "
+                       "(--dtype=bfloat16); cuDNN's fused attention has no float32 kernel.")
     unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
     if unknown:
       raise ValueError(f"LoRA targets {unknown}: expected some of {list(LORA_TARGETS)}.")

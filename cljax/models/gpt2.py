@@ -91,9 +91,10 @@ class CausalSelfAttention(nn.Module):
     elif query_idx_B is None:
       # The causal flag (rather than an explicit mask) lets GPUs use fused kernels.
       out_BQNH = jax.nn.dot_product_attention(q_BQNH, k_BTNH, v_BTNH, mask=pad_B11S,
-                                              is_causal=True)
+                                              is_causal=True, implementation=cfg.attention)
     else:
-      out_BQNH = jax.nn.dot_product_attention(q_BQNH, k_BTNH, v_BTNH, mask=keep_B1QS)
+      out_BQNH = jax.nn.dot_product_attention(q_BQNH, k_BTNH, v_BTNH, mask=keep_B1QS,
+                                              implementation=cfg.attention)
     out_BQD = out_BQNH.reshape(B, Q, cfg.n_embd)
     out_BQD = projection(cfg, cfg.n_embd, "c_proj", out_BQD, slot_B, deterministic)
     return nn.Dropout(cfg.resid_pdrop)(out_BQD, deterministic=deterministic)
