@@ -236,7 +236,7 @@ def _peak_memory_bytes() -> dict[str, float]:
 def bench_fisher(size: str, seq_len: int, num_samples: int, chunk: int,
                  num_labels: int = 4) -> dict[str, Any]:
   """Examples/s and peak memory of the per-example diagonal Fisher (EWC)."""
-  from cljax.methods import regularizers  # pylint: disable=import-outside-toplevel
+  from cljax.methods import per_example  # pylint: disable=import-outside-toplevel
   config = GPT2Config.from_size(size, num_labels=num_labels)
   model = GPT2Classifier(config)
   params = jax.jit(functools.partial(init_params, model))(jax.random.PRNGKey(0))
@@ -244,11 +244,11 @@ def bench_fisher(size: str, seq_len: int, num_samples: int, chunk: int,
   arrays = random_batch(config, num_samples, seq_len)
   warm = {k: v[:chunk] for k, v in arrays.items()}
   t0 = time.perf_counter()
-  jax.block_until_ready(regularizers.fisher_diagonal(model, params, warm, num_samples=chunk,
+  jax.block_until_ready(per_example.fisher_diagonal(model, params, warm, num_samples=chunk,
                                                      chunk=chunk))
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  jax.block_until_ready(regularizers.fisher_diagonal(model, params, arrays,
+  jax.block_until_ready(per_example.fisher_diagonal(model, params, arrays,
                                                      num_samples=num_samples, chunk=chunk))
   dt = time.perf_counter() - t0
   return {"size": size, "seq_len": seq_len, "fisher_samples": num_samples,

@@ -223,6 +223,19 @@ def _other_programs(study: Study, state) -> list[tuple]:
           + inside + [(checkpoint.all_finite, (state._replace(opt_state=()),))])  # task end
 
 
+def _hook_programs(study: Study, plan: TaskPlan, state) -> list[tuple]:
+  """The programs the method's ``after_task`` will call at the end of this task and of
+  the later tasks that share its trainable parameters and kind of arrays (its
+  ``programs`` hook, with each after-task context: the same data and key)."""
+  key, out = _mask_key(study, plan.k), []
+  for j in range(plan.k, len(study.tasks)):
+    arrays = plan.arrays if j == plan.k else study.task_data[j].train
+    if j == plan.k or (_mask_key(study, j) == key and set(arrays) == set(plan.arrays)):
+      ctx = task_context(study, j, state.params, arrays, salt=AFTER_TASK_SALT)
+      out += study.method.programs(state.method_state, ctx)
+  return out
+
+
 def train_task(study: Study, plan: TaskPlan, state, record: RunRecord, logger: StepLogger):
   """Trains task ``plan.k`` from ``record.step_in_task`` to its end (``state`` from
   :func:`begin_task`); evaluates every ``eval_every`` and checkpoints every
@@ -249,7 +262,7 @@ def train_task(study: Study, plan: TaskPlan, state, record: RunRecord, logger: S
 
   state = loop.train_loop(
       _train_fn(study, plan, state), state, batches, ahead=_later_batches(study, plan),
-      programs=_other_programs(study, state),
+      programs=_other_programs(study, state) + _hook_programs(study, plan, state),
       start=record.step_in_task, total=plan.total_steps, logger=logger, advance=advance,
       periodic=(loop.Periodic(cfg.eval_every, functools.partial(
                     _evaluate_mid_task, study, k, record=record, logger=logger)),

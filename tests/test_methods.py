@@ -10,6 +10,7 @@ import pytest
 from cljax import steps
 from cljax.methods import (BuildContext, MethodConfig, StepContext, TaskContext, build,
                            distill, projection)
+from cljax.methods import per_example
 from cljax.methods import regularizers as reg
 from cljax.methods import replay
 from cljax.models import GPT2Classifier, GPT2Config, init_params
@@ -50,7 +51,7 @@ def test_empirical_fisher_matches_closed_form_for_softmax_regression():
   p = _softmax(x @ np.asarray(params["w"]))
   g = np.einsum("nd,nc->ndc", x, np.eye(3)[y] - p)      # d log p(y|x) / dW per example
   expected = (g ** 2).mean(0)
-  fisher = reg.fisher_diagonal(Linear(), params, arrays, mode="empirical", num_samples=64,
+  fisher = per_example.fisher_diagonal(Linear(), params, arrays, mode="empirical", num_samples=64,
                                chunk=5)  # 64 = 12 chunks of 5 + a padded one
   np.testing.assert_allclose(fisher["w"], expected, rtol=1e-5, atol=1e-7)
 
@@ -62,14 +63,14 @@ def test_true_fisher_converges_to_the_expected_fisher():
   x = arrays["input_ids"][0]
   p = _softmax(x @ np.asarray(params["w"]))
   expected = sum(p[c] * np.outer(x, np.eye(3)[c] - p) ** 2 for c in range(3))
-  fisher = reg.fisher_diagonal(Linear(), params, many, mode="true", num_samples=n,
+  fisher = per_example.fisher_diagonal(Linear(), params, many, mode="true", num_samples=n,
                                chunk=4000, rng=jax.random.PRNGKey(3))
   # Monte Carlo error: 5 standard errors of the mean of per-sample squared gradients.
   second = sum(p[c] * np.outer(x, np.eye(3)[c] - p) ** 4 for c in range(3))
   sem = np.sqrt((second - expected ** 2) / n)
   assert (np.abs(np.asarray(fisher["w"]) - expected) < 5 * sem + 1e-6).all()
   # And the empirical Fisher of this single example is a different quantity.
-  assert not np.allclose(reg.fisher_diagonal(Linear(), params, arrays)["w"], expected,
+  assert not np.allclose(per_example.fisher_diagonal(Linear(), params, arrays)["w"], expected,
                          rtol=0.1)
 
 
@@ -86,7 +87,7 @@ def test_fisher_on_tiny_gpt2_matches_a_plain_per_example_loop():
   ids[2, 6:], mask[2, 6:] = 49, 0
   arrays = {"input_ids": ids, "attention_mask": mask,
             "labels": rs.randint(0, 4, n).astype(np.int32)}
-  fisher = reg.fisher_diagonal(model, params, arrays, num_samples=n, chunk=3)
+  fisher = per_example.fisher_diagonal(model, params, arrays, num_samples=n, chunk=3)
 
   def logp(p, i):
     logits = model.apply({"params": p}, ids[i:i + 1], mask[i:i + 1])[0]
@@ -97,12 +98,43 @@ def test_fisher_on_tiny_gpt2_matches_a_plain_per_example_loop():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
 
 
+def test_ewc_names_its_fisher_programs_ahead_and_the_pass_compiles_none(caplog):
+  """EWC's ``programs`` hook gives the per-chunk programs its Fisher pass will call (one
+  per chunk length, with the lengths bucketed): compiled first, the pass that follows
+  builds no program of its own."""
+  config = GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                      num_labels=4, pad_token_id=49, eos_token_id=49)
+  model = GPT2Classifier(config)
+  params = init_params(model, jax.random.PRNGKey(0))
+  rs = np.random.RandomState(1)
+  ids = rs.randint(0, 49, (11, 16)).astype(np.int32)
+  mask = (np.arange(16)[None] < rs.randint(3, 17, (11, 1))).astype(np.int32)
+  arrays = {"input_ids": ids, "attention_mask": mask, "labels": rs.randint(0, 4, 11),
+            "weights": np.ones(11, np.float32)}
+  arrays["labels"] = arrays["labels"].astype(np.int32)
+  method = build("ewc", MethodConfig(fisher_samples=9, fisher_chunk=2), CTX)
+  ctx = TaskContext(train=arrays, model=model, params=params, rng=jax.random.PRNGKey(5),
+                    length_buckets=(4, 8, 12, 16))
+  programs = method.programs(method.init(params), ctx)
+  assert len({b["input_ids"].shape for _, (_, b, _) in programs}) == len(programs) > 1
+
+  def chunk_compiles(fn) -> int:
+    caplog.clear()
+    with jax.log_compiles(), caplog.at_level("WARNING"):
+      fn()
+    return sum("Compiling jit(_chunk_stat)" in r.getMessage() for r in caplog.records)
+  assert chunk_compiles(lambda: steps.compile_programs(programs)) == len(programs)
+  assert chunk_compiles(lambda: method.after_task(method.init(params), ctx)) == 0
+  other = build("ewc", MethodConfig(fisher_samples=9, fisher_chunk=3), CTX)  # not named
+  assert chunk_compiles(lambda: other.after_task(other.init(params), ctx)) >= 1
+
+
 def test_mas_importance_matches_hand_computed_gradient_of_output_norm():
   arrays, params = _features(n=10, d=4, c=2, seed=2)
   x = arrays["input_ids"]
   out = x @ np.asarray(params["w"])
   expected = np.abs(2 * np.einsum("nd,nc->ndc", x, out)).mean(0)
-  omega = reg.mas_importance(Linear(), params, arrays, num_samples=10, chunk=4)
+  omega = per_example.mas_importance(Linear(), params, arrays, num_samples=10, chunk=4)
   np.testing.assert_allclose(omega["w"], expected, rtol=1e-5)
 
 

@@ -15,6 +15,7 @@ inside the jitted ``train_step``, must be pure and shape-stable, and get a
   after_step(state, ctx) -> state                     (jit)  SI's path, buffer updates
   after_task(state, ctx) -> state                     (host) Fisher, anchors
   adjust_params(state, ctx) -> params                 (host) weight aligning
+  programs(state, ctx) -> [(jitted, args), ...]       (host) what after_task will call
 
 ``adjust_params`` runs after ``after_task`` and returns the params the task ends
 with (``ctx.params`` unchanged by default): the evaluation and the next task see them.
@@ -26,6 +27,12 @@ in the model (LoRA, adapters: the study adds their parameters, freshly initializ
 the evaluation forward: ``logits`` for the class-incremental prediction,
 ``task_logits`` for the task-aware one (the example's task given), ``sums`` extra
 per-batch sums the study reports as rates (``task_inference_correct``).
+
+``programs`` (optional) names the jitted programs ``after_task`` will call, each
+with arguments of the shapes and shardings it will pass (``ctx`` is the after-task
+context, built before the task's first step from the params it starts with): the
+study compiles them in the task's one compile round, beside the train step, instead
+of at the task boundary.
 
 ``train_arrays`` runs after ``before_task`` and must depend on ``ctx`` only (its
 ``method_state`` included: the loop calls it again when a run resumes mid-task).
@@ -109,6 +116,7 @@ class Method(NamedTuple):
   eval_logits: Callable | None = None
   tokens: tuple[str, ...] = ()     # vocabulary the method adds (ids: see the module doc)
   answer_marker: str = ""          # (--head=lm) appended to every task's prompt
+  programs: Callable = lambda state, ctx: []
 
 
 def finetune() -> Method:
@@ -178,6 +186,9 @@ def compose(*methods: Method) -> Method:
       params = m.adjust_params(s, ctx._replace(params=params))
     return params
 
+  def programs(state, ctx):
+    return [p for m, s in zip(methods, state) for p in m.programs(s, ctx)]
+
   return Method(name="+".join(m.name for m in methods), init=init,
                 train_arrays=train_arrays, before_task=before_task,
                 prepare_batch=prepare_batch, loss=loss, transform_grads=transform_grads,
@@ -186,7 +197,8 @@ def compose(*methods: Method) -> Method:
                 model_options=tuple(options.items()),
                 eval_logits=_own_eval(methods),
                 tokens=sum((m.tokens for m in methods), ()),
-                answer_marker="".join(m.answer_marker for m in methods))
+                answer_marker="".join(m.answer_marker for m in methods),
+                programs=programs)
 
 
 def _check_composable(methods) -> None:

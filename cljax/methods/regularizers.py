@@ -18,11 +18,8 @@ is estimated and consolidated at the end of each task:
   ``lam * sum Omega (theta - theta*)^2``.
 - L2: ``lam/2 * sum (theta - theta_prev)^2``.
 
-The Fisher (and MAS importance) is estimated from per-example gradients (a vmap
-over a chunk of examples), ``F = 1/N sum_i g_i^2`` over N examples. Squaring the
-gradient of a batch mean instead, as many implementations do, is a different,
-biased estimator (it equals the per-example one only for batch size 1); cljax does
-not offer it.
+The Fisher (and MAS importance) is estimated from per-example gradients,
+``F = 1/N sum_i g_i^2`` over N examples (:mod:`cljax.methods.per_example`).
 """
 
 from __future__ import annotations
@@ -38,8 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cljax import data as data_lib
 from cljax.methods.base import Method, StepContext, TaskContext
+from cljax.methods.per_example import (fisher_diagonal, fisher_log_prob, mas_importance,
+                                       mas_output_norm, model_fn, per_example_programs)
 from cljax.methods.registry import (FRACTION, NON_NEGATIVE, POSITIVE, BuildContext, hparam,
                                     register)
 
@@ -86,114 +84,6 @@ def _penalty_method(name: str, scale: float, consolidate: Callable, **kwargs) ->
     return scale * quadratic_penalty(ctx.params, quad), ()
   return Method(name=name, init=kwargs.pop("init", _zeros_state), loss=loss,
                 after_task=consolidate, **kwargs)
-
-
-# ----------------------------------------------------------------------------
-# Per-example gradient statistics (Fisher, MAS)
-# ----------------------------------------------------------------------------
-
-def fisher_log_prob(model, params, input_ids, attention_mask, label, rng, mode: str):
-  """log p(y|x) of one example; y the true label (empirical Fisher) or a label
-  sampled from the model's predictive distribution (true Fisher)."""
-  logits = model.apply({"params": params}, input_ids[None], attention_mask[None],
-                       deterministic=True)[0]
-  logp = jax.nn.log_softmax(logits)
-  if mode == "true":
-    label = jax.random.categorical(rng, jax.lax.stop_gradient(logits))
-  elif mode != "empirical":
-    raise ValueError(f"Unknown Fisher estimator {mode!r}; expected 'empirical' or 'true'.")
-  return logp[label]
-
-
-def mas_output_norm(model, params, input_ids, attention_mask, label, rng):
-  """||f(x)||_2^2 of one example's logits (Aljundi et al. 2018)."""
-  del label, rng
-  logits = model.apply({"params": params}, input_ids[None], attention_mask[None],
-                       deterministic=True)[0]
-  return jnp.sum(jnp.square(logits))
-
-
-def _chunk_stat(params, chunk, rng, *, fn, reduce):
-  """Sum over a chunk of ``reduce(per-example gradient)``, padded rows excluded."""
-  keys = jax.random.split(rng, chunk["labels"].shape[0])
-  grads = jax.vmap(jax.grad(fn), in_axes=(None, 0, 0, 0, 0))(
-      params, chunk["input_ids"], chunk["attention_mask"], chunk["labels"], keys)
-  w = chunk["weights"]
-  return jax.tree.map(lambda g: jnp.tensordot(w, reduce(g.astype(jnp.float32)), axes=1),
-                      grads)
-
-
-@functools.lru_cache(maxsize=16)
-def _jitted_chunk_stat(fn, reduce):
-  return jax.jit(functools.partial(_chunk_stat, fn=fn, reduce=reduce))
-
-
-def per_example_statistic(params, arrays: dict[str, np.ndarray], fn, reduce, *,
-                          num_samples: int, chunk: int, rng, buckets=()) -> Any:
-  """``1/N sum_i reduce(grad fn(params, x_i))`` over N = min(num_samples, |data|)
-  examples drawn without replacement (seeded by ``rng``).
-
-  ``fn(params, input_ids, attention_mask, label, key) -> scalar`` is one example's
-  function; ``reduce`` is ``jnp.square`` (Fisher) or ``jnp.abs`` (MAS). Examples
-  are processed ``chunk`` at a time so memory stays ``chunk`` x params, each chunk
-  cut to its length bucket (``buckets``, :func:`cljax.data.trim_to_bucket`).
-  """
-  n_total = data_lib.size(arrays)
-  n = min(num_samples, n_total)
-  idx = np.random.default_rng(int(_sample_seed(rng))).permutation(n_total)[:n]
-  subset = {k: v[idx] for k, v in arrays.items()}
-  stat_fn = _jitted_chunk_stat(fn, reduce)
-  total = None
-  for i, batch in enumerate(data_lib.batches(subset, chunk, buckets=buckets)):
-    part = stat_fn(params, {k: batch[k] for k in ("input_ids", "attention_mask", "labels",
-                                                    "weights")}, _fold_in(rng, i))
-    total = part if total is None else _tree_add(total, part)
-  return _tree_divide(total, n)
-
-
-@jax.jit
-def _sample_seed(rng) -> jax.Array:
-  return jax.random.randint(rng, (), 0, 2 ** 31 - 1)
-
-
-_fold_in = jax.jit(jax.random.fold_in)
-_tree_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
-_tree_divide = jax.jit(lambda tree, n: jax.tree.map(lambda t: t / n, tree), static_argnums=1)
-
-
-def fisher_diagonal(model, params, arrays, *, mode="empirical", num_samples=512, chunk=8,
-                    rng=None, buckets=()):
-  """Diagonal Fisher ``1/N sum_i (d log p(y_i|x_i) / d theta)^2`` from per-example
-  gradients; ``mode`` 'empirical' (true labels) or 'true' (sampled labels)."""
-  rng = jax.random.PRNGKey(0) if rng is None else rng
-  fn = _ModelFn(fisher_log_prob, model, mode)
-  return per_example_statistic(params, arrays, fn, jnp.square, num_samples=num_samples,
-                               chunk=chunk, rng=rng, buckets=buckets)
-
-
-def mas_importance(model, params, arrays, *, num_samples=512, chunk=8, rng=None, buckets=()):
-  """MAS importance ``1/N sum_i |d ||f(x_i)||^2 / d theta|``."""
-  rng = jax.random.PRNGKey(0) if rng is None else rng
-  fn = _ModelFn(mas_output_norm, model)
-  return per_example_statistic(params, arrays, fn, jnp.abs, num_samples=num_samples,
-                               chunk=chunk, rng=rng, buckets=buckets)
-
-
-class _ModelFn:
-  """A hashable ``fn(params, ids, mask, label, key)`` bound to a model (jit cache key)."""
-
-  def __init__(self, fn, model, *args):
-    self.fn, self.model, self.args = fn, model, args
-
-  def __call__(self, params, ids, mask, label, key):
-    return self.fn(self.model, params, ids, mask, label, key, *self.args)
-
-  def __hash__(self):
-    return hash((self.fn, self.model, self.args))
-
-  def __eq__(self, other):
-    return isinstance(other, _ModelFn) and (self.fn, self.model, self.args) == (
-        other.fn, other.model, other.args)
 
 
 # ----------------------------------------------------------------------------
@@ -292,7 +182,15 @@ def _ewc(hp: EWCConfig, online: bool) -> Method:
     if online:
       return consolidate_online(state, fisher, tctx.params, hp.online_gamma)
     return consolidate_ewc(state, fisher, tctx.params)
-  return _penalty_method("online_ewc" if online else "ewc", hp.ewc_lambda / 2, after_task)
+
+  def programs(state, tctx: TaskContext):
+    del state
+    return per_example_programs(
+        tctx.params, tctx.train, model_fn(fisher_log_prob, tctx.model, hp.fisher),
+        jnp.square, num_samples=hp.fisher_samples, chunk=hp.fisher_chunk, rng=tctx.rng,
+        buckets=tctx.length_buckets)
+  return _penalty_method("online_ewc" if online else "ewc", hp.ewc_lambda / 2, after_task,
+                         programs=programs)
 
 
 @register("ewc", "EWC: one Fisher-weighted penalty per past task (Kirkpatrick et al. 2017)",
@@ -320,7 +218,14 @@ def mas(hp: MASConfig, ctx: BuildContext) -> Method:
                            buckets=tctx.length_buckets)
     _log_importance("MAS", omega)
     return consolidate_online(state, omega, tctx.params, 1.0)
-  return _penalty_method("mas", hp.mas_lambda, after_task)
+
+  def programs(state, tctx: TaskContext):
+    del state
+    return per_example_programs(
+        tctx.params, tctx.train, model_fn(mas_output_norm, tctx.model), jnp.abs,
+        num_samples=hp.mas_samples, chunk=hp.fisher_chunk, rng=tctx.rng,
+        buckets=tctx.length_buckets)
+  return _penalty_method("mas", hp.mas_lambda, after_task, programs=programs)
 
 
 @register("l2", "L2 penalty to the previous task's solution", L2Config,
