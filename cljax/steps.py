@@ -272,13 +272,19 @@ def eval_step(params, batch: Batch, *, model, method: Method = finetune(),
   }
 
 
+@jax.jit
+def tree_add(a, b):
+  """``a + b`` leaf by leaf, one program (eagerly: one per leaf shape)."""
+  return jax.tree.map(jnp.add, a, b)
+
+
 def accumulate(step_fn, params, batches) -> dict[str, Any]:
   """The sums ``step_fn(params, batch)`` returns (an eval step), added on device over
   ``batches`` and read to the host once."""
   totals = None
   for batch in batches:
     out = step_fn(params, batch)
-    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = out if totals is None else tree_add(totals, out)
   return jax.device_get(totals)
 
 

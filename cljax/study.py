@@ -201,13 +201,20 @@ def _later_batches(study: Study, plan: TaskPlan) -> list[dict]:
   programs compile in this task's round, before its first step. A method whose
   ``train_arrays`` add arrays (generative replay's LM rows), or whose state changes
   shape, compiles what is left at that task's start."""
-  cfg, key = study.cfg, _mask_key(study, plan.k)
+  cfg = study.cfg
   later = itertools.chain.from_iterable(
       loop.epoch_batches(study.task_data[j].train, cfg.batch_size, epochs=cfg.epochs,
                          seed=(cfg.seed, j), buckets=study.buckets)
-      for j in range(plan.k + 1, len(study.tasks))
-      if _mask_key(study, j) == key and set(study.task_data[j].train) == set(plan.arrays))
+      for j in _later_tasks_alike(study, plan))
   return list(data_lib.one_batch_per_shape(later))
+
+
+def _later_tasks_alike(study: Study, plan: TaskPlan) -> list[int]:
+  """The later tasks that share task ``plan.k``'s trainable parameters and kind of
+  arrays: their programs compile in this task's round."""
+  key = _mask_key(study, plan.k)
+  return [j for j in range(plan.k + 1, len(study.tasks))
+          if _mask_key(study, j) == key and set(study.task_data[j].train) == set(plan.arrays)]
 
 
 def _other_programs(study: Study, state) -> list[tuple]:
@@ -227,13 +234,10 @@ def _hook_programs(study: Study, plan: TaskPlan, state) -> list[tuple]:
   """The programs the method's ``after_task`` will call at the end of this task and of
   the later tasks that share its trainable parameters and kind of arrays (its
   ``programs`` hook, with each after-task context: the same data and key)."""
-  key, out = _mask_key(study, plan.k), []
-  for j in range(plan.k, len(study.tasks)):
-    arrays = plan.arrays if j == plan.k else study.task_data[j].train
-    if j == plan.k or (_mask_key(study, j) == key and set(arrays) == set(plan.arrays)):
-      ctx = task_context(study, j, state.params, arrays, salt=AFTER_TASK_SALT)
-      out += study.method.programs(state.method_state, ctx)
-  return out
+  tasks = [(plan.k, plan.arrays)] + [(j, study.task_data[j].train)
+                                     for j in _later_tasks_alike(study, plan)]
+  return [p for j, arrays in tasks for p in study.method.programs(
+      state.method_state, task_context(study, j, state.params, arrays, salt=AFTER_TASK_SALT))]
 
 
 def train_task(study: Study, plan: TaskPlan, state, record: RunRecord, logger: StepLogger):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cljax import data as data_lib
+from cljax import steps
 
 
 
@@ -72,7 +73,7 @@ def per_example_statistic(params, arrays: dict[str, np.ndarray], fn, reduce, *,
   chunks = _chunks(arrays, num_samples, chunk, rng, buckets)
   for i, batch in enumerate(chunks):
     part = stat_fn(params, batch, _fold_in(rng, i))
-    total = part if total is None else _tree_add(total, part)
+    total = part if total is None else steps.tree_add(total, part)
   return _tree_divide(total, min(num_samples, data_lib.size(arrays)))
 
 
@@ -101,7 +102,6 @@ def _sample_seed(rng) -> jax.Array:
 
 
 _fold_in = jax.jit(jax.random.fold_in)
-_tree_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
 _tree_divide = jax.jit(lambda tree, n: jax.tree.map(lambda t: t / n, tree), static_argnums=1)
 
 
