@@ -136,13 +136,13 @@ def _trainer_datasets(cfg, tasks, tokenizer, use_datasets: bool | None = None):
             for ids, m, y in zip(enc["input_ids"], enc["attention_mask"], labels)]
 
   out = []
-  for k, task in enumerate(tasks):
-    train_rows, train_idx, test_rows, test_idx = data_lib.task_subsets(
-        task, k, data_dir=cfg.data_dir, num_train=cfg.num_train, num_test=cfg.num_test,
-        subset=cfg.subset, seed=cfg.seed)
+  for task in tasks:
+    sub = data_lib.task_subsets(task, data_dir=cfg.data_dir, num_train=cfg.num_train,
+                                num_test=cfg.num_test, subset=cfg.subset, seed=cfg.seed)
     remap = task.label_map
     out.append(tuple(dataset([rows[i][0] for i in idx], [remap[rows[i][1]] for i in idx])
-                     for rows, idx in ((train_rows, train_idx), (test_rows, test_idx))))
+                     for rows, idx in ((sub.train_rows, sub.train),
+                                       (sub.test_rows, sub.test))))
   return out, "datasets.map" if datasets is not None else "list"
 
 

@@ -153,7 +153,9 @@ class StudyConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
   # --- data ---------------------------------------------------------------------
   tasks: tuple[str, ...] = option(
       ("imdb", "ag_news"), "Tasks in training order: imdb, ag_news, or a folder name "
-      "under --data_dir (TASK/train.jsonl and TASK/test.jsonl).")
+      "under --data_dir (TASK/train.jsonl and TASK/test.jsonl); DATASET:CLASS+CLASS "
+      "takes those classes of a dataset, so that one dataset gives several tasks "
+      "(--tasks=imdb,ag_news:sci_tech+sports,ag_news:world+business).")
   ag_news_classes: tuple[str, ...] = option(
       ("sci_tech", "sports"), "AG News classes, in head order (world, sports, business, "
       "sci_tech). The study's prose names Sci/Tech and Sports (default: Sci/Tech -> head "

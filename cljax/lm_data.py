@@ -102,6 +102,57 @@ def read_sources(sources: str) -> list[tuple[dict, str]]:
           for r in read_records(source.strip())]
 
 
+def row_text(row, data_format: str, field: str = "text") -> str | None:
+  """What a row is, as one text: its ``field``, or an Alpaca row's prompt and output
+  (rows may share an instruction and still differ); None where it has none."""
+  if not isinstance(row, dict):
+    return None
+  if data_format == "text":
+    return row.get(field) if isinstance(row.get(field), str) else None
+  if not all(isinstance(row.get(k, ""), str) for k in ("instruction", "input", "output")):
+    return None
+  return "\n\n".join((row.get("instruction", ""), row.get("input", ""), row.get("output", "")))
+
+
+def row_keys(row, data_format: str, field: str = "text") -> list[str]:
+  """The text key of a row (:func:`cljax.data.provenance.text_key` of
+  :func:`row_text`), as a list (empty where the row has no text)."""
+  text = row_text(row, data_format, field)
+  return [] if text is None else [data_lib.text_key(text)]
+
+
+def read_part(sources: str, fractions: tuple[float, ...], data_format: str,
+              field: str = "text") -> list[tuple[dict, str]]:
+  """The rows of ``sources`` (joined by commas); with ``fractions`` (one, or one per
+  source) only the fixed part of each source whose text key falls below its fraction
+  (:func:`cljax.data.provenance.in_fraction`: the same rows in every run)."""
+  names = [s.strip() for s in sources.split(",") if s.strip()]
+  if fractions and len(fractions) not in (1, len(names)):
+    raise ValueError(f"--data_fraction has {len(fractions)} values for {len(names)} --data "
+                     "sources; give one for all, or one per source.")
+  out = []
+  for i, source in enumerate(names):
+    rows = read_records(source)
+    if fractions:
+      f = fractions[i if len(fractions) > 1 else 0]
+      rows = [r for r in rows if (text := row_text(r[0], data_format, field)) is not None
+              and data_lib.in_fraction(text, f)]
+      logging.info("%s: kept the fixed %.0f %% part by content, %d rows.", source, 100 * f,
+                   len(rows))
+    out.extend(rows)
+  return out
+
+
+def drop_texts(records: list, keys: frozenset[str], data_format: str, field: str,
+               what: str) -> list:
+  """``records`` without the rows that share a text with ``keys`` (logged)."""
+  kept = [r for r in records if not set(row_keys(r[0], data_format, field)) & keys]
+  if len(kept) < len(records):
+    logging.info("Left out %d training rows whose text is in %s.", len(records) - len(kept),
+                 what)
+  return kept
+
+
 def sample_records(records: list, n: int | None, seed) -> list:
   """At most ``n`` records, a seeded sample kept in file order (None: all)."""
   if n is None or n >= len(records):

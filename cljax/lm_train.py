@@ -57,6 +57,11 @@ class LMConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
   max_examples: int | None = option(-1, "Use at most this many training rows, a seeded "
                                     "sample (-1: all).", bound=COUNT)
   text_field: str = option("text", "--data_format=text: the field holding the text.")
+  data_fraction: tuple[float, ...] = option(
+      (), "Keep only a fixed part of each --data source: the rows whose text's SHA-256 "
+      "falls below this fraction, the same rows in every run and every seed (one value, "
+      "or one per source; empty: every row). The study's subsets leave out what a model "
+      "was trained on (hf_model/pretraining_texts.json).")
   block_size: int = option(128, "--data_format=text: tokens per packed block.",
                            bound=POSITIVE)
   max_length: int = option(256, "--data_format=alpaca: tokens per example (prompt, "
@@ -83,12 +88,20 @@ class LMConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
   def __post_init__(self):
     if self.max_examples == -1:
       object.__setattr__(self, "max_examples", None)
+    try:
+      object.__setattr__(self, "data_fraction", tuple(float(f) for f in self.data_fraction))
+    except ValueError as e:
+      raise ValueError(f"--data_fraction={','.join(map(str, self.data_fraction))}: expected "
+                       "numbers in (0, 1], one or one per --data source.") from e
     self.validate()
 
   def validate(self) -> None:
     super().validate()
     if not self.data:
       raise ValueError("--data is required: a .json / .jsonl file or a hub dataset id.")
+    bad = [f for f in self.data_fraction if not 0.0 < f <= 1.0]
+    if bad:
+      raise ValueError(f"--data_fraction={bad[0]}: expected a fraction in (0, 1].")
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"--top_p={self.top_p}: expected a value in (0, 1].")
 
@@ -97,13 +110,19 @@ class LMConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
 # Data
 # ----------------------------------------------------------------------------
 
-def load_splits(cfg: LMConfig, tokenizer) -> tuple[dict, dict | None]:
-  """(train arrays, held-out arrays or None) of the configured data: held-out rows are
-  ``--num_eval`` of ``--eval_data`` (seeded sample), or carved from ``--data``."""
-  records = lm_data.read_sources(cfg.data)
+def load_splits(cfg: LMConfig, tokenizer) -> tuple[dict, dict | None, frozenset[str]]:
+  """(train arrays, held-out arrays or None, the training texts' keys) of the
+  configured data: held-out rows are ``--num_eval`` of ``--eval_data`` (seeded
+  sample), or carved from ``--data``; no training row shares a text with any row of
+  ``--eval_data``."""
+  records = lm_data.read_part(cfg.data, cfg.data_fraction, cfg.data_format, cfg.text_field)
   if cfg.eval_data:
-    held = lm_data.sample_records(lm_data.read_sources(cfg.eval_data), cfg.num_eval or None,
-                                  (cfg.seed, 1))
+    every = lm_data.read_sources(cfg.eval_data)
+    records = lm_data.drop_texts(
+        records, frozenset(k for r, _ in every
+                           for k in lm_data.row_keys(r, cfg.data_format, cfg.text_field)),
+        cfg.data_format, cfg.text_field, "--eval_data")
+    held = lm_data.sample_records(every, cfg.num_eval or None, (cfg.seed, 1))
   else:
     order = np.random.default_rng(cfg.seed).permutation(len(records))
     n_eval = min(cfg.num_eval, len(records) // 2)
@@ -116,8 +135,9 @@ def load_splits(cfg: LMConfig, tokenizer) -> tuple[dict, dict | None]:
   else:
     make = functools.partial(lm_data.text_arrays, tokenizer=tokenizer,
                              block_size=cfg.block_size, field=cfg.text_field)
-  train = make(records)
-  return train, (make(held) if held else None)
+  keys = frozenset(k for r, _ in records
+                   for k in lm_data.row_keys(r, cfg.data_format, cfg.text_field))
+  return make(records), (make(held) if held else None), keys
 
 
 # ----------------------------------------------------------------------------
@@ -272,7 +292,7 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
   loop.use_compilation_cache(None)
   tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
   model, params = build_lm(cfg, tokenizer)
-  arrays, held = load_splits(cfg, tokenizer)
+  arrays, held, text_keys = load_splits(cfg, tokenizer)
   _check_lengths(model, arrays)
   logging.info("Training on %d %s of %d tokens (%d target tokens); %s held-out.",
                data_lib.size(arrays), "examples" if cfg.data_format == "alpaca" else "blocks",
@@ -300,12 +320,31 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
     logger.close()
     ckpt.close()
   return finish(cfg, workdir, model, state.params, tokenizer, record, held_out,
-                logger.divergence(), flags, time.time() - t_start, checkpoint.timing(ckpt))
+                logger.divergence(), flags, time.time() - t_start, checkpoint.timing(ckpt),
+                text_keys)
+
+
+def export(cfg: LMConfig, workdir: str, model, params, tokenizer,
+           text_keys: frozenset[str]) -> None:
+  """``workdir/hf_model``: the weights, the tokenizer and ``pretraining_texts.json``
+  (the keys of every text trained on, this run's and its base's)."""
+  out = os.path.join(workdir, "hf_model")
+  hf.save_pretrained(params, model.config, out, head="lm")
+  tokenizer.save_pretrained(out)
+  base = data_lib.read_keys(cfg.model) if cfg.init == "pretrained" else frozenset()
+  n = data_lib.write_keys(
+      out, text_keys | base, data=cfg.data, data_fraction=list(cfg.data_fraction),
+      max_examples=cfg.max_examples, seed=cfg.seed, data_format=cfg.data_format,
+      base_model=cfg.model if cfg.init == "pretrained" else f"random:{cfg.size}",
+      base_texts=len(base), commit=data_lib.provenance.git_commit(__file__))
+  logging.info("Wrote %s: the keys of the %d texts the model was trained on.",
+               os.path.join(out, data_lib.provenance.FILE), n)
 
 
 def finish(cfg: LMConfig, workdir: str, model, params, tokenizer, record: LMRecord, held_out,
            diverged: str | None, flags: dict | None, wall_s: float,
-           checkpoint_timing: dict | None = None) -> dict:
+           checkpoint_timing: dict | None = None,
+           text_keys: frozenset[str] = frozenset()) -> dict:
   """Held-out evaluation, generations and export after training; ``results.json``."""
   after = held_out(params) if held_out else None
   if after:
@@ -320,8 +359,7 @@ def finish(cfg: LMConfig, workdir: str, model, params, tokenizer, record: LMReco
     logging.info("Wrote %d generations to %s.", len(rows),
                  os.path.join(workdir, "generations.jsonl"))
   if cfg.export:
-    hf.save_pretrained(params, model.config, os.path.join(workdir, "hf_model"), head="lm")
-    tokenizer.save_pretrained(os.path.join(workdir, "hf_model"))
+    export(cfg, workdir, model, params, tokenizer, text_keys)
   results = {"data_format": cfg.data_format, "steps": record.step,
              "held_out_before": record.held_out_before, "held_out_after": after,
              "held_out_curve": record.curve,

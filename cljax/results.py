@@ -55,7 +55,8 @@ def make_results(study, record, flags: dict | None, wall_s: float) -> dict:
       "seed": cfg.seed,
       "flags": flags if flags is not None else cfg.to_dict(),
       "data": {d.task.name: {"train": data_lib.size(d.train), "test": data_lib.size(d.test),
-                             "val": data_lib.size(d.val) if d.val else 0}
+                             "val": data_lib.size(d.val) if d.val else 0,
+                             "left_out_as_pretraining_text": d.excluded}
                for d in study.task_data},
       "model": {"source": cfg.model if cfg.init == "pretrained" else f"random:{cfg.size}",
                 "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any, NamedTuple
 from collections.abc import Callable
 
+from absl import logging
 import jax
 import numpy as np
 import optax
@@ -157,7 +158,7 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
       tasks, tokenizer, data_dir=cfg.data_dir, num_train=cfg.num_train,
       num_test=cfg.num_test, num_val=cfg.num_val, subset=cfg.subset,
       max_length=cfg.max_length, seed=cfg.seed, as_text=as_text,
-      cache_dir=cache_dir)
+      cache_dir=cache_dir, exclude_keys=pretraining_keys(cfg))
   params = jax.device_put(params, sharding.param_shardings(mesh, params))
   eval_fn = jax.jit(lambda p, b, method_state: steps.eval_step(
       p, b, model=model, method=method, method_state=method_state),
@@ -172,6 +173,17 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
                warnings=tuple(data_lib.class_warnings(task_data)),
                writes_files=jax.process_index() == 0, tokenizer=tokenizer,
                buckets=data_lib.length_buckets(cfg.max_length, cfg.length_bucket))
+
+
+def pretraining_keys(cfg: StudyConfig) -> frozenset[str]:
+  """The keys of the texts ``--model`` was pretrained on, where its folder lists them
+  (``pretraining_texts.json``, written by ``cljax-instruct``): the study draws none of
+  them. Empty for a random init or a model without the list."""
+  keys = data_lib.read_keys(cfg.model) if cfg.init == "pretrained" else frozenset()
+  if keys:
+    logging.info("%s lists %d pretraining texts; the study's subsets leave them out.",
+                 cfg.model, len(keys))
+  return keys
 
 
 # What a run writes beside its checkpoints.

@@ -7,6 +7,7 @@ tokenizes every task's splits into ``TaskData``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ from absl import logging
 import numpy as np
 
 from cljax.data.files import Row
-from cljax.data.subsets import select, task_subsets
+from cljax.data.subsets import task_subsets
 from cljax.data.tasks import Task, num_labels
 
 # ----------------------------------------------------------------------------
@@ -147,42 +148,33 @@ class TaskData:
   train: dict[str, np.ndarray]
   test: dict[str, np.ndarray]
   val: dict[str, np.ndarray] | None = None
+  excluded: dict[str, int] = dataclasses.field(default_factory=dict)  # base's texts left out
 
 
 def load_task_data(tasks: Sequence[Task], tokenizer, *, data_dir: str | None,
                    num_train: int | None, num_test: int | None, num_val: int = 0,
                    subset: str = "balanced", max_length: int = 128, seed: int = 0,
-                   cache_dir: str | None = None, as_text: bool = False) -> list[TaskData]:
-  """Reads, subsets and tokenizes every task's train, test (and validation) splits
-  (``as_text``: inside each task's prompt, for classification as text).
-
-  The validation split (``num_val`` > 0) is carved from the training file, disjoint
-  from the training subset, so that strengths are never chosen on test data.
-  """
+                   cache_dir: str | None = None, as_text: bool = False,
+                   exclude_keys: frozenset[str] = frozenset()) -> list[TaskData]:
+  """Reads, subsets (:func:`~cljax.data.subsets.task_subsets`) and tokenizes every
+  task's train, test (and validation) splits (``as_text``: inside each task's prompt,
+  for classification as text)."""
   total = num_labels(tasks)
   out = []
   for k, task in enumerate(tasks):
-    train_rows, train_idx, test_rows, test_idx = task_subsets(
-        task, k, data_dir=data_dir, num_train=num_train, num_test=num_test, subset=subset,
-        seed=seed)
-    val = None
-    if num_val:
-      val_idx = select(train_rows, task, num_val, "balanced", (seed, k, 1),
-                       exclude=frozenset(train_idx))
-      val = make_arrays(train_rows, val_idx, task, k, total, tokenizer, max_length, cache_dir,
-                        as_text)
-    data = TaskData(
-        task,
-        make_arrays(train_rows, train_idx, task, k, total, tokenizer, max_length, cache_dir,
-                    as_text),
-        make_arrays(test_rows, test_idx, task, k, total, tokenizer, max_length, cache_dir,
-                    as_text),
-        val)
+    sub = task_subsets(task, data_dir=data_dir, num_train=num_train, num_test=num_test,
+                       num_val=num_val, subset=subset, seed=seed, exclude_keys=exclude_keys)
+    make = functools.partial(make_arrays, task=task, task_index=k, total_labels=total,
+                             tokenizer=tokenizer, max_length=max_length,
+                             cache_dir=cache_dir, as_text=as_text)
+    data = TaskData(task, make(sub.train_rows, sub.train), make(sub.test_rows, sub.test),
+                    make(sub.train_rows, sub.val) if num_val else None, sub.excluded)
     counts = np.bincount(data.train["labels"], minlength=total)[list(task.head_labels)]
     logging.info("Task %d %s: %d train (per class %s), %d test, %s validation; classes %s "
                  "-> head labels %s.", k, task.name, size(data.train),
                  dict(zip(task.class_names, counts.tolist())), size(data.test),
-                 size(val) if val else 0, list(task.class_names), list(task.head_labels))
+                 size(data.val) if num_val else 0, list(task.class_names),
+                 list(task.head_labels))
     out.append(data)
   return out
 

@@ -5,12 +5,15 @@ classes, and the seeded ``balanced`` or ``head`` subsets of it.
 
 from __future__ import annotations
 
+import dataclasses
+import zlib
 from collections.abc import Sequence
 
 from absl import logging
 import numpy as np
 
 from cljax.data.files import Row, check_row, find_split_file, read_rows
+from cljax.data.provenance import text_key
 from cljax.data.tasks import TASKS, Task, TaskSpec
 
 # ----------------------------------------------------------------------------
@@ -36,9 +39,9 @@ def load_hub_rows(spec: TaskSpec, split: str) -> list[Row]:
 
 def load_rows(task: Task, split: str, data_dir: str | None) -> list[Row]:
   """Rows of one split of a task, checking every label is a known class id."""
-  spec = TASKS.get(task.name)
+  spec = TASKS.get(task.dataset)
   if data_dir:
-    path = find_split_file(data_dir, task.name, split)
+    path = find_split_file(data_dir, task.dataset, split)
     rows = read_rows(path, *(spec.text_field, spec.label_field) if spec else ())
   else:
     rows = load_hub_rows(spec, split)
@@ -97,11 +100,45 @@ def select(rows: Sequence[Row], task: Task, num: int | None, mode: str,
   return chosen
 
 
-def task_subsets(task: Task, k: int, *, data_dir: str | None, num_train: int | None,
-                 num_test: int | None, subset: str = "balanced", seed: int = 0):
-  """(train rows, the training subset's indices, test rows, the test subset's indices)
-  of task ``k``: the rows every run with these settings trains and tests on."""
+@dataclasses.dataclass(frozen=True)
+class Subsets:
+  """The rows a task trains, validates and tests on: indices into its files' rows."""
+  train_rows: list
+  train: list[int]
+  test_rows: list
+  test: list[int]
+  val: list[int]
+  excluded: dict[str, int]     # rows left out as a base model's pretraining text
+
+
+def task_seed(task: Task) -> int:
+  """A number naming the task by its dataset and classes, not by its place in the
+  stream: a task draws the same rows in every order of the tasks."""
+  return zlib.crc32(f"{task.dataset}:{sorted(task.source_labels)}".encode())
+
+
+def task_subsets(task: Task, *, data_dir: str | None, num_train: int | None,
+                 num_test: int | None, num_val: int = 0, subset: str = "balanced",
+                 seed: int = 0, exclude_keys: frozenset[str] = frozenset()) -> Subsets:
+  """The rows every run with these settings trains, validates and tests on.
+
+  Rows whose text key (:func:`cljax.data.provenance.text_key`) is in
+  ``exclude_keys`` (the texts a base model was pretrained on) are never drawn. The
+  validation split (``num_val`` > 0) is carved from the training file, disjoint from
+  the training subset, so that strengths are never chosen on test data."""
   train_rows = load_rows(task, "train", data_dir)
   test_rows = load_rows(task, "test", data_dir)
-  return (train_rows, select(train_rows, task, num_train, subset, (seed, k, 0)),
-          test_rows, select(test_rows, task, num_test, subset, (seed, k, 2)))
+  seen = lambda rows: frozenset(  # noqa: E731
+      i for i, (text, label, _) in enumerate(rows)
+      if exclude_keys and label in task.source_labels and text_key(text) in exclude_keys)
+  out_train, out_test = seen(train_rows), seen(test_rows)
+  name = task_seed(task)
+  train = select(train_rows, task, num_train, subset, (seed, name, 0), exclude=out_train)
+  val = (select(train_rows, task, num_val, "balanced", (seed, name, 1),
+                exclude=out_train | frozenset(train)) if num_val else [])
+  test = select(test_rows, task, num_test, subset, (seed, name, 2), exclude=out_test)
+  if out_train or out_test:
+    logging.info("Task %s: left out %d training and %d test rows that the base model was "
+                 "pretrained on.", task.name, len(out_train), len(out_test))
+  return Subsets(train_rows, train, test_rows, test, val,
+                 {"train": len(out_train), "test": len(out_test)})

@@ -46,13 +46,22 @@ TASKS: dict[str, TaskSpec] = {
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  """A task as trained: its selected source classes and their ids on the shared head."""
+  """A task as trained: its selected source classes and their ids on the shared head.
+
+  ``name`` is the task's entry in ``--tasks`` (``imdb``, or ``ag_news:world+business``
+  for a dataset's chosen classes); ``dataset`` the dataset it reads (``TASKS`` or a
+  folder under ``--data_dir``)."""
   name: str
   source_labels: tuple[int, ...]    # selected source label ids, in head order
   class_names: tuple[str, ...]      # their names
   label_offset: int                 # head id of the first selected class
   label_words: tuple[str, ...] = ()           # (--head=lm) per selected class
   prompt: tuple[str, str] = ("", "\nLabel:")  # (--head=lm) text before, after
+  dataset: str = ""
+
+  def __post_init__(self):
+    if not self.dataset:
+      object.__setattr__(self, "dataset", self.name)
 
   @property
   def head_labels(self) -> tuple[int, ...]:
@@ -75,13 +84,37 @@ def local_task_spec(name: str, data_dir: str) -> TaskSpec:
   return TaskSpec(name, tuple(str(i) for i in labels))
 
 
+def split_entry(entry: str) -> tuple[str, tuple[str, ...] | None]:
+  """``ag_news:world+business`` -> ("ag_news", ("world", "business")); ``imdb`` ->
+  ("imdb", None)."""
+  dataset, sep, classes = entry.partition(":")
+  if not sep:
+    return entry, None
+  names = tuple(c for c in classes.split("+"))
+  if not dataset or not all(names):
+    raise ValueError(f"Task {entry!r}: expected DATASET or DATASET:CLASS+CLASS (for example "
+                     "ag_news:world+business).")
+  return dataset, names
+
+
+def _spec(dataset: str, data_dir: str | None) -> TaskSpec:
+  if dataset in TASKS:
+    return TASKS[dataset]
+  if data_dir and os.path.isdir(os.path.join(data_dir, dataset)):
+    return local_task_spec(dataset, data_dir)
+  raise ValueError(f"Unknown task {dataset!r}: expected one of {sorted(TASKS)} or a folder "
+                   f"{dataset}/ under --data_dir holding train and test files.")
+
+
 def resolve_tasks(names: Sequence[str], classes: dict[str, Sequence[str]] | None = None,
                   data_dir: str | None = None,
                   label_words: dict[str, Sequence[str]] | None = None) -> list[Task]:
   """Tasks in order, each one's classes placed on the shared head after the last.
 
   Args:
-    names: task names (``imdb``, ``ag_news``, or a folder under ``data_dir``).
+    names: task entries: a dataset (``imdb``, ``ag_news``, or a folder under
+      ``data_dir``), or a dataset and its classes (``ag_news:world+business``), so that
+      one dataset can give several tasks of disjoint classes.
     classes: optional class names per task (``{"ag_news": ["sci_tech", "sports"]}``);
       their order is the order on the head.
     data_dir: where local tasks live.
@@ -93,27 +126,33 @@ def resolve_tasks(names: Sequence[str], classes: dict[str, Sequence[str]] | None
   if unknown:
     raise ValueError(f"Classes or label words given for {sorted(unknown)}, which are not "
                      f"among the tasks {list(names)}.")
-  tasks, offset = [], 0
+  if len(set(names)) != len(names):
+    raise ValueError(f"--tasks={','.join(names)} names a task twice; give each task once "
+                     "(several tasks of one dataset: DATASET:CLASS+CLASS with disjoint "
+                     "classes).")
+  tasks, offset, used = [], 0, {}
   for name in names:
-    if name in TASKS:
-      spec = TASKS[name]
-    elif data_dir and os.path.isdir(os.path.join(data_dir, name)):
-      spec = local_task_spec(name, data_dir)
-    else:
-      raise ValueError(f"Unknown task {name!r}: expected one of {sorted(TASKS)} or a folder "
-                       f"{name}/ under --data_dir holding train and test files.")
-    wanted = tuple(classes.get(name) or spec.default_classes or spec.class_names)
+    dataset, inline = split_entry(name)
+    spec = _spec(dataset, data_dir)
+    if inline and name in classes:
+      raise ValueError(f"Task {name!r} names its classes; drop --classes={name}=...")
+    wanted = tuple(inline or classes.get(name) or spec.default_classes or spec.class_names)
     bad = [c for c in wanted if c not in spec.class_names]
     if bad or len(set(wanted)) != len(wanted) or not wanted:
       raise ValueError(f"Task {name!r}: classes {list(wanted)} are not distinct names among "
                        f"{list(spec.class_names)}.")
+    again = set(wanted) & used.get(dataset, set())
+    if again:
+      raise ValueError(f"Task {name!r}: classes {sorted(again)} of {dataset} are in an "
+                       "earlier task too; tasks of one dataset need disjoint classes.")
+    used.setdefault(dataset, set()).update(wanted)
     ids = tuple(spec.class_names.index(c) for c in wanted)
     words = tuple(label_words.get(name) or (
         [spec.label_words[i] for i in ids] if spec.label_words else [" " + c for c in wanted]))
     if len(words) != len(ids):
       raise ValueError(f"Task {name!r}: {len(words)} label words {list(words)} for "
                        f"{len(ids)} classes {list(wanted)}; give one per class, in order.")
-    tasks.append(Task(name, ids, wanted, offset, words, spec.prompt))
+    tasks.append(Task(name, ids, wanted, offset, words, spec.prompt, dataset))
     offset += len(ids)
   return tasks
 
