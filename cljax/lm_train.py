@@ -110,34 +110,39 @@ class LMConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
 # Data
 # ----------------------------------------------------------------------------
 
-def load_splits(cfg: LMConfig, tokenizer) -> tuple[dict, dict | None, frozenset[str]]:
-  """(train arrays, held-out arrays or None, the training texts' keys) of the
-  configured data: held-out rows are ``--num_eval`` of ``--eval_data`` (seeded
-  sample), or carved from ``--data``; no training row shares a text with any row of
-  ``--eval_data``."""
-  records = lm_data.read_part(cfg.data, cfg.data_fraction, cfg.data_format, cfg.text_field)
+def records(cfg: LMConfig) -> tuple[list, list]:
+  """(training rows, held-out rows) of the configured data: held-out rows are
+  ``--num_eval`` of ``--eval_data`` (seeded sample), or carved from ``--data``; no
+  training row shares a text with any row of ``--eval_data``."""
+  train = lm_data.read_part(cfg.data, cfg.data_fraction, cfg.data_format, cfg.text_field)
   if cfg.eval_data:
     every = lm_data.read_sources(cfg.eval_data)
-    records = lm_data.drop_texts(
-        records, frozenset(k for r, _ in every
-                           for k in lm_data.row_keys(r, cfg.data_format, cfg.text_field)),
+    train = lm_data.drop_texts(
+        train, frozenset(k for r, _ in every
+                         for k in lm_data.row_keys(r, cfg.data_format, cfg.text_field)),
         cfg.data_format, cfg.text_field, "--eval_data")
     held = lm_data.sample_records(every, cfg.num_eval or None, (cfg.seed, 1))
   else:
-    order = np.random.default_rng(cfg.seed).permutation(len(records))
-    n_eval = min(cfg.num_eval, len(records) // 2)
-    held = [records[i] for i in order[:n_eval]]
-    records = [records[i] for i in sorted(order[n_eval:])]
-  records = lm_data.sample_records(records, cfg.max_examples, (cfg.seed, 2))
+    order = np.random.default_rng(cfg.seed).permutation(len(train))
+    n_eval = min(cfg.num_eval, len(train) // 2)
+    held = [train[i] for i in order[:n_eval]]
+    train = [train[i] for i in sorted(order[n_eval:])]
+  return lm_data.sample_records(train, cfg.max_examples, (cfg.seed, 2)), held
+
+
+def load_splits(cfg: LMConfig, tokenizer) -> tuple[dict, dict | None, frozenset[str]]:
+  """(train arrays, held-out arrays or None, the training texts' keys) of
+  :func:`records`."""
+  train, held = records(cfg)
   if cfg.data_format == "alpaca":
     make = functools.partial(lm_data.alpaca_arrays, tokenizer=tokenizer,
                              max_length=cfg.max_length)
   else:
     make = functools.partial(lm_data.text_arrays, tokenizer=tokenizer,
                              block_size=cfg.block_size, field=cfg.text_field)
-  keys = frozenset(k for r, _ in records
+  keys = frozenset(k for r, _ in train
                    for k in lm_data.row_keys(r, cfg.data_format, cfg.text_field))
-  return make(records), (make(held) if held else None), keys
+  return make(train), (make(held) if held else None), keys
 
 
 # ----------------------------------------------------------------------------

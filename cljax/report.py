@@ -1,8 +1,10 @@
-"""Tables and figures over many runs: mean +- std over seeds per method.
+"""Tables and figures over many runs: per method, the mean over seeds with its 95 %
+t-interval.
 
 ``collect(root)`` reads every ``results.json`` under ``root``; ``aggregate`` groups
 them by method and strength; ``write_report`` writes Markdown and CSV tables and
-the figures.
+the figures, one table per task order (a sweep with ``--orders``) and one over the
+orders.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from typing import Any
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.stats
+
+from cljax import pseudo_labels
 
 # (column key, header, function of one results dict)
 def _task0_after(i):
@@ -69,13 +74,18 @@ def _generation_seconds(r: dict) -> float | None:
   return float(sum(spent)) if spent else None
 
 
-def mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
-  """Mean, sample standard deviation (ddof=1; 0 for one value) and count of the
-  values that are not None."""
+def mean_std(values: Sequence[float | None]) -> tuple[float, float, int, float]:
+  """Mean, sample standard deviation (ddof=1; 0 for one value), count, and the
+  half-width of the mean's 95 % t-interval (Student's t, n - 1 degrees of freedom;
+  nan for one value) of the values that are not None."""
   v = np.array([x for x in values if x is not None], dtype=np.float64)
   if v.size == 0:
-    return math.nan, math.nan, 0
-  return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0, int(v.size)
+    return math.nan, math.nan, 0, math.nan
+  if v.size == 1:
+    return float(v[0]), 0.0, 1, math.nan
+  std = float(v.std(ddof=1))
+  half = float(scipy.stats.t.ppf(0.975, v.size - 1) * std / math.sqrt(v.size))
+  return float(v.mean()), std, int(v.size), half
 
 
 def collect(root: str) -> list[dict]:
@@ -108,6 +118,9 @@ def aggregate(results: list[dict], selection: dict | None = None) -> list[dict]:
   cols = metric_columns(len(tasks), tasks[0])
   groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
   for r in results:
+    sel = selection.get(r["method"], {})
+    if sel.get("held_out_seed") and r["seed"] == sel.get("seed"):
+      continue    # the seed the strength was chosen on, kept out of the table
     groups[(r["method"], r["tag"])].append(r)
   rows = []
   for (method, tg), runs in sorted(groups.items()):
@@ -122,11 +135,12 @@ def aggregate(results: list[dict], selection: dict | None = None) -> list[dict]:
   return rows
 
 
-def _fmt(ms: tuple[float, float, int], digits: int = 3) -> str:
-  mean, std, n = ms
+def _fmt(ms: tuple[float, float, int, float], digits: int = 3) -> str:
+  """``mean ± half-width of the 95 % t-interval`` (the mean alone for one run)."""
+  mean, _, n, half = ms
   if n == 0 or math.isnan(mean):
     return "-"
-  return f"{mean:.{digits}f} ± {std:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
+  return f"{mean:.{digits}f} ± {half:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
 def markdown_table(rows: list[dict], tasks: Sequence[str]) -> str:
@@ -146,10 +160,10 @@ def write_csv(rows: list[dict], tasks: Sequence[str], path: str) -> None:
   with open(path, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(["method", "strength", "n_seeds", "seeds"] +
-               [f"{k}_{s}" for k, _, _ in cols for s in ("mean", "std")])
+               [f"{k}_{s}" for k, _, _ in cols for s in ("mean", "std", "ci95")])
     for row in rows:
       w.writerow([row["method"], row["strength"], row["n"], " ".join(map(str, row["seeds"]))]
-                 + [x for k, _, _ in cols for x in row[k][:2]])
+                 + [x for k, _, _ in cols for x in (*row[k][:2], row[k][3])])
 
 
 # ----------------------------------------------------------------------------
@@ -202,11 +216,11 @@ def figures(rows: list[dict], results: list[dict], selection: dict, outdir: str)
   # Forgetting against final average accuracy.
   fig, ax = plt.subplots(figsize=(6, 4.5))
   for row in rows:
-    (fm, fs, _), (am, as_, _) = row["forgetting"], row["average_accuracy"]
-    ax.errorbar(fm, am, xerr=fs, yerr=as_, fmt="o", capsize=3)
+    (fm, _, _, fh), (am, _, _, ah) = row["forgetting"], row["average_accuracy"]
+    ax.errorbar(fm, am, xerr=np.nan_to_num(fh), yerr=np.nan_to_num(ah), fmt="o", capsize=3)
     ax.annotate(row["method"], (fm, am), textcoords="offset points", xytext=(4, 4),
                 fontsize=8)
-  ax.set_xlabel("forgetting (lower is better)")
+  ax.set_xlabel("forgetting (lower is better); bars: 95 % t-intervals")
   ax.set_ylabel("average accuracy after the last task")
   ax.grid(alpha=0.3)
   paths.append(os.path.join(outdir, "report_forgetting_vs_accuracy.png"))
@@ -237,38 +251,101 @@ def figures(rows: list[dict], results: list[dict], selection: dict, outdir: str)
   return paths
 
 
-def write_report(root: str, outdir: str | None = None) -> dict:
-  """Writes report.md, report.csv and figures for the runs under ``root``."""
-  outdir = outdir or root
-  os.makedirs(outdir, exist_ok=True)
-  results = collect(root)
-  selection = {}
-  if os.path.exists(os.path.join(root, "selection.json")):
-    with open(os.path.join(root, "selection.json")) as f:
-      selection = json.load(f)
+def _selection(results: list[dict]) -> dict:
+  """The strength choices of the sweeps these runs belong to (``selection.json`` in
+  each sweep root, ROOT/METHOD/STRENGTH/seedN)."""
+  out = {}
+  for root in sorted({os.path.dirname(os.path.dirname(os.path.dirname(r["workdir"])))
+                      for r in results}):
+    if os.path.exists(os.path.join(root, "selection.json")):
+      with open(os.path.join(root, "selection.json")) as f:
+        out.update(json.load(f))
+  return out
+
+
+def _order_section(results: list[dict], outdir: str, suffix: str) -> tuple[list, list[str]]:
+  """(rows, Markdown lines and figures) of the runs of one task order."""
+  selection = _selection(results)
   rows = aggregate(results, selection)
   tasks = results[0]["tasks"]
-  first = results[0]
-  lines = [
-      "# Forgetting study report", "",
-      f"Tasks: {' -> '.join(tasks)}; model {first['model']['source']} "
-      f"({first['model']['n_layer']} layers, width {first['model']['n_embd']}); "
-      f"data per task {first['data']}; devices {first['environment']['devices']}.", "",
-      "Class-incremental accuracy takes the argmax over every class of the shared head; "
-      "task-aware restricts it to the task's own classes. Mean ± sample std over seeds.", "",
-      markdown_table(rows, tasks), ""]
+  lines = [markdown_table(rows, tasks), ""]
   if selection:
     lines += ["Strengths chosen on validation data carved from the training files "
               "(never on test):", ""]
     for method, sel in sorted(selection.items()):
       cands = ", ".join(f"{c['value']:g}: {c['val_average_accuracy']:.3f}"
                         for c in sel["candidates"]) or "one value"
-      lines.append(f"- {method}: {sel['field']}={sel['chosen']:g} ({sel['chosen_on']}; "
+      seed = (f", on seed {sel['seed']}" + (", not reported" if sel.get("held_out_seed")
+                                            else "")) if "seed" in sel else ""
+      lines.append(f"- {method}: {sel['field']}={sel['chosen']:g} ({sel['chosen_on']}{seed}; "
                    f"candidates {cands})")
     lines.append("")
   paths = figures(rows, results, selection, outdir)
+  if suffix:
+    for i, p in enumerate(paths):
+      paths[i] = p.replace(".png", f"{suffix}.png")
+      os.replace(p, paths[i])
   lines += [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in paths]
+  return rows, lines
+
+
+def _over_orders(rows_by_order: list[list[dict]]) -> list[str]:
+  """Average accuracy, forgetting and BWT of each method over every run of every
+  order (the interval over all of them)."""
+  by_method: dict[tuple[str, str], list[dict]] = defaultdict(list)
+  for rows in rows_by_order:
+    for row in rows:
+      by_method[(row["method"], row["strength"])].extend(row["runs"])
+  keys = ("average_accuracy", "forgetting", "backward_transfer")
+  lines = ["| method | strength | runs | " + " | ".join(keys) + " |", "|---" * 6 + "|"]
+  for (method, tg), runs in sorted(by_method.items()):
+    cells = [_fmt(mean_std([r["metrics"][k] for r in runs])) for k in keys]
+    lines.append(f"| {method} | {tg} | {len(runs)} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def write_report(root: str, outdir: str | None = None) -> dict:
+  """Writes report.md, report.csv and figures for the runs under ``root``: one table
+  per task order, and one over the orders where there are several."""
+  outdir = outdir or root
+  os.makedirs(outdir, exist_ok=True)
+  results = collect(root)
+  if not results:
+    raise ValueError(f"No results.json found under {root}.")
+  orders: dict[tuple, list[dict]] = defaultdict(list)
+  for r in results:
+    orders[tuple(r["tasks"])].append(r)
+  first = results[0]
+  lines = [
+      "# Forgetting study report", "",
+      f"Model {first['model']['source']} ({first['model']['n_layer']} layers, width "
+      f"{first['model']['n_embd']}); data per task {first['data']}; devices "
+      f"{first['environment']['devices']}.", "",
+      "Class-incremental accuracy takes the argmax over every class of the shared head; "
+      "task-aware restricts it to the task's own classes. Each cell: the mean over "
+      "seeds ± the half-width of its 95 % t-interval (Student's t with n - 1 degrees of "
+      "freedom over the runs' values; the mean alone for one run).", ""]
+  all_rows, csv_rows = [], []
+  listed = os.path.join(root, "orders.json")   # a sweep's --orders, in their order
+  rank = [tuple(o) for o in json.load(open(listed))] if os.path.exists(listed) else []
+  ranked = sorted(orders.items(), key=lambda kv: rank.index(kv[0]) if kv[0] in rank else
+                  len(rank))
+  for k, (tasks, runs) in enumerate(ranked):
+    suffix = f"_order{k + 1}" if len(orders) > 1 else ""
+    rows, section = _order_section(runs, outdir, suffix)
+    head = [f"## Order {k + 1}: {' -> '.join(tasks)}", ""] if len(orders) > 1 else [
+        f"Tasks: {' -> '.join(tasks)}.", ""]
+    lines += head + section + [""]
+    all_rows.append(rows)
+    csv_rows.append((rows, tasks, suffix))
+  if len(orders) > 1:
+    lines += ["## Over the orders", "",
+              "Every run of every order; the interval over all of them (orders and seeds "
+              "alike).", ""] + _over_orders(all_rows) + [""]
+  lines += pseudo_labels.report_lines(results)
   with open(os.path.join(outdir, "report.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
-  write_csv(rows, tasks, os.path.join(outdir, "report.csv"))
-  return {"rows": rows, "markdown": "\n".join(lines), "figures": paths}
+  for rows, tasks, suffix in csv_rows:
+    write_csv(rows, tasks, os.path.join(outdir, f"report{suffix}.csv"))
+  return {"rows": [r for rows in all_rows for r in rows], "markdown": "\n".join(lines),
+          "figures": [line for line in lines if line.startswith("![")]}

@@ -1,6 +1,7 @@
 """A study's results: the ``results.json`` dict (the public contract: the accuracy
 matrices, their metrics, the flags, the data and model, timing), the generated
-samples a person reads, and the figures."""
+samples a person reads (``generated_samples.txt``) and every kept pseudo-example with
+its label (``pseudo_samples.jsonl``), and the figures."""
 
 from __future__ import annotations
 
@@ -89,6 +90,10 @@ def _samples_text(reports: list[dict]) -> str:
                f"(dropped {r.get('dropped')}), {r.get('generated_tokens')} tokens in "
                f"{r.get('generation_seconds', 0):.1f} s "
                f"({r.get('tokens_per_second', 0):.0f} tokens/s)")
+    if r.get("label_balance"):
+      out.append("labels of the kept examples: " + "; ".join(
+          f"{task} " + ", ".join(f"{c} {n}" for c, n in counts.items())
+          for task, counts in r["label_balance"].items()))
     for task, texts in r["samples"].items():
       out.append(f"-- written as {task}:")
       out.extend(f"{i + 1}. {t!r}" for i, t in enumerate(texts))
@@ -98,9 +103,15 @@ def _samples_text(reports: list[dict]) -> str:
 
 def write_results(results: dict, workdir: str) -> None:
   """``results.json`` and the figures."""
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  samples = [r for r in results.get("method_reports") or [] if r.get("samples")]
+  reports = results.get("method_reports") or []
+  kept = [dict(s, boundary=r["task"]) for r in reports for s in r.get("kept_samples") or []]
+  with open(os.path.join(workdir, "results.json"), "w") as f:   # the samples go apart
+    json.dump(dict(results, method_reports=[
+        {k: v for k, v in r.items() if k != "kept_samples"} for r in reports]), f, indent=2)
+  if kept:
+    with open(os.path.join(workdir, "pseudo_samples.jsonl"), "w") as f:
+      f.writelines(json.dumps(s) + "\n" for s in kept)
+  samples = [r for r in reports if r.get("samples")]
   if samples:
     with open(os.path.join(workdir, "generated_samples.txt"), "w") as f:
       f.write(_samples_text(samples))

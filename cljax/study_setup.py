@@ -188,7 +188,7 @@ def pretraining_keys(cfg: StudyConfig) -> frozenset[str]:
 
 # What a run writes beside its checkpoints.
 OUTPUTS = ("results.json", "metrics.jsonl", "tensorboard", "accuracy_matrix.png",
-           "accuracy_curve.png", "generated_samples.txt")
+           "accuracy_curve.png", "generated_samples.txt", "pseudo_samples.jsonl")
 
 # Settings that change only logging, outputs, evaluation batching or the device layout:
 # a resumed run may change them (the new values are recorded).

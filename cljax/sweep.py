@@ -2,9 +2,11 @@
 process, each into its own workdir; an interrupted sweep continues where it stopped.
 
 Strengths are chosen on validation data carved from the training files, never on
-test sets: every candidate strength of a method runs on the first seed, the one
-with the best validation average accuracy is kept, and only it runs on the other
-seeds. The choice and its candidates are written to ``ROOT/selection.json``.
+test sets: every candidate strength of a method runs on the first seed (or on a
+``selection_seed`` that is not reported), the one with the best validation average
+accuracy is kept, and only it runs on the other seeds. The choice and its candidates
+are written to ``ROOT/selection.json``. ``run_orders`` runs one sweep per task order,
+each in its own root.
 """
 
 from __future__ import annotations
@@ -124,8 +126,10 @@ def _val_score(results: dict) -> float:
 
 def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
               seeds: Sequence[int], grids: dict[str, tuple[str, list]] | None = None,
-              flags: dict | None = None) -> dict:
-  """Runs every method on every seed (strengths chosen on validation; see module doc).
+              flags: dict | None = None, selection_seed: int | None = None) -> dict:
+  """Runs every method on every seed (strengths chosen on validation; see module doc;
+  ``selection_seed``: the candidates run on that seed, which the report leaves out,
+  and the chosen strength on every seed of ``seeds``).
 
   Returns ``{"selection": ..., "runs": [workdir, ...], "results": [results, ...]}``
   (results in the order of ``runs``).
@@ -145,7 +149,12 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
     with open(selection_path) as f:
       selection = json.load(f)
   runs, all_results = [], []
-  total = sum(len(seeds) + (len(grids[m][1]) - 1 if m in grids else 0) for m in methods)
+  if selection_seed is not None and selection_seed in seeds:
+    raise ValueError(f"--selection_seed={selection_seed} is among --seeds; choose a seed "
+                     "that is not reported.")
+  held_out = selection_seed is not None
+  total = sum(len(seeds) + (len(grids[m][1]) - (0 if held_out else 1) if m in grids else 0)
+              for m in methods)
   t0 = time.time()
 
   def one(method, field, value, seed):
@@ -164,19 +173,20 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
   for method in methods:
     field, values = grids.get(method, (None, [None]))
     if len(values) > 1:
+      on = selection_seed if held_out else seeds[0]
       scores = []
       for value in values:
-        scores.append(_val_score(one(method, field, value, seeds[0])))
+        scores.append(_val_score(one(method, field, value, on)))
       best = max(range(len(values)), key=lambda i: scores[i])
       selection[method] = {
           "field": field, "chosen": values[best], "chosen_on": "validation average accuracy",
-          "seed": seeds[0], "tag": tag(field, values[best]),
+          "seed": on, "held_out_seed": held_out, "tag": tag(field, values[best]),
           "candidates": [{"value": v, "val_average_accuracy": s}
                          for v, s in zip(values, scores)]}
       _write_json(selection_path, selection)
       logging.info("%s: chose %s=%s on validation (%s).", method, field, values[best],
                    ", ".join(f"{v:g}: {s:.3f}" for v, s in zip(values, scores)))
-      chosen, rest = values[best], seeds[1:]
+      chosen, rest = values[best], (seeds if held_out else seeds[1:])
     else:
       chosen, rest = values[0], seeds
       if field is not None:
@@ -186,3 +196,26 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
       one(method, field, chosen, seed)
   _write_json(selection_path, selection)
   return {"selection": selection, "runs": runs, "results": all_results}
+
+
+def run_orders(base: study.StudyConfig, root: str, orders: Sequence[Sequence[str]],
+               **kwargs) -> list[dict]:
+  """One :func:`run_sweep` per task order, in ``root/order1``, ``root/order2``, ...
+  (the orders are written to ``root/orders.json``); a task draws the same rows in
+  every order."""
+  os.makedirs(root, exist_ok=True)
+  orders = [tuple(o) for o in orders]
+  path = os.path.join(root, "orders.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      before = [tuple(o) for o in json.load(f)]
+    if before != orders[:len(before)]:
+      raise ValueError(f"{root} holds a sweep over the orders {before}; continue it with "
+                       "those orders (new ones may follow them), or use another --root.")
+  _write_json(path, [list(o) for o in orders])
+  out = []
+  for i, order in enumerate(orders):
+    logging.info("Order %d of %d: %s", i + 1, len(orders), " -> ".join(order))
+    out.append(run_sweep(base.replace(tasks=order), os.path.join(root, f"order{i + 1}"),
+                         **kwargs))
+  return out

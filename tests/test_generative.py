@@ -253,6 +253,11 @@ def test_kept_samples_become_training_rows_after_the_task_data(tiny_tokenizer_di
   assert row == [5, 6, ans]
   lm = arrays["lm_input_ids"][7][arrays["lm_attention_mask"][7].astype(bool)].tolist()
   assert lm == [gen, 8, ans] + good + [eos]
+  # Every kept sample is recorded with the label it trains with, and the balance.
+  kept = reports[0]["kept_samples"]
+  assert [(k["task"], k["label"], k["head_label"]) for k in kept] == [("a", "pos", 1)] * 2
+  assert [k["text"] for k in kept] == [tok.decode([5, 6]), tok.decode([8])]
+  assert reports[0]["label_balance"] == {"a": {"neg": 0, "pos": 2}}
 
 
 def test_the_old_model_labels_dgr_samples_over_the_writing_task_classes(grown,
@@ -268,8 +273,10 @@ def test_the_old_model_labels_dgr_samples_over_the_writing_task_classes(grown,
   train = {"input_ids": np.zeros((15, 16), np.int32), "attention_mask": np.ones((15, 16)),
            "labels": np.full(15, 2), "task_ids": np.ones(15, np.int32),
            "class_mask": np.zeros((15, 4), bool)}
+  reports = []
   tctx = TaskContext(task_index=1, train=train, tasks=TASKS, model=model, params=params,
-                     rng=jax.random.key(0), tokenizer=types.SimpleNamespace(
+                     rng=jax.random.key(0), report=reports.append,
+                     tokenizer=types.SimpleNamespace(
                          decode=lambda ids: " ".join(map(str, ids))))
   state = method.before_task(method.init(params), tctx)
   ids, mask = pad_rows(samples, 16, EOS)
@@ -277,6 +284,13 @@ def test_the_old_model_labels_dgr_samples_over_the_writing_task_classes(grown,
   np.testing.assert_array_equal(state.labels, np.argmax(logits[:, :2], axis=1))  # task a
   np.testing.assert_allclose(state.teacher_logits, logits, rtol=1e-5)
   np.testing.assert_array_equal(state.lm_input_ids[1, :3], [V, 8, EOS])   # GEN_a x EOS
+  # The recorded label is the old model's, with its probability among task a's classes.
+  probs = np.exp(logits[:, :2]) / np.exp(logits[:, :2]).sum(axis=1, keepdims=True)
+  kept = reports[0]["kept_samples"]
+  assert [k["head_label"] for k in kept] == np.argmax(logits[:, :2], axis=1).tolist()
+  np.testing.assert_allclose([k["old_model_probability"] for k in kept],
+                             probs.max(axis=1), rtol=1e-5)
+  assert sum(reports[0]["label_balance"]["a"].values()) == 3
 
 
 def test_logit_labels_replace_the_hard_label_by_distillation():
@@ -397,6 +411,13 @@ def test_generative_replay_resumes_mid_task_with_the_same_pseudo_data(
   assert full["timing"]["steps_per_task"] == [12, 3 * -(-(32 + report["kept"]) // 8)]
   with open(tmp_path / "full" / "generated_samples.txt") as f:
     assert "written as imdb" in f.read()
+  with open(tmp_path / "full" / "pseudo_samples.jsonl") as f:   # every kept one, labelled
+    kept = [json.loads(line) for line in f]
+  assert len(kept) == report["kept"] and {k["task"] for k in kept} == {"imdb"}
+  assert {k["label"] for k in kept} <= {"neg", "pos"} and all(k["boundary"] == 1 for k in kept)
+  assert sum(report["label_balance"]["imdb"].values()) == report["kept"]
+  with open(tmp_path / "full" / "results.json") as f:
+    assert "kept_samples" not in json.load(f)["method_reports"][0]
   with pytest.raises(study.Interrupted):
     study.run(cfg.replace(stop_after_steps=17), str(tmp_path / "cut"))
   resumed = study.run(cfg, str(tmp_path / "cut"), resume=True)

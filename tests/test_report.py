@@ -31,9 +31,14 @@ def fake_results(method, seed, matrix, ta_matrix=None, val_avg=0.5, strength=Non
           "data": {}, "environment": {"devices": ["cpu"]}}
 
 
-def test_mean_std_by_hand():
-  assert report.mean_std([0.5, 0.7, 0.9]) == pytest.approx((0.7, 0.2, 3))
-  assert report.mean_std([0.4, None]) == (0.4, 0.0, 1)
+T_975_2 = 4.302652729911275    # Student's t, 97.5th percentile, 2 degrees of freedom
+
+
+def test_mean_std_and_the_95_percent_interval_by_hand():
+  assert report.mean_std([0.5, 0.7, 0.9]) == pytest.approx(
+      (0.7, 0.2, 3, T_975_2 * 0.2 / np.sqrt(3)))
+  mean, std, n, half = report.mean_std([0.4, None])
+  assert (mean, std, n) == (0.4, 0.0, 1) and np.isnan(half)
   assert report.mean_std([None])[2] == 0
 
 
@@ -50,14 +55,17 @@ def test_aggregate_groups_seeds_and_keeps_the_selected_strength():
   ft = by["finetune"]
   assert ft["n"] == 3 and ft["seeds"] == [0, 1, 2]
   # average accuracy per seed: 0.45, 0.6, 0.6
-  assert ft["average_accuracy"] == pytest.approx((0.55, np.std([0.45, 0.6, 0.6], ddof=1), 3))
+  std = np.std([0.45, 0.6, 0.6], ddof=1)
+  assert ft["average_accuracy"][:3] == pytest.approx((0.55, std, 3))
+  assert ft["average_accuracy"][3] == pytest.approx(T_975_2 * std / np.sqrt(3))
   # forgetting per seed: 0.8, 0.5, 0.5
   assert ft["forgetting"][0] == pytest.approx(0.6)
   assert ft["task0_after_1"][0] == pytest.approx(0.2)
   assert by["ewc"]["strength"] == "ewc_lambda=100" and by["ewc"]["n"] == 1
-  assert by["ewc"]["average_accuracy"] == pytest.approx((0.55, 0.0, 1))
+  assert by["ewc"]["average_accuracy"][:3] == pytest.approx((0.55, 0.0, 1))
   table = report.markdown_table(rows, ["imdb", "ag_news"])
-  assert "| finetune | default | 3 | 0.550 ± 0.087 | 0.600 ± 0.173 |" in table
+  # 4.3027 * 0.0866 / sqrt(3) and 4.3027 * 0.1732 / sqrt(3)
+  assert "| finetune | default | 3 | 0.550 ± 0.215 | 0.600 ± 0.430 |" in table
   assert ft["generation_seconds"][2] == 0 and table.split("\n")[2].endswith("| - |")
 
 
@@ -124,6 +132,57 @@ def test_sweep_resumes_and_selects_strength_on_validation(tmp_path, monkeypatch)
       ("finetune", "default", 2), ("ewc", "ewc_lambda=1", 2)}
   assert os.path.exists(tmp_path / "sweep" / "report.csv")
   assert os.path.exists(tmp_path / "sweep" / "report_strength.png")
+
+
+def _fake_sweep_run(calls, val=None):
+  def fake_run(cfg, workdir, *, resume=False, flags=None):
+    calls.append((cfg.tasks, cfg.method, cfg.method_config.ewc_lambda, cfg.seed))
+    r = fake_results(cfg.method, cfg.seed, [[0.9, 0.0], [0.1 * (cfg.seed + 1), 0.8]],
+                     val_avg=(val or {}).get(cfg.method_config.ewc_lambda, 0.5))
+    r["tasks"] = list(cfg.tasks)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(r, f)
+    return r
+  return fake_run
+
+
+def test_strengths_chosen_on_a_seed_that_is_not_reported(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(study, "run", _fake_sweep_run(calls, {1.0: 0.8, 100.0: 0.6}))
+  root = str(tmp_path / "sweep")
+  out = sweep.run_sweep(study.StudyConfig(num_val=10), root, ["ewc"], [0, 1],
+                        {"ewc": ("ewc_lambda", [1.0, 100.0])}, selection_seed=7)
+  assert [c[2:] for c in calls] == [(1.0, 7), (100.0, 7), (1.0, 0), (1.0, 1)]
+  assert out["selection"]["ewc"]["seed"] == 7 and out["selection"]["ewc"]["held_out_seed"]
+  (row,) = report.write_report(root)["rows"]
+  assert row["seeds"] == [0, 1] and row["strength"] == "ewc_lambda=1"
+  assert "on seed 7, not reported" in open(os.path.join(root, "report.md")).read()
+  with pytest.raises(ValueError, match="--selection_seed=0 is among --seeds"):
+    sweep.run_sweep(study.StudyConfig(num_val=10), root, ["ewc"], [0, 1], selection_seed=0)
+
+
+def test_a_sweep_over_task_orders_reports_each_order_and_all(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(study, "run", _fake_sweep_run(calls))
+  root = str(tmp_path / "orders")
+  orders = [("imdb", "ag_news"), ("ag_news", "imdb")]
+  sweep.run_orders(study.StudyConfig(), root, orders, methods=["finetune"], seeds=[0, 1])
+  assert [c[0] for c in calls] == [orders[0]] * 2 + [orders[1]] * 2
+  assert os.path.exists(os.path.join(root, "order2", "finetune", "default", "seed1",
+                                     "results.json"))
+  out = report.write_report(root)
+  text = open(os.path.join(root, "report.md")).read()
+  assert "## Order 1: imdb -> ag_news" in text and "## Order 2: ag_news -> imdb" in text
+  # Over the orders: 4 runs, average accuracy (0.9 + 0.1 (seed + 1) ... ) by hand.
+  avg = [(0.1 * (s + 1) + 0.8) / 2 for s in (0, 1)] * 2
+  line = next(x for x in text.splitlines() if x.startswith("| finetune | default | 4 |"))
+  half = 3.182446305284263 * np.std(avg, ddof=1) / 2     # t(0.975, 3)
+  assert f"{np.mean(avg):.3f} ± {half:.3f}" in line
+  assert len(out["rows"]) == 2 and os.path.exists(os.path.join(root, "report_order2.csv"))
+  assert os.path.exists(os.path.join(root, "report_matrices_order1.png"))
+  with pytest.raises(ValueError, match="holds a sweep over the orders"):
+    sweep.run_orders(study.StudyConfig(), root, orders[::-1], methods=["finetune"], seeds=[0])
 
 
 def test_grid_parsing_errors():

@@ -59,7 +59,8 @@ def test_script_writes_the_results_contract(tiny_data_dir, tiny_tokenizer_dir, t
   assert r["method"] == "finetune" and r["seed"] == 0
   assert r["flags"]["learning_rate"] == 2e-3 and r["flags"]["workdir"] == workdir
   assert r["timing"]["train_seconds"] > 0 and r["timing"]["steps_per_task"] == [12, 12]
-  assert r["data"]["imdb"] == {"train": 32, "test": 16, "val": 0}
+  assert r["data"]["imdb"] == {"train": 32, "test": 16, "val": 0,
+                               "left_out_as_pretraining_text": {"train": 0, "test": 0}}
   # The same seed gives the same accuracy matrices (in-process run vs. this script).
   assert r["accuracy_matrix"] == uninterrupted[0]["accuracy_matrix"]
   assert r["task_aware_accuracy_matrix"] == uninterrupted[0]["task_aware_accuracy_matrix"]

@@ -8,7 +8,8 @@ r"""Methods x seeds x strengths of the forgetting study, one run after another.
 
 Each run writes its own workdir ROOT/METHOD/STRENGTH/seedN; rerunning the same
 command continues an interrupted sweep. Strengths are chosen on validation data
-(--num_val), on the first seed. Then: cljax-report --root=ROOT.
+(--num_val), on the first seed or on --selection_seed. --orders runs the sweep once
+per task order (ROOT/orderK). Then: cljax-report --root=ROOT.
 """
 
 import sys
@@ -19,6 +20,7 @@ from absl import logging
 import jax
 
 from cljax import cli
+from cljax import data as data_lib
 from cljax import flags as cljax_flags
 from cljax import report
 from cljax import sweep
@@ -33,6 +35,13 @@ _GRID = flags.DEFINE_multi_string("grid", [], "Strengths to choose from, METHOD:
                                   "(repeatable), e.g. ewc:ewc_lambda=1e2,1e4.")
 _DEFAULT_GRIDS = flags.DEFINE_bool("default_grids", False, "Sweep each method's registered "
                                    "strength grid, where --grid gives none.")
+_SELECTION_SEED = flags.DEFINE_integer(
+    "selection_seed", None, "Choose strengths on this seed (not among --seeds, and left "
+    "out of the report); default: on the first of --seeds.")
+_ORDERS = flags.DEFINE_multi_string(
+    "orders", [], "Task orders, each a comma-separated --tasks (repeatable): one sweep per "
+    "order, in ROOT/order1, ROOT/order2, ...; the report has a table per order and one "
+    "over them. Default: the one order of --tasks.")
 _REPORT = flags.DEFINE_bool("report", True, "Write the report when the sweep ends.")
 
 
@@ -45,10 +54,17 @@ def main(argv):
   grids = sweep.parse_grid(_GRID.value)
   if _DEFAULT_GRIDS.value:
     grids = {**sweep.default_grids(methods), **grids}
-  out = sweep.run_sweep(base, _ROOT.value, methods,
-                        [int(s) for s in _SEEDS.value], grids,
-                        flags=cljax_flags.flag_values())
-  print(f"{len(out['runs'])} runs under {_ROOT.value}")
+  kwargs = dict(methods=methods, seeds=[int(s) for s in _SEEDS.value], grids=grids,
+                flags=cljax_flags.flag_values(), selection_seed=_SELECTION_SEED.value)
+  if _ORDERS.value:
+    orders = [tuple(t.strip() for t in o.split(",") if t.strip()) for o in _ORDERS.value]
+    for order in orders:   # each a valid --tasks, before any run
+      b = base.replace(tasks=order)
+      data_lib.resolve_tasks(b.tasks, b.task_classes(), b.data_dir, b.task_label_words())
+    outs = sweep.run_orders(base, _ROOT.value, orders, **kwargs)
+  else:
+    outs = [sweep.run_sweep(base, _ROOT.value, **kwargs)]
+  print(f"{sum(len(o['runs']) for o in outs)} runs under {_ROOT.value}")
   if _REPORT.value and jax.process_index() == 0:
     print(report.write_report(_ROOT.value)["markdown"])
 

@@ -137,6 +137,14 @@ def task_subsets(task: Task, *, data_dir: str | None, num_train: int | None,
   val = (select(train_rows, task, num_val, "balanced", (seed, name, 1),
                 exclude=out_train | frozenset(train)) if num_val else [])
   test = select(test_rows, task, num_test, subset, (seed, name, 2), exclude=out_test)
+  for split, drawn, asked, left_out in (("training", train, num_train, out_train),
+                                        ("validation", val, num_val, out_train),
+                                        ("test", test, num_test, out_test)):
+    if not drawn and asked != 0:
+      raise ValueError(f"Task {task.name}: no {split} rows left to draw ({len(left_out)} left "
+                       "out as the base model's pretraining text, the rest taken by the "
+                       "training subset); lower --num_train or --num_val, or pretrain on "
+                       "other rows.")
   if out_train or out_test:
     logging.info("Task %s: left out %d training and %d test rows that the base model was "
                  "pretrained on.", task.name, len(out_train), len(out_test))

@@ -294,11 +294,38 @@ def _before_task(s: _Setup, state: PseudoData, tctx: TaskContext) -> PseudoData:
                 tctx.tokenizer.decode([s.gen_token(j)] + t)
                 for t, src in zip(texts, sources) if src == j][:s.gen.gen_log_samples]
                         for j in range(k)}}
+  data = _pseudo_data(s, tctx, *kept) if kept[0] else empty_pseudo_data(s.length,
+                                                                        s.num_labels)
+  report["kept_samples"], report["label_balance"] = _written(s, tctx, kept, data)
   tctx.report(report)
   logging.info("%s before task %d: generated %d pseudo-examples (%d tokens) in %.1f s "
-               "(%.0f tokens/s); kept %d, dropped %s.", s.spec.name, k, len(texts),
-               generated, seconds, report["tokens_per_second"], len(kept[0]), dropped)
-  return _pseudo_data(s, tctx, *kept) if kept[0] else empty_pseudo_data(s.length, s.num_labels)
+               "(%.0f tokens/s); kept %d, dropped %s; labels %s.", s.spec.name, k, len(texts),
+               generated, seconds, report["tokens_per_second"], len(kept[0]), dropped,
+               report["label_balance"])
+  return data
+
+
+def _written(s: _Setup, tctx: TaskContext, kept, data: PseudoData) -> tuple[list, dict]:
+  """Every kept pseudo-example as a person reads it (the task whose token wrote it,
+  its text, the task and class it trains as; for DGR the old model's probability of
+  that class among the task's), and the label balance: per task, kept examples per
+  class."""
+  n = int(_host(data.count))
+  labels, mask = _host(data.labels)[:n], _host(data.class_mask)[:n]
+  logits = np.where(mask, _host(data.teacher_logits)[:n], -np.inf)
+  probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+  probs /= probs.sum(axis=1, keepdims=True)
+  owner = {c: (t, t.class_names[i]) for t in tctx.tasks for i, c in enumerate(t.head_labels)}
+  samples, balance = [], {}
+  for i, (text, j) in enumerate(zip(kept[0], kept[1])):
+    task, name = owner[int(labels[i])]
+    samples.append({"written_as": tctx.tasks[j].name, "task": task.name, "label": name,
+                    "head_label": int(labels[i]), "text": tctx.tokenizer.decode(text),
+                    "old_model_probability": None if s.spec.lamol else float(
+                        probs[i, labels[i]])})
+    counts = balance.setdefault(task.name, dict.fromkeys(task.class_names, 0))
+    counts[name] += 1
+  return samples, balance
 
 
 def _prepare_batch(s: _Setup, state, sctx: StepContext):
