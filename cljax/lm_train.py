@@ -292,6 +292,7 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
   """Trains the LM, evaluates held-out loss and perplexity, generates on request,
   exports ``workdir/hf_model``; returns the results dict (also ``results.json``)."""
   t_start = time.time()
+  commit = data_lib.provenance.git_commit(__file__)   # the code this run starts with
   ckpt = loop.open_run(workdir, cfg.to_dict(), resume, keep=cfg.keep_checkpoints,
                        outputs=OUTPUTS, resumable=RESUMABLE_CHANGES)
   loop.use_compilation_cache(None)
@@ -326,11 +327,11 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
     ckpt.close()
   return finish(cfg, workdir, model, state.params, tokenizer, record, held_out,
                 logger.divergence(), flags, time.time() - t_start, checkpoint.timing(ckpt),
-                text_keys)
+                text_keys, commit)
 
 
 def export(cfg: LMConfig, workdir: str, model, params, tokenizer,
-           text_keys: frozenset[str]) -> None:
+           text_keys: frozenset[str], commit: str | None = None) -> None:
   """``workdir/hf_model``: the weights, the tokenizer and ``pretraining_texts.json``
   (the keys of every text trained on, this run's and its base's)."""
   out = os.path.join(workdir, "hf_model")
@@ -341,7 +342,7 @@ def export(cfg: LMConfig, workdir: str, model, params, tokenizer,
       out, text_keys | base, data=cfg.data, data_fraction=list(cfg.data_fraction),
       max_examples=cfg.max_examples, seed=cfg.seed, data_format=cfg.data_format,
       base_model=cfg.model if cfg.init == "pretrained" else f"random:{cfg.size}",
-      base_texts=len(base), commit=data_lib.provenance.git_commit(__file__))
+      base_texts=len(base), commit=commit)
   logging.info("Wrote %s: the keys of the %d texts the model was trained on.",
                os.path.join(out, data_lib.provenance.FILE), n)
 
@@ -349,7 +350,7 @@ def export(cfg: LMConfig, workdir: str, model, params, tokenizer,
 def finish(cfg: LMConfig, workdir: str, model, params, tokenizer, record: LMRecord, held_out,
            diverged: str | None, flags: dict | None, wall_s: float,
            checkpoint_timing: dict | None = None,
-           text_keys: frozenset[str] = frozenset()) -> dict:
+           text_keys: frozenset[str] = frozenset(), commit: str | None = None) -> dict:
   """Held-out evaluation, generations and export after training; ``results.json``."""
   after = held_out(params) if held_out else None
   if after:
@@ -364,7 +365,7 @@ def finish(cfg: LMConfig, workdir: str, model, params, tokenizer, record: LMReco
     logging.info("Wrote %d generations to %s.", len(rows),
                  os.path.join(workdir, "generations.jsonl"))
   if cfg.export:
-    export(cfg, workdir, model, params, tokenizer, text_keys)
+    export(cfg, workdir, model, params, tokenizer, text_keys, commit)
   results = {"data_format": cfg.data_format, "steps": record.step,
              "held_out_before": record.held_out_before, "held_out_after": after,
              "held_out_curve": record.curve,

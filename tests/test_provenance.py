@@ -7,6 +7,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shlex
 
 from absl import flags as absl_flags
@@ -119,6 +120,7 @@ def test_pretraining_lists_its_texts_and_a_study_from_it_draws_none(
     listed = json.load(f)
   assert set(listed["text_keys"]) == {_key(t) for t in half[1:]}
   assert listed["about"]["data_fraction"] == [0.5]
+  assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", listed["about"]["commit"] or "0" * 40)
   results = study.run(StudyConfig(
       init="pretrained", model=os.path.join(workdir, "hf_model"), data_dir=tiny_data_dir,
       tokenizer=tiny_tokenizer_dir, num_train=len(texts) - len(half) - 3, num_test=-1,
@@ -170,8 +172,9 @@ def _studies_from_the_base():
 def test_no_pretraining_text_is_in_any_study_row_of_the_presets(monkeypatch):
   """The texts pretrain_mini.flags trains on (computed from its flags, no model
   needed) against every training, validation and test row of every preset that
-  starts from its model, for seeds 0-4 and the stream's three orders; the presets
-  also get every row they ask for from what is left."""
+  starts from its model, for seeds 0-4, the sweeps' seeds (the strength-selection
+  seed too) and the stream's three orders; the presets also get every row they ask
+  for from what is left."""
   root = os.path.dirname(PRESETS)
   monkeypatch.chdir(os.path.join(root, ".."))
   lm_flags = _preset_flags(os.path.join(PRESETS, "pretrain_mini.flags"))
@@ -191,9 +194,11 @@ def test_no_pretraining_text_is_in_any_study_row_of_the_presets(monkeypatch):
     study_cfg = cljax_flags.study_config(fv)
     orders = ([stream[i:] + stream[:i] for i in range(3)]
               if set(study_cfg.tasks) == set(stream) else [list(study_cfg.tasks)])
+    seeds = set(range(5)) | {int(x) for x in flags.get("seeds", "0").split(",")} | (
+        {int(flags["selection_seed"])} if "selection_seed" in flags else set())
     for order in orders:
       for task in data_lib.resolve_tasks(order, study_cfg.task_classes(), study_cfg.data_dir):
-        for seed in range(5):
+        for seed in sorted(seeds):
           sub = data_lib.task_subsets(
               task, data_dir=study_cfg.data_dir, num_train=study_cfg.num_train,
               num_test=study_cfg.num_test, num_val=study_cfg.num_val,

@@ -57,11 +57,15 @@ def write_keys(model_dir: str, keys: Iterable[str], **about) -> int:
 
 
 def git_commit(path: str) -> str | None:
-  """The commit of the git checkout holding ``path`` (None outside one)."""
+  """The commit of the git checkout holding ``path``, with ``-dirty`` where a tracked
+  file differs from it (None outside a checkout)."""
   import subprocess  # pylint: disable=import-outside-toplevel
+  where = ["git", "-C", os.path.dirname(os.path.abspath(path))]
   try:
-    out = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(path)), "rev-parse",
-                          "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+    head = subprocess.run(where + ["rev-parse", "HEAD"], capture_output=True, text=True,
+                          timeout=10, check=True).stdout.strip()
+    dirty = subprocess.run(where + ["status", "--porcelain", "-uno"], capture_output=True,
+                           text=True, timeout=10, check=True).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return None
-  return out.stdout.strip() or None
+  return (head + ("-dirty" if dirty else "")) or None
