@@ -251,21 +251,25 @@ def figures(rows: list[dict], results: list[dict], selection: dict, outdir: str)
   return paths
 
 
-def _selection(results: list[dict]) -> dict:
-  """The strength choices of the sweeps these runs belong to (``selection.json`` in
-  each sweep root, ROOT/METHOD/STRENGTH/seedN)."""
+def _selection(results: list[dict], root: str) -> dict:
+  """The strength choices of the sweeps under ``root`` these runs belong to
+  (``selection.json`` in each sweep root, SWEEP/METHOD/STRENGTH/seedN)."""
   out = {}
-  for root in sorted({os.path.dirname(os.path.dirname(os.path.dirname(r["workdir"])))
-                      for r in results}):
-    if os.path.exists(os.path.join(root, "selection.json")):
-      with open(os.path.join(root, "selection.json")) as f:
+  inside = os.path.abspath(root)
+  for sweep_root in sorted({os.path.abspath(os.path.join(r["workdir"], "..", "..", ".."))
+                            for r in results} | {inside}):
+    if os.path.commonpath([sweep_root, inside]) != inside:
+      continue   # above the report's root: not this report's sweep
+    if os.path.exists(os.path.join(sweep_root, "selection.json")):
+      with open(os.path.join(sweep_root, "selection.json")) as f:
         out.update(json.load(f))
   return out
 
 
-def _order_section(results: list[dict], outdir: str, suffix: str) -> tuple[list, list[str]]:
+def _order_section(results: list[dict], root: str, outdir: str, suffix: str
+                   ) -> tuple[list, list[str]]:
   """(rows, Markdown lines and figures) of the runs of one task order."""
-  selection = _selection(results)
+  selection = _selection(results, root)
   rows = aggregate(results, selection)
   tasks = results[0]["tasks"]
   lines = [markdown_table(rows, tasks), ""]
@@ -292,15 +296,18 @@ def _order_section(results: list[dict], outdir: str, suffix: str) -> tuple[list,
 def _over_orders(rows_by_order: list[list[dict]]) -> list[str]:
   """Average accuracy, forgetting and BWT of each method over every run of every
   order (the interval over all of them)."""
-  by_method: dict[tuple[str, str], list[dict]] = defaultdict(list)
+  by_method: dict[str, list[dict]] = defaultdict(list)
+  strengths: dict[str, set] = defaultdict(set)
   for rows in rows_by_order:
-    for row in rows:
-      by_method[(row["method"], row["strength"])].extend(row["runs"])
+    for row in rows:   # a method's strength may be chosen differently in each order
+      by_method[row["method"]].extend(row["runs"])
+      strengths[row["method"]].add(row["strength"])
   keys = ("average_accuracy", "forgetting", "backward_transfer")
   lines = ["| method | strength | runs | " + " | ".join(keys) + " |", "|---" * 6 + "|"]
-  for (method, tg), runs in sorted(by_method.items()):
+  for method, runs in sorted(by_method.items()):
     cells = [_fmt(mean_std([r["metrics"][k] for r in runs])) for k in keys]
-    lines.append(f"| {method} | {tg} | {len(runs)} | " + " | ".join(cells) + " |")
+    lines.append(f"| {method} | {', '.join(sorted(strengths[method]))} | {len(runs)} | "
+                 + " | ".join(cells) + " |")
   return lines
 
 
@@ -332,7 +339,7 @@ def write_report(root: str, outdir: str | None = None) -> dict:
                   len(rank))
   for k, (tasks, runs) in enumerate(ranked):
     suffix = f"_order{k + 1}" if len(orders) > 1 else ""
-    rows, section = _order_section(runs, outdir, suffix)
+    rows, section = _order_section(runs, root, outdir, suffix)
     head = [f"## Order {k + 1}: {' -> '.join(tasks)}", ""] if len(orders) > 1 else [
         f"Tasks: {' -> '.join(tasks)}.", ""]
     lines += head + section + [""]
