@@ -74,14 +74,21 @@ class ModelOptions(Options):
                                  "(default: the checkpoint's, 0.1 for GPT-2).",
                                  bound=DROPOUT)
   remat: bool = option(False, "Rematerialize blocks in the backward pass (memory).")
+  dropout_rng: str = option(
+      "rbg", "How a train step draws its dropout masks: rbg (XLA's RngBitGenerator, "
+      "several times faster on a CPU) or threefry (the same masks on any device mesh, "
+      "inside a vmap and at any padded length: a position keeps its mask whatever length "
+      "its batch is padded to; runs trained side by side use it).",
+      choices=("rbg", "threefry"))
   attention: str = option("xla", "The fused attention kernel where attention has no "
                           "dropout (evaluation, generation, --dropout=0): xla, or cudnn "
                           "(NVIDIA GPUs with --dtype=bfloat16).", choices=("xla", "cudnn"))
 
   def config_overrides(self) -> dict:
-    """The ``GPT2Config`` fields these options set: remat, the attention kernel, and
-    dropout everywhere when it is given."""
-    out: dict = {"remat": self.remat, "attention": self.attention}
+    """The ``GPT2Config`` fields these options set: remat, the attention kernel, the
+    dropout masks' layout, and dropout everywhere when it is given."""
+    out: dict = {"remat": self.remat, "attention": self.attention,
+                 "length_stable_dropout": self.dropout_rng == "threefry"}
     if self.dropout is not None:
       out.update(embd_pdrop=self.dropout, attn_pdrop=self.dropout, resid_pdrop=self.dropout)
     return out

@@ -106,7 +106,7 @@ def _train_fn(study: Study, plan: TaskPlan, state):
     shardings = sharding.state_shardings(study.mesh, state, study.param_shapes)
     study.compiled[key] = jax.jit(
         functools.partial(steps.train_step, model=study.model, tx=plan.tx,
-                          method=study.method),
+                          method=study.method, dropout_rng=study.cfg.dropout_rng),
         in_shardings=(shardings, sharding.batch_sharding(study.mesh)),
         out_shardings=(shardings, sharding.replicated(study.mesh)), donate_argnums=0)
   return study.compiled[key]

@@ -112,6 +112,30 @@ def run_one(cfg: study.StudyConfig, workdir: str, flags: dict | None = None) -> 
   return study.run(cfg, workdir, resume=resume, flags=flags)
 
 
+def _side_by_side(base: study.StudyConfig, root: str, method: str, field: str | None, value,
+                  seeds: Sequence[int], flags: dict | None) -> list[tuple[str, dict]]:
+  """(workdir, results) of ``seeds`` at one strength: those not done yet trained side by
+  side (:func:`cljax.parallel.run_parallel`), resuming the ones with checkpoints."""
+  from cljax import parallel  # pylint: disable=import-outside-toplevel
+  hp = base.method_config if field is None else base.method_config.replace(**{field: value})
+  workdirs = {seed: run_dir(root, method, field, value, seed) for seed in seeds}
+  todo = [s for s in seeds if not os.path.exists(os.path.join(workdirs[s], RESULTS))]
+  for seed in todo:
+    if not _has_checkpoint(os.path.join(workdirs[seed], "checkpoints")):
+      _remove_partial_outputs(workdirs[seed])
+  if todo:
+    parallel.run_parallel(
+        [base.replace(method=method, seed=s, method_config=hp) for s in todo],
+        [workdirs[s] for s in todo], resume=True,
+        flags=[dict(flags or {}, method=method, seed=s, workdir=workdirs[s],
+                    **({field: value} if field else {})) for s in todo])
+  out = []
+  for seed in seeds:
+    with open(os.path.join(workdirs[seed], RESULTS)) as f:
+      out.append((workdirs[seed], json.load(f)))
+  return out
+
+
 def _write_json(path: str, value) -> None:
   if jax.process_index() == 0:   # one writer in a multi-host run
     with open(path, "w") as f:
@@ -124,34 +148,45 @@ def _val_score(results: dict) -> float:
   return results["val_metrics"]["average_accuracy"]
 
 
-def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
-              seeds: Sequence[int], grids: dict[str, tuple[str, list]] | None = None,
-              flags: dict | None = None, selection_seed: int | None = None) -> dict:
-  """Runs every method on every seed (strengths chosen on validation; see module doc;
-  ``selection_seed``: the candidates run on that seed, which the report leaves out,
-  and the chosen strength on every seed of ``seeds``).
-
-  Returns ``{"selection": ..., "runs": [workdir, ...], "results": [results, ...]}``
-  (results in the order of ``runs``).
-  """
-  grids = dict(grids or {})
+def _open_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
+                seeds: Sequence[int], grids: dict, selection_seed: int | None) -> dict:
+  """Checks the sweep's arguments, makes its root and shared compilation cache, and
+  returns the strength choices made so far (``selection.json``)."""
   unknown = set(grids) - set(methods)
   if unknown:
     raise ValueError(f"Strength grids for {sorted(unknown)}, which are not in --methods.")
+  if selection_seed is not None and selection_seed in seeds:
+    raise ValueError(f"--selection_seed={selection_seed} is among --seeds; choose a seed "
+                     "that is not reported.")
   if base.distributed:   # before anything asks JAX for its processes
     sharding.initialize_distributed()
   os.makedirs(root, exist_ok=True)
   # One persistent compilation cache for the whole sweep: later runs reuse compiled steps.
   jax.config.update("jax_compilation_cache_dir", os.path.join(root, ".jax_cache"))
+  path = os.path.join(root, "selection.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
+              seeds: Sequence[int], grids: dict[str, tuple[str, list]] | None = None,
+              flags: dict | None = None, selection_seed: int | None = None,
+              parallel_runs: int = 1) -> dict:
+  """Runs every method on every seed (strengths chosen on validation; see module doc;
+  ``selection_seed``: the candidates run on that seed, which the report leaves out,
+  and the chosen strength on every seed of ``seeds``; ``parallel_runs`` > 1: the
+  seeds at the chosen strength trained that many side by side,
+  :mod:`cljax.parallel`).
+
+  Returns ``{"selection": ..., "runs": [workdir, ...], "results": [results, ...]}``
+  (results in the order of ``runs``).
+  """
+  grids = dict(grids or {})
   selection_path = os.path.join(root, "selection.json")
-  selection = {}
-  if os.path.exists(selection_path):
-    with open(selection_path) as f:
-      selection = json.load(f)
+  selection = _open_sweep(base, root, methods, seeds, grids, selection_seed)
   runs, all_results = [], []
-  if selection_seed is not None and selection_seed in seeds:
-    raise ValueError(f"--selection_seed={selection_seed} is among --seeds; choose a seed "
-                     "that is not reported.")
   held_out = selection_seed is not None
   total = sum(len(seeds) + (len(grids[m][1]) - (0 if held_out else 1) if m in grids else 0)
               for m in methods)
@@ -192,8 +227,18 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
       if field is not None:
         selection[method] = {"field": field, "chosen": chosen, "chosen_on": "single value",
                              "tag": tag(field, chosen), "candidates": []}
-    for seed in rest:
-      one(method, field, chosen, seed)
+    if parallel_runs > 1:
+      for i in range(0, len(rest), parallel_runs):
+        chunk = rest[i:i + parallel_runs]
+        logging.info("[sweep %d-%d/%d, %s elapsed] %s %s seeds %s side by side", len(runs) + 1,
+                     len(runs) + len(chunk), total, fmt_time(time.time() - t0), method,
+                     tag(field, chosen), chunk)
+        for workdir, results in _side_by_side(base, root, method, field, chosen, chunk, flags):
+          runs.append(workdir)
+          all_results.append(results)
+    else:
+      for seed in rest:
+        one(method, field, chosen, seed)
   _write_json(selection_path, selection)
   return {"selection": selection, "runs": runs, "results": all_results}
 

@@ -42,6 +42,11 @@ _ORDERS = flags.DEFINE_multi_string(
     "orders", [], "Task orders, each a comma-separated --tasks (repeatable): one sweep per "
     "order, in ROOT/order1, ROOT/order2, ...; the report has a table per order and one "
     "over them. Default: the one order of --tasks.")
+_PARALLEL = flags.DEFINE_integer(
+    "parallel_runs", 1, "Train up to N seeds of a method side by side as one vmapped "
+    "program (cljax.parallel: each run's own data, dropout, method state, checkpoints "
+    "and outputs; dropout drawn with threefry, recorded in each run's flags); 1: one "
+    "after another. Strength candidates still run one after another.", lower_bound=1)
 _REPORT = flags.DEFINE_bool("report", True, "Write the report when the sweep ends.")
 
 
@@ -55,7 +60,8 @@ def main(argv):
   if _DEFAULT_GRIDS.value:
     grids = {**sweep.default_grids(methods), **grids}
   kwargs = dict(methods=methods, seeds=[int(s) for s in _SEEDS.value], grids=grids,
-                flags=cljax_flags.flag_values(), selection_seed=_SELECTION_SEED.value)
+                flags=cljax_flags.flag_values(), selection_seed=_SELECTION_SEED.value,
+                parallel_runs=_PARALLEL.value)
   if _ORDERS.value:
     orders = [tuple(t.strip() for t in o.split(",") if t.strip()) for o in _ORDERS.value]
     for order in orders:   # each a valid --tasks, before any run

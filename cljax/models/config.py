@@ -73,6 +73,9 @@ class GPT2Config:
   # attn_pdrop=0): "xla" (XLA's, everywhere) or "cudnn" (NVIDIA GPUs, float16 or
   # bfloat16 compute only; the values differ from XLA's in the last bits).
   attention: str = "xla"
+  # Dropout masks drawn with the sequence axes first (``dropout``): a position's mask
+  # does not depend on the length its batch is padded to (with threefry keys).
+  length_stable_dropout: bool = False
   # Parameter-efficient modules (none by default), ``peft_slots`` of each (one per
   # task for the per-task methods): LoRA on the projections named in ``lora_targets``
   # (c_attn, c_proj: attention's and the MLP's, c_fc) and a bottleneck adapter after

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from cljax.kv_cache import attend_cached
 from cljax.models.config import GPT2Config, as_dtype
+from cljax.models.dropout import dropout
 from cljax.models.peft import Adapter, LoRA
 
 def dense(features: int, config: GPT2Config, name: str, use_bias: bool = True):
@@ -68,7 +69,7 @@ class CausalSelfAttention(nn.Module):
       out_BTNH, kv = attend_cached(q_BQNH, k_BTNH, v_BTNH, kv)
       out_BTD = projection(cfg, cfg.n_embd, "c_proj", out_BTNH.reshape(B, T, cfg.n_embd),
                             slot_B, deterministic)
-      return nn.Dropout(cfg.resid_pdrop)(out_BTD, deterministic=deterministic), kv
+      return dropout(cfg, cfg.resid_pdrop, out_BTD, deterministic), kv
     # Padded keys are masked, as transformers does.
     pad_B11S = None if mask_BT is None else mask_BT[:, None, None, :].astype(bool)
     if query_idx_B is None:
@@ -86,7 +87,7 @@ class CausalSelfAttention(nn.Module):
       logits_BNQS = jnp.where(keep_B1QS, logits_BNQS.astype(jnp.float32),
                               jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(logits_BNQS, axis=-1).astype(q_BQNH.dtype)
-      probs = nn.Dropout(cfg.attn_pdrop)(probs, deterministic=False)
+      probs = dropout(cfg, cfg.attn_pdrop, probs, False, seq_axes=(2, 3))
       out_BQNH = jnp.einsum("bnqs,bsnh->bqnh", probs, v_BTNH)
     elif query_idx_B is None:
       # The causal flag (rather than an explicit mask) lets GPUs use fused kernels.
@@ -97,7 +98,7 @@ class CausalSelfAttention(nn.Module):
                                               implementation=cfg.attention)
     out_BQD = out_BQNH.reshape(B, Q, cfg.n_embd)
     out_BQD = projection(cfg, cfg.n_embd, "c_proj", out_BQD, slot_B, deterministic)
-    return nn.Dropout(cfg.resid_pdrop)(out_BQD, deterministic=deterministic)
+    return dropout(cfg, cfg.resid_pdrop, out_BQD, deterministic)
 
 
 class MLP(nn.Module):
@@ -109,7 +110,7 @@ class MLP(nn.Module):
     h = projection(cfg, cfg.inner_dim, "c_fc", x_BTD, slot_B, deterministic)
     h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
     h = projection(cfg, cfg.n_embd, "c_proj", h, slot_B, deterministic)
-    return nn.Dropout(cfg.resid_pdrop)(h, deterministic=deterministic)
+    return dropout(cfg, cfg.resid_pdrop, h, deterministic)
 
 
 class Block(nn.Module):
@@ -147,5 +148,5 @@ def embeddings(cfg: GPT2Config, input_ids_BT, positions_BT, deterministic: bool,
                             dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype))
   wte = embed(cfg.vocab_size, name=f"{prefix}wte")
   x_BTD = wte(input_ids_BT) + embed(cfg.n_positions, name=f"{prefix}wpe")(positions_BT)
-  return wte, nn.Dropout(cfg.embd_pdrop)(x_BTD, deterministic=deterministic)
+  return wte, dropout(cfg, cfg.embd_pdrop, x_BTD, deterministic)
 

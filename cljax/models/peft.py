@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from cljax.models.config import GPT2Config, as_dtype
+from cljax.models.dropout import dropout
 
 class LoRA(nn.Module):
   """The low-rank update of one projection (Hu et al. 2021), ``peft_slots`` of them:
@@ -30,7 +31,7 @@ class LoRA(nn.Module):
                        for s in range(cfg.peft_slots)]).astype(dt)
     B_SRO = jnp.stack([self.param(f"B_{s}", nn.initializers.zeros, (r, self.features), pdt)
                        for s in range(cfg.peft_slots)]).astype(dt)
-    x_BTI = nn.Dropout(cfg.lora_dropout)(x_BTI, deterministic=deterministic).astype(dt)
+    x_BTI = dropout(cfg, cfg.lora_dropout, x_BTI, deterministic).astype(dt)
     if slot_B is None:
       out = jnp.einsum("btsr,sro->bto", jnp.einsum("bti,sir->btsr", x_BTI, A_SIR), B_SRO)
     else:

@@ -1,0 +1,244 @@
+"""Many runs in one program: runs of one study that differ only in their seed, trained
+side by side as one ``jax.vmap``-ped train step over their stacked states.
+
+Each run keeps everything a run alone has: its own subsets and data order, dropout
+keys, method state, checkpoints, record, logger and workdir outputs; only the train
+step is shared. Per task, the runs still in it (:func:`run_parallel` groups them by
+task, so a resumed group whose runs stopped at different points catches up) start
+with their own ``before_task`` hooks and optimizers, train in lock step (each step
+stacks every run's next batch, padded to the longest row of that step across the
+runs, which length bucketing makes exact; a run whose task has fewer steps, or that
+resumed further in, is held with its state unchanged), and end with their own
+``after_task`` hooks, evaluations and checkpoints.
+
+The dropout masks are drawn with threefry (``--dropout_rng=threefry``, recorded in each
+run's flags): XLA's RngBitGenerator gives other bits inside a vmap than alone, and a
+run side by side would not equal the same run alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+
+from cljax import checkpoint
+from cljax import data as data_lib
+from cljax import loop
+from cljax import steps
+from cljax import study as study_lib
+from cljax.config import StudyConfig
+from cljax.progress import CompileTimer
+from cljax.results import make_results, write_results
+
+DROPOUT_RNG = "threefry"
+
+
+@dataclasses.dataclass
+class _Run:
+  """One run of the group: what it built, its state, record and logger; its task."""
+  study: study_lib.Study
+  state: steps.TrainState
+  record: study_lib.RunRecord
+  logger: object
+  plan: study_lib.TaskPlan | None = None
+  clock: loop.Stopwatch | None = None
+
+
+def side_by_side(cfgs: Sequence[StudyConfig]) -> list[StudyConfig]:
+  """The configs as they run side by side (threefry dropout), after checking that
+  they differ only in their seed: one line says what else differs."""
+  cfgs = [c.replace(dropout_rng=DROPOUT_RNG) for c in cfgs]
+  first = {k: v for k, v in cfgs[0].to_dict().items() if k != "seed"}
+  for c in cfgs[1:]:
+    other = {k: v for k, v in c.to_dict().items() if k != "seed"}
+    diff = sorted(k for k in first if first[k] != other[k])
+    if diff:
+      raise ValueError(f"Runs side by side must differ only in --seed; seed {c.seed} also "
+                       f"differs in {', '.join('--' + d for d in diff)}. Run those one "
+                       "after another.")
+  seeds = [c.seed for c in cfgs]
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f"Runs side by side need distinct seeds, found {seeds}.")
+  if cfgs[0].mesh_model != 1 or cfgs[0].distributed or len(jax.devices()) > 1:
+    raise ValueError("Runs side by side run on one device for now (found "
+                     f"{len(jax.devices())} devices, --mesh_model={cfgs[0].mesh_model}); run "
+                     "them one after another.")
+  return cfgs
+
+
+# ----------------------------------------------------------------------------
+# Stacking
+# ----------------------------------------------------------------------------
+
+def stack(trees: Sequence) -> object:
+  """The trees stacked on a new leading axis; a leaf whose shapes differ across the
+  trees (generated pseudo-data, kept in different numbers) is zero-padded to the
+  largest (the method reads only its first ``count`` rows)."""
+  def one(*xs):
+    shape = tuple(max(d) for d in zip(*(x.shape for x in xs)))
+    return jnp.stack([x if x.shape == shape else
+                      jnp.pad(x, [(0, m - n) for n, m in zip(x.shape, shape)]) for x in xs])
+  return jax.tree.map(one, *trees)
+
+
+def unstack(tree, i: int):
+  return jax.tree.map(lambda x: x[i], tree)
+
+
+def stack_batches(batches: Sequence[dict], buckets: Sequence[int]) -> dict:
+  """The runs' batches of one step (each at full length) as one ``[runs, batch, ...]``
+  batch, cut to the smallest bucket that holds the longest row of any of them."""
+  n, b = len(batches), data_lib.size(batches[0])
+  joined = data_lib.concat(batches)
+  if buckets:
+    joined = data_lib.trim_to_bucket(joined, buckets)
+  return {k: v.reshape((n, b) + v.shape[1:]) for k, v in joined.items()}
+
+
+def _step_fn(model, tx, method):
+  """The jitted step of every run at once; a run with ``active`` 0 keeps its state."""
+  def one(state, batch, active):
+    new, metrics = steps.train_step(state, batch, model=model, tx=tx, method=method,
+                                    dropout_rng=DROPOUT_RNG)
+    return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state), metrics
+  return jax.jit(jax.vmap(one), donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------
+# A task, side by side
+# ----------------------------------------------------------------------------
+
+def _batch_streams(runs: Sequence[_Run], k: int):
+  """Each run's batches of task k from where it stands, at full length; and a batch
+  of each run to hold it with once its task is over."""
+  streams, spare = [], []
+  for r in runs:
+    cfg = r.study.cfg
+    make = functools.partial(loop.epoch_batches, r.plan.arrays, cfg.batch_size,
+                             epochs=cfg.epochs, seed=(cfg.seed, k))
+    streams.append(make(start=r.record.step_in_task))
+    spare.append(next(make(start=0)))
+  return streams, spare
+
+
+def _after_step(r: _Run, k: int, state_fn, metrics_i, s: int) -> None:
+  """A run's bookkeeping after its step ``s`` (1-based in the task): the record, the
+  log, and its periodic evaluation and checkpoint."""
+  cfg = r.study.cfg
+  r.record.global_step, r.record.step_in_task = r.record.global_step + 1, s
+  g = r.record.global_step
+  r.logger.push(g, s, metrics_i)
+  if s >= r.plan.total_steps:
+    return
+  if cfg.eval_every and g % cfg.eval_every == 0:
+    r.logger.flush()
+    study_lib._evaluate_mid_task(r.study, k, state_fn(), r.record, r.logger)
+  if cfg.checkpoint_every and g % cfg.checkpoint_every == 0:
+    r.logger.flush()
+    r.record.train_seconds[-1] += r.clock.lap()
+    study_lib.save_checkpoint(r.study, state_fn(), r.record)
+
+
+def train_side_by_side(runs: Sequence[_Run], k: int, step_fns: dict) -> None:
+  """Task k for every run of ``runs`` (each after its ``begin_task``), in lock step."""
+  study = runs[0].study
+  cfg = study.cfg
+  for r in runs:
+    plan = r.plan
+    r.logger.start_task(k, study.tasks[k].name, plan.total_steps,
+                        lambda s, p=plan: p.schedule(min(s, p.total_steps)
+                                                     // cfg.grad_accum_steps))
+    r.clock = loop.Stopwatch()
+  starts = [r.record.step_in_task for r in runs]
+  totals = [r.plan.total_steps for r in runs]
+  logging.info("Task %d/%d %s: %d runs side by side (seeds %s), %s steps of batch %d (%s).",
+               k + 1, len(study.tasks), study.tasks[k].name, len(runs),
+               [r.study.cfg.seed for r in runs], totals, cfg.batch_size, study.method.name)
+  key = study_lib._mask_key(study, k)
+  if key not in step_fns:
+    step_fns[key] = _step_fn(study.model, runs[0].plan.tx, study.method)
+  step = step_fns[key]
+  stacked = stack([r.state for r in runs])
+  streams, spare = _batch_streams(runs, k)
+  for s in range(min(starts), max(totals)):
+    active = [a <= s < t for a, t in zip(starts, totals)]
+    batch = stack_batches([next(it) if on else x for it, x, on in zip(streams, spare, active)],
+                          study.buckets)
+    stacked, metrics = step(stacked, batch, jnp.asarray(active))
+    for i, r in enumerate(runs):
+      if active[i]:
+        _after_step(r, k, lambda i=i, st=stacked: unstack(st, i),
+                    jax.tree.map(lambda m, i=i: m[i], metrics), s + 1)
+    for r in runs:
+      r.logger.stop_after(cfg.stop_after_steps)
+  for i, r in enumerate(runs):
+    r.state = unstack(stacked, i)
+    r.logger.flush()
+    r.record.train_seconds[-1] += r.clock.lap()
+    study_lib._check_divergence(r.study, r.record, r.logger)
+
+
+# ----------------------------------------------------------------------------
+# The runs
+# ----------------------------------------------------------------------------
+
+def _open(cfgs: Sequence[StudyConfig], workdirs: Sequence[str], resume: bool,
+          compiling: CompileTimer) -> list[_Run]:
+  """Each run's study, state, record and logger; the runs share the first one's model,
+  method and evaluation program (their configs agree), so each compiles once."""
+  runs = []
+  for i, (cfg, workdir) in enumerate(zip(cfgs, workdirs)):
+    study = study_lib.setup(cfg, workdir, resume)
+    if runs:
+      first = runs[0].study
+      study = dataclasses.replace(study, model=first.model, method=first.method,
+                                  eval_fn=first.eval_fn, compiled=first.compiled)
+    state, record = study_lib.restore_or_start(study, resume)
+    logger = loop.open_logger(workdir, record.global_step, cfg.log_every, study.checkpointer,
+                              enabled=study.writes_files,
+                              on_first_step=compiling.mark if i == 0 else None)
+    runs.append(_Run(study, state, record, logger))
+  return runs
+
+
+def run_parallel(cfgs: Sequence[StudyConfig], workdirs: Sequence[str], *,
+                 resume: bool = False, flags: Sequence[dict | None] | None = None
+                 ) -> list[dict]:
+  """Runs the studies ``cfgs`` (differing only in seed) side by side, each into its
+  workdir, and returns each one's results dict (also in its ``results.json``), as
+  :func:`cljax.study.run` would alone with ``--dropout_rng=threefry``."""
+  t_start = time.time()
+  cfgs = side_by_side(cfgs)
+  flags = list(flags or [None] * len(cfgs))
+  with CompileTimer() as compiling:
+    runs = _open(cfgs, workdirs, resume, compiling)
+    step_fns: dict = {}
+    try:
+      for k in range(min(r.record.task for r in runs), len(runs[0].study.tasks)):
+        group = [r for r in runs if r.record.task == k]
+        for r in group:
+          r.state, r.plan = study_lib.begin_task(r.study, k, r.state, r.record)
+        train_side_by_side(group, k, step_fns)
+        for r in group:
+          r.state = study_lib.end_task(r.study, r.plan, r.state, r.record, r.logger)
+    finally:
+      for r in runs:
+        r.logger.close()
+        r.study.checkpointer.close()
+  out = []
+  for r, f in zip(runs, flags):
+    f = None if f is None else dict(f, dropout_rng=DROPOUT_RNG)
+    results = make_results(r.study, r.record, f, time.time() - t_start)
+    results["timing"].update(compiling.summary(), runs_side_by_side=len(runs))
+    results["timing"].update(checkpoint.timing(r.study.checkpointer))
+    if r.study.writes_files:
+      write_results(results, r.study.workdir)
+    out.append(results)
+  return out
+

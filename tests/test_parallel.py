@@ -1,0 +1,175 @@
+"""Runs side by side (``cljax.parallel``): the stacking, and runs that equal the same
+runs alone (threefry dropout both ways): the same accuracy matrices and, from their
+last checkpoints, logits within 1e-5 on every test example."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from cljax import parallel, study
+from cljax import data as data_lib
+from cljax.methods import MethodConfig
+
+
+def test_stack_pads_what_differs_and_batches_share_one_bucket():
+  a = {"w": np.ones((2, 3)), "rows": np.ones((2, 4))}
+  b = {"w": np.zeros((2, 3)), "rows": np.full((5, 4), 2.0)}
+  s = parallel.stack([a, b])
+  assert s["w"].shape == (2, 2, 3) and s["rows"].shape == (2, 5, 4)
+  np.testing.assert_array_equal(s["rows"][0, 2:], 0)           # padded rows
+  np.testing.assert_array_equal(parallel.unstack(s, 1)["rows"], b["rows"])
+  short = {"input_ids": np.array([[5, 6, 0, 0, 0, 0, 0, 0]]),
+           "attention_mask": np.array([[1, 1, 0, 0, 0, 0, 0, 0]]), "labels": np.array([1])}
+  long = {"input_ids": np.array([[5, 6, 7, 8, 9, 0, 0, 0]]),
+          "attention_mask": np.array([[1, 1, 1, 1, 1, 0, 0, 0]]), "labels": np.array([0])}
+  batch = parallel.stack_batches([short, long], buckets=(4, 8))
+  assert batch["input_ids"].shape == (2, 1, 8)    # the longest row of the step (5) -> 8
+  batch = parallel.stack_batches([short, short], buckets=(4, 8))
+  assert batch["input_ids"].shape == (2, 1, 4) and batch["labels"].tolist() == [[1], [1]]
+
+
+def test_runs_side_by_side_must_differ_only_in_seed():
+  base = study.StudyConfig()
+  with pytest.raises(ValueError, match="seed 1 also differs in --learning_rate"):
+    parallel.side_by_side([base, base.replace(seed=1, learning_rate=1.0)])
+  with pytest.raises(ValueError, match="distinct seeds"):
+    parallel.side_by_side([base, base])
+  assert [c.dropout_rng for c in parallel.side_by_side([base, base.replace(seed=3)])] == [
+      "threefry"] * 2
+
+
+def test_one_step_side_by_side_is_each_runs_step_alone(tiny_data_dir, tiny_tokenizer_dir,
+                                                        tmp_path):
+  """Two runs' states and batches of different lengths: the vmapped step (both padded
+  to the longer bucket) gives each run's step alone to rounding, dropout on; a run
+  held inactive keeps its state exactly."""
+  cfgs = parallel.side_by_side([_config(tiny_data_dir, tiny_tokenizer_dir, seed=s,
+                                        method="ewc") for s in (0, 1)])
+  runs = [study.setup(c, str(tmp_path / f"r{c.seed}"), False) for c in cfgs]
+  states, plans = [], []
+  for s in runs:
+    state, record = study.restore_or_start(s)
+    state, plan = study.begin_task(s, 0, state, record)
+    states.append(state)
+    plans.append(plan)
+  batches = [{k: np.array(v[:8]) for k, v in dict(
+      p.arrays, weights=np.ones(len(p.arrays["labels"]), np.float32)).items()}
+      for p in plans]
+  batches[0]["attention_mask"][:, 6:] = 0        # run 0's rows are shorter
+  batches[0]["input_ids"][:, 6:] = runs[0].tokenizer.pad_token_id
+  alone = [study._train_fn(s, p, st)(jax.tree.map(jax.numpy.copy, st),
+                                     data_lib.trim_to_bucket(b, (8, 24)))
+           for s, p, st, b in zip(runs, plans, states, batches)]
+  step = parallel._step_fn(runs[0].model, plans[0].tx, runs[0].method)
+  both = parallel.stack_batches(batches, (8, 24))
+  assert both["input_ids"].shape[-1] == 24
+  new, metrics = step(parallel.stack(states), both, jax.numpy.asarray([True, True]))
+  for i, (state_i, metrics_i) in enumerate(alone):
+    # AdamW's first update is about lr * g / |g| (2e-3 here): where a gradient is of
+    # rounding's size its update moves; everywhere else the params agree to 1e-6.
+    diff = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel() for a, b in zip(
+        jax.tree.leaves(parallel.unstack(new, i).params), jax.tree.leaves(state_i.params))])
+    assert diff.max() < 2 * 2e-3 and np.mean(diff > 1e-6) < 1e-3, (diff.max(),
+                                                                   np.mean(diff > 1e-6))
+    for name in ("loss_sum", "grad_norm", "correct"):
+      np.testing.assert_allclose(metrics[name][i], metrics_i[name], rtol=1e-5)
+  held, _ = step(parallel.stack(states), both, jax.numpy.asarray([True, False]))
+  for a, b in zip(jax.tree.leaves(parallel.unstack(held, 1)), jax.tree.leaves(states[1])):
+    np.testing.assert_array_equal(a, b)
+  for s in runs:
+    s.checkpointer.close()
+
+
+def _config(data_dir, tokenizer_dir, **overrides):
+  kwargs = dict(tasks=("imdb", "ag_news"), data_dir=data_dir, tokenizer=tokenizer_dir,
+                init="random", size="tiny", num_train=24, num_test=16, max_length=24,
+                batch_size=8, eval_batch_size=16, epochs=2, learning_rate=2e-3,
+                checkpoint_every=0, log_every=2, dropout_rng="threefry", dropout=0.1,
+                method_config=MethodConfig(gen_batch_size=8, replay_size=8))
+  kwargs.update(overrides)
+  return study.StudyConfig(**kwargs)
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def _final_logits(cfg, workdir):
+  """Every test example's logits from the run's last checkpoint."""
+  s = study.setup(cfg, workdir, resume=True)
+  state, _ = study.restore_or_start(s, resume=True)
+  s.checkpointer.close()
+  test = data_lib.concat([d.test for d in s.task_data])
+  fn = jax.jit(lambda p, b: study.steps.logits_step(p, b, model=s.model))
+  return np.asarray(fn(state.params, {"input_ids": test["input_ids"],
+                                      "attention_mask": test["attention_mask"]}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,bucket", [("finetune", 0), ("finetune", 8), ("ewc", 8),
+                                           ("replay", 8), ("generative_replay", 8)])
+def test_runs_side_by_side_equal_the_same_runs_alone(tiny_data_dir, tiny_tokenizer_dir,
+                                                     tmp_path, method, bucket):
+  cfgs = [_config(tiny_data_dir, tiny_tokenizer_dir, method=method, length_bucket=bucket,
+                  seed=seed) for seed in (0, 1)]
+  together = parallel.run_parallel(cfgs, [str(tmp_path / f"par{s}") for s in (0, 1)])
+  for cfg, got in zip(cfgs, together):
+    alone = study.run(cfg, str(tmp_path / f"alone{cfg.seed}"))
+    assert got["accuracy_matrix"] == alone["accuracy_matrix"]
+    assert got["task_aware_accuracy_matrix"] == alone["task_aware_accuracy_matrix"]
+    assert got["timing"]["steps_per_task"] == alone["timing"]["steps_per_task"]
+    assert got["timing"]["runs_side_by_side"] == 2
+    # Every logged step's loss (the same rows, order and dropout masks: a wrong one
+    # differs at the first step by far more) ...
+    np.testing.assert_allclose(*(_losses(tmp_path / f"{w}{cfg.seed}") for w in ("par", "alone")),
+                               atol=1e-4)
+    # ... and the same argmax on every test example. The logits differ by rounding
+    # only: a vmapped matrix product rounds differently, and AdamW turns a gradient of
+    # rounding's size into a step of about the learning rate, so where a penalty
+    # leaves such gradients (EWC) the final logits differ by up to about 3e-2.
+    side, solo = (_final_logits(cfg, str(tmp_path / f"{w}{cfg.seed}")) for w in ("par", "alone"))
+    np.testing.assert_array_equal(side.argmax(-1), solo.argmax(-1))
+    print(f"{method} bucket {bucket} seed {cfg.seed}: max |logit difference| "
+          f"{np.abs(side - solo).max():.2e}")
+    np.testing.assert_allclose(side, solo, atol=5e-2)
+  assert together[0]["accuracy_matrix"] != together[1]["accuracy_matrix"] or \
+      together[0]["curve"] != together[1]["curve"]      # two runs, not one twice
+  assert os.path.exists(tmp_path / "par1" / "results.json")
+
+
+@pytest.mark.slow
+def test_runs_side_by_side_killed_resume_to_the_same_matrices(tiny_data_dir,
+                                                              tiny_tokenizer_dir, tmp_path):
+  cfgs = [_config(tiny_data_dir, tiny_tokenizer_dir, method="replay", length_bucket=8,
+                  checkpoint_every=2, seed=seed) for seed in (0, 1)]
+  full = parallel.run_parallel(cfgs, [str(tmp_path / f"full{s}") for s in (0, 1)])
+  cut = [str(tmp_path / f"cut{s}") for s in (0, 1)]
+  with pytest.raises(study.Interrupted):
+    parallel.run_parallel([c.replace(stop_after_steps=5) for c in cfgs], cut)
+  resumed = parallel.run_parallel(cfgs, cut, resume=True)
+  for a, b in zip(full, resumed):
+    assert a["accuracy_matrix"] == b["accuracy_matrix"]
+    assert a["task_aware_accuracy_matrix"] == b["task_aware_accuracy_matrix"]
+    assert a["curve"] == b["curve"]
+
+
+@pytest.mark.slow
+def test_a_sweep_trains_its_seeds_side_by_side(tiny_data_dir, tiny_tokenizer_dir, tmp_path,
+                                               monkeypatch):
+  from cljax import sweep
+  base = _config(tiny_data_dir, tiny_tokenizer_dir, dropout_rng="rbg")
+  out = sweep.run_sweep(base, str(tmp_path), ["finetune"], [0, 1, 2], parallel_runs=2,
+                        flags={"learning_rate": 2e-3})
+  assert [r["seed"] for r in out["results"]] == [0, 1, 2]
+  assert [r["timing"]["runs_side_by_side"] for r in out["results"]] == [2, 2, 1]
+  for seed, r in zip((0, 1, 2), out["results"]):
+    assert r["flags"]["seed"] == seed and r["flags"]["dropout_rng"] == "threefry"
+    assert r["flags"]["workdir"].endswith(f"seed{seed}")
+  monkeypatch.setattr(parallel, "run_parallel", lambda *a, **k: pytest.fail("ran again"))
+  again = sweep.run_sweep(base, str(tmp_path), ["finetune"], [0, 1, 2], parallel_runs=2)
+  assert [r["accuracy_matrix"] for r in again["results"]] == [
+      r["accuracy_matrix"] for r in out["results"]]
