@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from absl import logging
 import jax
@@ -76,10 +78,11 @@ def side_by_side(cfgs: Sequence[StudyConfig]) -> list[StudyConfig]:
 # Stacking
 # ----------------------------------------------------------------------------
 
+@jax.jit
 def stack(trees: Sequence) -> object:
-  """The trees stacked on a new leading axis; a leaf whose shapes differ across the
-  trees (generated pseudo-data, kept in different numbers) is zero-padded to the
-  largest (the method reads only its first ``count`` rows)."""
+  """The trees stacked on a new leading axis (one program); a leaf whose shapes differ
+  across the trees (generated pseudo-data, kept in different numbers) is zero-padded
+  to the largest (the method reads only its first ``count`` rows)."""
   def one(*xs):
     shape = tuple(max(d) for d in zip(*(x.shape for x in xs)))
     return jnp.stack([x if x.shape == shape else
@@ -87,7 +90,9 @@ def stack(trees: Sequence) -> object:
   return jax.tree.map(one, *trees)
 
 
-def unstack(tree, i: int):
+@jax.jit
+def unstack(tree, i):
+  """Run ``i``'s tree (one program for every ``i``)."""
   return jax.tree.map(lambda x: x[i], tree)
 
 
@@ -101,18 +106,56 @@ def stack_batches(batches: Sequence[dict], buckets: Sequence[int]) -> dict:
   return {k: v.reshape((n, b) + v.shape[1:]) for k, v in joined.items()}
 
 
-def _step_fn(model, tx, method):
-  """The jitted step of every run at once; a run with ``active`` 0 keeps its state."""
-  def one(state, batch, active):
-    new, metrics = steps.train_step(state, batch, model=model, tx=tx, method=method,
-                                    dropout_rng=DROPOUT_RNG)
+class StepFns(NamedTuple):
+  """The jitted step of every run at once: ``full`` when every run steps, ``held``
+  (``active`` per run: a run with 0 keeps its state) when some do not; the select over
+  the whole state costs about a third of a step at the tiny size on a CPU, so only
+  the steps that need it pay it."""
+  full: Callable
+  held: Callable
+
+
+def make_step_fns(model, tx, method) -> StepFns:
+  def one(state, batch):
+    return steps.train_step(state, batch, model=model, tx=tx, method=method,
+                            dropout_rng=DROPOUT_RNG)
+
+  def one_held(state, batch, active):
+    new, metrics = one(state, batch)
     return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state), metrics
-  return jax.jit(jax.vmap(one), donate_argnums=0)
+  return StepFns(jax.jit(jax.vmap(one), donate_argnums=0),
+                 jax.jit(jax.vmap(one_held), donate_argnums=0))
 
 
 # ----------------------------------------------------------------------------
 # A task, side by side
 # ----------------------------------------------------------------------------
+
+class _Metrics:
+  """One step's stacked metrics, read to the host once, when a run's logger first
+  reads its share (at its log point): no per-run slicing on the device."""
+
+  def __init__(self, metrics: dict):
+    self.metrics, self.host = metrics, None
+
+  def of(self, i: int) -> _RunMetrics:
+    return _RunMetrics(self, i)
+
+  def read(self) -> dict:
+    if self.host is None:
+      self.host = jax.device_get(self.metrics)
+    return self.host
+
+
+class _RunMetrics:
+  """Run ``i``'s metrics of a step, as the step logger reads them (``m[key]``)."""
+
+  def __init__(self, shared: _Metrics, i: int):
+    self.shared, self.i = shared, i
+
+  def __getitem__(self, key: str):
+    return self.shared.read()[key][self.i]
+
 
 def _batch_streams(runs: Sequence[_Run], k: int):
   """Each run's batches of task k from where it stands, at full length; and a batch
@@ -125,6 +168,18 @@ def _batch_streams(runs: Sequence[_Run], k: int):
     streams.append(make(start=r.record.step_in_task))
     spare.append(next(make(start=0)))
   return streams, spare
+
+
+def _later_batches(runs: Sequence[_Run], k: int):
+  """The stacked batches the later tasks that share task k's step will train on (each
+  run's own data, as it draws it), so that their programs compile in this round."""
+  study = runs[0].study
+  for j in study_lib._later_tasks_alike(study, runs[0].plan):
+    streams = [loop.epoch_batches(r.study.task_data[j].train, r.study.cfg.batch_size,
+                                  epochs=r.study.cfg.epochs, seed=(r.study.cfg.seed, j))
+               for r in runs]
+    for batches in zip(*streams):
+      yield stack_batches(list(batches), study.buckets)
 
 
 def _after_step(r: _Run, k: int, state_fn, metrics_i, s: int) -> None:
@@ -162,19 +217,27 @@ def train_side_by_side(runs: Sequence[_Run], k: int, step_fns: dict) -> None:
                [r.study.cfg.seed for r in runs], totals, cfg.batch_size, study.method.name)
   key = study_lib._mask_key(study, k)
   if key not in step_fns:
-    step_fns[key] = _step_fn(study.model, runs[0].plan.tx, study.method)
-  step = step_fns[key]
+    step_fns[key] = make_step_fns(study.model, runs[0].plan.tx, study.method)
+  fns = step_fns[key]
   stacked = stack([r.state for r in runs])
   streams, spare = _batch_streams(runs, k)
+  plan = []   # (step, who steps, the stacked batch), all made ahead
   for s in range(min(starts), max(totals)):
     active = [a <= s < t for a, t in zip(starts, totals)]
-    batch = stack_batches([next(it) if on else x for it, x, on in zip(streams, spare, active)],
-                          study.buckets)
-    stacked, metrics = step(stacked, batch, jnp.asarray(active))
+    plan.append((s, active, stack_batches(
+        [next(it) if on else x for it, x, on in zip(streams, spare, active)], study.buckets)))
+  ahead = itertools.chain((b for _, active, b in plan if all(active)), _later_batches(runs, k))
+  steps.compile_programs([(fns.full, (stacked, b))
+                          for b in data_lib.one_batch_per_shape(ahead)])
+  for s, active, batch in plan:
+    if all(active):
+      stacked, metrics = fns.full(stacked, batch)
+    else:
+      stacked, metrics = fns.held(stacked, batch, jnp.asarray(active))
+    shared = _Metrics(metrics)
     for i, r in enumerate(runs):
       if active[i]:
-        _after_step(r, k, lambda i=i, st=stacked: unstack(st, i),
-                    jax.tree.map(lambda m, i=i: m[i], metrics), s + 1)
+        _after_step(r, k, lambda i=i, st=stacked: unstack(st, i), shared.of(i), s + 1)
     for r in runs:
       r.logger.stop_after(cfg.stop_after_steps)
   for i, r in enumerate(runs):

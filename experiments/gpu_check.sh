@@ -28,6 +28,10 @@
 #      blocks training against the time its write takes; and the step at batch $BATCH
 #      without attention dropout, with XLA's attention and with cuDNN's fused kernel
 #      (--attention=cudnn), for MFU with and without attention dropout (stage 1).
+#   7. (not in the default stages: STAGES=7, a call of its own) 5 seeds of the
+#      seed-size study, one after another in one process and side by side
+#      (--parallel_runs=5), both with --dropout_rng=threefry, timed from the shell
+#      (compare with 5 x stage 2's Trainer time).
 # Stage 3's results.json counts the programs compiled and loaded (a warm rerun should
 # compile none) and those built after the first step.
 # Smaller settings through the environment (a CPU smoke run of the script itself):
@@ -127,6 +131,26 @@ for attention in xla cudnn; do
   timeout 90 python3 experiments/benchmark.py --size="$SIZE" --seq_len=128 \
     --batch_size="$BATCH" --dtype="$DTYPE" --steps=20 --warmup=3 --attn_pdrop=0 \
     --attention="$attention" --output="$out/bench_no_attn_dropout.jsonl" 2>&1 | tail -1
+done
+fi
+if want 7; then
+stage "7 five seeds of the seed-size study: one after another, then side by side"
+for mode in one_after_another side_by_side; do
+  rm -rf "/tmp/seeds_$mode"
+  extra=(); [[ $mode == side_by_side ]] && extra=(--parallel_runs=5)
+  t0=$(date +%s.%N)
+  timeout 280 python3 experiments/sweep.py "${study_flags[@]}" --checkpoint_every=0 \
+    --methods=finetune --seeds=0,1,2,3,4 --dropout_rng=threefry "${extra[@]}" \
+    --root="/tmp/seeds_$mode" --report=false > "$out/seeds_$mode.log" 2>&1
+  rc=$?
+  t1=$(date +%s.%N)
+  python3 - "$mode" "$rc" "$t0" "$t1" <<'EOF' | tee -a "$out/seeds.jsonl"
+import glob, json, sys
+mode, rc, t0, t1 = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+runs = [json.load(open(p)) for p in sorted(glob.glob(f"/tmp/seeds_{mode}/*/*/seed*/results.json"))]
+print(json.dumps({"mode": mode, "rc": rc, "wall_seconds_from_shell": t1 - t0,
+                  "runs": len(runs), "matrices": [r["accuracy_matrix"] for r in runs]}))
+EOF
 done
 fi
 stage "done"

@@ -63,10 +63,10 @@ def test_one_step_side_by_side_is_each_runs_step_alone(tiny_data_dir, tiny_token
   alone = [study._train_fn(s, p, st)(jax.tree.map(jax.numpy.copy, st),
                                      data_lib.trim_to_bucket(b, (8, 24)))
            for s, p, st, b in zip(runs, plans, states, batches)]
-  step = parallel._step_fn(runs[0].model, plans[0].tx, runs[0].method)
+  fns = parallel.make_step_fns(runs[0].model, plans[0].tx, runs[0].method)
   both = parallel.stack_batches(batches, (8, 24))
   assert both["input_ids"].shape[-1] == 24
-  new, metrics = step(parallel.stack(states), both, jax.numpy.asarray([True, True]))
+  new, metrics = fns.full(parallel.stack(states), both)
   for i, (state_i, metrics_i) in enumerate(alone):
     # AdamW's first update is about lr * g / |g| (2e-3 here): where a gradient is of
     # rounding's size its update moves; everywhere else the params agree to 1e-6.
@@ -76,7 +76,7 @@ def test_one_step_side_by_side_is_each_runs_step_alone(tiny_data_dir, tiny_token
                                                                    np.mean(diff > 1e-6))
     for name in ("loss_sum", "grad_norm", "correct"):
       np.testing.assert_allclose(metrics[name][i], metrics_i[name], rtol=1e-5)
-  held, _ = step(parallel.stack(states), both, jax.numpy.asarray([True, False]))
+  held, _ = fns.held(parallel.stack(states), both, jax.numpy.asarray([True, False]))
   for a, b in zip(jax.tree.leaves(parallel.unstack(held, 1)), jax.tree.leaves(states[1])):
     np.testing.assert_array_equal(a, b)
   for s in runs:
