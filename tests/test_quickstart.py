@@ -149,6 +149,9 @@ def test_quick_start_runs_from_a_fresh_copy_offline(tmp_path):
   assert r["tasks"] == ["imdb", "ag_news"]
   assert r["flags"]["data_dir"] == "data/sample"
   assert r["flags"]["tokenizer"] == "data/gpt2-tokenizer"
-  assert r["data"] == {"imdb": {"train": 64, "test": 32, "val": 0},
-                       "ag_news": {"train": 64, "test": 32, "val": 0}}
+  none_left_out = {"train": 0, "test": 0}      # a random init saw no text
+  assert r["data"] == {
+      "imdb": {"train": 64, "test": 32, "val": 0, "left_out_as_pretraining_text": none_left_out},
+      "ag_news": {"train": 64, "test": 32, "val": 0,
+                  "left_out_as_pretraining_text": none_left_out}}
   assert r["warnings"] == []
