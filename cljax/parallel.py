@@ -18,6 +18,7 @@ run side by side would not equal the same run alone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -182,6 +183,16 @@ def _later_batches(runs: Sequence[_Run], k: int):
       yield stack_batches(list(batches), study.buckets)
 
 
+@contextlib.contextmanager
+def _naming(r: _Run):
+  """A run's non-finite loss stops the group; the error names the run."""
+  try:
+    yield
+  except FloatingPointError as e:
+    raise FloatingPointError(f"Run {r.study.workdir} (seed {r.study.cfg.seed}), trained "
+                             f"side by side: {e}") from e
+
+
 def _after_step(r: _Run, k: int, state_fn, metrics_i, s: int) -> None:
   """A run's bookkeeping after its step ``s`` (1-based in the task): the record, the
   log, and its periodic evaluation and checkpoint."""
@@ -220,6 +231,8 @@ def train_side_by_side(runs: Sequence[_Run], k: int, step_fns: dict) -> None:
     step_fns[key] = make_step_fns(study.model, runs[0].plan.tx, study.method)
   fns = step_fns[key]
   stacked = stack([r.state for r in runs])
+  for r in runs:
+    r.state = None   # the stacked copy is the state now (and holds the memory)
   streams, spare = _batch_streams(runs, k)
   plan = []   # (step, who steps, the stacked batch), all made ahead
   for s in range(min(starts), max(totals)):
@@ -237,12 +250,14 @@ def train_side_by_side(runs: Sequence[_Run], k: int, step_fns: dict) -> None:
     shared = _Metrics(metrics)
     for i, r in enumerate(runs):
       if active[i]:
-        _after_step(r, k, lambda i=i, st=stacked: unstack(st, i), shared.of(i), s + 1)
+        with _naming(r):
+          _after_step(r, k, lambda i=i, st=stacked: unstack(st, i), shared.of(i), s + 1)
     for r in runs:
       r.logger.stop_after(cfg.stop_after_steps)
   for i, r in enumerate(runs):
     r.state = unstack(stacked, i)
-    r.logger.flush()
+    with _naming(r):
+      r.logger.flush()
     r.record.train_seconds[-1] += r.clock.lap()
     study_lib._check_divergence(r.study, r.record, r.logger)
 

@@ -173,3 +173,13 @@ def test_a_sweep_trains_its_seeds_side_by_side(tiny_data_dir, tiny_tokenizer_dir
   again = sweep.run_sweep(base, str(tmp_path), ["finetune"], [0, 1, 2], parallel_runs=2)
   assert [r["accuracy_matrix"] for r in again["results"]] == [
       r["accuracy_matrix"] for r in out["results"]]
+
+
+def test_a_non_finite_run_side_by_side_names_itself(tiny_data_dir, tiny_tokenizer_dir,
+                                                    tmp_path):
+  cfgs = [_config(tiny_data_dir, tiny_tokenizer_dir, learning_rate=1e30, max_grad_norm=0.0,
+                  tasks=("imdb",), seed=seed) for seed in (0, 1)]
+  with pytest.raises(FloatingPointError, match=r"Run .*r0 \(seed 0\), trained side by side: "
+                                               "Non-finite loss or gradient at task 0"):
+    parallel.run_parallel(cfgs, [str(tmp_path / f"r{s}") for s in (0, 1)])
+  assert not os.path.exists(tmp_path / "r0" / "results.json")
