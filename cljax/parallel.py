@@ -11,9 +11,11 @@ runs, which length bucketing makes exact; a run whose task has fewer steps, or t
 resumed further in, is held with its state unchanged), and end with their own
 ``after_task`` hooks, evaluations and checkpoints.
 
-The dropout masks are drawn with threefry (``--dropout_rng=threefry``, recorded in each
-run's flags): XLA's RngBitGenerator gives other bits inside a vmap than alone, and a
-run side by side would not equal the same run alone.
+The dropout masks are drawn with threefry in a layout that ignores the padded length
+(``--dropout_rng=threefry``, recorded in each run's flags): XLA's RngBitGenerator
+gives other bits inside a vmap than alone, and flax's masks change with the length a
+batch is padded to. A run side by side then equals the same run alone with
+``--dropout_rng=threefry``, to rounding (``tests/test_parallel.py``).
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ def side_by_side(cfgs: Sequence[StudyConfig]) -> list[StudyConfig]:
     raise ValueError(f"Runs side by side need distinct seeds, found {seeds}.")
   if cfgs[0].mesh_model != 1 or cfgs[0].distributed or len(jax.devices()) > 1:
     raise ValueError("Runs side by side run on one device for now (found "
-                     f"{len(jax.devices())} devices, --mesh_model={cfgs[0].mesh_model}); run "
-                     "them one after another.")
+                     f"{len(jax.devices())} devices, --mesh_model={cfgs[0].mesh_model}): make one "
+                     "device visible (CUDA_VISIBLE_DEVICES=0), or run them one after "
+                     "another.")
   return cfgs
 
 
