@@ -74,7 +74,8 @@ def judge_run(workdir: str) -> list[dict]:
   with open(path) as f:
     samples = [json.loads(line) for line in f]
   with open(os.path.join(workdir, "results.json")) as f:
-    cfg = _study_config(json.load(f))
+    results = json.load(f)
+  cfg = _study_config(results)
   keys = data_lib.read_keys(cfg.model) if cfg.init == "pretrained" else frozenset()
   tasks = {t.name: t for t in data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(),
                                                       cfg.data_dir, cfg.task_label_words())}
@@ -84,6 +85,14 @@ def judge_run(workdir: str) -> list[dict]:
     sub = data_lib.task_subsets(task, data_dir=cfg.data_dir, num_train=cfg.num_train,
                                 num_test=cfg.num_test, subset=cfg.subset, seed=cfg.seed,
                                 exclude_keys=keys)
+    ran = (results.get("data") or {}).get(task_name, {})
+    if ran and (len(sub.train), sub.excluded) != (
+        ran["train"], ran.get("left_out_as_pretraining_text", sub.excluded)):
+      raise ValueError(f"{workdir}: cannot draw the rows task {task_name} trained on again "
+                       f"(the run drew {ran['train']}, leaving out "
+                       f"{ran.get('left_out_as_pretraining_text')}; now {len(sub.train)}, "
+                       f"leaving out {sub.excluded}). Run the report from the directory the "
+                       f"run started in, with its data and its base model ({cfg.model}).")
     name = dict(zip(task.source_labels, task.class_names))
     judge = NaiveBayes.fit([sub.train_rows[i][0] for i in sub.train],
                            [name[sub.train_rows[i][1]] for i in sub.train])

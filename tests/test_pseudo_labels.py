@@ -21,13 +21,15 @@ def test_naive_bayes_by_hand():
   assert nb.predict(["good", "fun good", "Good zebra<br />"]) == ["neg", "pos", "neg"]
 
 
-def _fake_run(root, data_dir, tokenizer_dir, samples):
+def _fake_run(root, data_dir, tokenizer_dir, samples, train=64):
   os.makedirs(root)
   flags = {"tasks": ["imdb", "ag_news"], "data_dir": data_dir, "num_train": 64,
            "num_test": 32, "seed": 0, "init": "random", "size": "tiny",
            "tokenizer": tokenizer_dir, "method": "generative_replay"}
+  none = {"train": 0, "test": 0}
   with open(os.path.join(root, "results.json"), "w") as f:
-    json.dump({"flags": flags, "tasks": ["imdb", "ag_news"], "method": "generative_replay"}, f)
+    json.dump({"flags": flags, "tasks": ["imdb", "ag_news"], "method": "generative_replay",
+               "data": {"imdb": {"train": train, "left_out_as_pretraining_text": none}}}, f)
   with open(os.path.join(root, "pseudo_samples.jsonl"), "w") as f:
     f.writelines(json.dumps(dict(s, boundary=1, task="imdb")) + "\n" for s in samples)
   return str(root)
@@ -47,3 +49,9 @@ def test_a_runs_pseudo_labels_are_judged_against_the_old_task(tiny_data_dir,
                                        "method": "generative_replay"}])
   assert any(line.startswith("| imdb -> ag_news | generative_replay | 2 | imdb | 1 | 3.0 | "
                              "0.667 | 0.667 |") for line in lines)
+  # A run whose rows cannot be drawn again (another data folder, a missing base) is
+  # refused, not judged on other rows.
+  moved = _fake_run(tmp_path / "gr" / "seed1", tiny_data_dir, tiny_tokenizer_dir, samples,
+                    train=50)
+  with pytest.raises(ValueError, match="cannot draw the rows task imdb trained on again"):
+    pseudo_labels.judge_run(moved)
