@@ -334,7 +334,10 @@ def write_report(root: str, outdir: str | None = None) -> dict:
       "freedom over the runs' values; the mean alone for one run).", ""]
   all_rows, csv_rows = [], []
   listed = os.path.join(root, "orders.json")   # a sweep's --orders, in their order
-  rank = [tuple(o) for o in json.load(open(listed))] if os.path.exists(listed) else []
+  rank = []
+  if os.path.exists(listed):
+    with open(listed) as f:
+      rank = [tuple(o) for o in json.load(f)]
   ranked = sorted(orders.items(), key=lambda kv: rank.index(kv[0]) if kv[0] in rank else
                   len(rank))
   for k, (tasks, runs) in enumerate(ranked):

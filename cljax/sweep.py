@@ -98,16 +98,29 @@ def _remove_partial_outputs(workdir: str) -> None:
     multihost_utils.sync_global_devices(f"cljax sweep: partial outputs removed in {workdir}")
 
 
-def run_one(cfg: study.StudyConfig, workdir: str, flags: dict | None = None) -> dict:
-  """Runs (or resumes, or just reads) one configuration."""
+def _finished(workdir: str) -> dict | None:
+  """A run's results if it finished; otherwise None, its outputs removed when it left
+  no checkpoint to resume from (a run killed before its first starts over)."""
   path = os.path.join(workdir, RESULTS)
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  resume = os.path.isdir(ckpt_dir)
-  if not _has_checkpoint(ckpt_dir):
+  if not _has_checkpoint(os.path.join(workdir, "checkpoints")):
     _remove_partial_outputs(workdir)
+  return None
+
+
+def _strength(base: study.StudyConfig, field: str | None, value):
+  """The method hyperparameters of ``base`` with ``field`` set to ``value``."""
+  return base.method_config if field is None else base.method_config.replace(**{field: value})
+
+
+def run_one(cfg: study.StudyConfig, workdir: str, flags: dict | None = None) -> dict:
+  """Runs (or resumes, or just reads) one configuration."""
+  done = _finished(workdir)
+  if done is not None:
+    return done
+  resume = os.path.isdir(os.path.join(workdir, "checkpoints"))
   flags = dict(flags or {}, method=cfg.method, seed=cfg.seed, workdir=workdir)
   return study.run(cfg, workdir, resume=resume, flags=flags)
 
@@ -117,23 +130,19 @@ def _side_by_side(base: study.StudyConfig, root: str, method: str, field: str | 
   """(workdir, results) of ``seeds`` at one strength: those not done yet trained side by
   side (:func:`cljax.parallel.run_parallel`), resuming the ones with checkpoints."""
   from cljax import parallel  # pylint: disable=import-outside-toplevel
-  hp = base.method_config if field is None else base.method_config.replace(**{field: value})
-  workdirs = {seed: run_dir(root, method, field, value, seed) for seed in seeds}
-  todo = [s for s in seeds if not os.path.exists(os.path.join(workdirs[s], RESULTS))]
-  for seed in todo:
-    if not _has_checkpoint(os.path.join(workdirs[seed], "checkpoints")):
-      _remove_partial_outputs(workdirs[seed])
+  workdirs = [run_dir(root, method, field, value, seed) for seed in seeds]
+  done = [_finished(w) for w in workdirs]
+  todo = [i for i, d in enumerate(done) if d is None]
   if todo:
-    parallel.run_parallel(
-        [base.replace(method=method, seed=s, method_config=hp) for s in todo],
-        [workdirs[s] for s in todo], resume=True,
-        flags=[dict(flags or {}, method=method, seed=s, workdir=workdirs[s],
-                    **({field: value} if field else {})) for s in todo])
-  out = []
-  for seed in seeds:
-    with open(os.path.join(workdirs[seed], RESULTS)) as f:
-      out.append((workdirs[seed], json.load(f)))
-  return out
+    ran = parallel.run_parallel(
+        [base.replace(method=method, seed=seeds[i], method_config=_strength(base, field, value))
+         for i in todo],
+        [workdirs[i] for i in todo], resume=True,
+        flags=[dict(flags or {}, method=method, seed=seeds[i], workdir=workdirs[i],
+                    **({field: value} if field else {})) for i in todo])
+    for i, results in zip(todo, ran):
+      done[i] = results
+  return list(zip(workdirs, done))
 
 
 def _write_json(path: str, value) -> None:
@@ -193,9 +202,7 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
   t0 = time.time()
 
   def one(method, field, value, seed):
-    hp = base.method_config
-    if field is not None:
-      hp = hp.replace(**{field: value})
+    hp = _strength(base, field, value)
     workdir = run_dir(root, method, field, value, seed)
     logging.info("[sweep %d/%d, %s elapsed] %s %s seed %d -> %s", len(runs) + 1, total,
                  fmt_time(time.time() - t0), method, tag(field, value), seed, workdir)
