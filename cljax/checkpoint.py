@@ -317,16 +317,25 @@ def open_run(workdir: str, config: dict, resume: bool, *, keep: int, outputs: tu
   return ckpt
 
 
+# Settings added after runs were stored, each with the value that computes what the
+# code did before it existed (``--dropout_rng``: every run before it drew rbg keys). A
+# stored run that lacks one of these ran with that value; any other setting it lacks
+# is refused, its value in that run being unknown.
+BEFORE_IT_EXISTED = {"dropout_rng": "rbg"}
+
+
 def check_resumable(saved: dict | None, now: dict, workdir: str,
                     resumable: frozenset[str]) -> None:
   """Refuses to resume a run with settings that change its computation: one line
   listing every such setting (old -> new); method hyperparameters are compared one
   by one, and one in ``now`` that the stored run did not record is refused (its value
-  in that run is unknown: the code that wrote it predates the hyperparameter)."""
+  in that run is unknown: the code that wrote it predates the hyperparameter), unless
+  :data:`BEFORE_IT_EXISTED` says what the code did before it."""
   if not saved:
     logging.warning("The checkpoints in %s predate stored configurations: resuming without "
                     "checking that the settings match.", workdir)
     return
+  saved = {**{k: v for k, v in BEFORE_IT_EXISTED.items() if k in now}, **saved}
   changed = [f"--{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
              if k not in resumable and k != "method_config" and saved.get(k) != now.get(k)]
   old_hp, new_hp = saved.get("method_config") or {}, now.get("method_config") or {}

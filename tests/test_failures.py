@@ -114,6 +114,13 @@ def test_a_resume_compares_the_hyperparameters_of_the_run_s_methods_only():
   checkpoint.check_resumable(saved, study.resume_view(cfg), "w", study.RESUMABLE_CHANGES)
   with pytest.raises(ValueError, match=r"--der_alpha \(not recorded"):
     checkpoint.check_resumable(saved, cfg.to_dict(), "w", study.RESUMABLE_CHANGES)
+  # A run stored before --dropout_rng existed drew rbg keys: it resumes under the
+  # default and is refused under threefry.
+  before = {k: v for k, v in study.resume_view(cfg).items() if k != "dropout_rng"}
+  checkpoint.check_resumable(before, study.resume_view(cfg), "w", study.RESUMABLE_CHANGES)
+  with pytest.raises(ValueError, match=r"--dropout_rng 'rbg' -> 'threefry'"):
+    checkpoint.check_resumable(before, study.resume_view(cfg.replace(dropout_rng="threefry")),
+                               "w", study.RESUMABLE_CHANGES)
 
 
 def test_a_model_with_fewer_embeddings_than_the_tokenizer_has_tokens(argv, tmp_path):
