@@ -31,13 +31,17 @@ from typing import NamedTuple
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from cljax import checkpoint
 from cljax import data as data_lib
 from cljax import loop
+from cljax import sharding
 from cljax import steps
 from cljax import study as study_lib
 from cljax.config import StudyConfig
+from cljax.methods import build as build_method
+from cljax.methods import registry as method_registry
 from cljax.progress import CompileTimer
 from cljax.results import make_results, write_results
 
@@ -53,28 +57,47 @@ class _Run:
   logger: object
   plan: study_lib.TaskPlan | None = None
   clock: loop.Stopwatch | None = None
+  mesh: dict | None = None   # the (runs, data) mesh it last trained on
+
+
+def _settings(cfg: StudyConfig, traced: frozenset[str]) -> dict:
+  """Every setting of ``cfg`` as flags, but its seed and its traced strengths."""
+  d = {k: v for k, v in cfg.to_dict().items() if k not in ("seed", "method_config")}
+  d.update({k: v for k, v in cfg.method_config.to_dict().items() if k not in traced})
+  return d
+
+
+def varying(cfgs: Sequence[StudyConfig]) -> tuple[str, ...]:
+  """The traced strengths (``registry.traced``) whose values differ across ``cfgs``."""
+  values = [c.method_config.to_dict() for c in cfgs]
+  return tuple(sorted(k for k in method_registry.traced(cfgs[0].method)
+                      if len({v[k] for v in values}) > 1))
 
 
 def side_by_side(cfgs: Sequence[StudyConfig]) -> list[StudyConfig]:
   """The configs as they run side by side (threefry dropout), after checking that
-  they differ only in their seed: one line says what else differs."""
+  they differ only in their seed and in the strengths their method reads as traced
+  values (EWC's lambda...): one line says what else differs."""
   cfgs = [c.replace(dropout_rng=DROPOUT_RNG) for c in cfgs]
-  first = {k: v for k, v in cfgs[0].to_dict().items() if k != "seed"}
+  traced = method_registry.traced(cfgs[0].method)
+  first = _settings(cfgs[0], traced)
+  may = "--seed" + "".join(f", --{t}" for t in sorted(traced))
   for c in cfgs[1:]:
-    other = {k: v for k, v in c.to_dict().items() if k != "seed"}
-    diff = sorted(k for k in first if first[k] != other[k])
+    other = _settings(c, traced) if c.method == cfgs[0].method else {"method": c.method}
+    diff = sorted(k for k in first if k in other and first[k] != other[k])
     if diff:
-      raise ValueError(f"Runs side by side must differ only in --seed; seed {c.seed} also "
+      raise ValueError(f"Runs side by side must differ only in {may}; seed {c.seed} also "
                        f"differs in {', '.join('--' + d for d in diff)}. Run those one "
                        "after another.")
-  seeds = [c.seed for c in cfgs]
-  if len(set(seeds)) != len(seeds):
-    raise ValueError(f"Runs side by side need distinct seeds, found {seeds}.")
-  if cfgs[0].mesh_model != 1 or cfgs[0].distributed or len(jax.devices()) > 1:
-    raise ValueError("Runs side by side run on one device for now (found "
-                     f"{len(jax.devices())} devices, --mesh_model={cfgs[0].mesh_model}): make one "
-                     "device visible (CUDA_VISIBLE_DEVICES=0), or run them one after "
-                     "another.")
+  names = varying(cfgs)
+  runs = [(c.seed, *(c.method_config.to_dict()[n] for n in names)) for c in cfgs]
+  if len(set(runs)) != len(runs):
+    raise ValueError(f"Runs side by side must differ, found (seed{''.join(', ' + n for n in names)}"
+                     f") {runs}.")
+  if cfgs[0].mesh_model != 1:
+    raise ValueError(f"Runs side by side lay their run axis and batches over the devices; "
+                     f"--mesh_model={cfgs[0].mesh_model} (parameters sharded) is not supported "
+                     "with them: use --mesh_model=1, or run them one after another.")
   return cfgs
 
 
@@ -82,11 +105,7 @@ def side_by_side(cfgs: Sequence[StudyConfig]) -> list[StudyConfig]:
 # Stacking
 # ----------------------------------------------------------------------------
 
-@jax.jit
-def stack(trees: Sequence) -> object:
-  """The trees stacked on a new leading axis (one program); a leaf whose shapes differ
-  across the trees (generated pseudo-data, kept in different numbers) is zero-padded
-  to the largest (the method reads only its first ``count`` rows)."""
+def _stack(trees: Sequence) -> object:
   def one(*xs):
     shape = tuple(max(d) for d in zip(*(x.shape for x in xs)))
     return jnp.stack([x if x.shape == shape else
@@ -94,10 +113,28 @@ def stack(trees: Sequence) -> object:
   return jax.tree.map(one, *trees)
 
 
-@jax.jit
-def unstack(tree, i):
-  """Run ``i``'s tree (one program for every ``i``)."""
+def _unstack(tree, i):
   return jax.tree.map(lambda x: x[i], tree)
+
+
+@functools.cache
+def _placed(fn: Callable, out_sharding) -> Callable:
+  """``fn`` jitted, its outputs on ``out_sharding`` (None: where jit puts them)."""
+  return jax.jit(fn) if out_sharding is None else jax.jit(fn, out_shardings=out_sharding)
+
+
+def stack(trees: Sequence, out_sharding=None) -> object:
+  """The trees stacked on a new leading axis (one program), on ``out_sharding`` (the
+  run axis of a :func:`cljax.sharding.runs_mesh`); a leaf whose shapes differ across
+  the trees (generated pseudo-data, kept in different numbers) is zero-padded to the
+  largest (the method reads only its first ``count`` rows)."""
+  return _placed(_stack, out_sharding)(list(trees))
+
+
+def unstack(tree, i: int, out_sharding=None):
+  """Run ``i``'s tree (one program for every ``i``), on ``out_sharding`` (the run's
+  own mesh, as its evaluation and hooks expect it)."""
+  return _placed(_unstack, out_sharding)(tree, i)
 
 
 def stack_batches(batches: Sequence[dict], buckets: Sequence[int]) -> dict:
@@ -119,16 +156,33 @@ class StepFns(NamedTuple):
   held: Callable
 
 
-def make_step_fns(model, tx, method) -> StepFns:
-  def one(state, batch):
-    return steps.train_step(state, batch, model=model, tx=tx, method=method,
+def make_step_fns(model, tx, method, axis: sharding.RunAxis,
+                  rebuild: Callable[[dict], object] | None = None) -> StepFns:
+  """The steps take ``(state, batch, values)`` (and ``active``), ``values`` each run's
+  traced strengths (``{name: [runs]}``, empty when the runs share them): with
+  ``rebuild``, the method is built inside the step from them."""
+  def one(state, batch, values):
+    m = method if rebuild is None else rebuild(values)
+    return steps.train_step(state, batch, model=model, tx=tx, method=m,
                             dropout_rng=DROPOUT_RNG)
 
-  def one_held(state, batch, active):
-    new, metrics = one(state, batch)
+  def one_held(state, batch, values, active):
+    new, metrics = one(state, batch, values)
     return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state), metrics
-  return StepFns(jax.jit(jax.vmap(one), donate_argnums=0),
-                 jax.jit(jax.vmap(one_held), donate_argnums=0))
+  out = (axis.runs, axis.replicated)
+  return StepFns(
+      jax.jit(jax.vmap(one), in_shardings=(axis.runs, axis.batches, axis.runs),
+              out_shardings=out, donate_argnums=0),
+      jax.jit(jax.vmap(one_held),
+              in_shardings=(axis.runs, axis.batches, axis.runs, axis.replicated),
+              out_shardings=out, donate_argnums=0))
+
+
+def _values(runs: Sequence[_Run], names: Sequence[str], axis: sharding.RunAxis) -> dict:
+  """The runs' traced strengths ``names``, one float32 per run, on the run axis."""
+  return {n: sharding.put_global(np.asarray([r.study.cfg.method_config.to_dict()[n]
+                                             for r in runs], np.float32), axis.runs)
+          for n in names}
 
 
 # ----------------------------------------------------------------------------
@@ -229,11 +283,19 @@ def train_side_by_side(runs: Sequence[_Run], k: int, step_fns: dict) -> None:
   logging.info("Task %d/%d %s: %d runs side by side (seeds %s), %s steps of batch %d (%s).",
                k + 1, len(study.tasks), study.tasks[k].name, len(runs),
                [r.study.cfg.seed for r in runs], totals, cfg.batch_size, study.method.name)
-  key = study_lib._mask_key(study, k)
+  axis = sharding.RunAxis.over(study.mesh, len(runs))
+  names = varying([r.study.cfg for r in runs])
+  key = (study_lib._mask_key(study, k), axis.mesh.shape["runs"], names)
   if key not in step_fns:
-    step_fns[key] = make_step_fns(study.model, runs[0].plan.tx, study.method)
+    rebuild = functools.partial(build_method, cfg.method, cfg.method_config,
+                                study.method_context) if names else None
+    step_fns[key] = make_step_fns(study.model, runs[0].plan.tx, study.method, axis, rebuild)
   fns = step_fns[key]
-  stacked = stack([r.state for r in runs])
+  values = _values(runs, names, axis)
+  own = sharding.replicated(study.mesh)   # a run's state alone (--mesh_model=1)
+  stacked = stack([r.state for r in runs], axis.runs)
+  for r in runs:
+    r.mesh = dict(axis.mesh.shape)
   for r in runs:
     r.state = None   # the stacked copy is the state now (and holds the memory)
   streams, spare = _batch_streams(runs, k)
@@ -243,22 +305,23 @@ def train_side_by_side(runs: Sequence[_Run], k: int, step_fns: dict) -> None:
     plan.append((s, active, stack_batches(
         [next(it) if on else x for it, x, on in zip(streams, spare, active)], study.buckets)))
   ahead = itertools.chain((b for _, active, b in plan if all(active)), _later_batches(runs, k))
-  steps.compile_programs([(fns.full, (stacked, b))
+  steps.compile_programs([(fns.full, (stacked, axis.batch_shapes(b), values))
                           for b in data_lib.one_batch_per_shape(ahead)])
   for s, active, batch in plan:
     if all(active):
-      stacked, metrics = fns.full(stacked, batch)
+      stacked, metrics = fns.full(stacked, axis.put_batch(batch), values)
     else:
-      stacked, metrics = fns.held(stacked, batch, jnp.asarray(active))
+      stacked, metrics = fns.held(stacked, axis.put_batch(batch), values,
+                                  sharding.put_global(np.asarray(active), axis.replicated))
     shared = _Metrics(metrics)
     for i, r in enumerate(runs):
       if active[i]:
         with _naming(r):
-          _after_step(r, k, lambda i=i, st=stacked: unstack(st, i), shared.of(i), s + 1)
+          _after_step(r, k, lambda i=i, st=stacked: unstack(st, i, own), shared.of(i), s + 1)
     for r in runs:
       r.logger.stop_after(cfg.stop_after_steps)
   for i, r in enumerate(runs):
-    r.state = unstack(stacked, i)
+    r.state = unstack(stacked, i, own)
     with _naming(r):
       r.logger.flush()
     r.record.train_seconds[-1] += r.clock.lap()
@@ -271,15 +334,18 @@ def train_side_by_side(runs: Sequence[_Run], k: int, step_fns: dict) -> None:
 
 def _open(cfgs: Sequence[StudyConfig], workdirs: Sequence[str], resume: bool,
           compiling: CompileTimer) -> list[_Run]:
-  """Each run's study, state, record and logger; the runs share the first one's model,
-  method and evaluation program (their configs agree), so each compiles once."""
+  """Each run's study, state, record and logger; the runs share the first one's model
+  and evaluation program, so each compiles once, and its method (with its hooks'
+  programs) unless their strengths differ."""
   runs = []
+  own_methods = bool(varying(cfgs))
   for i, (cfg, workdir) in enumerate(zip(cfgs, workdirs)):
     study = study_lib.setup(cfg, workdir, resume)
     if runs:
       first = runs[0].study
-      study = dataclasses.replace(study, model=first.model, method=first.method,
-                                  eval_fn=first.eval_fn, compiled=first.compiled)
+      study = dataclasses.replace(study, model=first.model, eval_fn=first.eval_fn,
+                                  compiled=first.compiled,
+                                  method=study.method if own_methods else first.method)
     state, record = study_lib.restore_or_start(study, resume)
     logger = loop.open_logger(workdir, record.global_step, cfg.log_every, study.checkpointer,
                               enabled=study.writes_files,
@@ -316,7 +382,8 @@ def run_parallel(cfgs: Sequence[StudyConfig], workdirs: Sequence[str], *,
   for r, f in zip(runs, flags):
     f = None if f is None else dict(f, dropout_rng=DROPOUT_RNG)
     results = make_results(r.study, r.record, f, time.time() - t_start)
-    results["timing"].update(compiling.summary(), runs_side_by_side=len(runs))
+    results["timing"].update(compiling.summary(), runs_side_by_side=len(runs),
+                             runs_mesh=r.mesh)
     results["timing"].update(checkpoint.timing(r.study.checkpointer))
     if r.study.writes_files:
       write_results(results, r.study.workdir)

@@ -16,8 +16,9 @@ batch: it is split over all devices of all hosts, so it must be divisible by the
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import logging
 import jax
@@ -128,3 +129,44 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = "--batch_size") ->
   if batch_size % mesh.shape["data"]:
     raise ValueError(f"{what}={batch_size} is the global batch; it must be divisible by "
                      f"the mesh's data axis ({mesh.shape['data']} devices).")
+
+
+def runs_mesh(mesh: Mesh, runs: int) -> Mesh:
+  """A ``(runs, data)`` mesh over ``mesh``'s devices, in their order, for ``runs``
+  runs trained side by side: the run axis takes the most devices that divide both the
+  runs and the devices (one run's slice per device group), ``data`` splits each run's
+  batch over the rest. Runs side by side need ``--mesh_model=1``."""
+  devices = np.asarray(mesh.devices).reshape(-1)
+  r = math.gcd(runs, devices.size)
+  return Mesh(devices.reshape(r, devices.size // r), ("runs", "data"),
+              axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A host array that every process holds whole, put on ``sharding`` (each process
+  places the parts its own devices hold)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+class RunAxis(NamedTuple):
+  """Where the stacked runs live: the state's run axis on ``runs`` (``P("runs")``),
+  each step's ``[runs, batch, ...]`` batch on ``batches`` (``P("runs", "data")``),
+  metrics and flags replicated."""
+  mesh: Mesh
+  runs: NamedSharding
+  batches: NamedSharding
+  replicated: NamedSharding
+
+  @classmethod
+  def over(cls, mesh: Mesh, n_runs: int) -> RunAxis:
+    rmesh = runs_mesh(mesh, n_runs)
+    return cls(rmesh, NamedSharding(rmesh, P("runs")), NamedSharding(rmesh, P("runs", "data")),
+               NamedSharding(rmesh, P()))
+
+  def put_batch(self, batch: dict) -> dict:
+    return {k: put_global(v, self.batches) for k, v in batch.items()}
+
+  def batch_shapes(self, batch: dict) -> dict:
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batches)
+            for k, v in batch.items()}

@@ -100,6 +100,7 @@ class Study:
   buckets: tuple[int, ...] = ()    # the lengths batches are padded to (--length_bucket)
   warnings: tuple[str, ...] = ()   # about the data (a single-class training set)
   compiled: dict = dataclasses.field(default_factory=dict)   # optimizers and train steps
+  method_context: BuildContext | None = None   # what the method was built with
 
 
 # ----------------------------------------------------------------------------
@@ -139,12 +140,13 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
   as_text = cfg.head == "lm"
   model, params = build_model(cfg, tokenizer, total_labels,
                               data_lib.label_tokens(tasks, tokenizer) if as_text else None)
-  method = build_method(cfg.method, cfg.method_config, BuildContext(
+  method_context = BuildContext(
       num_labels=total_labels, num_tasks=len(tasks), max_length=cfg.max_length,
       n_layer=model.config.n_layer, head=cfg.head, first_new_token=len(tokenizer),
       eos_token_id=tokenizer.eos_token_id, n_embd=model.config.n_embd,
       pad_token_id=tokenizer.pad_token_id,
-      answer_tokens=data_lib.answer_tokens(tasks, tokenizer) if as_text else 1))
+      answer_tokens=data_lib.answer_tokens(tasks, tokenizer) if as_text else 1)
+  method = build_method(cfg.method, cfg.method_config, method_context)
   if method.tokens:
     model, params = models.add_method_tokens(model, params, tokenizer, method.tokens)
   if method.model_options:
@@ -172,7 +174,8 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
                base_rng=jax.random.PRNGKey(cfg.seed),
                warnings=tuple(data_lib.class_warnings(task_data)),
                writes_files=jax.process_index() == 0, tokenizer=tokenizer,
-               buckets=data_lib.length_buckets(cfg.max_length, cfg.length_bucket))
+               buckets=data_lib.length_buckets(cfg.max_length, cfg.length_bucket),
+               method_context=method_context)
 
 
 def pretraining_keys(cfg: StudyConfig) -> frozenset[str]:

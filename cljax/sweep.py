@@ -125,21 +125,22 @@ def run_one(cfg: study.StudyConfig, workdir: str, flags: dict | None = None) -> 
   return study.run(cfg, workdir, resume=resume, flags=flags)
 
 
-def _side_by_side(base: study.StudyConfig, root: str, method: str, field: str | None, value,
-                  seeds: Sequence[int], flags: dict | None) -> list[tuple[str, dict]]:
-  """(workdir, results) of ``seeds`` at one strength: those not done yet trained side by
-  side (:func:`cljax.parallel.run_parallel`), resuming the ones with checkpoints."""
+def _side_by_side(base: study.StudyConfig, root: str, method: str, field: str | None,
+                  runs: Sequence[tuple], flags: dict | None) -> list[tuple[str, dict]]:
+  """(workdir, results) of ``runs`` ((strength, seed) pairs): those not done yet trained
+  side by side (:func:`cljax.parallel.run_parallel`), resuming the ones with
+  checkpoints."""
   from cljax import parallel  # pylint: disable=import-outside-toplevel
-  workdirs = [run_dir(root, method, field, value, seed) for seed in seeds]
+  workdirs = [run_dir(root, method, field, value, seed) for value, seed in runs]
   done = [_finished(w) for w in workdirs]
   todo = [i for i, d in enumerate(done) if d is None]
   if todo:
     ran = parallel.run_parallel(
-        [base.replace(method=method, seed=seeds[i], method_config=_strength(base, field, value))
-         for i in todo],
+        [base.replace(method=method, seed=runs[i][1],
+                      method_config=_strength(base, field, runs[i][0])) for i in todo],
         [workdirs[i] for i in todo], resume=True,
-        flags=[dict(flags or {}, method=method, seed=seeds[i], workdir=workdirs[i],
-                    **({field: value} if field else {})) for i in todo])
+        flags=[dict(flags or {}, method=method, seed=runs[i][1], workdir=workdirs[i],
+                    **({field: runs[i][0]} if field else {})) for i in todo])
     for i, results in zip(todo, ran):
       done[i] = results
   return list(zip(workdirs, done))
@@ -186,7 +187,8 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
   """Runs every method on every seed (strengths chosen on validation; see module doc;
   ``selection_seed``: the candidates run on that seed, which the report leaves out,
   and the chosen strength on every seed of ``seeds``; ``parallel_runs`` > 1: the
-  seeds at the chosen strength trained that many side by side,
+  seeds at the chosen strength trained that many side by side, and so the strength
+  candidates where the method reads its strength as a traced value,
   :mod:`cljax.parallel`).
 
   Returns ``{"selection": ..., "runs": [workdir, ...], "results": [results, ...]}``
@@ -212,13 +214,27 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
     all_results.append(results)
     return results
 
+  def together(method, field, pairs):
+    out = []
+    for i in range(0, len(pairs), parallel_runs):
+      chunk = pairs[i:i + parallel_runs]
+      logging.info("[sweep %d-%d/%d, %s elapsed] %s side by side: %s", len(runs) + 1,
+                   len(runs) + len(chunk), total, fmt_time(time.time() - t0), method,
+                   ", ".join(f"{tag(field, v)} seed {s}" for v, s in chunk))
+      for workdir, results in _side_by_side(base, root, method, field, chunk, flags):
+        runs.append(workdir)
+        all_results.append(results)
+        out.append(results)
+    return out
+
   for method in methods:
     field, values = grids.get(method, (None, [None]))
     if len(values) > 1:
       on = selection_seed if held_out else seeds[0]
-      scores = []
-      for value in values:
-        scores.append(_val_score(one(method, field, value, on)))
+      if parallel_runs > 1 and field in registry.traced(method):
+        scores = [_val_score(r) for r in together(method, field, [(v, on) for v in values])]
+      else:
+        scores = [_val_score(one(method, field, value, on)) for value in values]
       best = max(range(len(values)), key=lambda i: scores[i])
       selection[method] = {
           "field": field, "chosen": values[best], "chosen_on": "validation average accuracy",
@@ -235,14 +251,7 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
         selection[method] = {"field": field, "chosen": chosen, "chosen_on": "single value",
                              "tag": tag(field, chosen), "candidates": []}
     if parallel_runs > 1:
-      for i in range(0, len(rest), parallel_runs):
-        chunk = rest[i:i + parallel_runs]
-        logging.info("[sweep %d-%d/%d, %s elapsed] %s %s seeds %s side by side", len(runs) + 1,
-                     len(runs) + len(chunk), total, fmt_time(time.time() - t0), method,
-                     tag(field, chosen), chunk)
-        for workdir, results in _side_by_side(base, root, method, field, chosen, chunk, flags):
-          runs.append(workdir)
-          all_results.append(results)
+      together(method, field, [(chosen, seed) for seed in rest])
     else:
       for seed in rest:
         one(method, field, chosen, seed)

@@ -1,7 +1,9 @@
 """Multi-host for real: the study and a sweep of two runs as 2 JAX processes on this
 machine (2 CPU devices each, a coordinator on localhost, gloo collectives) give the
 matrices of 1 process with the same 4 devices and the same global batch; only process
-0 writes outputs; a checkpoint the 2 processes wrote resumes in 1 process."""
+0 writes outputs; a checkpoint the 2 processes wrote resumes in 1 process; two runs
+side by side lay their run axis over the two processes and each run's batch over a
+process's two devices."""
 
 import json
 import os
@@ -110,3 +112,29 @@ def test_a_sweep_of_two_runs_on_two_processes(one_process, tiny_data_dir, tiny_t
   for s in (cfg["seed"], cfg["seed"] + 1):   # the second run's study reused the started runtime
     workdir = sweep.run_dir(str(tmp_path), cfg["method"], None, None, s)
     assert os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_runs_side_by_side_lay_their_run_axis_over_two_processes(tiny_data_dir,
+                                                                 tiny_tokenizer_dir, tmp_path):
+  """Seeds 0 and 1 of an EWC study side by side: on one device (runs 1 x data 1), and
+  on 2 processes of 2 devices (runs 2 x data 2: a run per process, its batch split over
+  the process's devices) give the same accuracy matrices, and only process 0 writes."""
+  spec = json.loads(_spec(tiny_data_dir, tiny_tokenizer_dir, method="ewc", num_train=24,
+                          dropout_rng="threefry"))
+  (one,) = run_processes(1, 1, "parallel", json.dumps(spec), str(tmp_path / "one"))
+  assert one["runs_mesh"] == {"runs": 1, "data": 1}
+  outs = run_processes(2, 2, "parallel", json.dumps(dict(spec, distributed=True)),
+                       str(tmp_path / "two"))
+  for o in outs:
+    assert o["runs_mesh"] == {"runs": 2, "data": 2}
+    assert o["accuracy_matrix"] == one["accuracy_matrix"]
+    assert o["task_aware_accuracy_matrix"] == one["task_aware_accuracy_matrix"]
+  assert one["accuracy_matrix"][0] != one["accuracy_matrix"][1]   # two runs, not one twice
+  for seed in (0, 1):
+    with open(tmp_path / "two" / f"seed{seed}" / "results.json") as f:
+      written = json.load(f)
+    assert written["accuracy_matrix"] == one["accuracy_matrix"][seed]
+    assert written["timing"]["runs_mesh"] == {"runs": 2, "data": 2}
+    with open(tmp_path / "two" / f"seed{seed}" / "metrics.jsonl") as f:
+      steps = [json.loads(line)["global_step"] for line in f if '"loss"' in line]
+    assert steps == sorted(set(steps))          # one writer: every step once

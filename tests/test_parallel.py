@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from cljax import parallel, study
+from cljax import parallel, sharding, study
 from cljax import data as data_lib
 from cljax.methods import MethodConfig
 
@@ -31,14 +31,29 @@ def test_stack_pads_what_differs_and_batches_share_one_bucket():
   assert batch["input_ids"].shape == (2, 1, 4) and batch["labels"].tolist() == [[1], [1]]
 
 
-def test_runs_side_by_side_must_differ_only_in_seed():
+def test_runs_side_by_side_must_differ_only_in_seed_and_traced_strengths():
   base = study.StudyConfig()
-  with pytest.raises(ValueError, match="seed 1 also differs in --learning_rate"):
+  with pytest.raises(ValueError, match="only in --seed; seed 1 also differs in --learning_rate"):
     parallel.side_by_side([base, base.replace(seed=1, learning_rate=1.0)])
-  with pytest.raises(ValueError, match="distinct seeds"):
+  with pytest.raises(ValueError, match=r"must differ, found \(seed\) \[\(0,\), \(0,\)\]"):
     parallel.side_by_side([base, base])
   assert [c.dropout_rng for c in parallel.side_by_side([base, base.replace(seed=3)])] == [
       "threefry"] * 2
+  # EWC's lambda is a traced strength: runs may differ in it, on one seed or several;
+  # its other hyperparameters, and another method's strengths, may not differ.
+  ewc = base.replace(method="ewc")
+  strong = ewc.replace(method_config=ewc.method_config.replace(ewc_lambda=1e6))
+  assert parallel.varying(parallel.side_by_side([ewc, strong])) == ("ewc_lambda",)
+  assert parallel.varying([ewc, ewc.replace(seed=1)]) == ()
+  with pytest.raises(ValueError, match=r"only in --seed, --ewc_lambda; seed 0 also differs "
+                                       r"in --fisher_samples"):
+    parallel.side_by_side([ewc, ewc.replace(method_config=ewc.method_config.replace(
+        fisher_samples=7))])
+  with pytest.raises(ValueError, match="also differs in --lwf_alpha"):
+    parallel.side_by_side([ewc, ewc.replace(method_config=ewc.method_config.replace(
+        lwf_alpha=3.0))])
+  with pytest.raises(ValueError, match="also differs in --method"):
+    parallel.side_by_side([ewc, base.replace(seed=1)])
 
 
 def test_one_step_side_by_side_is_each_runs_step_alone(tiny_data_dir, tiny_tokenizer_dir,
@@ -63,10 +78,11 @@ def test_one_step_side_by_side_is_each_runs_step_alone(tiny_data_dir, tiny_token
   alone = [study._train_fn(s, p, st)(jax.tree.map(jax.numpy.copy, st),
                                      data_lib.trim_to_bucket(b, (8, 24)))
            for s, p, st, b in zip(runs, plans, states, batches)]
-  fns = parallel.make_step_fns(runs[0].model, plans[0].tx, runs[0].method)
+  axis = sharding.RunAxis.over(runs[0].mesh, 2)
+  fns = parallel.make_step_fns(runs[0].model, plans[0].tx, runs[0].method, axis)
   both = parallel.stack_batches(batches, (8, 24))
   assert both["input_ids"].shape[-1] == 24
-  new, metrics = fns.full(parallel.stack(states), both)
+  new, metrics = fns.full(parallel.stack(states, axis.runs), both, {})
   for i, (state_i, metrics_i) in enumerate(alone):
     # AdamW's first update is about lr * g / |g| (2e-3 here): where a gradient is of
     # rounding's size its update moves; everywhere else the params agree to 1e-6.
@@ -76,7 +92,7 @@ def test_one_step_side_by_side_is_each_runs_step_alone(tiny_data_dir, tiny_token
                                                                    np.mean(diff > 1e-6))
     for name in ("loss_sum", "grad_norm", "correct"):
       np.testing.assert_allclose(metrics[name][i], metrics_i[name], rtol=1e-5)
-  held, _ = fns.held(parallel.stack(states), both, jax.numpy.asarray([True, False]))
+  held, _ = fns.held(parallel.stack(states, axis.runs), both, {}, np.asarray([True, False]))
   for a, b in zip(jax.tree.leaves(parallel.unstack(held, 1)), jax.tree.leaves(states[1])):
     np.testing.assert_array_equal(a, b)
   for s in runs:
@@ -110,12 +126,19 @@ def _final_logits(cfg, workdir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method,bucket", [("finetune", 0), ("finetune", 8), ("ewc", 8),
-                                           ("replay", 8), ("generative_replay", 8)])
+@pytest.mark.parametrize("method,bucket,lambdas", [
+    ("finetune", 0, None), ("finetune", 8, None), ("ewc", 8, None), ("replay", 8, None),
+    ("generative_replay", 8, None), ("ewc", 8, (1e2, 1e6))])
 def test_runs_side_by_side_equal_the_same_runs_alone(tiny_data_dir, tiny_tokenizer_dir,
-                                                     tmp_path, method, bucket):
+                                                     tmp_path, method, bucket, lambdas):
+  """Two seeds side by side; or (``lambdas``) two EWC strengths on seeds 0 and 1, the
+  strength a traced value of the one step."""
   cfgs = [_config(tiny_data_dir, tiny_tokenizer_dir, method=method, length_bucket=bucket,
                   seed=seed) for seed in (0, 1)]
+  if lambdas:
+    cfgs = [c.replace(method_config=c.method_config.replace(ewc_lambda=v))
+            for c, v in zip(cfgs, lambdas)]
+    assert parallel.varying(cfgs) == ("ewc_lambda",)
   together = parallel.run_parallel(cfgs, [str(tmp_path / f"par{s}") for s in (0, 1)])
   for cfg, got in zip(cfgs, together):
     alone = study.run(cfg, str(tmp_path / f"alone{cfg.seed}"))
@@ -183,3 +206,23 @@ def test_a_non_finite_run_side_by_side_names_itself(tiny_data_dir, tiny_tokenize
                                                "Non-finite loss or gradient at task 0"):
     parallel.run_parallel(cfgs, [str(tmp_path / f"r{s}") for s in (0, 1)])
   assert not os.path.exists(tmp_path / "r0" / "results.json")
+
+
+@pytest.mark.slow
+def test_a_sweep_trains_traced_strength_candidates_side_by_side(tiny_data_dir,
+                                                                tiny_tokenizer_dir, tmp_path):
+  """EWC's lambda candidates on the selection seed run as one program, then the chosen
+  strength on the reported seed; the choice is the better validation score."""
+  from cljax import sweep
+  base = _config(tiny_data_dir, tiny_tokenizer_dir, dropout_rng="rbg", num_val=8, epochs=1)
+  out = sweep.run_sweep(base, str(tmp_path), ["ewc"], [0], selection_seed=5, parallel_runs=2,
+                        grids={"ewc": ("ewc_lambda", [1e2, 1e6])})
+  candidates, (reported,) = out["results"][:2], out["results"][2:]
+  assert [(r["flags"]["ewc_lambda"], r["flags"]["seed"]) for r in candidates] == [
+      (1e2, 5), (1e6, 5)]
+  assert [r["timing"]["runs_side_by_side"] for r in candidates] == [2, 2]
+  assert [r["method_config"]["ewc_lambda"] for r in candidates] == [1e2, 1e6]
+  scores = [r["val_metrics"]["average_accuracy"] for r in candidates]
+  chosen = out["selection"]["ewc"]["chosen"]
+  assert chosen == (1e2, 1e6)[int(np.argmax(scores))]
+  assert reported["flags"]["seed"] == 0 and reported["flags"]["ewc_lambda"] == chosen

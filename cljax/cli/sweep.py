@@ -46,7 +46,9 @@ _PARALLEL = flags.DEFINE_integer(
     "parallel_runs", 1, "Train up to N seeds of a method side by side as one vmapped "
     "program (cljax.parallel: each run's own data, dropout, method state, checkpoints "
     "and outputs; dropout drawn with threefry, recorded in each run's flags); 1: one "
-    "after another. Strength candidates still run one after another.", lower_bound=1)
+    "after another. A method's strength candidates run side by side too where it reads "
+    "the strength as a traced value (EWC, online EWC, MAS, L2, SI, LwF); on several "
+    "devices the runs are laid over them.", lower_bound=1)
 _REPORT = flags.DEFINE_bool("report", True, "Write the report when the sweep ends.")
 
 

@@ -46,7 +46,8 @@ class LwFConfig:
 
 
 @register("lwf", "LwF: distillation from the model before the current task (Li and "
-          "Hoiem 2016)", LwFConfig, grid={"lwf_alpha": (1.0, 10.0)})
+          "Hoiem 2016)", LwFConfig, grid={"lwf_alpha": (1.0, 10.0)},
+          traced=("lwf_alpha",))
 def lwf(hp: LwFConfig, ctx: BuildContext) -> Method:
   def init(params):
     return LwFState(jax.tree.map(jnp.copy, params), jnp.zeros((ctx.num_labels,), bool),

@@ -71,6 +71,7 @@ class Registration(NamedTuple):
   config: type | None            # the hyperparameter dataclass (None: none)
   grid: dict[str, tuple]         # default strengths for sweeps
   heads: tuple[str, ...] = ("score", "lm")   # the study heads it works with
+  traced: tuple[str, ...] = ()   # strengths its train step may read as traced values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,13 +118,18 @@ def _hparams_of(config: type | None) -> list[HParam]:
 
 
 def register(name: str, description: str, config: type | None = None, *,
-             grid: dict[str, tuple] | None = None, heads: tuple[str, ...] = ("score", "lm")):
+             grid: dict[str, tuple] | None = None, heads: tuple[str, ...] = ("score", "lm"),
+             traced: tuple[str, ...] = ()):
   """Decorator registering ``factory(hparams, ctx) -> Method`` under ``name``.
 
   ``config`` is the method's hyperparameter dataclass (its fields made with
   :func:`hparam`); the factory receives an instance of it. ``grid`` gives default
   sweep values of one or more of its fields (``{"ewc_lambda": (1e2, 1e4)}``).
   ``heads``: the study's heads it works with (``--methods=all`` skips it under others).
+  ``traced``: hyperparameters the factory only multiplies into its train step's loss
+  (never a branch, a shape, or a between-task hook's host code), so the factory may be
+  given them as traced values: runs differing in them train side by side as one
+  vmapped step (:mod:`cljax.parallel`).
   """
   new = _hparams_of(config)
   for hp in new:
@@ -132,13 +138,14 @@ def register(name: str, description: str, config: type | None = None, *,
       raise ValueError(f"Method {name!r} declares hyperparameter {hp.name!r} as {hp}, "
                        f"but it is already declared as {old}; share one declaration.")
   grid = dict(grid or {})
-  unknown = set(grid) - {hp.name for hp in new}
+  unknown = (set(grid) | set(traced)) - {hp.name for hp in new}
   if unknown:
-    raise ValueError(f"Method {name!r}: grid over {sorted(unknown)}, which are not its "
-                     "hyperparameters.")
+    raise ValueError(f"Method {name!r}: grid or traced over {sorted(unknown)}, which are not "
+                     "its hyperparameters.")
 
   def wrap(factory):
-    _REGISTRY[name] = Registration(name, description, factory, config, grid, heads)
+    _REGISTRY[name] = Registration(name, description, factory, config, grid, heads,
+                                   tuple(traced))
     for hp in new:
       _HPARAMS[hp.name] = hp
     return factory
@@ -177,6 +184,11 @@ def users(hparam_name: str) -> list[str]:
   """The registered methods that read hyperparameter ``hparam_name``."""
   return [r.name for r in _REGISTRY.values()
           if any(hp.name == hparam_name for hp in _hparams_of(r.config))]
+
+
+def traced(spec: str) -> frozenset[str]:
+  """The hyperparameters of ``spec``'s methods that they read as traced values."""
+  return frozenset(t for name in parse(spec) for t in _REGISTRY[name].traced)
 
 
 def descriptions() -> dict[str, str]:
@@ -275,11 +287,17 @@ def _make_config(values):
   return MethodConfig(**values)
 
 
-def build(spec: str, hparams_: MethodConfig, ctx: BuildContext) -> Method:
+def build(spec: str, hparams_: MethodConfig, ctx: BuildContext,
+          values: dict | None = None) -> Method:
   """``spec`` is a method name or several joined by '+' (``ewc+replay``); each
-  factory gets its own hyperparameters from ``hparams_``."""
+  factory gets its own hyperparameters from ``hparams_``, those of ``values`` (traced
+  arrays, inside a jitted step) replacing the ones each method declares ``traced``."""
   methods = []
   for name in parse(spec):
     reg = _REGISTRY[name]
-    methods.append(reg.factory(hparams_.for_config(reg.config), ctx))
+    hp = hparams_.for_config(reg.config)
+    given = {k: v for k, v in (values or {}).items() if k in reg.traced}
+    if given:
+      hp = dataclasses.replace(hp, **given)
+    methods.append(reg.factory(hp, ctx))
   return compose(*methods)

@@ -194,21 +194,23 @@ def _ewc(hp: EWCConfig, online: bool) -> Method:
 
 
 @register("ewc", "EWC: one Fisher-weighted penalty per past task (Kirkpatrick et al. 2017)",
-          EWCConfig, grid={"ewc_lambda": (1e2, 1e4, 1e6)})
+          EWCConfig, grid={"ewc_lambda": (1e2, 1e4, 1e6)}, traced=("ewc_lambda",))
 def ewc(hp: EWCConfig, ctx: BuildContext) -> Method:
   del ctx
   return _ewc(hp, online=False)
 
 
 @register("online_ewc", "online EWC: one running Fisher decayed by gamma (Schwarz et al. "
-          "2018)", OnlineEWCConfig, grid={"ewc_lambda": (1e3, 1e5)})
+          "2018)", OnlineEWCConfig, grid={"ewc_lambda": (1e3, 1e5)},
+          traced=("ewc_lambda",))
 def online_ewc(hp: OnlineEWCConfig, ctx: BuildContext) -> Method:
   del ctx
   return _ewc(hp, online=True)
 
 
 @register("mas", "MAS: importance from the gradient of the squared output norm "
-          "(Aljundi et al. 2018)", MASConfig, grid={"mas_lambda": (0.1, 10.0)})
+          "(Aljundi et al. 2018)", MASConfig, grid={"mas_lambda": (0.1, 10.0)},
+          traced=("mas_lambda",))
 def mas(hp: MASConfig, ctx: BuildContext) -> Method:
   del ctx
 
@@ -229,7 +231,7 @@ def mas(hp: MASConfig, ctx: BuildContext) -> Method:
 
 
 @register("l2", "L2 penalty to the previous task's solution", L2Config,
-          grid={"l2_lambda": (0.01, 1.0)})
+          grid={"l2_lambda": (0.01, 1.0)}, traced=("l2_lambda",))
 def l2(hp: L2Config, ctx: BuildContext) -> Method:
   del ctx
 
@@ -270,7 +272,7 @@ def _si_restart(state: SIState, params) -> SIState:
 
 
 @register("si", "SI: importance from the path integral of each step (Zenke et al. 2017)",
-          SIConfig, grid={"si_c": (0.1, 10.0)})
+          SIConfig, grid={"si_c": (0.1, 10.0)}, traced=("si_c",))
 def si(hp: SIConfig, ctx: BuildContext) -> Method:
   del ctx
 
