@@ -132,12 +132,15 @@ def _entropy(logits_BC, classes_C) -> jax.Array:
   return -jnp.sum(jnp.where(classes_C, jnp.exp(logp) * logp, 0.0), axis=-1)
 
 
-def infer_task(state: PerTaskState, ctx: StepContext, infer: str):
+def infer_task(state: PerTaskState, ctx: StepContext, infer: str, slot_inputs=None):
   """(class-incremental logits, task-given logits, sums): each trained slot is tried and
-  the most confident kept; its logits outside its task's classes are pushed to -1e9."""
+  the most confident kept; its logits outside its task's classes are pushed to -1e9.
+  ``slot_inputs(s, B)``: the model inputs that run a batch of B as slot s (default:
+  ``peft_slot``; DEN: the units task s uses)."""
   batch, S = ctx.batch, state.active.shape[0]
   B = batch["labels"].shape[0]
-  per_slot = jnp.stack([ctx.apply_fn(ctx.params, {**batch, "peft_slot": jnp.full((B,), s)})
+  slot_inputs = slot_inputs or (lambda s, n: {"peft_slot": jnp.full((n,), s)})
+  per_slot = jnp.stack([ctx.apply_fn(ctx.params, {**batch, **slot_inputs(s, B)})
                         for s in range(S)])                                  # [S, B, C]
   if infer == "entropy":
     score_SB = jnp.stack([_entropy(per_slot[s], state.slot_classes[s]) for s in range(S)])

@@ -7,6 +7,7 @@
   :data:`MODEL_INPUTS`, the optional inputs a batch may carry into them.
 - ``peft.py``: LoRA, adapters and soft prompts in per-task slots.
 - ``pnn.py``: Progressive Neural Networks' columns and laterals.
+- ``den.py``: Dynamically Expandable Networks' MLP units (capacity, masks, views).
 - ``surgery.py``: new token rows, added modules' params, LoRA merging, random init.
 - ``minimal.py``: a bare GPT-2 classifier, the compile benchmark's baseline.
 

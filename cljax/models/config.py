@@ -90,6 +90,10 @@ class GPT2Config:
   # Progressive Neural Networks: this many GPT-2 columns (0 or 1: none), laterals from
   # every earlier column's block outputs into each later one.
   pnn_columns: int = 0
+  # Dynamically Expandable Networks: this many MLP units per block allocated ahead
+  # beside the loaded ones (``den_fc``, ``den_proj``), used only where the method's
+  # per-example mask (``den_units``) says (cljax/models/den.py); 0: none.
+  den_capacity: int = 0
 
   def __post_init__(self):
     if self.n_embd % self.n_head:
@@ -111,12 +115,16 @@ class GPT2Config:
     if self.pnn_columns > 1 and (self.lora_rank or self.adapter_size or self.prompt_length):
       raise ValueError("Progressive columns (pnn_columns) do not combine with LoRA, "
                        "adapters or prompts.")
+    if self.den_capacity and (self.lora_rank or self.adapter_size or self.prompt_length
+                              or self.pnn_columns > 1):
+      raise ValueError("DEN's units (den_capacity) do not combine with LoRA, adapters, "
+                       "prompts or progressive columns.")
 
   @property
   def has_peft(self) -> bool:
     """Whether the model holds modules a plain Hugging Face GPT-2 cannot."""
     return bool(self.lora_rank or self.adapter_size or self.prompt_length
-                or self.pnn_columns > 1)
+                or self.pnn_columns > 1 or self.den_capacity)
 
   @property
   def head_dim(self) -> int:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from cljax.kv_cache import attend_cached
 from cljax.models.config import GPT2Config, as_dtype
+from cljax.models.den import den_mlp
 from cljax.models.dropout import dropout
 from cljax.models.peft import Adapter, LoRA
 
@@ -105,9 +106,12 @@ class MLP(nn.Module):
   config: GPT2Config
 
   @nn.compact
-  def __call__(self, x_BTD, deterministic: bool, slot_B=None):
+  def __call__(self, x_BTD, deterministic: bool, slot_B=None, units_BW=None):
     cfg = self.config
     h = projection(cfg, cfg.inner_dim, "c_fc", x_BTD, slot_B, deterministic)
+    if cfg.den_capacity:   # DEN's units beside the loaded ones, masked by units_BW
+      return dropout(cfg, cfg.resid_pdrop, den_mlp(self, x_BTD, h, units_BW, dense),
+                     deterministic)
     h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
     h = projection(cfg, cfg.n_embd, "c_proj", h, slot_B, deterministic)
     return dropout(cfg, cfg.resid_pdrop, h, deterministic)
@@ -116,13 +120,14 @@ class MLP(nn.Module):
 class Block(nn.Module):
   """Pre-LayerNorm transformer block; with ``query_idx_B``, outputs only that
   position of each sequence (``[B, 1, D]``); with ``kv``, returns ``(x, kv)``;
-  ``slot_B`` picks each example's LoRA / adapter slot (None: their sum)."""
+  ``slot_B`` picks each example's LoRA / adapter slot (None: their sum); ``units_BW``
+  the MLP units each example uses (``den_capacity``, DEN)."""
 
   config: GPT2Config
 
   @nn.compact
   def __call__(self, x_BTD, mask_BT, deterministic: bool, query_idx_B=None, kv=None,
-               slot_B=None):
+               slot_B=None, units_BW=None):
     cfg = self.config
     attn = CausalSelfAttention(cfg, name="attn")(
         layer_norm(cfg, "ln_1")(x_BTD), mask_BT, deterministic, query_idx_B, kv, slot_B)
@@ -132,7 +137,7 @@ class Block(nn.Module):
       x_BTD = jnp.take_along_axis(x_BTD, query_idx_B[:, None, None], axis=1)
     x_BTD = x_BTD + attn
     x_BTD = x_BTD + MLP(cfg, name="mlp")(layer_norm(cfg, "ln_2")(x_BTD), deterministic,
-                                         slot_B)
+                                         slot_B, units_BW)
     if cfg.adapter_size:
       x_BTD = Adapter(cfg, name="adapter")(x_BTD, slot_B)
     return x_BTD if kv is None else (x_BTD, kv)

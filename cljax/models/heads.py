@@ -17,8 +17,9 @@ from cljax.models.pnn import columns_hidden
 
 # The optional inputs a batch may carry into the models (set by methods: the per-task
 # modules' slot, the progressive prompts in use, the LM positions whose logits a loss
-# reads); the steps pass exactly these keys of a batch on to ``model.apply``.
-MODEL_INPUTS = ("peft_slot", "prompt_active", "logits_index")
+# reads, DEN's MLP units in use); the steps pass exactly these keys of a batch on to
+# ``model.apply``.
+MODEL_INPUTS = ("peft_slot", "prompt_active", "logits_index", "den_units")
 
 def pool_index(input_ids_BT: jax.Array, pad_token_id: int | None) -> jax.Array:
   """Index of the rightmost token that is not the pad id (0 if all are pad).
@@ -33,9 +34,10 @@ def pool_index(input_ids_BT: jax.Array, pad_token_id: int | None) -> jax.Array:
 
 
 def pooled_hidden(cfg: GPT2Config, input_ids, attention_mask, deterministic: bool,
-                   peft_slot=None, prompt_active=None):
+                   peft_slot=None, prompt_active=None, den_units=None):
   """(the ``wte`` module, the final hidden state at the pooled token ``[B, D]``).
-  Called inside a model's compact ``__call__`` (its parameters are that model's)."""
+  Called inside a model's compact ``__call__`` (its parameters are that model's);
+  ``den_units [B, L, W]``: the MLP units each example uses in each block (DEN)."""
   B, T = input_ids.shape
   if T > cfg.n_positions:
     raise ValueError(f"Sequence length {T} exceeds n_positions={cfg.n_positions}.")
@@ -57,7 +59,8 @@ def pooled_hidden(cfg: GPT2Config, input_ids, attention_mask, deterministic: boo
   for i in range(cfg.n_layer):
     last = i == cfg.n_layer - 1
     x_BTD = block_cls(cfg, name=f"h_{i}")(x_BTD, attention_mask, deterministic,
-                                          idx_B if last else None, None, peft_slot)
+                                          idx_B if last else None, None, peft_slot,
+                                          None if den_units is None else den_units[:, i])
   return wte, layer_norm(cfg, "ln_f")(x_BTD[:, 0])
 
 
@@ -69,16 +72,17 @@ class GPT2Classifier(nn.Module):
   deterministic=True)`` -> float32 logits ``[batch, num_labels]``. Dropout needs
   ``deterministic=False`` and ``rngs={"dropout": key}``. With LoRA or adapters in the
   config, ``peft_slot [B]`` (int) picks each example's slot (None: their sum); with
-  soft prompts, ``prompt_active [B, S]`` (bool) the prompts in front of each example.
+  soft prompts, ``prompt_active [B, S]`` (bool) the prompts in front of each example;
+  with DEN's capacity (``den_capacity``), ``den_units [B, L, W]`` the MLP units in use.
   """
 
   config: GPT2Config
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, deterministic: bool = True,
-               peft_slot=None, prompt_active=None):
+               peft_slot=None, prompt_active=None, den_units=None):
     _, x_BD = pooled_hidden(self.config, input_ids, attention_mask, deterministic,
-                             peft_slot, prompt_active)
+                             peft_slot, prompt_active, den_units)
     logits_BC = dense(self.config.num_labels, self.config, "score", use_bias=False)(x_BD)
     return logits_BC.astype(jnp.float32)
 

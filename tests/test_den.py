@@ -1,0 +1,328 @@
+"""DEN (Dynamically Expandable Networks): the units beside GPT-2's MLP, selective
+retraining, expansion with group lasso and pruning, split and duplication with
+timestamps, and a study run's report."""
+
+import functools
+import json
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cljax import steps, study
+from cljax.methods import BuildContext, MethodConfig, StepContext, TaskContext, build
+from cljax.methods import den
+from cljax.models import GPT2Classifier, GPT2Config, add_peft_params, init_params
+from cljax.models.den import NEVER, alive, unit_arrays, with_units
+
+BASE = GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4,
+                  num_labels=4, pad_token_id=96, eos_token_id=96, embd_pdrop=0.0,
+                  attn_pdrop=0.0, resid_pdrop=0.0)
+INNER, CAPACITY = 128, 160
+W = INNER + CAPACITY
+
+
+class _Task(NamedTuple):
+  head_labels: tuple
+
+
+TASKS = (_Task((0, 1)), _Task((2, 3)))
+
+
+def _data(k, n=32, T=12, seed=0):
+  """Task k's rows: label = its first class if token 5 is in the row, else its second."""
+  rs = np.random.RandomState(seed + k)
+  ids = rs.randint(6, 90, (n, T)).astype(np.int32)
+  y = rs.randint(0, 2, n)
+  ids[y == 0, rs.randint(0, T)] = 5
+  labels = np.asarray(TASKS[k].head_labels)[np.where(y == 0, 0, 1)].astype(np.int32)
+  class_mask = np.zeros((n, 4), bool)
+  class_mask[:, list(TASKS[k].head_labels)] = True
+  return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels,
+          "class_mask": class_mask, "task_ids": np.full((n,), k, np.int32)}
+
+
+def _batches(arrays, bs=8):
+  n = len(arrays["labels"])
+  return [{**{k: v[i:i + bs] for k, v in arrays.items()}, "weights": np.ones(bs, np.float32)}
+          for i in range(0, n, bs)]
+
+
+def _method(**hp):
+  hp = {"den_capacity": CAPACITY, "den_select_steps": 4, "den_expand_steps": 4,
+        "den_split_steps": 0, **hp}
+  return build("den", MethodConfig(**hp), BuildContext(num_labels=4, num_tasks=2,
+                                                        max_length=12, n_layer=2, n_embd=32))
+
+
+@pytest.fixture(scope="module")
+def start():
+  base = init_params(GPT2Classifier(BASE), jax.random.PRNGKey(0))
+  model = GPT2Classifier(BASE.replace(den_capacity=CAPACITY))
+  return model, base, add_peft_params(model, base, jax.random.PRNGKey(1))
+
+
+def _ctx(model, k, params, state=None, reports=None):
+  return TaskContext(task_index=k, train=_data(k), model=model, rng=jax.random.PRNGKey(k),
+                     batch_size=8, params=params, tasks=TASKS, method_state=state,
+                     report=(reports.append if reports is not None else lambda r: None))
+
+
+def _train(method, model, params, mstate, k, epochs=2, lr=1e-2):
+  """The study's stages for task k by hand: returns params and state after the task's
+  steps (before ``after_task``)."""
+  mstate = method.before_task(mstate, _ctx(model, k, params))
+  tx, _ = steps.make_optimizer(learning_rate=lr, total_steps=100,
+                               trainable_mask=method.trainable(params, k))
+  state = steps.init_train_state(params, tx, jax.random.PRNGKey(k), method, mstate)
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, method=method))
+  for _ in range(epochs):
+    for b in _batches(_data(k)):
+      state, _ = step(state, b)
+  return state.params, state.method_state
+
+
+def _finish(method, model, params, mstate, k, reports=None):
+  ctx = _ctx(model, k, params, reports=reports)
+  mstate = method.after_task(mstate, ctx)
+  return method.adjust_params(mstate, ctx._replace(params=params)), mstate
+
+
+def _logits(model, params, k, mstate):
+  """Task k's logits (its head's: its classes) with its units, on its rows."""
+  units = den.alive_table(mstate)[k].astype(jnp.float32)
+  ids = _data(k)["input_ids"]
+  logits = model.apply({"params": params}, ids, den_units=jnp.broadcast_to(
+      units, (len(ids),) + units.shape))
+  return np.asarray(logits)[:, list(TASKS[k].head_labels)]
+
+
+@pytest.fixture(scope="module")
+def after_first(start):
+  """Params and state after task 0 (trained, consolidated) with the default method."""
+  model, _, params = start
+  method = _method()
+  params, mstate = _train(method, model, params, method.init(params), 0)
+  return _finish(method, model, params, mstate, 0)
+
+
+# ----------------------------------------------------------------------------
+# The units
+# ----------------------------------------------------------------------------
+
+def test_capacity_changes_no_logit_and_unit_views_round_trip(start):
+  model, base, params = start
+  ids = _data(0)["input_ids"]
+  plain = GPT2Classifier(BASE).apply({"params": base}, ids)
+  np.testing.assert_array_equal(model.apply({"params": params}, ids), plain)
+  units = unit_arrays(params, 2)
+  assert units["fc_k"].shape == (2, 32, W) and units["proj_k"].shape == (2, W, 32)
+  back = with_units(params, units, 2)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back),
+                                                  jax.tree.leaves(params)))
+  # A unit out of use contributes nothing, whatever its weights; one in use does.
+  mask = jnp.broadcast_to((jnp.arange(W) < INNER).astype(jnp.float32), (len(ids), 2, W))
+  moved = with_units(params, {**units, "proj_k": units["proj_k"].at[:, INNER + 3].add(1.0)}, 2)
+  np.testing.assert_array_equal(model.apply({"params": moved}, ids, den_units=mask), plain)
+  on = mask.at[:, :, INNER + 3].set(1.0)
+  assert np.abs(model.apply({"params": moved}, ids, den_units=on) - plain).max() > 1e-3
+
+
+# ----------------------------------------------------------------------------
+# Step 1: selective retraining
+# ----------------------------------------------------------------------------
+
+def test_the_l1_sparse_model_decides_the_selection(start, after_first):
+  model, _, _ = start
+  params, mstate = after_first
+  units = alive(mstate.birth, mstate.retired, 1)
+  batches = _batches(_data(1))
+  dense = den.select_units(model, params, units, batches, den.DENConfig(den_l1=0.0))
+  np.testing.assert_array_equal(dense, np.asarray(units))   # no L1: every unit in use
+  none = den.select_units(model, params, units, batches, den.DENConfig(den_l1=1.0))
+  assert not none.any()
+  some = den.select_units(model, params, units, batches, den.DENConfig(den_l1=5e-4))
+  assert 0 < some.sum() < units.sum() and not (some & ~np.asarray(units)).any()
+
+
+def test_selective_retraining_moves_only_the_selected_units(start, after_first):
+  model, _, _ = start
+  params, mstate = after_first
+  method = _method()
+  trained, state = _train(method, model, params, mstate, 1)
+  selected = np.asarray(state.selected)
+  assert 0 < selected.sum() < np.asarray(alive(state.birth, state.retired, 1)).sum()
+  before, after = unit_arrays(params, 2), unit_arrays(trained, 2)
+  same = {k: np.asarray(before[k]) == np.asarray(after[k]) for k in before}
+  # every weight of every unit outside the selection is bit-identical
+  assert same["fc_k"].all(1)[~selected].all() and same["fc_b"][~selected].all()
+  assert same["proj_k"].all(2)[~selected].all()
+  assert not same["fc_k"].all(1)[selected].all()   # the selection did train
+  for name in ("wte", "wpe", "ln_f", "h_0", "h_1"):
+    for path, x in jax.tree_util.tree_flatten_with_path(params[name])[0]:
+      keys = jax.tree_util.keystr(path)
+      if "c_fc" in keys or "den_" in keys or "c_proj']['kernel" in keys and "mlp" in keys:
+        continue
+      np.testing.assert_array_equal(x, _get(trained[name], path), err_msg=name + keys)
+  score0 = np.asarray(trained["score"]["kernel"])[:, :2]
+  np.testing.assert_array_equal(score0, np.asarray(params["score"]["kernel"])[:, :2])
+
+
+def _get(tree, path):
+  for k in path:
+    tree = tree[k.key]
+  return tree
+
+
+# ----------------------------------------------------------------------------
+# Step 2: expansion; step 3: split
+# ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def second(start, after_first):
+  """Params and state after task 1's selective retraining (before its consolidation)."""
+  model, _, _ = start
+  return _train(_method(), model, *after_first, 1)
+
+
+def _consolidate(start, after_first, second, **hp):
+  """Task 1's steps 2 and 3 under ``hp`` (the selection and its retraining depend on
+  ``den_l1`` and ``den_l2`` only, left at their defaults)."""
+  model, _, _ = start
+  params, mstate = after_first
+  method = _method(**{"den_split_threshold": 1e9, **hp})
+  trained, state = second
+  reports = []
+  final, state = _finish(method, model, trained, state, 1, reports)
+  return model, params, mstate, trained, final, state, reports[-1]
+
+
+def test_no_unit_is_added_when_the_loss_is_under_the_threshold(start, after_first, second):
+  *_, before, _, _, state, report = _consolidate(start, after_first, second, den_loss_threshold=1e9)
+  assert report["expanded"] is False and report["units_added"] == [0, 0]
+  np.testing.assert_array_equal(state.birth, before.birth)
+  assert report["units_split"] == [0, 0]
+
+
+def test_k_units_per_block_are_added_and_the_zeroed_ones_pruned(start, after_first, second):
+  k = 6
+  *_, before, _, final, state, report = _consolidate(
+      start, after_first, second, den_loss_threshold=0.0, den_expand_k=k, den_group_lasso=0.0)
+  assert report["expanded"] is True and report["units_added"] == [k, k]
+  assert report["units_pruned"] == [0, 0]
+  born = np.asarray(state.birth) == 1
+  assert (born.sum(1) == k).all() and (born[:, :INNER] == 0).all()
+  np.testing.assert_array_equal(born, (np.asarray(before.birth) == NEVER)
+                                & (np.cumsum(np.asarray(before.birth) == NEVER, 1) <= k))
+  # A group lasso strong enough drives every new unit to zero: all are removed.
+  *_, final, state, report = _consolidate(start, after_first, second, den_loss_threshold=0.0,
+                                          den_expand_k=k, den_group_lasso=10.0)
+  assert report["units_added"] == [k, k] and report["units_pruned"] == [k, k]
+  np.testing.assert_array_equal(state.birth, before.birth)
+  new = (np.asarray(before.birth) == NEVER) & (np.cumsum(np.asarray(before.birth) == NEVER, 1)
+                                               <= k)
+  assert (np.asarray(den.unit_sq(unit_arrays(final, 2)))[new] == 0).all()
+  # In between, exactly the units the group lasso zeroed are removed.
+  *_, final, state, report = _consolidate(start, after_first, second, den_loss_threshold=0.0,
+                                          den_expand_k=k, den_group_lasso=0.04)
+  norm = np.asarray(den.unit_sq(unit_arrays(final, 2)))
+  kept = np.asarray(state.birth) == 1
+  np.testing.assert_array_equal(kept, new & (norm > 0))
+  assert report["units_pruned"] == (new & (norm == 0)).sum(1).tolist()
+  assert 0 < sum(report["units_pruned"]) < 2 * k
+
+
+def test_a_drifted_unit_is_split_and_the_old_task_gets_its_logits_back(start, after_first, second):
+  model, params, mstate, trained, final, state, report = _consolidate(
+      start, after_first, second, den_split_threshold=0.0, den_loss_threshold=1e9)
+  selected = np.asarray(state.selected)
+  assert sum(report["units_split"]) > 0 and report["split_skipped"] == [0, 0]
+  # task 0 after task 1 is task 0 before it: the old copies restored, timestamps kept
+  np.testing.assert_allclose(_logits(model, final, 0, state), _logits(model, params, 0, mstate),
+                             atol=1e-6)
+  # task 1's network is the one it trained: the new copies hold the drifted values
+  np.testing.assert_allclose(_logits(model, final, 1, state),
+                             _logits(model, trained, 1, mstate), atol=1e-5)
+  retired = np.asarray(state.retired) == 1
+  born = np.asarray(state.birth) == 1
+  assert (retired.sum(1) == born.sum(1)).all() and (retired <= selected).all()
+  # a threshold between the drifts splits exactly the units over it
+  before = unit_arrays(params, 2)
+  drift = np.sqrt(((np.asarray(unit_arrays(trained, 2)["fc_k"])
+                    - np.asarray(before["fc_k"])) ** 2).sum(1))
+  threshold = float(np.median(drift[selected]))
+  *_, state, report = _consolidate(start, after_first, second, den_split_threshold=threshold,
+                                   den_loss_threshold=1e9)
+  np.testing.assert_array_equal(np.asarray(state.retired) == 1,
+                                selected & (drift > threshold))
+  assert sum(report["units_split"]) == int((selected & (drift > threshold)).sum())
+
+
+def test_the_task_given_and_inferred_evaluation_uses_each_tasks_units(start, after_first, second):
+  model, params, mstate, _, final, state, _ = _consolidate(
+      start, after_first, second, den_split_threshold=0.0, den_loss_threshold=1e9)
+  method = _method()
+  rows = {**_batches(_data(0))[0]}
+  mixed = {k: np.concatenate([v, _batches(_data(1))[0][k]]) for k, v in rows.items()}
+
+  def apply_fn(p, inputs, deterministic=True, rng=None):
+    return model.apply({"params": p}, inputs["input_ids"], den_units=inputs["den_units"])
+  logits, given, sums = method.eval_logits(state, StepContext(params=final, batch=mixed,
+                                                              apply_fn=apply_fn))
+  np.testing.assert_allclose(given[:8, :2], _logits(model, params, 0, mstate)[:8], atol=1e-6)
+  np.testing.assert_allclose(given[8:, 2:], _logits(model, final, 1, state)[:8], atol=1e-6)
+  assert logits.shape == (16, 4) and 0 <= float(sums["task_inference_correct"]) <= 16
+
+
+# ----------------------------------------------------------------------------
+# In the study
+# ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_den_in_the_study_reports_its_units(tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+  cfg = study.StudyConfig(tasks=("imdb", "ag_news"), data_dir=tiny_data_dir,
+                          tokenizer=tiny_tokenizer_dir, init="random", size="tiny",
+                          num_train=16, num_test=16, max_length=24, batch_size=8,
+                          eval_batch_size=16, epochs=1, learning_rate=1e-2,
+                          checkpoint_every=0, method="den",
+                          method_config=MethodConfig(
+                              den_capacity=300, den_split_threshold=0.0, den_expand_k=4,
+                              den_loss_threshold=0.0, den_select_steps=2,
+                              den_expand_steps=2, den_split_steps=2))
+  r = study.run(cfg, str(tmp_path))
+  saved = json.load(open(tmp_path / "results.json"))
+  reports = [x for x in saved["method_reports"] if x.get("method") == "den"]
+  assert [x["task"] for x in reports] == [0, 1]
+  last = reports[1]
+  for key in ("units_selected", "units_added", "units_pruned", "units_split",
+              "parameters_in_use", "units_in_use", "train_loss"):
+    assert key in last, key
+  assert last["units_added"] == [4, 4] and len(last["parameters_in_use"]) == 2
+  assert reports[0]["units_in_use"] == [2 * 256]
+  # every drifted unit split (capacity enough): IMDb's task-aware accuracy is kept
+  assert last["split_skipped"] == [0, 0]
+  task_aware = r["task_aware_accuracy_matrix"]
+  assert task_aware[1][0] == task_aware[0][0]
+  assert r["task_inference_accuracy_matrix"] is not None
+
+
+@pytest.mark.slow
+def test_den_resumes_mid_task_to_the_same_results(tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+  """The selection, timestamps and anchor live in the method state: a run cut inside
+  task 1 (after its sparse pass) resumes to the uninterrupted run's matrices."""
+  cfg = study.StudyConfig(tasks=("imdb", "ag_news"), data_dir=tiny_data_dir,
+                          tokenizer=tiny_tokenizer_dir, init="random", size="tiny",
+                          num_train=16, num_test=16, max_length=24, batch_size=8,
+                          eval_batch_size=16, epochs=2, learning_rate=1e-2,
+                          checkpoint_every=1, method="den",
+                          method_config=MethodConfig(den_loss_threshold=0.0, den_expand_k=3,
+                                                     den_select_steps=2, den_expand_steps=2,
+                                                     den_split_steps=2))
+  full = study.run(cfg, str(tmp_path / "full"))
+  with pytest.raises(study.Interrupted):
+    study.run(cfg.replace(stop_after_steps=6), str(tmp_path / "cut"))
+  resumed = study.run(cfg, str(tmp_path / "cut"), resume=True)
+  for key in ("accuracy_matrix", "task_aware_accuracy_matrix", "method_reports"):
+    assert resumed[key] == full[key], key
