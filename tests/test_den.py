@@ -326,3 +326,12 @@ def test_den_resumes_mid_task_to_the_same_results(tiny_data_dir, tiny_tokenizer_
   resumed = study.run(cfg, str(tmp_path / "cut"), resume=True)
   for key in ("accuracy_matrix", "task_aware_accuracy_matrix", "method_reports"):
     assert resumed[key] == full[key], key
+
+
+def test_den_composes_only_last():
+  """den+replay would pad the replayed rows' unit masks with zeros (no unit in use):
+  refused in one line that gives the order that works."""
+  from cljax.methods import registry
+  assert registry.parse("replay+den") == ["replay", "den"]
+  with pytest.raises(ValueError, match=r"put it last \(--method=replay\+den\)"):
+    registry.parse("den+replay")

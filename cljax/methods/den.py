@@ -315,7 +315,7 @@ def den_trainable(params, task_index: int):
 
 @register("den", "Dynamically Expandable Networks: selective retraining of the MLP units "
           "a task needs, expansion when its loss stays high, split of drifted units, "
-          "timestamps (Yoon et al. 2018)", DENConfig, heads=("score",))
+          "timestamps (Yoon et al. 2018)", DENConfig, heads=("score",), compose_last=True)
 def den(hp: DENConfig, ctx: BuildContext) -> Method:
   if ctx.head != "score":
     raise ValueError("den grows the units under the score head; --head=lm is not supported "

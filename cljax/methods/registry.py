@@ -72,6 +72,7 @@ class Registration(NamedTuple):
   grid: dict[str, tuple]         # default strengths for sweeps
   heads: tuple[str, ...] = ("score", "lm")   # the study heads it works with
   traced: tuple[str, ...] = ()   # strengths its train step may read as traced values
+  compose_last: bool = False     # its prepare_batch sets per-row inputs: last in a '+'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +120,7 @@ def _hparams_of(config: type | None) -> list[HParam]:
 
 def register(name: str, description: str, config: type | None = None, *,
              grid: dict[str, tuple] | None = None, heads: tuple[str, ...] = ("score", "lm"),
-             traced: tuple[str, ...] = ()):
+             traced: tuple[str, ...] = (), compose_last: bool = False):
   """Decorator registering ``factory(hparams, ctx) -> Method`` under ``name``.
 
   ``config`` is the method's hyperparameter dataclass (its fields made with
@@ -129,7 +130,9 @@ def register(name: str, description: str, config: type | None = None, *,
   ``traced``: hyperparameters the factory only multiplies into its train step's loss
   (never a branch, a shape, or a between-task hook's host code), so the factory may be
   given them as traced values: runs differing in them train side by side as one
-  vmapped step (:mod:`cljax.parallel`).
+  vmapped step (:mod:`cljax.parallel`). ``compose_last``: its ``prepare_batch`` sets a
+  model input per row from the rows it sees, so in ``a+b`` it must come last (rows a
+  later method appends, replayed ones, would have none).
   """
   new = _hparams_of(config)
   for hp in new:
@@ -145,7 +148,7 @@ def register(name: str, description: str, config: type | None = None, *,
 
   def wrap(factory):
     _REGISTRY[name] = Registration(name, description, factory, config, grid, heads,
-                                   tuple(traced))
+                                   tuple(traced), compose_last)
     for hp in new:
       _HPARAMS[hp.name] = hp
     return factory
@@ -206,6 +209,12 @@ def parse(spec: str) -> list[str]:
     parts.remove("finetune")
   if len(set(parts)) != len(parts):
     raise ValueError(f"Method {spec!r} names a method twice.")
+  early = [p for p in parts[:-1] if _REGISTRY[p].compose_last]
+  if early:
+    order = "+".join([p for p in parts if p != early[0]] + [early[0]])
+    raise ValueError(f"Method {spec!r}: {early[0]} sets each row's model inputs as it "
+                     "prepares a batch, so the rows a later method adds would have none; "
+                     f"put it last (--method={order}).")
   return parts
 
 
