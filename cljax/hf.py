@@ -281,8 +281,8 @@ def save_pretrained(params: Mapping[str, Any], config: GPT2Config, folder: str, 
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
   if config.has_peft:
-    raise ValueError("These params hold LoRA, adapters, soft prompts or PNN columns, which "
-                     "a plain Hugging Face folder cannot; merge LoRA first "
+    raise ValueError("These params hold LoRA, adapters, soft prompts, PNN columns or DEN "
+                     "units, which a plain Hugging Face folder cannot; merge LoRA first "
                      "(cljax.models.merge_lora).")
   head = head or ("score" if "score" in params else "lm")
   if head not in ("score", "lm"):
