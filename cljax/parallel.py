@@ -1,5 +1,9 @@
-"""Many runs in one program: runs of one study that differ only in their seed, trained
-side by side as one ``jax.vmap``-ped train step over their stacked states.
+"""Many runs in one program: runs of one study that differ only in their seed and in
+the strengths their method reads as traced values (``registry.register(traced=...)``:
+the step builds the method from each run's value), trained side by side as one
+``jax.vmap``-ped train step over their stacked states. The run axis is laid over the
+devices (:class:`cljax.sharding.RunAxis`: ``gcd(runs, devices)`` of them on the run
+axis, each run's batch split over the rest), over every process of a multi-host run.
 
 Each run keeps everything a run alone has: its own subsets and data order, dropout
 keys, method state, checkpoints, record, logger and workdir outputs; only the train
