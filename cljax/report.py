@@ -311,6 +311,36 @@ def _over_orders(rows_by_order: list[list[dict]]) -> list[str]:
   return lines
 
 
+def growth_lines(results: list[dict]) -> list[str]:
+  """A table for methods whose runs report the parameters each task's network uses
+  (``parameters_in_use`` in ``method_reports``: DEN): per method, order and task, the
+  parameters and MLP units the task uses after the last task, and the units selected,
+  added, pruned and split when it trained, each the mean over the runs ± the
+  half-width of its 95 % t-interval."""
+  runs: dict[tuple, list[list[dict]]] = defaultdict(list)
+  for r in results:
+    reps = [m for m in r.get("method_reports") or [] if "parameters_in_use" in m]
+    if reps:
+      runs[(r["method"], tuple(r["tasks"]))].append(reps)
+  if not runs:
+    return []
+  head = ["method", "task", "seeds", "parameters in use (k)", "units in use",
+          "units selected", "added", "pruned", "split"]
+  lines = ["## Units and parameters in use", "",
+           "Each task's network after the last task (parameters in thousands, MLP units "
+           "over all blocks), and what happened to the units when the task trained.", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for (method, tasks), reps in runs.items():
+    for k, name in enumerate(tasks):
+      values = [[rs[-1]["parameters_in_use"][k] / 1e3 for rs in reps],
+                [rs[-1]["units_in_use"][k] for rs in reps]]
+      values += [[sum(rs[k].get(key) or [0]) for rs in reps]
+                 for key in ("units_selected", "units_added", "units_pruned", "units_split")]
+      cells = [method, name, str(len(reps))] + [_fmt(mean_std(v), 1) for v in values]
+      lines.append("| " + " | ".join(cells) + " |")
+  return lines + [""]
+
+
 def write_report(root: str, outdir: str | None = None) -> dict:
   """Writes report.md, report.csv and figures for the runs under ``root``: one table
   per task order, and one over the orders where there are several."""
@@ -353,6 +383,7 @@ def write_report(root: str, outdir: str | None = None) -> dict:
               "Every run of every order; the interval over all of them (orders and seeds "
               "alike).", ""] + _over_orders(all_rows) + [""]
   lines += pseudo_labels.report_lines(results)
+  lines += growth_lines(results)
   with open(os.path.join(outdir, "report.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   for rows, tasks, suffix in csv_rows:

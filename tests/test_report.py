@@ -205,3 +205,22 @@ def test_method_lists_and_grids_come_from_the_registry():
       "ewc": ("ewc_lambda", [1e2, 1e4, 1e6]), "si": ("si_c", [0.1, 10.0])}
   assert sweep.parse_grid(["ewc:ewc_lambda=1,2", "agem:replay_size=5"]) == {
       "ewc": ("ewc_lambda", [1.0, 2.0]), "agem": ("replay_size", [5])}
+
+
+def test_the_units_table_averages_each_tasks_den_report_by_hand():
+  def run(selected, added, params):
+    return {"method": "den", "tasks": ["a", "b"], "method_reports": [
+        {"task": 0, "units_selected": [4, 4], "units_in_use": [8],
+         "parameters_in_use": [1000]},
+        {"task": 1, "units_selected": selected, "units_added": added, "units_pruned": [0, 1],
+         "units_split": [1, 0], "units_in_use": [8, 8 + sum(added) - 1],
+         "parameters_in_use": [1000, params]}]}
+  lines = report.growth_lines([run([1, 2], [2, 2], 3000), run([3, 4], [0, 0], 1000),
+                               {"method": "finetune", "tasks": ["a", "b"]}])
+  rows = [line for line in lines if line.startswith("| den")]
+  assert rows[0] == "| den | a | 2 | 1.0 ± 0.0 | 8.0 ± 0.0 | 8.0 ± 0.0 | 0.0 ± 0.0 | 0.0 ± 0.0 | 0.0 ± 0.0 |"
+  # task b: parameters 3.0 and 1.0 k: mean 2.0, sample std 1.414, t(0.975, 1) = 12.706
+  # -> half-width 12.706 * 1.414 / sqrt(2) = 12.7; units in use 11 and 7; selected 3, 7.
+  assert rows[1] == ("| den | b | 2 | 2.0 ± 12.7 | 9.0 ± 25.4 | 5.0 ± 25.4 | 2.0 ± 25.4 "
+                     "| 1.0 ± 0.0 | 1.0 ± 0.0 |")
+  assert report.growth_lines([{"method": "finetune", "tasks": ["a"]}]) == []
