@@ -218,7 +218,8 @@ def test_the_units_table_averages_each_tasks_den_report_by_hand():
   lines = report.growth_lines([run([1, 2], [2, 2], 3000), run([3, 4], [0, 0], 1000),
                                {"method": "finetune", "tasks": ["a", "b"]}])
   rows = [line for line in lines if line.startswith("| den")]
-  assert rows[0] == "| den | a | 2 | 1.0 ± 0.0 | 8.0 ± 0.0 | 8.0 ± 0.0 | 0.0 ± 0.0 | 0.0 ± 0.0 | 0.0 ± 0.0 |"
+  assert rows[0] == ("| den | a | 2 | 1.0 ± 0.0 | 8.0 ± 0.0 | 8.0 ± 0.0 | 0.0 ± 0.0 "
+                     "| 0.0 ± 0.0 | 0.0 ± 0.0 |")
   # task b: parameters 3.0 and 1.0 k: mean 2.0, sample std 1.414, t(0.975, 1) = 12.706
   # -> half-width 12.706 * 1.414 / sqrt(2) = 12.7; units in use 11 and 7; selected 3, 7.
   assert rows[1] == ("| den | b | 2 | 2.0 ± 12.7 | 9.0 ± 25.4 | 5.0 ± 25.4 | 2.0 ± 25.4 "
