@@ -225,3 +225,20 @@ def test_the_units_table_averages_each_tasks_den_report_by_hand():
   assert rows[1] == ("| den | b | 2 | 2.0 ± 12.7 | 9.0 ± 25.4 | 5.0 ± 25.4 | 2.0 ± 25.4 "
                      "| 1.0 ± 0.0 | 1.0 ± 0.0 |")
   assert report.growth_lines([{"method": "finetune", "tasks": ["a"]}]) == []
+
+
+def test_keep_copies_what_the_report_reads_and_no_checkpoint(tmp_path):
+  run = tmp_path / "sweep" / "order1" / "ewc" / "default" / "seed0"
+  (run / "checkpoints" / "10").mkdir(parents=True)
+  (run / "checkpoints" / "10" / "state").write_text("weights")
+  for name, text in [("results.json", "{}"), ("pseudo_samples.jsonl", "{}\n"),
+                     ("metrics.jsonl", "{}\n")]:
+    (run / name).write_text(text)
+  (tmp_path / "sweep" / "orders.json").write_text("[]")
+  (tmp_path / "sweep" / "order1" / "selection.json").write_text("{}")
+  assert report.keep_results(str(tmp_path / "sweep"), str(tmp_path / "kept")) == 1
+  kept = sorted(str(p.relative_to(tmp_path / "kept")) for p in (tmp_path / "kept").rglob("*")
+                if p.is_file())
+  assert kept == ["order1/ewc/default/seed0/pseudo_samples.jsonl",
+                  "order1/ewc/default/seed0/results.json", "order1/selection.json",
+                  "orders.json"]

@@ -1,8 +1,10 @@
 r"""Tables (Markdown, CSV) and figures over the runs of a sweep.
 
   cljax-report --root=runs/sweep [--outdir=DIR]   (or: python experiments/report.py)
+  cljax-report --root=runs/sweep --keep=docs/results/sweep   (a copy to commit)
 """
 
+import os
 import sys
 
 from absl import app
@@ -15,12 +17,26 @@ _ROOT = flags.DEFINE_string("root", None, "Folder holding the runs (searched rec
                             "for results.json).", required=True)
 _OUTDIR = flags.DEFINE_string("outdir", None, "Where to write report.md, report.csv and "
                               "the figures (default: --root).")
+_KEEP = flags.DEFINE_string(
+    "keep", None, "Copy what the report reads of every run under --root (results.json, "
+    "pseudo_samples.jsonl, selection.json, orders.json; no checkpoints) to KEEP/runs, "
+    "and write the report from that copy into KEEP: the part of a sweep a repository "
+    "keeps.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  print(report.write_report(_ROOT.value, _OUTDIR.value)["markdown"])
+  root, outdir = _ROOT.value, _OUTDIR.value
+  if _KEEP.value:
+    if outdir:
+      raise app.UsageError("--keep writes the report into KEEP; leave --outdir out.")
+    root, outdir = os.path.join(_KEEP.value, "runs"), _KEEP.value
+    n = report.keep_results(_ROOT.value, root)
+    if not n:
+      raise app.UsageError(f"No results.json under --root={_ROOT.value}: nothing to keep.")
+    print(f"Kept {n} runs' results under {root}.")
+  print(report.write_report(root, outdir)["markdown"])
 
 
 def run():
