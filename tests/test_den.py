@@ -335,3 +335,11 @@ def test_den_composes_only_last():
   assert registry.parse("replay+den") == ["replay", "den"]
   with pytest.raises(ValueError, match=r"put it last \(--method=replay\+den\)"):
     registry.parse("den+replay")
+
+
+def test_den_refuses_perplexity_task_inference():
+  from cljax.methods import BuildContext, MethodConfig, build
+  ctx = BuildContext(num_labels=4, num_tasks=2, max_length=16, n_layer=2, n_embd=8)
+  build("den", MethodConfig(), ctx)
+  with pytest.raises(ValueError, match=r"den infers the task by entropy only"):
+    build("den", MethodConfig(peft_infer="perplexity"), ctx)

@@ -73,7 +73,7 @@ import optax
 from cljax import data as data_lib
 from cljax.methods import head_fixes
 from cljax.methods.base import Method, StepContext, TaskContext
-from cljax.methods.peft import PerTaskState, infer_task
+from cljax.methods.peft import InferenceOptions, PerTaskState, infer_task
 from cljax.methods.registry import NON_NEGATIVE, POSITIVE, BuildContext, hparam, register
 from cljax.models import pool_index
 from cljax.models.den import (NEVER, alive, first_free, group_lasso, keep_units, new_units,
@@ -83,7 +83,7 @@ _KEYS = ("input_ids", "attention_mask", "labels", "weights", "class_mask", "task
 
 
 @dataclasses.dataclass(frozen=True)
-class DENConfig:
+class DENConfig(InferenceOptions):
   den_l1: float = hparam(5e-4, "DEN: the L1 step of the sparse model that selects the "
                          "units (per step, after Adam, as the reference).", bound=NON_NEGATIVE)
   den_l2: float = hparam(0.5, "DEN: strength of the L2 pull of the selected units toward "
@@ -320,6 +320,9 @@ def den(hp: DENConfig, ctx: BuildContext) -> Method:
   if ctx.head != "score":
     raise ValueError("den grows the units under the score head; --head=lm is not supported "
                      "(use --head=score).")
+  if hp.peft_infer != "entropy":
+    raise ValueError("den infers the task by entropy only (--peft_infer=entropy): its "
+                     "networks have no language-model head to measure perplexity with.")
   capacity = hp.den_capacity or 2 * ctx.need("n_embd", "den")
   S, C, L = ctx.num_tasks, ctx.num_labels, ctx.n_layer
 
@@ -383,7 +386,7 @@ def den(hp: DENConfig, ctx: BuildContext) -> Method:
 
   def eval_logits(state: DENState, sctx: StepContext):
     table = alive_table(state).astype(jnp.float32)
-    return infer_task(state.tasks, sctx, "entropy", lambda s, B: {
+    return infer_task(state.tasks, sctx, hp.peft_infer, lambda s, B: {
         "den_units": jnp.broadcast_to(table[s], (B,) + table.shape[1:])})
 
   return Method(name="den", init=init, before_task=before_task, prepare_batch=prepare_batch,
