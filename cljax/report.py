@@ -13,7 +13,6 @@ import csv
 import json
 import math
 import os
-import shutil
 from collections import defaultdict
 from typing import Any
 from collections.abc import Sequence
@@ -340,25 +339,6 @@ def growth_lines(results: list[dict]) -> list[str]:
       cells = [method, name, str(len(reps))] + [_fmt(mean_std(v), 1) for v in values]
       lines.append("| " + " | ".join(cells) + " |")
   return lines + [""]
-
-
-KEPT_FILES = ("results.json", "pseudo_samples.jsonl", "selection.json", "orders.json")
-
-
-def keep_results(root: str, dest: str) -> int:
-  """Copies the files a report reads (:data:`KEPT_FILES`: each run's results and kept
-  pseudo-examples, the sweep's strength choices and task orders) from under ``root``
-  to the same paths under ``dest``, leaving checkpoints and logs behind; returns how
-  many runs' results it copied."""
-  runs = 0
-  for folder, _, files in os.walk(root):
-    for name in files:
-      if name in KEPT_FILES:
-        target = os.path.join(dest, os.path.relpath(folder, root))
-        os.makedirs(target, exist_ok=True)
-        shutil.copy2(os.path.join(folder, name), os.path.join(target, name))
-        runs += name == "results.json"
-  return runs
 
 
 def write_report(root: str, outdir: str | None = None) -> dict:

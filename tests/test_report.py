@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from cljax import report, study, sweep
+from cljax import results as results_lib
 from cljax.methods import MethodConfig
 
 
@@ -236,7 +237,7 @@ def test_keep_copies_what_the_report_reads_and_no_checkpoint(tmp_path):
     (run / name).write_text(text)
   (tmp_path / "sweep" / "orders.json").write_text("[]")
   (tmp_path / "sweep" / "order1" / "selection.json").write_text("{}")
-  assert report.keep_results(str(tmp_path / "sweep"), str(tmp_path / "kept")) == 1
+  assert results_lib.keep_results(str(tmp_path / "sweep"), str(tmp_path / "kept")) == 1
   kept = sorted(str(p.relative_to(tmp_path / "kept")) for p in (tmp_path / "kept").rglob("*")
                 if p.is_file())
   assert kept == ["order1/ewc/default/seed0/pseudo_samples.jsonl",

@@ -12,6 +12,7 @@ from absl import flags
 
 from cljax import cli
 from cljax import report
+from cljax import results as results_lib
 
 _ROOT = flags.DEFINE_string("root", None, "Folder holding the runs (searched recursively "
                             "for results.json).", required=True)
@@ -32,7 +33,7 @@ def main(argv):
     if outdir:
       raise app.UsageError("--keep writes the report into KEEP; leave --outdir out.")
     root, outdir = os.path.join(_KEEP.value, "runs"), _KEEP.value
-    n = report.keep_results(_ROOT.value, root)
+    n = results_lib.keep_results(_ROOT.value, root)
     if not n:
       raise app.UsageError(f"No results.json under --root={_ROOT.value}: nothing to keep.")
     print(f"Kept {n} runs' results under {root}.")
