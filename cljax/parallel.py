@@ -300,7 +300,6 @@ def train_side_by_side(runs: Sequence[_Run], k: int, step_fns: dict) -> None:
   stacked = stack([r.state for r in runs], axis.runs)
   for r in runs:
     r.mesh = dict(axis.mesh.shape)
-  for r in runs:
     r.state = None   # the stacked copy is the state now (and holds the memory)
   streams, spare = _batch_streams(runs, k)
   plan = []   # (step, who steps, the stacked batch), all made ahead

@@ -62,6 +62,7 @@ the drift is the L2 distance of a unit's incoming weights. Where it departs, and
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, NamedTuple
 
 from absl import logging
@@ -71,6 +72,7 @@ import numpy as np
 import optax
 
 from cljax import data as data_lib
+from cljax import loop
 from cljax.methods import head_fixes
 from cljax.methods.base import Method, StepContext, TaskContext
 from cljax.methods.peft import InferenceOptions, PerTaskState, infer_task
@@ -137,16 +139,14 @@ def own_class_ce(logits_BC, batch) -> jax.Array:
 # ----------------------------------------------------------------------------
 
 def _batches(train, batch_size: int, steps: int | None = None, seed=()):
-  """``steps`` shuffled batches of ``train``, epoch after epoch (None: one epoch, in
-  order)."""
+  """``steps`` shuffled batches of ``train``, epoch after epoch as the study draws
+  them (None: one epoch, in order)."""
   train = {k: v for k, v in train.items() if k in _KEYS}
   if steps is None:
     return list(data_lib.batches(train, batch_size))
-  out, epoch = [], 0
-  while len(out) < steps:
-    out.extend(data_lib.batches(train, batch_size, seed=(*seed, epoch)))
-    epoch += 1
-  return out[:steps]
+  epochs = -(-steps // data_lib.num_batches(data_lib.size(train), batch_size))
+  return list(itertools.islice(loop.epoch_batches(train, batch_size, epochs=epochs,
+                                                  seed=seed), steps))
 
 
 def run_pass(loss_fn, theta, consts, batches, lr: float, grad_mask=lambda g: g,
