@@ -263,17 +263,21 @@ def run_orders(base: study.StudyConfig, root: str, orders: Sequence[Sequence[str
                **kwargs) -> list[dict]:
   """One :func:`run_sweep` per task order, in ``root/order1``, ``root/order2``, ...
   (the orders are written to ``root/orders.json``); a task draws the same rows in
-  every order."""
+  every order. A root's orders may be run again in part: its first orders alone (say
+  more seeds of order 1), or all of them and new ones after them."""
   os.makedirs(root, exist_ok=True)
   orders = [tuple(o) for o in orders]
   path = os.path.join(root, "orders.json")
+  before = []
   if os.path.exists(path):
     with open(path) as f:
       before = [tuple(o) for o in json.load(f)]
-    if before != orders[:len(before)]:
+    n = min(len(before), len(orders))
+    if before[:n] != orders[:n]:
       raise ValueError(f"{root} holds a sweep over the orders {before}; continue it with "
-                       "those orders (new ones may follow them), or use another --root.")
-  _write_json(path, [list(o) for o in orders])
+                       "those orders in that order (its first ones alone, or new ones "
+                       "after them), or use another --root.")
+  _write_json(path, [list(o) for o in max(before, orders, key=len)])
   out = []
   for i, order in enumerate(orders):
     logging.info("Order %d of %d: %s", i + 1, len(orders), " -> ".join(order))

@@ -184,6 +184,11 @@ def test_a_sweep_over_task_orders_reports_each_order_and_all(tmp_path, monkeypat
   assert os.path.exists(os.path.join(root, "report_matrices_order1.png"))
   with pytest.raises(ValueError, match="holds a sweep over the orders"):
     sweep.run_orders(study.StudyConfig(), root, orders[::-1], methods=["finetune"], seeds=[0])
+  # The first order alone (one more seed of it) leaves the root's orders as they were.
+  calls.clear()
+  sweep.run_orders(study.StudyConfig(), root, orders[:1], methods=["finetune"], seeds=[2])
+  assert [c[0] for c in calls] == [orders[0]]
+  assert json.load(open(os.path.join(root, "orders.json"))) == [list(o) for o in orders]
 
 
 def test_grid_parsing_errors():
