@@ -111,7 +111,8 @@ def judge_run(workdir: str) -> list[dict]:
 def report_lines(results: list[dict]) -> list[str]:
   """A Markdown table over the runs that kept pseudo-examples: per method, boundary
   and old task, the kept count, the share of the commonest label and the judge's
-  agreement (mean ± 95 % t-interval over the runs), and the judge's test accuracy."""
+  agreement (mean ± 95 % t-interval over the runs), the judge's test accuracy and each
+  run's label counts."""
   from cljax.report import _fmt, mean_std  # pylint: disable=import-outside-toplevel
   rows = collections.defaultdict(list)
   for r in results:
@@ -129,13 +130,22 @@ def report_lines(results: list[dict]) -> list[str]:
            "Every kept pseudo-example's label against a naive Bayes classifier trained "
            "separately on the old task's own training rows (`cljax/pseudo_labels.py`); "
            "commonest label: its share of the kept examples. Mean ± 95 % t-interval "
-           "over the runs.", "",
+           "over the runs; the last column counts each run's kept examples per label.", "",
            "| order | method | before task | old task | runs | kept | commonest label | "
-           "agreement | judge's test accuracy |", "|---" * 9 + "|"]
+           "agreement | judge's test accuracy | labels per run |", "|---" * 10 + "|"]
   for (order, method, boundary, task), js in sorted(rows.items()):
     share = [max(j["label_balance"].values()) / j["kept"] for j in js]
     lines.append(f"| {order} | {method} | {boundary + 1} | {task} | {len(js)} | "
                  f"{_fmt(mean_std([j['kept'] for j in js]), 1)} | "
                  f"{_fmt(mean_std(share))} | {_fmt(mean_std([j['agreement'] for j in js]))} | "
-                 f"{_fmt(mean_std([j['judge_test_accuracy'] for j in js]))} |")
+                 f"{_fmt(mean_std([j['judge_test_accuracy'] for j in js]))} | "
+                 f"{_label_counts(js)} |")
   return lines + [""]
+
+
+def _label_counts(judged: list[dict]) -> str:
+  """``neg:pos 29:171, 107:93``: each run's kept examples per label (names sorted)."""
+  names = sorted({n for j in judged for n in j["label_balance"]})
+  runs = ", ".join(":".join(str(j["label_balance"].get(n, 0)) for n in names)
+                   for j in judged)
+  return f"{':'.join(names)} {runs}"

@@ -48,7 +48,8 @@ def test_a_runs_pseudo_labels_are_judged_against_the_old_task(tiny_data_dir,
   lines = pseudo_labels.report_lines([{"workdir": run, "tasks": ["imdb", "ag_news"],
                                        "method": "generative_replay"}])
   assert any(line.startswith("| imdb -> ag_news | generative_replay | 2 | imdb | 1 | 3.0 | "
-                             "0.667 | 0.667 |") for line in lines)
+                             "0.667 | 0.667 |") and line.endswith("| neg:pos 2:1 |")
+             for line in lines)
   # A run whose rows cannot be drawn again (another data folder, a missing base) is
   # refused, not judged on other rows.
   moved = _fake_run(tmp_path / "gr" / "seed1", tiny_data_dir, tiny_tokenizer_dir, samples,
