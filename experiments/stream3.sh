@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every run behind the three-task stream's results (docs/results.md, "The three-task
+# stream"), most wanted first; each sweep continues where it stopped, so rerunning
+# this script after an interruption (or in the next session) picks up the first run
+# not yet finished. Run from the repository root; about 15 hours on a 2-core CPU.
+#   bash experiments/stream3.sh            # everything
+#   bash experiments/stream3.sh reports    # only the reports and kept runs
+# Stages (in this order): the mini base (34 min, skipped when it exists); the cheap
+# rows on seeds 0-2 in the three orders; generative replay and its gamma-0 ablation;
+# LAMOL's sweep (finetune, replay, joint and LAMOL with --head=lm) and its gamma-0
+# ablation; the cheap rows' seeds 3-4. Then the reports, each kept under docs/results/.
+set -euo pipefail
+P=experiments/presets
+
+reports() {
+  for root in stream3 stream3_generative stream3_generative_gamma0 stream3_lamol \
+              stream3_lamol_gamma0; do
+    if [[ -d runs/$root ]]; then
+      python experiments/report.py --root=runs/$root --keep=docs/results/$root
+    fi
+  done
+}
+
+if [[ "${1:-}" == reports ]]; then reports; exit; fi
+
+if [[ ! -f runs/pretrain_mini/hf_model/config.json ]]; then
+  python experiments/instruct.py --flagfile=$P/pretrain_mini.flags --workdir=runs/pretrain_mini
+fi
+python experiments/sweep.py --flagfile=$P/sweep_stream3.flags --seeds=0,1,2 --root=runs/stream3
+python experiments/sweep.py --flagfile=$P/sweep_stream3_generative.flags \
+  --root=runs/stream3_generative
+python experiments/sweep.py --flagfile=$P/sweep_stream3_generative.flags --gr_gamma=0 \
+  --root=runs/stream3_generative_gamma0
+python experiments/sweep.py --flagfile=$P/sweep_stream3_lamol.flags --root=runs/stream3_lamol
+python experiments/sweep.py --flagfile=$P/sweep_stream3_lamol.flags --methods=lamol \
+  --lamol_gamma=0 --root=runs/stream3_lamol_gamma0
+python experiments/sweep.py --flagfile=$P/sweep_stream3.flags --root=runs/stream3
+reports
