@@ -295,17 +295,23 @@ def _order_section(results: list[dict], root: str, outdir: str, suffix: str
 
 def _over_orders(rows_by_order: list[list[dict]]) -> list[str]:
   """Average accuracy, forgetting and BWT of each method over every run of every
-  order (the interval over all of them)."""
+  order (the interval over all of them), the first task's accuracy after the last
+  (whichever task comes first in its order), and the task-aware average accuracy."""
   by_method: dict[str, list[dict]] = defaultdict(list)
   strengths: dict[str, set] = defaultdict(set)
   for rows in rows_by_order:
     for row in rows:   # a method's strength may be chosen differently in each order
       by_method[row["method"]].extend(row["runs"])
       strengths[row["method"]].add(row["strength"])
-  keys = ("average_accuracy", "forgetting", "backward_transfer")
-  lines = ["| method | strength | runs | " + " | ".join(keys) + " |", "|---" * 6 + "|"]
+  columns = [("avg acc", lambda r: r["metrics"]["average_accuracy"]),
+             ("forgetting", lambda r: r["metrics"]["forgetting"]),
+             ("BWT", lambda r: r["metrics"]["backward_transfer"]),
+             ("first task final", lambda r: r["accuracy_matrix"][-1][0]),
+             ("task-aware avg acc", lambda r: r["task_aware_metrics"]["average_accuracy"])]
+  lines = ["| method | strength | runs | " + " | ".join(c for c, _ in columns) + " |",
+           "|---" * (3 + len(columns)) + "|"]
   for method, runs in sorted(by_method.items()):
-    cells = [_fmt(mean_std([r["metrics"][k] for r in runs])) for k in keys]
+    cells = [_fmt(mean_std([get(r) for r in runs])) for _, get in columns]
     lines.append(f"| {method} | {', '.join(sorted(strengths[method]))} | {len(runs)} | "
                  + " | ".join(cells) + " |")
   return lines

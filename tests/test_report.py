@@ -180,6 +180,10 @@ def test_a_sweep_over_task_orders_reports_each_order_and_all(tmp_path, monkeypat
   line = next(x for x in text.splitlines() if x.startswith("| finetune | default | 4 |"))
   half = 3.182446305284263 * np.std(avg, ddof=1) / 2     # t(0.975, 3)
   assert f"{np.mean(avg):.3f} ± {half:.3f}" in line
+  first = [0.1 * (s + 1) for s in (0, 1)] * 2          # the first task after the last
+  half = 3.182446305284263 * np.std(first, ddof=1) / 2
+  assert line.endswith(f"| {np.mean(first):.3f} ± {half:.3f} | {np.mean(avg):.3f} ± "
+                       f"{3.182446305284263 * np.std(avg, ddof=1) / 2:.3f} |")
   assert len(out["rows"]) == 2 and os.path.exists(os.path.join(root, "report_order2.csv"))
   assert os.path.exists(os.path.join(root, "report_matrices_order1.png"))
   with pytest.raises(ValueError, match="holds a sweep over the orders"):
