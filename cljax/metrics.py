@@ -8,10 +8,14 @@
   model before any training (Lopez-Paz and Ranzato 2017).
 - forgetting: mean_{j<T-1} max_{j<=l<T-1} R[l][j] - R[T-1][j] (Chaudhry et al. 2018,
   "Riemannian Walk"; the maximum runs over the evaluations after task j was learned).
+
+Over runs, ``mean_std`` gives a mean with the half-width of its 95 % t-interval and
+``fmt_interval`` writes it as ``mean ± half-width``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -64,3 +68,26 @@ def summarize(accuracy_matrix, *, baseline: Sequence[float] | None = None) -> di
         raise ValueError(f"baseline must hold one accuracy per task ({t}), found {b.shape}.")
       out["forward_transfer"] = float(np.mean([r[j - 1, j] - b[j] for j in range(1, t)]))
   return out
+
+
+def mean_std(values: Sequence[float | None]) -> tuple[float, float, int, float]:
+  """Mean, sample standard deviation (ddof=1; 0 for one value), count, and the
+  half-width of the mean's 95 % t-interval (Student's t, n - 1 degrees of freedom;
+  nan for one value) of the values that are not None."""
+  v = np.array([x for x in values if x is not None], dtype=np.float64)
+  if v.size == 0:
+    return math.nan, math.nan, 0, math.nan
+  if v.size == 1:
+    return float(v[0]), 0.0, 1, math.nan
+  import scipy.stats  # pylint: disable=import-outside-toplevel  (slow; reports only)
+  std = float(v.std(ddof=1))
+  half = float(scipy.stats.t.ppf(0.975, v.size - 1) * std / math.sqrt(v.size))
+  return float(v.mean()), std, int(v.size), half
+
+
+def fmt_interval(ms: tuple[float, float, int, float], digits: int = 3) -> str:
+  """``mean ± half-width of the 95 % t-interval`` (the mean alone for one run)."""
+  mean, _, n, half = ms
+  if n == 0 or math.isnan(mean):
+    return "-"
+  return f"{mean:.{digits}f} ± {half:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cljax import data as data_lib
+from cljax.metrics import fmt_interval, mean_std
 
 _WORD = re.compile(r"[a-z0-9']+")
 
@@ -113,7 +114,6 @@ def report_lines(results: list[dict]) -> list[str]:
   and old task, the kept count, the share of the commonest label and the judge's
   agreement (mean ± 95 % t-interval over the runs), the judge's test accuracy and each
   run's label counts."""
-  from cljax.report import _fmt, mean_std  # pylint: disable=import-outside-toplevel
   rows = collections.defaultdict(list)
   for r in results:
     if not os.path.exists(os.path.join(r["workdir"], "pseudo_samples.jsonl")):
@@ -136,9 +136,10 @@ def report_lines(results: list[dict]) -> list[str]:
   for (order, method, boundary, task), js in sorted(rows.items()):
     share = [max(j["label_balance"].values()) / j["kept"] for j in js]
     lines.append(f"| {order} | {method} | {boundary + 1} | {task} | {len(js)} | "
-                 f"{_fmt(mean_std([j['kept'] for j in js]), 1)} | "
-                 f"{_fmt(mean_std(share))} | {_fmt(mean_std([j['agreement'] for j in js]))} | "
-                 f"{_fmt(mean_std([j['judge_test_accuracy'] for j in js]))} | "
+                 f"{fmt_interval(mean_std([j['kept'] for j in js]), 1)} | "
+                 f"{fmt_interval(mean_std(share))} | "
+                 f"{fmt_interval(mean_std([j['agreement'] for j in js]))} | "
+                 f"{fmt_interval(mean_std([j['judge_test_accuracy'] for j in js]))} | "
                  f"{_label_counts(js)} |")
   return lines + [""]
 

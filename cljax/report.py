@@ -3,24 +3,25 @@ t-interval.
 
 ``collect(root)`` reads every ``results.json`` under ``root``; ``aggregate`` groups
 them by method and strength; ``write_report`` writes Markdown and CSV tables and
-the figures, one table per task order (a sweep with ``--orders``) and one over the
-orders.
+the figures, one table per task order (a sweep with ``--orders``), one over the
+orders and one of each method's difference to fine-tuning paired by order and seed
+(:mod:`cljax.report_tables`).
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 from collections import defaultdict
 from typing import Any
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.stats
 
-from cljax import pseudo_labels
+from cljax import pseudo_labels, report_tables
+from cljax.metrics import fmt_interval as _fmt
+from cljax.metrics import mean_std  # noqa: F401  (cljax.report.mean_std, as before)
 
 # (column key, header, function of one results dict)
 def _task0_after(i):
@@ -74,20 +75,6 @@ def _generation_seconds(r: dict) -> float | None:
   return float(sum(spent)) if spent else None
 
 
-def mean_std(values: Sequence[float | None]) -> tuple[float, float, int, float]:
-  """Mean, sample standard deviation (ddof=1; 0 for one value), count, and the
-  half-width of the mean's 95 % t-interval (Student's t, n - 1 degrees of freedom;
-  nan for one value) of the values that are not None."""
-  v = np.array([x for x in values if x is not None], dtype=np.float64)
-  if v.size == 0:
-    return math.nan, math.nan, 0, math.nan
-  if v.size == 1:
-    return float(v[0]), 0.0, 1, math.nan
-  std = float(v.std(ddof=1))
-  half = float(scipy.stats.t.ppf(0.975, v.size - 1) * std / math.sqrt(v.size))
-  return float(v.mean()), std, int(v.size), half
-
-
 def collect(root: str) -> list[dict]:
   """Every results.json under ``root``, with its ``workdir`` and strength ``tag``."""
   out = []
@@ -133,14 +120,6 @@ def aggregate(results: list[dict], selection: dict | None = None) -> list[dict]:
       row[key] = mean_std([fn(r) for r in runs])
     rows.append(row)
   return rows
-
-
-def _fmt(ms: tuple[float, float, int, float], digits: int = 3) -> str:
-  """``mean ± half-width of the 95 % t-interval`` (the mean alone for one run)."""
-  mean, _, n, half = ms
-  if n == 0 or math.isnan(mean):
-    return "-"
-  return f"{mean:.{digits}f} ± {half:.{digits}f}" if n > 1 else f"{mean:.{digits}f}"
 
 
 def markdown_table(rows: list[dict], tasks: Sequence[str]) -> str:
@@ -293,60 +272,6 @@ def _order_section(results: list[dict], root: str, outdir: str, suffix: str
   return rows, lines
 
 
-def _over_orders(rows_by_order: list[list[dict]]) -> list[str]:
-  """Average accuracy, forgetting and BWT of each method over every run of every
-  order (the interval over all of them), the first task's accuracy after the last
-  (whichever task comes first in its order), and the task-aware average accuracy."""
-  by_method: dict[str, list[dict]] = defaultdict(list)
-  strengths: dict[str, set] = defaultdict(set)
-  for rows in rows_by_order:
-    for row in rows:   # a method's strength may be chosen differently in each order
-      by_method[row["method"]].extend(row["runs"])
-      strengths[row["method"]].add(row["strength"])
-  columns = [("avg acc", lambda r: r["metrics"]["average_accuracy"]),
-             ("forgetting", lambda r: r["metrics"]["forgetting"]),
-             ("BWT", lambda r: r["metrics"]["backward_transfer"]),
-             ("first task final", lambda r: r["accuracy_matrix"][-1][0]),
-             ("task-aware avg acc", lambda r: r["task_aware_metrics"]["average_accuracy"])]
-  lines = ["| method | strength | runs | " + " | ".join(c for c, _ in columns) + " |",
-           "|---" * (3 + len(columns)) + "|"]
-  for method, runs in sorted(by_method.items()):
-    cells = [_fmt(mean_std([get(r) for r in runs])) for _, get in columns]
-    lines.append(f"| {method} | {', '.join(sorted(strengths[method]))} | {len(runs)} | "
-                 + " | ".join(cells) + " |")
-  return lines
-
-
-def growth_lines(results: list[dict]) -> list[str]:
-  """A table for methods whose runs report the parameters each task's network uses
-  (``parameters_in_use`` in ``method_reports``: DEN): per method, order and task, the
-  parameters and MLP units the task uses after the last task, and the units selected,
-  added, pruned and split when it trained, each the mean over the runs ± the
-  half-width of its 95 % t-interval."""
-  runs: dict[tuple, list[list[dict]]] = defaultdict(list)
-  for r in results:
-    reps = [m for m in r.get("method_reports") or [] if "parameters_in_use" in m]
-    if reps:
-      runs[(r["method"], tuple(r["tasks"]))].append(reps)
-  if not runs:
-    return []
-  head = ["method", "task", "seeds", "parameters in use (k)", "units in use",
-          "units selected", "added", "pruned", "split"]
-  lines = ["## Units and parameters in use", "",
-           "Each task's network after the last task (parameters in thousands, MLP units "
-           "over all blocks), and what happened to the units when the task trained.", "",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for (method, tasks), reps in runs.items():
-    for k, name in enumerate(tasks):
-      values = [[rs[-1]["parameters_in_use"][k] / 1e3 for rs in reps],
-                [rs[-1]["units_in_use"][k] for rs in reps]]
-      values += [[sum(rs[k].get(key) or [0]) for rs in reps]
-                 for key in ("units_selected", "units_added", "units_pruned", "units_split")]
-      cells = [method, name, str(len(reps))] + [_fmt(mean_std(v), 1) for v in values]
-      lines.append("| " + " | ".join(cells) + " |")
-  return lines + [""]
-
-
 def write_report(root: str, outdir: str | None = None) -> dict:
   """Writes report.md, report.csv and figures for the runs under ``root``: one table
   per task order, and one over the orders where there are several."""
@@ -387,9 +312,10 @@ def write_report(root: str, outdir: str | None = None) -> dict:
   if len(orders) > 1:
     lines += ["## Over the orders", "",
               "Every run of every order; the interval over all of them (orders and seeds "
-              "alike).", ""] + _over_orders(all_rows) + [""]
+              "alike).", ""] + report_tables.over_orders(all_rows) + [""]
+  lines += report_tables.paired_differences(all_rows)
   lines += pseudo_labels.report_lines(results)
-  lines += growth_lines(results)
+  lines += report_tables.growth_lines(results)
   with open(os.path.join(outdir, "report.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   for rows, tasks, suffix in csv_rows:

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from cljax import report, study, sweep
+from cljax import report, report_tables, study, sweep
 from cljax import results as results_lib
 from cljax.methods import MethodConfig
 
@@ -217,6 +217,31 @@ def test_method_lists_and_grids_come_from_the_registry():
       "ewc": ("ewc_lambda", [1.0, 2.0]), "agem": ("replay_size", [5])}
 
 
+def test_differences_to_finetune_are_paired_by_order_and_seed_by_hand():
+  def row(method, runs):
+    return {"method": method, "strength": "default", "runs": [
+        fake_results(method, seed, [[0.9, 0.0], [first, 0.8]]) | {"tasks": list(tasks)}
+        for tasks, seed, first in runs]}
+  ab, ba = ("a", "b"), ("b", "a")
+  finetune = [(ab, 0, 0.0), (ab, 1, 0.1), (ba, 0, 0.2), (ba, 1, 0.0)]
+  # EWC shares (ab, 0), (ab, 1), (ba, 0); seed 5 of ba has no fine-tuning run to pair.
+  ewc = [(ab, 0, 0.2), (ab, 1, 0.2), (ba, 0, 0.6), (ba, 5, 0.9)]
+  lines = report_tables.paired_differences([[row("finetune", finetune[:2]),
+                                             row("ewc", ewc[:2])],
+                                            [row("finetune", finetune[2:]),
+                                             row("ewc", ewc[2:])]])
+  (line,) = [x for x in lines if x.startswith("| ewc |")]
+  first = np.array([0.2, 0.1, 0.4])        # the first task after the last, minus finetune's
+  half = T_975_2 * first.std(ddof=1) / np.sqrt(3)
+  cells = line.split(" | ")
+  assert cells[1] == "3"
+  assert cells[5] == f"{first.mean():.3f} ± {half:.3f}"            # first task final
+  assert cells[2] == f"{first.mean() / 2:.3f} ± {half / 2:.3f}"    # avg acc: half of it
+  assert cells[3] == f"{-first.mean():.3f} ± {half:.3f}"           # forgetting: 0.9 - first
+  assert not [x for x in lines if x.startswith("| finetune |")]
+  assert report_tables.paired_differences([[row("ewc", ewc)]]) == []
+
+
 def test_the_units_table_averages_each_tasks_den_report_by_hand():
   def run(selected, added, params):
     return {"method": "den", "tasks": ["a", "b"], "method_reports": [
@@ -225,8 +250,8 @@ def test_the_units_table_averages_each_tasks_den_report_by_hand():
         {"task": 1, "units_selected": selected, "units_added": added, "units_pruned": [0, 1],
          "units_split": [1, 0], "units_in_use": [8, 8 + sum(added) - 1],
          "parameters_in_use": [1000, params]}]}
-  lines = report.growth_lines([run([1, 2], [2, 2], 3000), run([3, 4], [0, 0], 1000),
-                               {"method": "finetune", "tasks": ["a", "b"]}])
+  lines = report_tables.growth_lines([run([1, 2], [2, 2], 3000), run([3, 4], [0, 0], 1000),
+                                      {"method": "finetune", "tasks": ["a", "b"]}])
   rows = [line for line in lines if line.startswith("| den")]
   assert rows[0] == ("| den | a | 2 | 1.0 ± 0.0 | 8.0 ± 0.0 | 8.0 ± 0.0 | 0.0 ± 0.0 "
                      "| 0.0 ± 0.0 | 0.0 ± 0.0 |")
@@ -234,7 +259,7 @@ def test_the_units_table_averages_each_tasks_den_report_by_hand():
   # -> half-width 12.706 * 1.414 / sqrt(2) = 12.7; units in use 11 and 7; selected 3, 7.
   assert rows[1] == ("| den | b | 2 | 2.0 ± 12.7 | 9.0 ± 25.4 | 5.0 ± 25.4 | 2.0 ± 25.4 "
                      "| 1.0 ± 0.0 | 1.0 ± 0.0 |")
-  assert report.growth_lines([{"method": "finetune", "tasks": ["a"]}]) == []
+  assert report_tables.growth_lines([{"method": "finetune", "tasks": ["a"]}]) == []
 
 
 def test_keep_copies_what_the_report_reads_and_no_checkpoint(tmp_path):
