@@ -7,8 +7,9 @@
 #   bash experiments/stream3.sh reports    # only the reports and kept runs
 # Stages (in this order): the mini base (34 min, skipped when it exists); the cheap
 # rows on seeds 0-2 in the three orders; generative replay and its gamma-0 ablation;
-# LAMOL's sweep (finetune, replay, joint and LAMOL with --head=lm) and its gamma-0
-# ablation; the cheap rows' seeds 3-4. Then the reports, each kept under docs/results/.
+# the cheap rows' seeds 3-4 (the README's headline); LAMOL's sweep (finetune, replay,
+# joint and LAMOL with --head=lm) and its gamma-0 ablation. Then the reports, each
+# kept under docs/results/.
 set -euo pipefail
 P=experiments/presets
 
@@ -31,8 +32,8 @@ python experiments/sweep.py --flagfile=$P/sweep_stream3_generative.flags \
   --root=runs/stream3_generative
 python experiments/sweep.py --flagfile=$P/sweep_stream3_generative.flags --gr_gamma=0 \
   --root=runs/stream3_generative_gamma0
+python experiments/sweep.py --flagfile=$P/sweep_stream3.flags --root=runs/stream3
 python experiments/sweep.py --flagfile=$P/sweep_stream3_lamol.flags --root=runs/stream3_lamol
 python experiments/sweep.py --flagfile=$P/sweep_stream3_lamol.flags --methods=lamol \
   --lamol_gamma=0 --root=runs/stream3_lamol_gamma0
-python experiments/sweep.py --flagfile=$P/sweep_stream3.flags --root=runs/stream3
 reports
