@@ -274,7 +274,8 @@ def _order_section(results: list[dict], root: str, outdir: str, suffix: str
 
 def write_report(root: str, outdir: str | None = None) -> dict:
   """Writes report.md, report.csv and figures for the runs under ``root``: one table
-  per task order, and one over the orders where there are several."""
+  per task order, one over the orders where there are several, and each method's
+  difference to fine-tuning paired by order and seed where fine-tuning ran."""
   outdir = outdir or root
   os.makedirs(outdir, exist_ok=True)
   results = collect(root)
