@@ -46,7 +46,11 @@ def _outputs(procs) -> list[dict]:
   out = []
   for p in procs:
     stdout, stderr = p.communicate(timeout=600)
-    assert p.returncode == 0, stderr[-3000:]
+    # The first traceback is the cause; what a dying process prints after it (orbax's
+    # background writes cut off at shutdown) would push it out of a plain tail.
+    first = stderr.find("Traceback (most recent call last)")
+    assert p.returncode == 0, (stderr[first:first + 4000] if first >= 0 else "") + \
+        "\n...\n" + stderr[-1500:]
     out.append(json.loads(stdout.strip().splitlines()[-1]))
   return out
 
