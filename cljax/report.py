@@ -21,7 +21,7 @@ import numpy as np
 
 from cljax import pseudo_labels, report_tables
 from cljax.metrics import fmt_interval as _fmt
-from cljax.metrics import mean_std  # noqa: F401  (cljax.report.mean_std, as before)
+from cljax.metrics import mean_std
 
 # (column key, header, function of one results dict)
 def _task0_after(i):

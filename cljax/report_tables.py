@@ -52,15 +52,20 @@ def paired_differences(rows_by_order: list[list[dict]], reference: str = "finetu
   seed), the interval over those differences; no lines without the reference or
   without a shared run."""
   runs, _ = _by_method(rows_by_order)
-  key = lambda r: (tuple(r["tasks"]), r["seed"])   # noqa: E731
+
+  def key(r):
+    return tuple(r["tasks"]), r["seed"]
+
+  def diff(a, b):
+    return None if a is None or b is None else a - b
+
   ref = {key(r): r for r in runs.get(reference, [])}
   lines = []
   for method, rs in sorted(runs.items()):
     pairs = [(r, ref[key(r)]) for r in rs if method != reference and key(r) in ref]
     if not pairs:
       continue
-    diffs = [[None if None in (get(a), get(b)) else get(a) - get(b) for a, b in pairs]
-             for _, get in COLUMNS]
+    diffs = [[diff(get(a), get(b)) for a, b in pairs] for _, get in COLUMNS]
     lines.append(f"| {method} | {len(pairs)} | "
                  + " | ".join(fmt_interval(mean_std(d)) for d in diffs) + " |")
   if not lines:
