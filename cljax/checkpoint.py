@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import hashlib
 import logging as std_logging
 import os
 import re
@@ -67,7 +68,9 @@ class Checkpointer:
           self.directory,
           options=ocp.CheckpointManagerOptions(
               max_to_keep=self._max_to_keep, create=True, cleanup_tmp_directories=True,
-              enable_async_checkpointing=True))
+              enable_async_checkpointing=True,
+              multiprocessing_options=ocp.options.MultiprocessingOptions(
+                  barrier_sync_key_prefix=_barrier_prefix(self.directory))))
     return self._opened
 
   def latest_step(self) -> int | None:
@@ -187,6 +190,14 @@ class Checkpointer:
         self.wait()
       finally:
         self._opened.close()
+
+
+def _barrier_prefix(directory: str) -> str:
+  """The prefix of this directory's multi-host barriers. Orbax names its barriers by
+  step, so two managers writing at once (runs side by side, each saving in the
+  background) would wait at one barrier and fail ("Barrier ... is already ongoing").
+  The directory is the same path in every process, so its hash agrees across them."""
+  return "ckpt" + hashlib.sha1(directory.encode()).hexdigest()[:12]
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ JAX_PROCESS_ID when there are several processes):
   python distributed_helper.py study CONFIG_JSON WORKDIR [resume]
   python distributed_helper.py sweep CONFIG_JSON ROOT     (seeds s and s + 1; prints s)
   python distributed_helper.py parallel CONFIG_JSON ROOT  (seeds s and s + 1 side by side)
+  python distributed_helper.py checkpoints STEPS ROOT     (two checkpointers, saves overlapping)
 
 Prints one JSON line: this process's index and count, its devices and the run's
 accuracy matrices.
@@ -16,11 +17,35 @@ import sys
 import os
 
 import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
-from cljax import parallel, study, sweep
+from cljax import checkpoint, parallel, sharding, study, sweep
+
+
+def overlapping_saves(steps: int, root: str) -> dict:
+  """Two checkpointers (two runs side by side) each save steps 1..``steps`` of a
+  replicated array, one after the other without waiting: each write is in the
+  background while the other run's save starts."""
+  sharding.initialize_distributed()
+  replicated = NamedSharding(jax.make_mesh((jax.device_count(),), ("d",)), PartitionSpec())
+  runs = [checkpoint.Checkpointer(os.path.join(root, f"run{i}")) for i in range(2)]
+  for step in range(1, steps + 1):
+    for i, c in enumerate(runs):
+      value = np.full((8, 8), 10 * step + i, np.float32)
+      w = jax.make_array_from_callback((8, 8), replicated, lambda idx, v=value: v[idx])
+      c.save(step, {"w": w}, {"step": step})
+  latest = [c.latest_step() for c in runs]
+  restored = [c.restore_meta()["step"] for c in runs]
+  for c in runs:
+    c.close()
+  return {"process": jax.process_index(), "latest": latest, "restored": restored}
 
 
 def main(mode, config_json, workdir, *rest):
+  if mode == "checkpoints":
+    print(json.dumps(overlapping_saves(int(config_json), workdir)))
+    return
   spec = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(config_json).items()}
   cfg = study.StudyConfig(**spec)
   if mode == "parallel":

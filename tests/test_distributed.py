@@ -3,7 +3,7 @@ machine (2 CPU devices each, a coordinator on localhost, gloo collectives) give 
 matrices of 1 process with the same 4 devices and the same global batch; only process
 0 writes outputs; a checkpoint the 2 processes wrote resumes in 1 process; two runs
 side by side lay their run axis over the two processes and each run's batch over a
-process's two devices."""
+process's two devices; two runs' checkpoints are written at once."""
 
 import json
 import os
@@ -42,10 +42,17 @@ def _env(devices: int, **extra) -> dict:
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
 
 
-def _outputs(procs) -> list[dict]:
+def _outputs(procs, timeout: float) -> list[dict]:
   out = []
   for p in procs:
-    stdout, stderr = p.communicate(timeout=600)
+    try:
+      stdout, stderr = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      stdout, stderr = p.communicate()
+      pytest.fail(f"process {procs.index(p)} still running after {timeout} s (hung at a "
+                  f"barrier?); its stderr ends:\n{stderr[-3000:]}")
     # The first traceback is the cause; what a dying process prints after it (orbax's
     # background writes cut off at shutdown) would push it out of a plain tail.
     first = stderr.find("Traceback (most recent call last)")
@@ -55,7 +62,7 @@ def _outputs(procs) -> list[dict]:
   return out
 
 
-def run_processes(n: int, devices: int, *args) -> list[dict]:
+def run_processes(n: int, devices: int, *args, timeout: float = 600) -> list[dict]:
   """Runs the helper as ``n`` processes of one JAX run (``devices`` CPU devices each)."""
   port = _free_port()
   procs = []
@@ -64,7 +71,7 @@ def run_processes(n: int, devices: int, *args) -> list[dict]:
                                     JAX_NUM_PROCESSES=str(n), JAX_PROCESS_ID=str(i)))
     procs.append(subprocess.Popen([sys.executable, HELPER, *args], env=_env(devices, **extra),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  return _outputs(procs)
+  return _outputs(procs, timeout)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +123,17 @@ def test_a_sweep_of_two_runs_on_two_processes(one_process, tiny_data_dir, tiny_t
   for s in (cfg["seed"], cfg["seed"] + 1):   # the second run's study reused the started runtime
     workdir = sweep.run_dir(str(tmp_path), cfg["method"], None, None, s)
     assert os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def test_two_runs_checkpoints_written_at_once_on_two_processes(tmp_path):
+  """Runs side by side each save in the background while the next run's save starts;
+  orbax's multi-host barriers are named by step, so without a prefix per directory the
+  two writes met at one barrier ("Barrier ... is already ongoing": CI failed so once)."""
+  outs = run_processes(2, 2, "checkpoints", "6", str(tmp_path), timeout=180)
+  assert [(o["process"], o["latest"], o["restored"]) for o in outs] == [
+      (0, [6, 6], [6, 6]), (1, [6, 6], [6, 6])]
+  for run in ("run0", "run1"):
+    assert sorted(os.listdir(tmp_path / run)) == ["5", "6"]
 
 
 def test_runs_side_by_side_lay_their_run_axis_over_two_processes(tiny_data_dir,
