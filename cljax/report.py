@@ -5,7 +5,9 @@ t-interval.
 them by method and strength; ``write_report`` writes Markdown and CSV tables and
 the figures, one table per task order (a sweep with ``--orders``), one over the
 orders and one of each method's difference to fine-tuning paired by order and seed
-(:mod:`cljax.report_tables`).
+(:mod:`cljax.report_tables`). A report over several roots (a method and its ablation
+swept into separate roots) names a method met again in a later root by the settings
+it ran with there (``generative_replay (gr_gamma=0)``).
 """
 
 from __future__ import annotations
@@ -89,6 +91,32 @@ def collect(root: str) -> list[dict]:
       r["tag"] = parent if os.path.basename(dirpath).startswith("seed") and parent != \
           r["method"] else "default"
       out.append(r)
+  return out
+
+
+def _variant(method: str, config: dict, earlier: dict, root: str) -> str:
+  """A name for ``method`` run with ``config`` where an earlier root ran it with
+  ``earlier``: the settings that differ, or the root when none does."""
+  changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+             for k, v in sorted(config.items()) if earlier.get(k) != v]
+  return f"{method} ({', '.join(changed) or os.path.normpath(root)})"
+
+
+def collect_roots(roots: Sequence[str]) -> list[dict]:
+  """:func:`collect` over several roots. A method already met in an earlier root is
+  renamed in a later one by the settings that differ (:func:`_variant`), so that a
+  method and its ablation are two rows and pair by order and seed."""
+  out: list[dict] = []
+  for root in roots:
+    runs = collect(root)
+    if not runs:
+      raise ValueError(f"No results.json found under {root}.")
+    earlier = {r["method"]: r.get("method_config") or {} for r in out}
+    for r in runs:
+      if r["method"] in earlier:
+        r["method"] = _variant(r["method"], r.get("method_config") or {},
+                               earlier[r["method"]], root)
+    out += runs
   return out
 
 
@@ -230,25 +258,26 @@ def figures(rows: list[dict], results: list[dict], selection: dict, outdir: str)
   return paths
 
 
-def _selection(results: list[dict], root: str) -> dict:
-  """The strength choices of the sweeps under ``root`` these runs belong to
+def _selection(results: list[dict], roots: Sequence[str]) -> dict:
+  """The strength choices of the sweeps under ``roots`` these runs belong to
   (``selection.json`` in each sweep root, SWEEP/METHOD/STRENGTH/seedN)."""
   out = {}
-  inside = os.path.abspath(root)
-  for sweep_root in sorted({os.path.abspath(os.path.join(r["workdir"], "..", "..", ".."))
-                            for r in results} | {inside}):
-    if os.path.commonpath([sweep_root, inside]) != inside:
-      continue   # above the report's root: not this report's sweep
-    if os.path.exists(os.path.join(sweep_root, "selection.json")):
-      with open(os.path.join(sweep_root, "selection.json")) as f:
-        out.update(json.load(f))
+  for root in roots:
+    inside = os.path.abspath(root)
+    for sweep_root in sorted({os.path.abspath(os.path.join(r["workdir"], "..", "..", ".."))
+                              for r in results} | {inside}):
+      if os.path.commonpath([sweep_root, inside]) != inside:
+        continue   # above the report's root: not this report's sweep
+      if os.path.exists(os.path.join(sweep_root, "selection.json")):
+        with open(os.path.join(sweep_root, "selection.json")) as f:
+          out.update(json.load(f))
   return out
 
 
-def _order_section(results: list[dict], root: str, outdir: str, suffix: str
+def _order_section(results: list[dict], roots: Sequence[str], outdir: str, suffix: str
                    ) -> tuple[list, list[str]]:
   """(rows, Markdown lines and figures) of the runs of one task order."""
-  selection = _selection(results, root)
+  selection = _selection(results, roots)
   rows = aggregate(results, selection)
   tasks = results[0]["tasks"]
   lines = [markdown_table(rows, tasks), ""]
@@ -272,15 +301,17 @@ def _order_section(results: list[dict], root: str, outdir: str, suffix: str
   return rows, lines
 
 
-def write_report(root: str, outdir: str | None = None) -> dict:
-  """Writes report.md, report.csv and figures for the runs under ``root``: one table
-  per task order, one over the orders where there are several, and each method's
-  difference to fine-tuning paired by order and seed where fine-tuning ran."""
-  outdir = outdir or root
+def write_report(root: str | Sequence[str], outdir: str | None = None,
+                 paired_with: Sequence[str] = ("finetune",)) -> dict:
+  """Writes report.md, report.csv and figures for the runs under ``root`` (one folder
+  or several, :func:`collect_roots`): one table per task order, one over the orders
+  where there are several, and each method's difference to each method of
+  ``paired_with`` that ran, paired by order and seed. ``outdir`` defaults to the
+  (first) root."""
+  roots = [root] if isinstance(root, str) else list(root)
+  outdir = outdir or roots[0]
+  results = collect_roots(roots)
   os.makedirs(outdir, exist_ok=True)
-  results = collect(root)
-  if not results:
-    raise ValueError(f"No results.json found under {root}.")
   orders: dict[tuple, list[dict]] = defaultdict(list)
   for r in results:
     orders[tuple(r["tasks"])].append(r)
@@ -295,16 +326,16 @@ def write_report(root: str, outdir: str | None = None) -> dict:
       "seeds ± the half-width of its 95 % t-interval (Student's t with n - 1 degrees of "
       "freedom over the runs' values; the mean alone for one run).", ""]
   all_rows, csv_rows = [], []
-  listed = os.path.join(root, "orders.json")   # a sweep's --orders, in their order
-  rank = []
-  if os.path.exists(listed):
-    with open(listed) as f:
-      rank = [tuple(o) for o in json.load(f)]
+  rank = []   # the first sweep's --orders, in their order
+  for listed in [os.path.join(r, "orders.json") for r in roots][::-1]:
+    if os.path.exists(listed):
+      with open(listed) as f:
+        rank = [tuple(o) for o in json.load(f)]
   ranked = sorted(orders.items(), key=lambda kv: rank.index(kv[0]) if kv[0] in rank else
                   len(rank))
   for k, (tasks, runs) in enumerate(ranked):
     suffix = f"_order{k + 1}" if len(orders) > 1 else ""
-    rows, section = _order_section(runs, root, outdir, suffix)
+    rows, section = _order_section(runs, roots, outdir, suffix)
     head = [f"## Order {k + 1}: {' -> '.join(tasks)}", ""] if len(orders) > 1 else [
         f"Tasks: {' -> '.join(tasks)}.", ""]
     lines += head + section + [""]
@@ -314,7 +345,8 @@ def write_report(root: str, outdir: str | None = None) -> dict:
     lines += ["## Over the orders", "",
               "Every run of every order; the interval over all of them (orders and seeds "
               "alike).", ""] + report_tables.over_orders(all_rows) + [""]
-  lines += report_tables.paired_differences(all_rows)
+  for reference in paired_with:
+    lines += report_tables.paired_differences(all_rows, reference)
   lines += pseudo_labels.report_lines(results)
   lines += report_tables.growth_lines(results)
   with open(os.path.join(outdir, "report.md"), "w") as f:

@@ -277,3 +277,32 @@ def test_keep_copies_what_the_report_reads_and_no_checkpoint(tmp_path):
   assert kept == ["order1/ewc/default/seed0/pseudo_samples.jsonl",
                   "order1/ewc/default/seed0/results.json", "order1/selection.json",
                   "orders.json"]
+
+
+def test_a_report_over_two_roots_names_the_ablation_and_pairs_with_it(tmp_path):
+  """A method swept again into a second root with one setting changed is its own row,
+  named by that setting, and other methods pair with it by order and seed."""
+  def write(root, method, seed, first, lam):
+    r = fake_results(method, seed, [[0.9, 0.0], [first, 0.8]], strength=("ewc_lambda", lam))
+    folder = tmp_path / root / method / "default" / f"seed{seed}"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(r))
+  for seed, first in enumerate([0.0, 0.1, 0.2]):
+    write("main", "finetune", seed, first, 1e4)
+    write("main", "ewc", seed, first + 0.3, 1e4)
+  for seed, first in enumerate([0.1, 0.1, 0.4]):
+    write("ablation", "ewc", seed, first, 0.0)
+  roots = [str(tmp_path / "main"), str(tmp_path / "ablation")]
+  out = report.write_report(roots, str(tmp_path / "both"),
+                            paired_with=["finetune", "ewc (ewc_lambda=0)"])
+  assert sorted((r["method"], r["n"]) for r in out["rows"]) == [
+      ("ewc", 3), ("ewc (ewc_lambda=0)", 3), ("finetune", 3)]
+  text = (tmp_path / "both" / "report.md").read_text()
+  assert "## Against ewc (ewc_lambda=0), paired" in text
+  # ewc minus its ablation, first task after the last: 0.2, 0.3, 0.1 by seed.
+  d = np.array([0.2, 0.3, 0.1])
+  section = text[text.index("## Against ewc (ewc_lambda=0)"):]
+  line = next(x for x in section.splitlines() if x.startswith("| ewc |"))
+  assert line.split(" | ")[5] == f"{d.mean():.3f} ± {T_975_2 * d.std(ddof=1) / np.sqrt(3):.3f}"
+  with pytest.raises(ValueError, match="No results.json found under .*nothing"):
+    report.write_report([roots[0], str(tmp_path / "nothing")], str(tmp_path / "x"))

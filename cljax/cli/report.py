@@ -2,6 +2,13 @@ r"""Tables (Markdown, CSV) and figures over the runs of a sweep.
 
   cljax-report --root=runs/sweep [--outdir=DIR]   (or: python experiments/report.py)
   cljax-report --root=runs/sweep --keep=docs/results/sweep   (a copy to commit)
+
+Several --root flags report sweeps side by side (a method and its ablation, swept
+into separate roots): a method met again in a later root is named by the settings it
+ran with there, and --paired_with adds its paired differences:
+
+  cljax-report --root=runs/stream3 --root=runs/gr --root=runs/gr_gamma0 \
+      --paired_with=finetune --paired_with="generative_replay (gr_gamma=0)" --outdir=DIR
 """
 
 import os
@@ -14,10 +21,14 @@ from cljax import cli
 from cljax import report
 from cljax import results as results_lib
 
-_ROOT = flags.DEFINE_string("root", None, "Folder holding the runs (searched recursively "
-                            "for results.json).", required=True)
+_ROOT = flags.DEFINE_multi_string(
+    "root", None, "Folder holding the runs (searched recursively for results.json); "
+    "repeat it to report several sweeps side by side.", required=True)
 _OUTDIR = flags.DEFINE_string("outdir", None, "Where to write report.md, report.csv and "
-                              "the figures (default: --root).")
+                              "the figures (default: --root; required with several).")
+_PAIRED_WITH = flags.DEFINE_multi_string(
+    "paired_with", ["finetune"], "A method (as the report names it) to subtract from "
+    "each other method on the runs with the same task order and seed; repeatable.")
 _KEEP = flags.DEFINE_string(
     "keep", None, "Copy what the report reads of every run under --root (results.json, "
     "pseudo_samples.jsonl, selection.json, orders.json; no checkpoints) to KEEP/runs, "
@@ -28,16 +39,22 @@ _KEEP = flags.DEFINE_string(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  root, outdir = _ROOT.value, _OUTDIR.value
+  roots, outdir = _ROOT.value, _OUTDIR.value
+  if _KEEP.value and len(roots) > 1:
+    raise app.UsageError("--keep copies one --root: keep each sweep with its own report, "
+                         "then report over the kept copies (KEEP/runs) with --outdir.")
+  if len(roots) > 1 and not outdir:
+    raise app.UsageError(f"{len(roots)} --root folders: say where their report goes with "
+                         "--outdir.")
   if _KEEP.value:
     if outdir:
       raise app.UsageError("--keep writes the report into KEEP; leave --outdir out.")
-    root, outdir = os.path.join(_KEEP.value, "runs"), _KEEP.value
-    n = results_lib.keep_results(_ROOT.value, root)
+    roots, outdir = [os.path.join(_KEEP.value, "runs")], _KEEP.value
+    n = results_lib.keep_results(_ROOT.value[0], roots[0])
     if not n:
-      raise app.UsageError(f"No results.json under --root={_ROOT.value}: nothing to keep.")
-    print(f"Kept {n} runs' results under {root}.")
-  print(report.write_report(root, outdir)["markdown"])
+      raise app.UsageError(f"No results.json under --root={_ROOT.value[0]}: nothing to keep.")
+    print(f"Kept {n} runs' results under {roots[0]}.")
+  print(report.write_report(roots, outdir, _PAIRED_WITH.value)["markdown"])
 
 
 def run():
