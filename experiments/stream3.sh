@@ -9,7 +9,8 @@
 # rows on seeds 0-2 in the three orders; generative replay and its gamma-0 ablation;
 # the cheap rows' seeds 3-4 (the README's headline); LAMOL's sweep (finetune, replay,
 # joint and LAMOL with --head=lm) and its gamma-0 ablation. Then the reports, each
-# kept under docs/results/.
+# kept under docs/results/, and the generative methods beside their ablations
+# (docs/results/stream3_*_compared).
 set -euo pipefail
 P=experiments/presets
 
@@ -20,6 +21,19 @@ reports() {
       python experiments/report.py --root=runs/$root --keep=docs/results/$root
     fi
   done
+  # Each generative method beside the cheap rows and its gamma-0 ablation, paired by
+  # order and seed with fine-tuning and with the ablation (from the kept copies).
+  local d=docs/results
+  if [[ -d $d/stream3_generative_gamma0 ]]; then
+    python experiments/report.py --root=$d/stream3/runs --root=$d/stream3_generative/runs \
+      --root=$d/stream3_generative_gamma0/runs --paired_with=finetune \
+      --paired_with="generative_replay (gr_gamma=0)" --outdir=$d/stream3_generative_compared
+  fi
+  if [[ -d $d/stream3_lamol_gamma0 ]]; then
+    python experiments/report.py --root=$d/stream3_lamol/runs \
+      --root=$d/stream3_lamol_gamma0/runs --paired_with=finetune \
+      --paired_with="lamol (lamol_gamma=0)" --outdir=$d/stream3_lamol_compared
+  fi
 }
 
 if [[ "${1:-}" == reports ]]; then reports; exit; fi
