@@ -26,12 +26,12 @@ reports() {
   local d=docs/results
   if [[ -d $d/stream3_generative_gamma0 ]]; then
     python experiments/report.py --root=$d/stream3/runs --root=$d/stream3_generative/runs \
-      --root=$d/stream3_generative_gamma0/runs --paired_with=finetune \
+      --root=$d/stream3_generative_gamma0/runs --paired_with=finetune --paired_with=replay \
       --paired_with="generative_replay (gr_gamma=0)" --outdir=$d/stream3_generative_compared
   fi
   if [[ -d $d/stream3_lamol_gamma0 ]]; then
     python experiments/report.py --root=$d/stream3_lamol/runs \
-      --root=$d/stream3_lamol_gamma0/runs --paired_with=finetune \
+      --root=$d/stream3_lamol_gamma0/runs --paired_with=finetune --paired_with=replay \
       --paired_with="lamol (lamol_gamma=0)" --outdir=$d/stream3_lamol_compared
   fi
 }
