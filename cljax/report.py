@@ -302,15 +302,20 @@ def _order_section(results: list[dict], roots: Sequence[str], outdir: str, suffi
 
 
 def write_report(root: str | Sequence[str], outdir: str | None = None,
-                 paired_with: Sequence[str] = ("finetune",)) -> dict:
+                 paired_with: Sequence[str] | None = None) -> dict:
   """Writes report.md, report.csv and figures for the runs under ``root`` (one folder
   or several, :func:`collect_roots`): one table per task order, one over the orders
   where there are several, and each method's difference to each method of
-  ``paired_with`` that ran, paired by order and seed. ``outdir`` defaults to the
-  (first) root."""
+  ``paired_with`` (default: fine-tuning, where it ran), paired by order and seed.
+  ``outdir`` defaults to the (first) root."""
   roots = [root] if isinstance(root, str) else list(root)
   outdir = outdir or roots[0]
   results = collect_roots(roots)
+  methods = sorted({r["method"] for r in results})
+  missing = [m for m in paired_with or () if m not in methods]
+  if missing:
+    raise ValueError(f"Cannot pair with {', '.join(missing)}: no such method under "
+                     f"{', '.join(roots)}; the methods are {', '.join(methods)}.")
   os.makedirs(outdir, exist_ok=True)
   orders: dict[tuple, list[dict]] = defaultdict(list)
   for r in results:
@@ -345,7 +350,7 @@ def write_report(root: str | Sequence[str], outdir: str | None = None,
     lines += ["## Over the orders", "",
               "Every run of every order; the interval over all of them (orders and seeds "
               "alike).", ""] + report_tables.over_orders(all_rows) + [""]
-  for reference in paired_with:
+  for reference in paired_with or ["finetune"]:
     lines += report_tables.paired_differences(all_rows, reference)
   lines += pseudo_labels.report_lines(results)
   lines += report_tables.growth_lines(results)

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -304,5 +306,17 @@ def test_a_report_over_two_roots_names_the_ablation_and_pairs_with_it(tmp_path):
   section = text[text.index("## Against ewc (ewc_lambda=0)"):]
   line = next(x for x in section.splitlines() if x.startswith("| ewc |"))
   assert line.split(" | ")[5] == f"{d.mean():.3f} ± {T_975_2 * d.std(ddof=1) / np.sqrt(3):.3f}"
+  # The same from the command line; a report over two roots needs --outdir.
+  script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "report.py")
+  cmd = [sys.executable, script, f"--root={roots[0]}", f"--root={roots[1]}"]
+  done = subprocess.run(cmd + ["--paired_with=ewc (ewc_lambda=0)"], capture_output=True,
+                        text=True, check=False)
+  assert done.returncode != 0 and "say where their report goes with --outdir" in done.stderr
+  done = subprocess.run(cmd + ["--paired_with=finetune", "--paired_with=ewc (ewc_lambda=0)",
+                               f"--outdir={tmp_path / 'cli'}"], capture_output=True, text=True,
+                        check=True)
+  assert (tmp_path / "cli" / "report.md").read_text() == text
+  with pytest.raises(ValueError, match=r"Cannot pair with ewc \(gamma=0\): no such method"):
+    report.write_report(roots, str(tmp_path / "x"), paired_with=["ewc (gamma=0)"])
   with pytest.raises(ValueError, match="No results.json found under .*nothing"):
     report.write_report([roots[0], str(tmp_path / "nothing")], str(tmp_path / "x"))

@@ -27,8 +27,9 @@ _ROOT = flags.DEFINE_multi_string(
 _OUTDIR = flags.DEFINE_string("outdir", None, "Where to write report.md, report.csv and "
                               "the figures (default: --root; required with several).")
 _PAIRED_WITH = flags.DEFINE_multi_string(
-    "paired_with", ["finetune"], "A method (as the report names it) to subtract from "
-    "each other method on the runs with the same task order and seed; repeatable.")
+    "paired_with", None, "A method (as the report names it) to subtract from each other "
+    "method on the runs with the same task order and seed; repeatable (default: "
+    "finetune, where it ran).")
 _KEEP = flags.DEFINE_string(
     "keep", None, "Copy what the report reads of every run under --root (results.json, "
     "pseudo_samples.jsonl, selection.json, orders.json; no checkpoints) to KEEP/runs, "
@@ -37,8 +38,10 @@ _KEEP = flags.DEFINE_string(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  cli.checked(argv, _report)
+
+
+def _report() -> None:
   roots, outdir = _ROOT.value, _OUTDIR.value
   if _KEEP.value and len(roots) > 1:
     raise app.UsageError("--keep copies one --root: keep each sweep with its own report, "
