@@ -262,10 +262,10 @@ def _selection(results: list[dict], roots: Sequence[str]) -> dict:
   """The strength choices of the sweeps under ``roots`` these runs belong to
   (``selection.json`` in each sweep root, SWEEP/METHOD/STRENGTH/seedN)."""
   out = {}
+  swept = {os.path.abspath(os.path.join(r["workdir"], "..", "..", "..")) for r in results}
   for root in roots:
     inside = os.path.abspath(root)
-    for sweep_root in sorted({os.path.abspath(os.path.join(r["workdir"], "..", "..", ".."))
-                              for r in results} | {inside}):
+    for sweep_root in sorted(swept | {inside}):
       if os.path.commonpath([sweep_root, inside]) != inside:
         continue   # above the report's root: not this report's sweep
       if os.path.exists(os.path.join(sweep_root, "selection.json")):
@@ -332,10 +332,11 @@ def write_report(root: str | Sequence[str], outdir: str | None = None,
       "freedom over the runs' values; the mean alone for one run).", ""]
   all_rows, csv_rows = [], []
   rank = []   # the first sweep's --orders, in their order
-  for listed in [os.path.join(r, "orders.json") for r in roots][::-1]:
-    if os.path.exists(listed):
-      with open(listed) as f:
-        rank = [tuple(o) for o in json.load(f)]
+  listed = next((p for p in (os.path.join(r, "orders.json") for r in roots)
+                 if os.path.exists(p)), None)
+  if listed:
+    with open(listed) as f:
+      rank = [tuple(o) for o in json.load(f)]
   ranked = sorted(orders.items(), key=lambda kv: rank.index(kv[0]) if kv[0] in rank else
                   len(rank))
   for k, (tasks, runs) in enumerate(ranked):
