@@ -21,6 +21,7 @@ from absl import logging
 import jax
 from jax.experimental import multihost_utils
 
+from cljax import data as data_lib
 from cljax import sharding, study
 from cljax.checkpoint import Checkpointer
 from cljax.progress import fmt_time
@@ -158,16 +159,34 @@ def _val_score(results: dict) -> float:
   return results["val_metrics"]["average_accuracy"]
 
 
-def _open_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
-                seeds: Sequence[int], grids: dict, selection_seed: int | None) -> dict:
-  """Checks the sweep's arguments, makes its root and shared compilation cache, and
-  returns the strength choices made so far (``selection.json``)."""
+def check_arguments(methods: Sequence[str], seeds: Sequence[int], grids: dict,
+                    selection_seed: int | None) -> None:
+  """Raises a one-line ValueError for a sweep that cannot run as asked: an unknown
+  method, a strength grid for a method not swept, a selection seed among the reported
+  ones."""
   unknown = set(grids) - set(methods)
   if unknown:
     raise ValueError(f"Strength grids for {sorted(unknown)}, which are not in --methods.")
   if selection_seed is not None and selection_seed in seeds:
     raise ValueError(f"--selection_seed={selection_seed} is among --seeds; choose a seed "
                      "that is not reported.")
+  for m in methods:
+    registry.parse(m)   # an unknown method: its one-line error names the registered ones
+
+
+def check_orders(base: study.StudyConfig, orders: Sequence[Sequence[str]]) -> None:
+  """Each task order a valid ``--tasks`` (its classes and label words too), before any
+  run of a sweep over orders."""
+  for order in orders:
+    b = base.replace(tasks=tuple(order))
+    data_lib.resolve_tasks(b.tasks, b.task_classes(), b.data_dir, b.task_label_words())
+
+
+def _open_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
+                seeds: Sequence[int], grids: dict, selection_seed: int | None) -> dict:
+  """Checks the sweep's arguments, makes its root and shared compilation cache, and
+  returns the strength choices made so far (``selection.json``)."""
+  check_arguments(methods, seeds, grids, selection_seed)
   if base.distributed:   # before anything asks JAX for its processes
     sharding.initialize_distributed()
   os.makedirs(root, exist_ok=True)

@@ -8,7 +8,7 @@
 # Stages (in this order): the mini base (34 min, skipped when it exists); the cheap
 # rows on seeds 0-2 in the three orders; generative replay and its gamma-0 ablation;
 # the cheap rows' seeds 3-4 (the README's headline); LAMOL's sweep (finetune, replay,
-# joint and LAMOL with --head=lm) and its gamma-0 ablation. Then the reports, each
+# joint, EWC and LAMOL with --head=lm) and its gamma-0 ablation. Then the reports, each
 # kept under docs/results/, and the generative methods beside their ablations
 # (docs/results/stream3_*_compared).
 set -euo pipefail
@@ -48,6 +48,6 @@ python experiments/sweep.py --flagfile=$P/sweep_stream3_generative.flags --gr_ga
   --root=runs/stream3_generative_gamma0
 python experiments/sweep.py --flagfile=$P/sweep_stream3.flags --root=runs/stream3
 python experiments/sweep.py --flagfile=$P/sweep_stream3_lamol.flags --root=runs/stream3_lamol
-python experiments/sweep.py --flagfile=$P/sweep_stream3_lamol.flags --methods=lamol \
-  --lamol_gamma=0 --root=runs/stream3_lamol_gamma0
+python experiments/sweep.py --flagfile=$P/sweep_stream3_lamol_gamma0.flags \
+  --root=runs/stream3_lamol_gamma0
 reports

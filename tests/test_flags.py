@@ -3,6 +3,7 @@ hyperparameter is a flag, and a method added in one file (here, this test file) 
 selectable from the study's flags, listed by --help and runs end to end."""
 
 import dataclasses
+import glob
 import json
 import os
 
@@ -12,9 +13,10 @@ import jax.numpy as jnp
 import pytest
 
 from cljax import flags as cljax_flags
-from cljax import study
+from cljax import study, sweep
 from cljax.config import StudyConfig
 from cljax.methods import Method, MethodConfig, hparam, register, registry
+from conftest import SHARED
 
 
 def _parse(argv=()):
@@ -121,3 +123,54 @@ def test_a_method_added_in_one_file_is_a_flag_and_runs(toy_registered, tiny_data
   registry.unregister("toy")
   assert "--toy_pull" not in _parse().get_help()
   register("toy", "a toy pull towards the last solution", ToyConfig)(toy)
+
+
+# ----------------------------------------------------------------------------
+# The shipped sweep presets pass the sweep's checks
+# ----------------------------------------------------------------------------
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SWEEP_ONLY = ("methods", "seeds", "grid", "selection_seed", "orders", "default_grids",
+               "parallel_runs", "report", "root")
+
+
+def _check_sweep_preset(path):
+  """A sweep flagfile read as experiments/sweep.py reads it (nested flagfiles
+  expanded, a repeated list flag's last value wins, --grid and --orders accumulate),
+  then the checks the sweep makes before its first run."""
+  fv = absl_flags.FlagValues()
+  cljax_flags.define_flags(fv)
+  own, rest = {}, []
+  for arg in fv.read_flags_from_files([f"--flagfile={path}"], force_gnu=False):
+    name, _, value = arg[2:].partition("=")
+    if name in _SWEEP_ONLY:
+      own.setdefault(name, []).append(value)
+    else:
+      rest.append(arg)
+  fv(["prog", *rest])
+  base = cljax_flags.study_config(fv)
+  methods = sweep.expand_methods(own["methods"][-1].split(","), base.head)
+  seeds = [int(s) for s in own.get("seeds", ["0,1,2"])[-1].split(",")]
+  selection = own.get("selection_seed")
+  sweep.check_arguments(methods, seeds, sweep.parse_grid(own.get("grid", [])),
+                        int(selection[-1]) if selection else None)
+  sweep.check_orders(base, [o.split(",") for o in own.get("orders", [])])
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED, "data")),
+                    reason="needs the project's shared data beside the repository")
+def test_every_sweep_preset_passes_the_sweeps_checks(monkeypatch, tmp_path):
+  """Each experiments/presets/sweep_*.flags would start: its methods exist, each
+  strength grid is for a swept method, the selection seed is not reported, and each
+  order is a valid --tasks. A flagfile that layers --methods over a preset with a
+  grid for another method fails the same check the sweep makes."""
+  monkeypatch.chdir(_ROOT)
+  presets = sorted(glob.glob(os.path.join(_ROOT, "experiments", "presets", "sweep_*.flags")))
+  assert len(presets) >= 8
+  for path in presets:
+    _check_sweep_preset(path)
+  layered = tmp_path / "layered.flags"
+  layered.write_text(f"--flagfile={_ROOT}/experiments/presets/sweep_stream3_lamol.flags\n"
+                     "--methods=lamol\n")
+  with pytest.raises(ValueError, match=r"Strength grids for \['ewc'\]"):
+    _check_sweep_preset(str(layered))

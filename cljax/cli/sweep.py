@@ -14,13 +14,10 @@ per task order (ROOT/orderK). Then: cljax-report --root=ROOT.
 
 import sys
 
-from absl import app
 from absl import flags
-from absl import logging
 import jax
 
 from cljax import cli
-from cljax import data as data_lib
 from cljax import flags as cljax_flags
 from cljax import report
 from cljax import sweep
@@ -53,22 +50,23 @@ _REPORT = flags.DEFINE_bool("report", True, "Write the report when the sweep end
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
+  cli.checked(argv, _sweep)   # bad input: one log line, before any run
+
+
+def _sweep():
   base = cljax_flags.study_config()
   methods = sweep.expand_methods(_METHODS.value, base.head)
   grids = sweep.parse_grid(_GRID.value)
   if _DEFAULT_GRIDS.value:
     grids = {**sweep.default_grids(methods), **grids}
-  kwargs = dict(methods=methods, seeds=[int(s) for s in _SEEDS.value], grids=grids,
+  seeds = [int(s) for s in _SEEDS.value]
+  sweep.check_arguments(methods, seeds, grids, _SELECTION_SEED.value)
+  kwargs = dict(methods=methods, seeds=seeds, grids=grids,
                 flags=cljax_flags.flag_values(), selection_seed=_SELECTION_SEED.value,
                 parallel_runs=_PARALLEL.value)
   if _ORDERS.value:
     orders = [tuple(t.strip() for t in o.split(",") if t.strip()) for o in _ORDERS.value]
-    for order in orders:   # each a valid --tasks, before any run
-      b = base.replace(tasks=order)
-      data_lib.resolve_tasks(b.tasks, b.task_classes(), b.data_dir, b.task_label_words())
+    sweep.check_orders(base, orders)   # each a valid --tasks, before any run
     outs = sweep.run_orders(base, _ROOT.value, orders, **kwargs)
   else:
     outs = [sweep.run_sweep(base, _ROOT.value, **kwargs)]
