@@ -2,7 +2,8 @@
 # Every run behind the three-task stream's results (docs/results.md, "The three-task
 # stream"), most wanted first; each sweep continues where it stopped, so rerunning
 # this script after an interruption (or in the next session) picks up the first run
-# not yet finished. Run from the repository root; about 15 hours on a 2-core CPU.
+# not yet finished. Run from the repository root; about 22 hours on a 2-core CPU
+# (estimated from the finished stages; LAMOL's stages are not yet measured).
 #   bash experiments/stream3.sh            # everything
 #   bash experiments/stream3.sh reports    # only the reports and kept runs
 # Stages (in this order): the mini base (34 min, skipped when it exists); the cheap
