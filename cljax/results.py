@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 
 from absl import logging
 import jax
@@ -16,6 +17,29 @@ import numpy as np
 
 from cljax import data as data_lib
 from cljax import metrics as metrics_lib
+
+
+def code_version(package_dir: str = os.path.dirname(os.path.abspath(__file__))
+                 ) -> dict | None:
+  """The git commit of the cljax checkout ``package_dir`` is in, and whether the
+  package's files differ from that commit (an edit, or a new file git does not
+  ignore); None where it is no git checkout of cljax (an installed wheel, or a folder
+  inside some other repository)."""
+  def git(*args):
+    return subprocess.run(["git", "-C", package_dir, *args], capture_output=True,
+                          text=True, timeout=30, check=True).stdout.strip()
+  try:
+    top = git("rev-parse", "--show-toplevel")
+    if os.path.realpath(os.path.join(top, "cljax")) != os.path.realpath(package_dir):
+      return None
+    return {"commit": git("rev-parse", "HEAD"),
+            "modified": bool(git("status", "--porcelain", "--", "."))}
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+# The code this process runs is what it imported: its version is read once, at import.
+CODE_VERSION = code_version()
 
 
 def count_params(params, mask=None) -> int:
@@ -77,7 +101,8 @@ def make_results(study, record, flags: dict | None, wall_s: float) -> dict:
                  "steps_per_task": record.steps_per_task},
       "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                       "devices": [d.device_kind for d in jax.devices()],
-                      "python": platform.python_version()},
+                      "python": platform.python_version(),
+                      "cljax_git": CODE_VERSION},
   }
 
 

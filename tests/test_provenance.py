@@ -9,13 +9,14 @@ import json
 import os
 import re
 import shlex
+import subprocess
 
 from absl import flags as absl_flags
 import pytest
 
 from cljax import data as data_lib
 from cljax import flags as cljax_flags
-from cljax import lm_data, lm_train
+from cljax import lm_data, lm_train, results
 from conftest import SHARED
 
 PRESETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -210,3 +211,34 @@ def test_no_pretraining_text_is_in_any_study_row_of_the_presets(monkeypatch):
               study_cfg.num_train, study_cfg.num_test, study_cfg.num_val), (name, task.name)
           checked += 1
   assert checked >= 3 * 3 * 5, shlex.join(n for n, _ in _studies_from_the_base())
+
+
+# ----------------------------------------------------------------------------
+# The code a run ran: its git commit in results.json
+# ----------------------------------------------------------------------------
+
+def _git(cwd, *args):
+  return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True,
+                        check=True).stdout.strip()
+
+
+def test_a_run_records_the_commit_of_the_cljax_checkout_it_imported(tmp_path):
+  """results.json's environment names the commit of the cljax checkout (and whether
+  the package differs from it); a package in no checkout of cljax records None."""
+  repo = tmp_path / "repo"
+  (repo / "cljax").mkdir(parents=True)
+  (repo / "cljax" / "__init__.py").write_text("x = 1\n")
+  (repo / "README.md").write_text("readme\n")
+  _git(repo, "init", "-q")
+  _git(repo, "add", ".")
+  _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+  head = _git(repo, "rev-parse", "HEAD")
+  assert results.code_version(str(repo / "cljax")) == {"commit": head, "modified": False}
+  (repo / "README.md").write_text("edited\n")   # outside the package: not its code
+  assert results.code_version(str(repo / "cljax"))["modified"] is False
+  (repo / "cljax" / "new.py").write_text("y = 2\n")
+  assert results.code_version(str(repo / "cljax")) == {"commit": head, "modified": True}
+  (repo / "other" / "cljax").mkdir(parents=True)   # inside some other repository
+  assert results.code_version(str(repo / "other" / "cljax")) is None
+  (tmp_path / "wheel" / "cljax").mkdir(parents=True)   # in no repository
+  assert results.code_version(str(tmp_path / "wheel" / "cljax")) is None
