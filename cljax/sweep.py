@@ -174,6 +174,11 @@ def check_arguments(methods: Sequence[str], seeds: Sequence[int], grids: dict,
     registry.parse(m)   # an unknown method: its one-line error names the registered ones
 
 
+def parse_orders(values: Sequence[str]) -> list[tuple[str, ...]]:
+  """``--orders`` values, each a comma-separated ``--tasks``, as task tuples."""
+  return [tuple(t.strip() for t in v.split(",") if t.strip()) for v in values]
+
+
 def check_orders(base: study.StudyConfig, orders: Sequence[Sequence[str]]) -> None:
   """Each task order a valid ``--tasks`` (its classes and label words too), before any
   run of a sweep over orders."""

@@ -155,7 +155,7 @@ def _check_sweep_preset(path):
   sweep.check_arguments(methods, seeds, sweep.parse_grid(own.get("grid", [])),
                         int(selection[-1]) if selection else None)
   if os.path.isdir(os.path.join(SHARED, "data")):   # the orders read the local data
-    sweep.check_orders(base, [o.split(",") for o in own.get("orders", [])])
+    sweep.check_orders(base, sweep.parse_orders(own.get("orders", [])))
 
 
 def test_every_sweep_preset_passes_the_sweeps_checks(monkeypatch, tmp_path):

@@ -65,7 +65,7 @@ def _sweep():
                 flags=cljax_flags.flag_values(), selection_seed=_SELECTION_SEED.value,
                 parallel_runs=_PARALLEL.value)
   if _ORDERS.value:
-    orders = [tuple(t.strip() for t in o.split(",") if t.strip()) for o in _ORDERS.value]
+    orders = sweep.parse_orders(_ORDERS.value)
     sweep.check_orders(base, orders)   # each a valid --tasks, before any run
     outs = sweep.run_orders(base, _ROOT.value, orders, **kwargs)
   else:
