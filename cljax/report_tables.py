@@ -19,6 +19,7 @@ COLUMNS = (("avg acc", lambda r: r["metrics"]["average_accuracy"]),
            ("forgetting", lambda r: r["metrics"]["forgetting"]),
            ("BWT", lambda r: r["metrics"]["backward_transfer"]),
            ("first task final", lambda r: r["accuracy_matrix"][-1][0]),
+           ("last task final", lambda r: r["accuracy_matrix"][-1][-1]),
            ("task-aware avg acc", lambda r: r["task_aware_metrics"]["average_accuracy"]))
 
 
@@ -46,28 +47,41 @@ def over_orders(rows_by_order: list[list[dict]]) -> list[str]:
   return lines
 
 
+def _pairs(runs: list[dict], reference: list[dict]) -> list[tuple[dict, dict]]:
+  """(run, the reference's run with the same task order and seed) for each run that
+  has one."""
+  ref = {(tuple(r["tasks"]), r["seed"]): r for r in reference}
+  return [(r, ref[tuple(r["tasks"]), r["seed"]]) for r in runs
+          if (tuple(r["tasks"]), r["seed"]) in ref]
+
+
+def _paired(pairs: list[tuple[dict, dict]], get) -> str:
+  values = [None if get(a) is None or get(b) is None else get(a) - get(b) for a, b in pairs]
+  return fmt_interval(mean_std(values))
+
+
 def paired_differences(rows_by_order: list[list[dict]], reference: str = "finetune"
                        ) -> list[str]:
   """Each method minus ``reference`` on the runs they share (same task order and
-  seed), the interval over those differences; no lines without the reference or
+  seed), the interval over those differences; with several orders, also the average
+  accuracy's paired difference in each order alone. No lines without the reference or
   without a shared run."""
   runs, _ = _by_method(rows_by_order)
-
-  def key(r):
-    return tuple(r["tasks"]), r["seed"]
-
-  def diff(a, b):
-    return None if a is None or b is None else a - b
-
-  ref = {key(r): r for r in runs.get(reference, [])}
-  lines = []
+  lines, per_order = [], []
   for method, rs in sorted(runs.items()):
-    pairs = [(r, ref[key(r)]) for r in rs if method != reference and key(r) in ref]
+    pairs = _pairs(rs, runs.get(reference, [])) if method != reference else []
     if not pairs:
       continue
-    diffs = [[diff(get(a), get(b)) for a, b in pairs] for _, get in COLUMNS]
     lines.append(f"| {method} | {len(pairs)} | "
-                 + " | ".join(fmt_interval(mean_std(d)) for d in diffs) + " |")
+                 + " | ".join(_paired(pairs, get) for _, get in COLUMNS) + " |")
+    cells = []
+    for rows in rows_by_order:
+      mine = [r for row in rows if row["method"] == method for r in row["runs"]]
+      theirs = [r for row in rows if row["method"] == reference for r in row["runs"]]
+      in_order = _pairs(mine, theirs)
+      cells.append(f"{_paired(in_order, COLUMNS[0][1])} ({len(in_order)})" if in_order
+                   else "-")
+    per_order.append(f"| {method} | " + " | ".join(cells) + " |")
   if not lines:
     return []
   head = [f"## Against {reference}, paired", "",
@@ -77,7 +91,12 @@ def paired_differences(rows_by_order: list[list[dict]], reference: str = "finetu
           f"from {reference}.", "",
           "| method | pairs | " + " | ".join(c for c, _ in COLUMNS) + " |",
           "|---" * (2 + len(COLUMNS)) + "|"]
-  return head + lines + [""]
+  out = head + lines + [""]
+  if len(rows_by_order) > 1:
+    out += [f"Average accuracy minus {reference}'s, paired, in each order alone (pairs):",
+            "", "| method | " + " | ".join(f"order {k + 1}" for k in range(len(rows_by_order)))
+            + " |", "|---" * (1 + len(rows_by_order)) + "|"] + per_order + [""]
+  return out
 
 
 def growth_lines(results: list[dict]) -> list[str]:

@@ -35,6 +35,7 @@ def fake_results(method, seed, matrix, ta_matrix=None, val_avg=0.5, strength=Non
 
 
 T_975_2 = 4.302652729911275    # Student's t, 97.5th percentile, 2 degrees of freedom
+T_975_1 = 12.706204736174698   # and 1 degree of freedom
 
 
 def test_mean_std_and_the_95_percent_interval_by_hand():
@@ -184,8 +185,8 @@ def test_a_sweep_over_task_orders_reports_each_order_and_all(tmp_path, monkeypat
   assert f"{np.mean(avg):.3f} ± {half:.3f}" in line
   first = [0.1 * (s + 1) for s in (0, 1)] * 2          # the first task after the last
   half = 3.182446305284263 * np.std(first, ddof=1) / 2
-  assert line.endswith(f"| {np.mean(first):.3f} ± {half:.3f} | {np.mean(avg):.3f} ± "
-                       f"{3.182446305284263 * np.std(avg, ddof=1) / 2:.3f} |")
+  assert line.endswith(f"| {np.mean(first):.3f} ± {half:.3f} | 0.800 ± 0.000 | "   # last
+                       f"{np.mean(avg):.3f} ± {3.182446305284263 * np.std(avg, ddof=1) / 2:.3f} |")
   assert len(out["rows"]) == 2 and os.path.exists(os.path.join(root, "report_order2.csv"))
   assert os.path.exists(os.path.join(root, "report_matrices_order1.png"))
   with pytest.raises(ValueError, match="holds a sweep over the orders"):
@@ -232,7 +233,7 @@ def test_differences_to_finetune_are_paired_by_order_and_seed_by_hand():
                                              row("ewc", ewc[:2])],
                                             [row("finetune", finetune[2:]),
                                              row("ewc", ewc[2:])]])
-  (line,) = [x for x in lines if x.startswith("| ewc |")]
+  (line, per_order) = [x for x in lines if x.startswith("| ewc |")]
   first = np.array([0.2, 0.1, 0.4])        # the first task after the last, minus finetune's
   half = T_975_2 * first.std(ddof=1) / np.sqrt(3)
   cells = line.split(" | ")
@@ -240,7 +241,11 @@ def test_differences_to_finetune_are_paired_by_order_and_seed_by_hand():
   assert cells[5] == f"{first.mean():.3f} ± {half:.3f}"            # first task final
   assert cells[2] == f"{first.mean() / 2:.3f} ± {half / 2:.3f}"    # avg acc: half of it
   assert cells[3] == f"{-first.mean():.3f} ± {half:.3f}"           # forgetting: 0.9 - first
+  assert cells[6] == "0.000 ± 0.000"                                # last task final
   assert not [x for x in lines if x.startswith("| finetune |")]
+  # In each order alone: order ab has two pairs (avg acc +0.1, +0.05), ba one (+0.2).
+  half_ab = T_975_1 * np.std([0.1, 0.05], ddof=1) / np.sqrt(2)
+  assert per_order == f"| ewc | 0.075 ± {half_ab:.3f} (2) | 0.200 (1) |"
   assert report_tables.paired_differences([[row("ewc", ewc)]]) == []
 
 
