@@ -274,10 +274,14 @@ def _selection(results: list[dict], roots: Sequence[str]) -> dict:
   return out
 
 
-def _order_section(results: list[dict], roots: Sequence[str], outdir: str, suffix: str
-                   ) -> tuple[list, list[str]]:
-  """(rows, Markdown lines and figures) of the runs of one task order."""
+def _order_section(results: list[dict], roots: Sequence[str], outdir: str, suffix: str,
+                   seeds: Sequence[int] | None = None) -> tuple[list, list[str]]:
+  """(rows, Markdown lines and figures) of the runs of one task order; with ``seeds``,
+  only those seeds' runs (and the runs a strength was chosen on)."""
   selection = _selection(results, roots)
+  if seeds is not None:
+    held = {s["seed"] for s in selection.values() if s.get("held_out_seed")}
+    results = [r for r in results if r["seed"] in seeds or r["seed"] in held]
   rows = aggregate(results, selection)
   tasks = results[0]["tasks"]
   lines = [markdown_table(rows, tasks), ""]
@@ -302,15 +306,22 @@ def _order_section(results: list[dict], roots: Sequence[str], outdir: str, suffi
 
 
 def write_report(root: str | Sequence[str], outdir: str | None = None,
-                 paired_with: Sequence[str] | None = None) -> dict:
+                 paired_with: Sequence[str] | None = None,
+                 seeds: Sequence[int] | None = None) -> dict:
   """Writes report.md, report.csv and figures for the runs under ``root`` (one folder
   or several, :func:`collect_roots`): one table per task order, one over the orders
   where there are several, and each method's difference to each method of
   ``paired_with`` (default: fine-tuning, where it ran), paired by order and seed.
-  ``outdir`` defaults to the (first) root."""
+  ``seeds``: report only these seeds' runs (default: every seed). ``outdir`` defaults
+  to the (first) root."""
   roots = [root] if isinstance(root, str) else list(root)
   outdir = outdir or roots[0]
   results = collect_roots(roots)
+  if seeds is not None:
+    found = {r["seed"] for r in results}
+    if not set(seeds) <= found:
+      raise ValueError(f"No run of seed {sorted(set(seeds) - found)} under "
+                       f"{', '.join(roots)}; the seeds there are {sorted(found)}.")
   methods = sorted({r["method"] for r in results})
   missing = [m for m in paired_with or () if m not in methods]
   if missing:
@@ -329,7 +340,9 @@ def write_report(root: str | Sequence[str], outdir: str | None = None,
       "Class-incremental accuracy takes the argmax over every class of the shared head; "
       "task-aware restricts it to the task's own classes. Each cell: the mean over "
       "seeds ± the half-width of its 95 % t-interval (Student's t with n - 1 degrees of "
-      "freedom over the runs' values; the mean alone for one run).", ""]
+      "freedom over the runs' values; the mean alone for one run)."
+      + (f" Only seeds {', '.join(map(str, seeds))} are reported here." if seeds is not None
+         else ""), ""]
   all_rows, csv_rows = [], []
   rank = []   # the first sweep's --orders, in their order
   listed = next((p for p in (os.path.join(r, "orders.json") for r in roots)
@@ -341,7 +354,7 @@ def write_report(root: str | Sequence[str], outdir: str | None = None,
                   len(rank))
   for k, (tasks, runs) in enumerate(ranked):
     suffix = f"_order{k + 1}" if len(orders) > 1 else ""
-    rows, section = _order_section(runs, roots, outdir, suffix)
+    rows, section = _order_section(runs, roots, outdir, suffix, seeds)
     head = [f"## Order {k + 1}: {' -> '.join(tasks)}", ""] if len(orders) > 1 else [
         f"Tasks: {' -> '.join(tasks)}.", ""]
     lines += head + section + [""]
@@ -353,6 +366,8 @@ def write_report(root: str | Sequence[str], outdir: str | None = None,
               "alike).", ""] + report_tables.over_orders(all_rows) + [""]
   for reference in paired_with or ["finetune"]:
     lines += report_tables.paired_differences(all_rows, reference)
+  if seeds is not None:
+    results = [r for r in results if r["seed"] in seeds]
   lines += pseudo_labels.report_lines(results)
   lines += report_tables.growth_lines(results)
   with open(os.path.join(outdir, "report.md"), "w") as f:

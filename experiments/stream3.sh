@@ -23,17 +23,20 @@ reports() {
     fi
   done
   # Each generative method beside the cheap rows and its gamma-0 ablation, paired by
-  # order and seed with fine-tuning and with the ablation (from the kept copies).
+  # order and seed with fine-tuning and with the ablation (from the kept copies), on
+  # the seeds the generative sweeps ran (the cheap rows have 5).
   local d=docs/results
   if [[ -d $d/stream3_generative_gamma0 ]]; then
     python experiments/report.py --root=$d/stream3/runs --root=$d/stream3_generative/runs \
       --root=$d/stream3_generative_gamma0/runs --paired_with=finetune --paired_with=replay \
-      --paired_with="generative_replay (gr_gamma=0)" --outdir=$d/stream3_generative_compared
+      --paired_with="generative_replay (gr_gamma=0)" --outdir=$d/stream3_generative_compared \
+      --seeds=0,1,2
   fi
   if [[ -d $d/stream3_lamol_gamma0 ]]; then
     python experiments/report.py --root=$d/stream3_lamol/runs \
       --root=$d/stream3_lamol_gamma0/runs --paired_with=finetune --paired_with=replay \
-      --paired_with="lamol (lamol_gamma=0)" --outdir=$d/stream3_lamol_compared
+      --paired_with="lamol (lamol_gamma=0)" --outdir=$d/stream3_lamol_compared \
+      --seeds=0,1,2
   fi
 }
 

@@ -325,3 +325,43 @@ def test_a_report_over_two_roots_names_the_ablation_and_pairs_with_it(tmp_path):
     report.write_report(roots, str(tmp_path / "x"), paired_with=["ewc (gamma=0)"])
   with pytest.raises(ValueError, match="No results.json found under .*nothing"):
     report.write_report([roots[0], str(tmp_path / "nothing")], str(tmp_path / "x"))
+
+
+def test_a_report_of_some_seeds_keeps_the_runs_a_strength_was_chosen_on(tmp_path):
+  """--seeds reports only those seeds; the held-out seed a strength was chosen on
+  still draws the strength figure; a seed no run has is an error."""
+  def write(method, tag, seed, first, lam=None):
+    r = fake_results(method, seed, [[0.9, 0.0], [first, 0.8]],
+                     strength=("ewc_lambda", lam) if lam else None)
+    folder = tmp_path / "sweep" / method / tag / f"seed{seed}"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(r))
+  for seed, first in enumerate([0.0, 0.1, 0.2, 0.6, 0.6]):
+    write("finetune", "default", seed, first)
+  for lam, first in [(1.0, 0.1), (100.0, 0.3)]:
+    write("ewc", f"ewc_lambda={lam:g}", 100, first, lam)
+  for seed in range(5):
+    write("ewc", "ewc_lambda=100", seed, 0.4, 100.0)
+  (tmp_path / "sweep" / "selection.json").write_text(json.dumps({"ewc": {
+      "field": "ewc_lambda", "chosen": 100.0, "chosen_on": "validation average accuracy",
+      "seed": 100, "held_out_seed": True, "tag": "ewc_lambda=100", "candidates": [
+          {"value": 1.0, "val_average_accuracy": 0.2},
+          {"value": 100.0, "val_average_accuracy": 0.3}]}}))
+  root = str(tmp_path / "sweep")
+  every = report.write_report(root, str(tmp_path / "every"))
+  some = report.write_report(root, str(tmp_path / "some"), seeds=[0, 1, 2])
+  assert sorted((r["method"], r["seeds"]) for r in every["rows"]) == [
+      ("ewc", [0, 1, 2, 3, 4]), ("finetune", [0, 1, 2, 3, 4])]
+  assert sorted((r["method"], r["seeds"]) for r in some["rows"]) == [
+      ("ewc", [0, 1, 2]), ("finetune", [0, 1, 2])]
+  ft = next(r for r in some["rows"] if r["method"] == "finetune")
+  assert ft["average_accuracy"][0] == pytest.approx(0.45)   # (first + 0.8) / 2 over seeds 0-2
+  assert "Only seeds 0, 1, 2 are reported here." in some["markdown"]
+  assert "![report_strength.png](report_strength.png)" in some["figures"]
+  with pytest.raises(ValueError, match=r"No run of seed \[7\] under .*the seeds there are "
+                                       r"\[0, 1, 2, 3, 4, 100\]"):
+    report.write_report(root, str(tmp_path / "x"), seeds=[0, 7])
+  script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "report.py")
+  done = subprocess.run([sys.executable, script, f"--root={root}", "--seeds=0,one"],
+                        capture_output=True, text=True, check=False)
+  assert done.returncode != 0 and "--seeds=0,one: expected whole numbers" in done.stderr

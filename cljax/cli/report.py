@@ -30,6 +30,9 @@ _PAIRED_WITH = flags.DEFINE_multi_string(
     "paired_with", None, "A method (as the report names it) to subtract from each other "
     "method on the runs with the same task order and seed; repeatable (default: "
     "finetune, where it ran).")
+_SEEDS = flags.DEFINE_list(
+    "seeds", None, "Report only these seeds' runs (comma-separated; default: every "
+    "seed), e.g. the seeds every root ran, for tables that compare like with like.")
 _KEEP = flags.DEFINE_string(
     "keep", None, "Copy what the report reads of every run under --root (results.json, "
     "pseudo_samples.jsonl, selection.json, orders.json; no checkpoints) to KEEP/runs, "
@@ -57,7 +60,14 @@ def _report() -> None:
     if not n:
       raise app.UsageError(f"No results.json under --root={_ROOT.value[0]}: nothing to keep.")
     print(f"Kept {n} runs' results under {roots[0]}.")
-  print(report.write_report(roots, outdir, _PAIRED_WITH.value)["markdown"])
+  seeds = None
+  if _SEEDS.value is not None:
+    try:
+      seeds = [int(x) for x in _SEEDS.value]
+    except ValueError:
+      raise app.UsageError(f"--seeds={','.join(_SEEDS.value)}: expected whole numbers, "
+                           "comma-separated (e.g. --seeds=0,1,2).") from None
+  print(report.write_report(roots, outdir, _PAIRED_WITH.value, seeds)["markdown"])
 
 
 def run():
