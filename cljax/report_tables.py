@@ -56,8 +56,10 @@ def _pairs(runs: list[dict], reference: list[dict]) -> list[tuple[dict, dict]]:
 
 
 def _paired(pairs: list[tuple[dict, dict]], get) -> str:
-  values = [None if get(a) is None or get(b) is None else get(a) - get(b) for a, b in pairs]
-  return fmt_interval(mean_std(values))
+  """The interval over the pairs' differences of ``get`` (None where either lacks it)."""
+  values = [(get(a), get(b)) for a, b in pairs]
+  return fmt_interval(mean_std([None if x is None or y is None else x - y
+                                for x, y in values]))
 
 
 def paired_differences(rows_by_order: list[list[dict]], reference: str = "finetune"
