@@ -12,7 +12,7 @@ import pytest
 
 import cljax
 from cljax import data as data_lib
-from cljax import models, study
+from cljax import models, pseudo_labels, study
 from cljax.methods import BuildContext, MethodConfig, StepContext, TaskContext, registry
 from cljax.methods.pseudo_data import lm_arrays, lm_row, pad_rows, split_answer, split_sizes
 from cljax.models import GPT2Classifier, GPT2LM, add_token_embeddings
@@ -453,3 +453,42 @@ def test_lamol_runs_as_text_with_its_answer_token(tiny_data_dir, tiny_tokenizer_
       penalty = [m["penalty"] for m in map(json.loads, f) if m.get("task") == 0
                  and "penalty" in m]
     assert len(penalty) >= 4 and max(penalty[-2:]) < 0.8 * penalty[0], penalty
+
+
+@pytest.mark.slow
+def test_a_lamol_runs_kept_samples_are_written_and_judged(tiny_data_dir, tiny_tokenizer_dir,
+                                                          tmp_path, monkeypatch):
+  """A whole LAMOL run as text whose generator (a stub) writes known samples: the kept
+  ones reach pseudo_samples.jsonl as text without the answer, labelled by the answer
+  word, and the report's judge (naive Bayes on IMDb's own rows) reads them."""
+  from cljax.methods import generative
+  tok = cljax.load_tokenizer(tiny_tokenizer_dir)
+  ans = len(tok) + 1                                  # after the generation token
+
+  def ids(text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+  written = ([ids("Review: good great wonderful superb film\nSentiment:") + [ans]
+              + ids(" good")] * 3
+             + [ids("Review: bad awful boring terrible plot\nSentiment:") + [ans] + ids(" bad"),
+                ids("Review: lovely best enjoyable fine acting\nSentiment:") + [ans]
+                + ids(" bad"),                                            # the judge says pos
+                ids("Review: no answer here")])                           # dropped: no __ans__
+
+  def stub(model, params, prompts, **kwargs):
+    return [written[i % len(written)] for i in range(len(prompts))], [True] * len(prompts), 0.1
+  monkeypatch.setattr(generative, "generate_texts", stub)
+  cfg = _config(tiny_data_dir, tiny_tokenizer_dir, method="lamol", head="lm", num_train=12,
+                epochs=1, label_words=("imdb=bad,good", "ag_news=software,match"),
+                method_config=MethodConfig(gen_batch_size=8, lamol_gamma=0.5))
+  r = study.run(cfg, str(tmp_path))
+  (report,) = r["method_reports"]
+  assert (report["requested"], report["kept"], report["dropped"]["malformed"]) == (6, 5, 1)
+  assert report["label_balance"] == {"imdb": {"neg": 2, "pos": 3}}
+  with open(tmp_path / "pseudo_samples.jsonl") as f:
+    kept = [json.loads(line) for line in f]
+  assert [k["label"] for k in kept] == ["pos", "pos", "pos", "neg", "neg"]
+  assert kept[0]["text"] == tok.decode(ids("Review: good great wonderful superb film\nSentiment:"))
+  (judged,) = pseudo_labels.judge_run(str(tmp_path))
+  assert (judged["task"], judged["kept"], judged["label_balance"]) == (
+      "imdb", 5, {"pos": 3, "neg": 2})
+  assert judged["agreement"] == pytest.approx(4 / 5)
