@@ -159,6 +159,31 @@ def _val_score(results: dict) -> float:
   return results["val_metrics"]["average_accuracy"]
 
 
+def _chosen(method: str, field: str, values: Sequence, scores: Sequence, errors: Sequence,
+            seed: int, held_out: bool) -> dict:
+  """The ``selection.json`` entry of the best candidate on validation. A candidate that
+  diverged (score None; its error in ``errors``) is never chosen; if every one did, the
+  sweep stops with a one-line error."""
+  for v, e in zip(values, errors):
+    if e:
+      logging.warning("%s %s diverged on seed %d and is not a candidate: %s", method,
+                      tag(field, v), seed, e)
+  finite = [i for i, s in enumerate(scores) if s is not None]
+  if not finite:
+    raise ValueError(f"Every {method} candidate diverged ({field} "
+                     f"{', '.join(f'{v:g}' for v in values)}): lower --learning_rate or "
+                     "give the grid smaller strengths.")
+  best = max(finite, key=lambda i: scores[i])
+  logging.info("%s: chose %s=%s on validation (%s).", method, field, values[best],
+               ", ".join(f"{v:g}: " + ("diverged" if s is None else f"{s:.3f}")
+                         for v, s in zip(values, scores)))
+  return {"field": field, "chosen": values[best], "chosen_on": "validation average accuracy",
+          "seed": seed, "held_out_seed": held_out, "tag": tag(field, values[best]),
+          "candidates": [{"value": v, "val_average_accuracy": s} | ({"diverged": e} if e
+                                                                      else {})
+                         for v, s, e in zip(values, scores, errors)]}
+
+
 def check_arguments(methods: Sequence[str], seeds: Sequence[int], grids: dict,
                     selection_seed: int | None) -> None:
   """Raises a one-line ValueError for a sweep that cannot run as asked: an unknown
@@ -215,8 +240,9 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
   candidates where the method reads its strength as a traced value,
   :mod:`cljax.parallel`).
 
-  Returns ``{"selection": ..., "runs": [workdir, ...], "results": [results, ...]}``
-  (results in the order of ``runs``).
+  A candidate whose loss diverges (run one after another) is not chosen (:func:`_chosen`;
+  a resumed sweep runs it again from its last checkpoint). Returns ``{"selection": ...,
+  "runs": [workdir, ...], "results": [results or None where it diverged, ...]}``.
   """
   grids = dict(grids or {})
   selection_path = os.path.join(root, "selection.json")
@@ -226,6 +252,14 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
   total = sum(len(seeds) + (len(grids[m][1]) - (0 if held_out else 1) if m in grids else 0)
               for m in methods)
   t0 = time.time()
+
+  def candidate(method, field, value, seed):   # (score, None) or (None, why it diverged)
+    try:
+      return _val_score(one(method, field, value, seed)), None
+    except FloatingPointError as e:
+      runs.append(run_dir(root, method, field, value, seed))
+      all_results.append(None)
+      return None, str(e)
 
   def one(method, field, value, seed):
     hp = _strength(base, field, value)
@@ -257,18 +291,12 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
       on = selection_seed if held_out else seeds[0]
       if parallel_runs > 1 and field in registry.traced(method):
         scores = [_val_score(r) for r in together(method, field, [(v, on) for v in values])]
+        errors = [None] * len(values)
       else:
-        scores = [_val_score(one(method, field, value, on)) for value in values]
-      best = max(range(len(values)), key=lambda i: scores[i])
-      selection[method] = {
-          "field": field, "chosen": values[best], "chosen_on": "validation average accuracy",
-          "seed": on, "held_out_seed": held_out, "tag": tag(field, values[best]),
-          "candidates": [{"value": v, "val_average_accuracy": s}
-                         for v, s in zip(values, scores)]}
+        scores, errors = zip(*(candidate(method, field, v, on) for v in values))
+      selection[method] = _chosen(method, field, values, scores, errors, on, held_out)
       _write_json(selection_path, selection)
-      logging.info("%s: chose %s=%s on validation (%s).", method, field, values[best],
-                   ", ".join(f"{v:g}: {s:.3f}" for v, s in zip(values, scores)))
-      chosen, rest = values[best], (seeds if held_out else seeds[1:])
+      chosen, rest = selection[method]["chosen"], (seeds if held_out else seeds[1:])
     else:
       chosen, rest = values[0], seeds
       if field is not None:

@@ -365,3 +365,36 @@ def test_a_report_of_some_seeds_keeps_the_runs_a_strength_was_chosen_on(tmp_path
   done = subprocess.run([sys.executable, script, f"--root={root}", "--seeds=0,one"],
                         capture_output=True, text=True, check=False)
   assert done.returncode != 0 and "--seeds=0,one: expected whole numbers" in done.stderr
+
+
+def test_a_strength_candidate_that_diverges_is_not_chosen(tmp_path, monkeypatch):
+  """A candidate whose loss goes non-finite is logged and kept in selection.json as
+  diverged, the best finite one is chosen and the sweep goes on; if every candidate
+  diverges the sweep stops with a one-line error."""
+  calls = []
+  finite = _fake_sweep_run(calls, {1.0: 0.6, 100.0: 0.8, 1e4: 0.9})
+
+  def fake_run(cfg, workdir, *, resume=False, flags=None):
+    if cfg.method_config.ewc_lambda >= bad[0]:
+      calls.append(("diverged", cfg.method_config.ewc_lambda))
+      raise FloatingPointError("Non-finite loss or gradient at task 1 (b), step 3")
+    return finite(cfg, workdir, resume=resume, flags=flags)
+  bad = [1e4]
+  monkeypatch.setattr(study, "run", fake_run)
+  root = str(tmp_path / "sweep")
+  grid = {"ewc": ("ewc_lambda", [1.0, 100.0, 1e4])}
+  out = sweep.run_sweep(study.StudyConfig(num_val=10), root, ["ewc"], [0], grid,
+                        selection_seed=7)
+  sel = out["selection"]["ewc"]
+  assert sel["chosen"] == 100.0        # 1e4 would have scored 0.9 had it not diverged
+  assert [c["val_average_accuracy"] for c in sel["candidates"]] == [0.6, 0.8, None]
+  assert "step 3" in sel["candidates"][2]["diverged"]
+  assert [c[-1] if c[0] != "diverged" else c for c in calls] == [7, 7, ("diverged", 1e4), 0]
+  assert out["results"][2] is None and len(out["runs"]) == 4
+  text = report.write_report(root)["markdown"]
+  assert "candidates 1: 0.600, 100: 0.800, 10000: diverged)" in text
+  bad[0] = 0.0
+  with pytest.raises(ValueError, match=r"Every ewc candidate diverged \(ewc_lambda 1, 100, "
+                                       r"10000\): lower --learning_rate"):
+    sweep.run_sweep(study.StudyConfig(num_val=10), str(tmp_path / "all"), ["ewc"], [0], grid,
+                    selection_seed=7)
