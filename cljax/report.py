@@ -289,9 +289,7 @@ def _order_section(results: list[dict], roots: Sequence[str], outdir: str, suffi
     lines += ["Strengths chosen on validation data carved from the training files "
               "(never on test):", ""]
     for method, sel in sorted(selection.items()):
-      cands = ", ".join(f"{c['value']:g}: " + ("diverged" if c["val_average_accuracy"] is None
-                                                 else f"{c['val_average_accuracy']:.3f}")
-                        for c in sel["candidates"]) or "one value"
+      cands = report_tables.candidates_text(sel["candidates"]) or "one value"
       seed = (f", on seed {sel['seed']}" + (", not reported" if sel.get("held_out_seed")
                                             else "")) if "seed" in sel else ""
       lines.append(f"- {method}: {sel['field']}={sel['chosen']:g} ({sel['chosen_on']}{seed}; "

@@ -47,12 +47,23 @@ def over_orders(rows_by_order: list[list[dict]]) -> list[str]:
   return lines
 
 
+def candidates_text(candidates: list[dict]) -> str:
+  """A strength selection's candidates as ``value: validation score`` (or
+  ``diverged``), comma-separated."""
+  return ", ".join(f"{c['value']:g}: " + ("diverged" if c["val_average_accuracy"] is None
+                                          else f"{c['val_average_accuracy']:.3f}")
+                   for c in candidates)
+
+
+def _key(r: dict) -> tuple:
+  return tuple(r["tasks"]), r["seed"]
+
+
 def _pairs(runs: list[dict], reference: list[dict]) -> list[tuple[dict, dict]]:
   """(run, the reference's run with the same task order and seed) for each run that
   has one."""
-  ref = {(tuple(r["tasks"]), r["seed"]): r for r in reference}
-  return [(r, ref[tuple(r["tasks"]), r["seed"]]) for r in runs
-          if (tuple(r["tasks"]), r["seed"]) in ref]
+  ref = {_key(r): r for r in reference}
+  return [(r, ref[_key(r)]) for r in runs if _key(r) in ref]
 
 
 def _paired(pairs: list[tuple[dict, dict]], get) -> str:
@@ -69,6 +80,7 @@ def paired_differences(rows_by_order: list[list[dict]], reference: str = "finetu
   accuracy's paired difference in each order alone. No lines without the reference or
   without a shared run."""
   runs, _ = _by_method(rows_by_order)
+  orders = [tuple(rows[0]["runs"][0]["tasks"]) for rows in rows_by_order]
   lines, per_order = [], []
   for method, rs in sorted(runs.items()):
     pairs = _pairs(rs, runs.get(reference, [])) if method != reference else []
@@ -77,10 +89,8 @@ def paired_differences(rows_by_order: list[list[dict]], reference: str = "finetu
     lines.append(f"| {method} | {len(pairs)} | "
                  + " | ".join(_paired(pairs, get) for _, get in COLUMNS) + " |")
     cells = []
-    for rows in rows_by_order:
-      mine = [r for row in rows if row["method"] == method for r in row["runs"]]
-      theirs = [r for row in rows if row["method"] == reference for r in row["runs"]]
-      in_order = _pairs(mine, theirs)
+    for order in orders:
+      in_order = [p for p in pairs if tuple(p[0]["tasks"]) == order]
       cells.append(f"{_paired(in_order, COLUMNS[0][1])} ({len(in_order)})" if in_order
                    else "-")
     per_order.append(f"| {method} | " + " | ".join(cells) + " |")

@@ -22,7 +22,7 @@ import jax
 from jax.experimental import multihost_utils
 
 from cljax import data as data_lib
-from cljax import sharding, study
+from cljax import report_tables, sharding, study
 from cljax.checkpoint import Checkpointer
 from cljax.progress import fmt_time
 from cljax.methods import registry
@@ -174,14 +174,14 @@ def _chosen(method: str, field: str, values: Sequence, scores: Sequence, errors:
                      f"{', '.join(f'{v:g}' for v in values)}): lower --learning_rate or "
                      "give the grid smaller strengths.")
   best = max(finite, key=lambda i: scores[i])
+  entry = {"field": field, "chosen": values[best], "chosen_on": "validation average accuracy",
+           "seed": seed, "held_out_seed": held_out, "tag": tag(field, values[best]),
+           "candidates": [{"value": v, "val_average_accuracy": s} | ({"diverged": e} if e
+                                                                       else {})
+                          for v, s, e in zip(values, scores, errors)]}
   logging.info("%s: chose %s=%s on validation (%s).", method, field, values[best],
-               ", ".join(f"{v:g}: " + ("diverged" if s is None else f"{s:.3f}")
-                         for v, s in zip(values, scores)))
-  return {"field": field, "chosen": values[best], "chosen_on": "validation average accuracy",
-          "seed": seed, "held_out_seed": held_out, "tag": tag(field, values[best]),
-          "candidates": [{"value": v, "val_average_accuracy": s} | ({"diverged": e} if e
-                                                                      else {})
-                         for v, s, e in zip(values, scores, errors)]}
+               report_tables.candidates_text(entry["candidates"]))
+  return entry
 
 
 def check_arguments(methods: Sequence[str], seeds: Sequence[int], grids: dict,
