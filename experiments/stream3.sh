@@ -8,10 +8,11 @@
 #   bash experiments/stream3.sh reports    # only the reports and kept runs
 # Stages (in this order): the mini base (34 min, skipped when it exists); the cheap
 # rows on seeds 0-2 in the three orders; generative replay and its gamma-0 ablation;
-# the cheap rows' seeds 3-4 (the README's headline); LAMOL's sweep (finetune, replay,
-# joint, EWC and LAMOL with --head=lm) and its gamma-0 ablation. Then the reports, each
-# kept under docs/results/, and the generative methods beside their ablations
-# (docs/results/stream3_*_compared).
+# the cheap rows' seeds 3-4 (the README's headline); LAMOL's sweep (with --head=lm, in
+# each order LAMOL, then fine-tuning, replay, joint and EWC) and its gamma-0 ablation.
+# Then the reports, each kept under docs/results/ (`reports` alone also keeps a sweep
+# stopped part way, for the next clone to resume), and the generative methods beside
+# their ablations (docs/results/stream3_*_compared).
 set -euo pipefail
 P=experiments/presets
 
@@ -40,18 +41,28 @@ reports() {
   fi
 }
 
+# The runs of a sweep kept in the repository (report --keep) copied into runs/ROOT,
+# never over a run there: the sweep then reads them as finished and runs the rest.
+restore() {
+  local kept=docs/results/$1/runs
+  if [[ -d $kept ]]; then mkdir -p runs/$1 && cp -rn "$kept"/. runs/$1/; fi
+}
+
+sweep() {   # sweep ROOT FLAGS...
+  local root=$1; shift
+  restore "$root"
+  python experiments/sweep.py "$@" --root=runs/$root
+}
+
 if [[ "${1:-}" == reports ]]; then reports; exit; fi
 
 if [[ ! -f runs/pretrain_mini/hf_model/config.json ]]; then
   python experiments/instruct.py --flagfile=$P/pretrain_mini.flags --workdir=runs/pretrain_mini
 fi
-python experiments/sweep.py --flagfile=$P/sweep_stream3.flags --seeds=0,1,2 --root=runs/stream3
-python experiments/sweep.py --flagfile=$P/sweep_stream3_generative.flags \
-  --root=runs/stream3_generative
-python experiments/sweep.py --flagfile=$P/sweep_stream3_generative.flags --gr_gamma=0 \
-  --root=runs/stream3_generative_gamma0
-python experiments/sweep.py --flagfile=$P/sweep_stream3.flags --root=runs/stream3
-python experiments/sweep.py --flagfile=$P/sweep_stream3_lamol.flags --root=runs/stream3_lamol
-python experiments/sweep.py --flagfile=$P/sweep_stream3_lamol_gamma0.flags \
-  --root=runs/stream3_lamol_gamma0
+sweep stream3 --flagfile=$P/sweep_stream3.flags --seeds=0,1,2
+sweep stream3_generative --flagfile=$P/sweep_stream3_generative.flags
+sweep stream3_generative_gamma0 --flagfile=$P/sweep_stream3_generative.flags --gr_gamma=0
+sweep stream3 --flagfile=$P/sweep_stream3.flags
+sweep stream3_lamol --flagfile=$P/sweep_stream3_lamol.flags
+sweep stream3_lamol_gamma0 --flagfile=$P/sweep_stream3_lamol_gamma0.flags
 reports
