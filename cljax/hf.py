@@ -7,6 +7,7 @@ table read in two directions. Anything unmatched is an error that lists it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -102,31 +103,52 @@ def _read_safetensors(filename: str) -> dict[str, np.ndarray]:
   return out
 
 
-def read_state_dict(folder: str) -> dict[str, np.ndarray]:
-  """All tensors of a checkpoint folder as float32 numpy arrays, keyed by HF name."""
+def weight_files(folder: str) -> list[str]:
+  """The weights files of a checkpoint folder that :func:`read_state_dict` reads, in
+  the order it reads them: ``model.safetensors``, else the shards its index lists,
+  else ``pytorch_model.bin``."""
   single = os.path.join(folder, "model.safetensors")
   index = os.path.join(folder, "model.safetensors.index.json")
   torch_bin = os.path.join(folder, "pytorch_model.bin")
   if os.path.exists(single):
-    return _read_safetensors(single)
+    return [single]
   if os.path.exists(index):
     with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-    out: dict[str, np.ndarray] = {}
-    for name in files:
-      out.update(_read_safetensors(os.path.join(folder, name)))
-    return out
+      return [os.path.join(folder, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
   if os.path.exists(torch_bin):
-    try:
-      import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise ImportError(f"{torch_bin} is a PyTorch checkpoint and reading it needs torch "
-                        "(pip install torch), or convert it to model.safetensors.") from e
-    sd = torch.load(torch_bin, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in sd.items()}
+    return [torch_bin]
   raise FileNotFoundError(
       f"No weights in {folder!r}: expected one of {', '.join(WEIGHT_FILES)}; found "
       f"{sorted(os.listdir(folder))}.")
+
+
+def read_state_dict(folder: str) -> dict[str, np.ndarray]:
+  """All tensors of a checkpoint folder as float32 numpy arrays, keyed by HF name."""
+  files = weight_files(folder)
+  if files[0].endswith(".bin"):
+    try:
+      import torch  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise ImportError(f"{files[0]} is a PyTorch checkpoint and reading it needs torch "
+                        "(pip install torch), or convert it to model.safetensors.") from e
+    sd = torch.load(files[0], map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in sd.items()}
+  out: dict[str, np.ndarray] = {}
+  for name in files:
+    out.update(_read_safetensors(name))
+  return out
+
+
+def weights_sha256(name_or_path: str) -> str:
+  """The SHA-256 of a checkpoint's weights files (:func:`weight_files`, their bytes one
+  after another): which weights a run started from. For one ``model.safetensors`` it
+  is that file's ``sha256sum``."""
+  digest = hashlib.sha256()
+  for path in weight_files(_checkpoint_folder(name_or_path)[0]):
+    with open(path, "rb") as f:
+      for chunk in iter(lambda: f.read(1 << 20), b""):
+        digest.update(chunk)
+  return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from cljax import data as data_lib
+from cljax import hf
 from cljax import metrics as metrics_lib
 
 
@@ -85,6 +86,8 @@ def make_results(study, record, flags: dict | None, wall_s: float) -> dict:
                              "left_out_as_pretraining_text": d.excluded}
                for d in study.task_data},
       "model": {"source": cfg.model if cfg.init == "pretrained" else f"random:{cfg.size}",
+                "source_sha256": (hf.weights_sha256(cfg.model) if cfg.init == "pretrained"
+                                  else None),
                 "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
                 "vocab_size": model.config.vocab_size, "dtype": cfg.dtype,
                 "parameters": count_params(study.param_shapes),

@@ -1,5 +1,6 @@
 """Weight loading and saving against transformers' PyTorch GPT-2."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -98,6 +99,15 @@ def test_sharded_safetensors_and_pytorch_bin(torch_tiny, tiny_batch, tmp_path):
     model, params = cljax.load_pretrained(str(tmp_path / sub), num_labels=3)
     np.testing.assert_allclose(cljax_logits(model, params, ids, mask), ref, atol=ATOL,
                                rtol=0)
+  # What a run records as its base: the weights files' bytes in the order they are
+  # read (the shards the index lists, by name; the one .bin), hashed by hand here.
+  with open(tmp_path / "sharded" / "model.safetensors.index.json") as f:
+    shards = sorted(set(json.load(f)["weight_map"].values()))
+  assert len(shards) > 1
+  digest = hashlib.sha256(b"".join((tmp_path / "sharded" / n).read_bytes() for n in shards))
+  assert hf.weights_sha256(str(tmp_path / "sharded")) == digest.hexdigest()
+  assert hf.weights_sha256(str(tmp_path / "bin")) == hashlib.sha256(
+      (tmp_path / "bin" / "pytorch_model.bin").read_bytes()).hexdigest()
 
 
 def test_bfloat16_compute_close_to_float32(torch_tiny, tiny_batch):

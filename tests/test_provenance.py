@@ -129,6 +129,9 @@ def test_pretraining_lists_its_texts_and_a_study_from_it_draws_none(
       str(tmp_path / "study"))
   imdb = results["data"]["imdb"]
   assert imdb["left_out_as_pretraining_text"] == {"train": len(half) - 1, "test": 0}
+  # The run names the weights it started from: the sha256sum of the exported file.
+  with open(os.path.join(workdir, "hf_model", "model.safetensors"), "rb") as f:
+    assert results["model"]["source_sha256"] == hashlib.sha256(f.read()).hexdigest()
   assert (imdb["train"], imdb["val"]) == (len(texts) - len(half) - 3, 4)
   assert results["data"]["ag_news"]["left_out_as_pretraining_text"] == {"train": 0, "test": 0}
   # Asking for one row more than is left is one clear line.
