@@ -56,8 +56,15 @@ sweep() {   # sweep ROOT FLAGS...
 
 if [[ "${1:-}" == reports ]]; then reports; exit; fi
 
+# The base: the one kept in the repository (docs/results/pretrain_mini_b, which
+# LAMOL's sweeps start from; pretraining again on another CPU gives other weights),
+# else pretrained here.
 if [[ ! -f runs/pretrain_mini/hf_model/config.json ]]; then
-  python experiments/instruct.py --flagfile=$P/pretrain_mini.flags --workdir=runs/pretrain_mini
+  if [[ -f docs/results/pretrain_mini_b/hf_model/model.safetensors ]]; then
+    mkdir -p runs/pretrain_mini && cp -r docs/results/pretrain_mini_b/hf_model runs/pretrain_mini/
+  else
+    python experiments/instruct.py --flagfile=$P/pretrain_mini.flags --workdir=runs/pretrain_mini
+  fi
 fi
 sweep stream3 --flagfile=$P/sweep_stream3.flags --seeds=0,1,2
 sweep stream3_generative --flagfile=$P/sweep_stream3_generative.flags
