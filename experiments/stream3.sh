@@ -6,7 +6,7 @@
 # (estimated from the finished stages; LAMOL's stages are not yet measured).
 #   bash experiments/stream3.sh            # everything
 #   bash experiments/stream3.sh reports    # only the reports and kept runs
-# Stages (in this order): the mini base (34 min, skipped when it exists); the cheap
+# Stages (in this order): the mini base (the kept one copied, else 23-34 min); the cheap
 # rows on seeds 0-2 in the three orders; generative replay and its gamma-0 ablation;
 # the cheap rows' seeds 3-4 (the README's headline); LAMOL's sweep (with --head=lm, in
 # each order LAMOL, then fine-tuning, replay, joint and EWC) and its gamma-0 ablation.
