@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Any
 from collections.abc import Sequence
 
@@ -304,6 +304,22 @@ def _order_section(results: list[dict], roots: Sequence[str], outdir: str, suffi
   return rows, lines
 
 
+def _model_text(results: list[dict]) -> str:
+  """The base the runs started from: its source and size, and the SHA-256 of its
+  weights as the runs recorded it (``model.source_sha256``), with how many runs
+  started from each where they differ."""
+  model = results[0]["model"]
+  text = f"Model {model['source']} ({model['n_layer']} layers, width {model['n_embd']})"
+  bases = Counter(r["model"].get("source_sha256") for r in results)
+  if list(bases) == [None]:
+    return text
+  if len(bases) == 1:
+    return f"{text}, weights SHA-256 {next(iter(bases))}"
+  return text + ", from more than one base (weights SHA-256: " + ", ".join(
+      f"{sha[:12] if sha else 'not recorded'} in {n} run{'s' * (n != 1)}"
+      for sha, n in sorted(bases.items(), key=lambda kv: (-kv[1], kv[0] or ""))) + ")"
+
+
 def write_report(root: str | Sequence[str], outdir: str | None = None,
                  paired_with: Sequence[str] | None = None,
                  seeds: Sequence[int] | None = None) -> dict:
@@ -333,8 +349,7 @@ def write_report(root: str | Sequence[str], outdir: str | None = None,
   first = results[0]
   lines = [
       "# Forgetting study report", "",
-      f"Model {first['model']['source']} ({first['model']['n_layer']} layers, width "
-      f"{first['model']['n_embd']}); data per task {first['data']}; devices "
+      f"{_model_text(results)}; data per task {first['data']}; devices "
       f"{first['environment']['devices']}.", "",
       "Class-incremental accuracy takes the argmax over every class of the shared head; "
       "task-aware restricts it to the task's own classes. Each cell: the mean over "

@@ -327,6 +327,19 @@ def test_a_report_over_two_roots_names_the_ablation_and_pairs_with_it(tmp_path):
     report.write_report([roots[0], str(tmp_path / "nothing")], str(tmp_path / "x"))
 
 
+def test_the_report_names_the_base_the_runs_started_from():
+  """The header gives the base's weights SHA-256 as the runs recorded it, and says so
+  where runs started from different bases (a report over sweeps of two sessions)."""
+  runs = [fake_results("finetune", s, [[0.9, 0.0], [0.1, 0.8]]) for s in range(3)]
+  assert report._model_text(runs) == "Model random:tiny (2 layers, width 64)"
+  same = [dict(r, model=dict(r["model"], source_sha256="ab" * 32)) for r in runs]
+  assert report._model_text(same) == ("Model random:tiny (2 layers, width 64), weights "
+                                      "SHA-256 " + "ab" * 32)
+  assert report._model_text(same[:1] + runs[1:]).endswith(
+      "from more than one base (weights SHA-256: not recorded in 2 runs, abababababab in "
+      "1 run)")
+
+
 def test_a_report_of_some_seeds_keeps_the_runs_a_strength_was_chosen_on(tmp_path):
   """--seeds reports only those seeds; the held-out seed a strength was chosen on
   still draws the strength figure; a seed no run has is an error."""
