@@ -150,12 +150,13 @@ def test_runs_side_by_side_equal_the_same_runs_alone(tiny_data_dir, tiny_tokeniz
     # differs at the first step by far more) ...
     np.testing.assert_allclose(*(_losses(tmp_path / f"{w}{cfg.seed}") for w in ("par", "alone")),
                                atol=1e-4)
-    # ... and the same argmax on every test example. The logits differ by rounding
-    # only: a vmapped matrix product rounds differently, and AdamW turns a gradient of
-    # rounding's size into a step of about the learning rate, so where a penalty
-    # leaves such gradients (EWC) the final logits differ by up to about 1.4e-2.
+    # ... and the final logits equal up to rounding. A vmapped matrix product rounds
+    # differently, and AdamW turns a gradient of rounding's size into a step of about
+    # the learning rate, so where a penalty leaves such gradients (EWC) the final
+    # logits differ by up to about 1.4e-2 (the size depends on the CPU). Within 5e-2,
+    # every example whose top two logits are more than 0.1 apart keeps its class; a
+    # nearer one may take either (one of 32 did in an EWC run, on one CPU).
     side, solo = (_final_logits(cfg, str(tmp_path / f"{w}{cfg.seed}")) for w in ("par", "alone"))
-    np.testing.assert_array_equal(side.argmax(-1), solo.argmax(-1))
     print(f"{method} bucket {bucket} seed {cfg.seed}: max |logit difference| "
           f"{np.abs(side - solo).max():.2e}")
     np.testing.assert_allclose(side, solo, atol=5e-2)
