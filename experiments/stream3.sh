@@ -57,8 +57,8 @@ sweep() {   # sweep ROOT FLAGS...
 if [[ "${1:-}" == reports ]]; then reports; exit; fi
 
 # The base: the one kept in the repository (docs/results/pretrain_mini_b, which
-# LAMOL's sweeps start from; pretraining again on another CPU gives other weights),
-# else pretrained here.
+# LAMOL's sweeps start from; pretrained again, it came out with other weights:
+# docs/lm.md), else pretrained here.
 if [[ ! -f runs/pretrain_mini/hf_model/config.json ]]; then
   if [[ -f docs/results/pretrain_mini_b/hf_model/model.safetensors ]]; then
     mkdir -p runs/pretrain_mini && cp -r docs/results/pretrain_mini_b/hf_model runs/pretrain_mini/
