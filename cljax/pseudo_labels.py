@@ -113,8 +113,9 @@ def report_lines(results: list[dict]) -> list[str]:
   """A Markdown table over the runs that kept pseudo-examples: per method, boundary
   and old task, the kept count, the share of the commonest label and the judge's
   agreement (mean ± 95 % t-interval over the runs), the judge's test accuracy and each
-  run's label counts."""
+  run's label counts. Orders come as they first appear in ``results``."""
   rows = collections.defaultdict(list)
+  rank = {}
   for r in results:
     if not os.path.exists(os.path.join(r["workdir"], "pseudo_samples.jsonl")):
       continue
@@ -122,8 +123,9 @@ def report_lines(results: list[dict]) -> list[str]:
       judged = judge_run(r["workdir"])
     except (OSError, ValueError, KeyError) as e:
       return [f"(Pseudo-labels not judged: {r['workdir']}: {e})", ""]
+    order = rank.setdefault(" -> ".join(r["tasks"]), len(rank))
     for j in judged:
-      rows[(" -> ".join(r["tasks"]), r["method"], j["boundary"], j["task"])].append(j)
+      rows[(order, r["method"], j["boundary"], j["task"])].append(j)
   if not rows:
     return []
   lines = ["## Pseudo-labels", "",
@@ -133,9 +135,10 @@ def report_lines(results: list[dict]) -> list[str]:
            "over the runs; the last column counts each run's kept examples per label.", "",
            "| order | method | before task | old task | runs | kept | commonest label | "
            "agreement | judge's test accuracy | labels per run |", "|---" * 10 + "|"]
+  names = list(rank)
   for (order, method, boundary, task), js in sorted(rows.items()):
     share = [max(j["label_balance"].values()) / j["kept"] for j in js]
-    lines.append(f"| {order} | {method} | {boundary + 1} | {task} | {len(js)} | "
+    lines.append(f"| {names[order]} | {method} | {boundary + 1} | {task} | {len(js)} | "
                  f"{fmt_interval(mean_std([j['kept'] for j in js]), 1)} | "
                  f"{fmt_interval(mean_std(share))} | "
                  f"{fmt_interval(mean_std([j['agreement'] for j in js]))} | "

@@ -380,8 +380,8 @@ def write_report(root: str | Sequence[str], outdir: str | None = None,
               "alike).", ""] + report_tables.over_orders(all_rows) + [""]
   for reference in paired_with or ["finetune"]:
     lines += report_tables.paired_differences(all_rows, reference)
-  if seeds is not None:
-    results = [r for r in results if r["seed"] in seeds]
+  results = [r for _, runs in ranked for r in runs   # in the orders' order
+             if seeds is None or r["seed"] in seeds]
   lines += pseudo_labels.report_lines(results)
   lines += report_tables.growth_lines(results)
   with open(os.path.join(outdir, "report.md"), "w") as f:

@@ -50,6 +50,11 @@ def test_a_runs_pseudo_labels_are_judged_against_the_old_task(tiny_data_dir,
   assert any(line.startswith("| imdb -> ag_news | generative_replay | 2 | imdb | 1 | 3.0 | "
                              "0.667 | 0.667 |") and line.endswith("| neg:pos 2:1 |")
              for line in lines)
+  # Orders keep the order they come in (a report's order 1 first), not the alphabet's.
+  lines = pseudo_labels.report_lines([{"workdir": run, "tasks": t, "method": "generative_replay"}
+                                      for t in (["imdb", "ag_news"], ["ag_news", "imdb"])])
+  assert [line.split(" | ")[0] for line in lines if "| generative_replay |" in line] == [
+      "| imdb -> ag_news", "| ag_news -> imdb"]
   # A run whose rows cannot be drawn again (another data folder, a missing base) is
   # refused, not judged on other rows.
   moved = _fake_run(tmp_path / "gr" / "seed1", tiny_data_dir, tiny_tokenizer_dir, samples,
