@@ -3,7 +3,8 @@
 # stream"), most wanted first; each sweep continues where it stopped, so rerunning
 # this script after an interruption (or in the next session) picks up the first run
 # not yet finished. Run from the repository root; about 22 hours on a 2-core CPU
-# (estimated from the finished stages; LAMOL's stages are not yet measured).
+# (estimated from the finished stages; of them LAMOL's sweep took about 1 h 15 min to
+# 1 h 30 min an order on orders 1 and 2, its ablation is estimated at 1 h 40 min).
 #   bash experiments/stream3.sh            # everything
 #   bash experiments/stream3.sh reports    # only the reports and kept runs
 # Stages (in this order): the mini base (the kept one copied, else 23-34 min); the cheap
@@ -36,7 +37,8 @@ reports() {
   if [[ -d $d/stream3_lamol_gamma0 ]]; then
     python experiments/report.py --root=$d/stream3_lamol/runs \
       --root=$d/stream3_lamol_gamma0/runs --paired_with=finetune --paired_with=replay \
-      --paired_with="lamol (lamol_gamma=0)" --outdir=$d/stream3_lamol_compared \
+      --paired_with=ewc --paired_with="lamol (lamol_gamma=0)" \
+      --outdir=$d/stream3_lamol_compared \
       --seeds=0,1,2
   fi
 }
