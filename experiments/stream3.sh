@@ -3,8 +3,8 @@
 # stream"), most wanted first; each sweep continues where it stopped, so rerunning
 # this script after an interruption (or in the next session) picks up the first run
 # not yet finished. Run from the repository root; about 22 hours on a 2-core CPU
-# (estimated from the finished stages; LAMOL's sweep took 1 h 32 min for order 1 and
-# 1 h 37 min for order 3, beside a CI run; its ablation is estimated at 1 h 40 min).
+# (estimated from the stages' measured times; LAMOL's sweep took 1 h 32 min for order 1
+# and 1 h 37 min for order 3, beside a CI run, and its ablation 1 h 22 min).
 #   bash experiments/stream3.sh            # everything
 #   bash experiments/stream3.sh reports    # only the reports and kept runs
 # Stages (in this order): the mini base (the kept one copied, else 23-34 min); the cheap
