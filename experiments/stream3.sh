@@ -10,7 +10,8 @@
 # Stages (in this order): the mini base (the kept one copied, else 23-34 min); the cheap
 # rows on seeds 0-2 in the three orders; generative replay and its gamma-0 ablation;
 # the cheap rows' seeds 3-4 (the README's headline); LAMOL's sweep (with --head=lm, in
-# each order LAMOL, then fine-tuning, replay, joint and EWC) and its gamma-0 ablation.
+# each order LAMOL, then fine-tuning, replay, joint and EWC), its gamma-0 ablation,
+# and LAMOL_TASK in order 2 (3 runs, about 35 min).
 # Then the reports, each kept under docs/results/ (`reports` alone also keeps a sweep
 # stopped part way, for the next clone to resume), and the generative methods beside
 # their ablations (docs/results/stream3_*_compared).
@@ -19,7 +20,7 @@ P=experiments/presets
 
 reports() {
   for root in stream3 stream3_generative stream3_generative_gamma0 stream3_lamol \
-              stream3_lamol_gamma0; do
+              stream3_lamol_gamma0 stream3_lamol_task; do
     if [[ -d runs/$root ]]; then
       python experiments/report.py --root=runs/$root --keep=docs/results/$root
     fi
@@ -40,6 +41,12 @@ reports() {
       --paired_with=ewc --paired_with="lamol (lamol_gamma=0)" \
       --outdir=$d/stream3_lamol_compared \
       --seeds=0,1,2
+  fi
+  # LAMOL_TASK (order 2 only) beside LAMOL and its references in that order.
+  if [[ -d $d/stream3_lamol_task ]]; then
+    python experiments/report.py --root=$d/stream3_lamol/runs/order2 \
+      --root=$d/stream3_lamol_task/runs --paired_with=finetune --paired_with=replay \
+      --paired_with=lamol --outdir=$d/stream3_lamol_task_compared --seeds=0,1,2
   fi
 }
 
@@ -74,4 +81,5 @@ sweep stream3_generative_gamma0 --flagfile=$P/sweep_stream3_generative.flags --g
 sweep stream3 --flagfile=$P/sweep_stream3.flags
 sweep stream3_lamol --flagfile=$P/sweep_stream3_lamol.flags
 sweep stream3_lamol_gamma0 --flagfile=$P/sweep_stream3_lamol_gamma0.flags
+sweep stream3_lamol_task --flagfile=$P/sweep_stream3_lamol_task.flags
 reports

@@ -153,11 +153,11 @@ def _preset_flags(path, seen=()):
     line = line.strip()
     if not line or line.startswith("#"):
       continue
-    name, _, value = line[2:].partition("=")
+    name, eq, value = line[2:].partition("=")
     if name == "flagfile":
       out.update(_preset_flags(os.path.join(os.path.dirname(PRESETS), "..", value), seen))
     else:
-      out[name] = value
+      out[name] = value if eq else "true"   # a bare --flag is a boolean set true
   return out
 
 
