@@ -11,7 +11,7 @@
 # rows on seeds 0-2 in the three orders; generative replay and its gamma-0 ablation;
 # the cheap rows' seeds 3-4 (the README's headline); LAMOL's sweep (with --head=lm, in
 # each order LAMOL, then fine-tuning, replay, joint and EWC), its gamma-0 ablation,
-# and LAMOL_TASK in order 2 (3 runs, about 35 min).
+# and LAMOL_TASK in order 2 (3 runs, 34 min).
 # Then the reports, each kept under docs/results/ (`reports` alone also keeps a sweep
 # stopped part way, for the next clone to resume), and the generative methods beside
 # their ablations (docs/results/stream3_*_compared).
