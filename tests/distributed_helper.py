@@ -20,7 +20,11 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from cljax import checkpoint, parallel, sharding, study, sweep
+from cljax import study
+from cljax.study import parallel
+from cljax.study import sweep
+from cljax.train import checkpoint
+from cljax.train import sharding
 
 
 def overlapping_saves(steps: int, root: str) -> dict:

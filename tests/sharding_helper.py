@@ -13,11 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax import sharding, steps
-from cljax.checkpoint import Checkpointer
+from cljax import steps
 from cljax.methods import BuildContext, MethodConfig, build
 from cljax.methods import regularizers
 from cljax.models import GPT2Classifier, GPT2Config, init_params
+from cljax.train import sharding
+from cljax.train.checkpoint import Checkpointer
 
 # The tiny model's matrices are small: shard every leaf of 1024+ elements over "model".
 sharding.MIN_SHARDED_SIZE = 1024

@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 
-from cljax import baselines
 from cljax import data as data_lib
-from cljax import hf
-from cljax.config import StudyConfig
+from cljax.bench import baselines
+from cljax.models import hf
+from cljax.study.config import StudyConfig
 
 
 def _config(data_dir, tokenizer_dir, **kw):

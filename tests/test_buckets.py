@@ -11,11 +11,11 @@ import pytest
 
 from cljax import data as data_lib
 from cljax import steps
-from cljax.config import MethodConfig
 from cljax.methods import BuildContext, build
-from cljax.methods import replay as replay_lib
 from cljax.methods import regularizers
+from cljax.methods import replay as replay_lib
 from cljax.models import GPT2Classifier, GPT2Config, GPT2LabelWords, GPT2LM, init_params
+from cljax.study.config import MethodConfig
 
 from conftest import TINY_HF, padded_batch
 
@@ -92,8 +92,8 @@ def test_bucketed_logits_loss_and_gradients_equal_full_length(head):
   assert cut["input_ids"].shape[1] == 16
 
   def loss(p, b):
-    logits = steps._forward(model, p, b, deterministic=True)
-    return steps._classification(logits, b)[0], logits
+    logits = steps.forward(model, p, b, deterministic=True)
+    return steps.classification_objective(logits, b)[0], logits
 
   grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
   (l_full, z_full), g_full = grad_fn(params, full)
@@ -158,9 +158,9 @@ def test_the_replay_buffer_refuses_rows_of_another_width():
 def _run_stages(cfg, workdir):
   """The study's stages (as ``study.run``), returning the Study to inspect."""
   from cljax import study
-  from cljax.progress import StepLogger, Writers
+  from cljax.train.progress import StepLogger, Writers
   s = study.setup(cfg, workdir)
-  state, record = study.restore_or_start(s)
+  state, record = study.start(s)
   logger = StepLogger(Writers(workdir, enabled=False), cfg.log_every, lambda: None)
   for k in range(len(s.tasks)):
     state, plan = study.begin_task(s, k, state, record)
@@ -202,7 +202,7 @@ def test_one_batch_per_shape_keeps_the_first_of_each_bucket():
 
 
 def test_compile_ahead_compiles_every_shape_once_and_the_calls_compile_nothing():
-  from cljax.progress import CompileTimer
+  from cljax.train.progress import CompileTimer
   fn = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
   args = [(np.ones((n, 4), np.float32),) for n in (2, 3, 5)]
   with CompileTimer() as ahead:

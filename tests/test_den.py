@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cljax import steps, study
+from cljax import steps
+from cljax import study
 from cljax.methods import BuildContext, MethodConfig, StepContext, TaskContext, build
 from cljax.methods import den
 from cljax.models import GPT2Classifier, GPT2Config, add_peft_params, init_params

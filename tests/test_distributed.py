@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from cljax import sweep
+from cljax.study import sweep
 from test_study import tiny_config
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,8 @@ import pytest
 
 from cljax import cli
 from cljax import data
-from cljax import flags as cljax_flags
 from cljax import study
+from cljax.cli import flags as cljax_flags
 from cljax.methods import MethodConfig
 
 from conftest import TINY_HF
@@ -95,7 +95,7 @@ def test_a_method_option_is_checked_at_the_flag_and_in_python():
 
 
 def test_a_resume_compares_the_hyperparameters_of_the_run_s_methods_only():
-  from cljax import checkpoint
+  from cljax.train import run as run_lib
   lamol = study.resume_view(study.StudyConfig(method="lamol+ewc", head="lm"))
   assert {"lamol_qa_loss", "lamol_gamma", "ewc_lambda"} <= set(lamol["method_config"])
   assert "der_alpha" not in lamol["method_config"]
@@ -104,22 +104,22 @@ def test_a_resume_compares_the_hyperparameters_of_the_run_s_methods_only():
                                    if k != "lamol_qa_loss"})
   with pytest.raises(ValueError, match=r"^Cannot resume w: .*--lamol_qa_loss \(not recorded: "
                                        r"the checkpoint predates it\) -> 'vocab'\)"):
-    checkpoint.check_resumable(old, lamol, "w", study.RESUMABLE_CHANGES)
-  checkpoint.check_resumable(lamol, lamol, "w", study.RESUMABLE_CHANGES)
+    run_lib.check_resumable(old, lamol, "w", study.RESUMABLE_CHANGES)
+  run_lib.check_resumable(lamol, lamol, "w", study.RESUMABLE_CHANGES)
   # A hyperparameter added for another method (here DER's, missing from an EWC run's
   # stored settings) does not block the resume; compared unfiltered, it would.
   cfg = study.StudyConfig(method="ewc")
   saved = cfg.to_dict()
   del saved["method_config"]["der_alpha"]
-  checkpoint.check_resumable(saved, study.resume_view(cfg), "w", study.RESUMABLE_CHANGES)
+  run_lib.check_resumable(saved, study.resume_view(cfg), "w", study.RESUMABLE_CHANGES)
   with pytest.raises(ValueError, match=r"--der_alpha \(not recorded"):
-    checkpoint.check_resumable(saved, cfg.to_dict(), "w", study.RESUMABLE_CHANGES)
+    run_lib.check_resumable(saved, cfg.to_dict(), "w", study.RESUMABLE_CHANGES)
   # A run stored before --dropout_rng existed drew rbg keys: it resumes under the
   # default and is refused under threefry.
   before = {k: v for k, v in study.resume_view(cfg).items() if k != "dropout_rng"}
-  checkpoint.check_resumable(before, study.resume_view(cfg), "w", study.RESUMABLE_CHANGES)
+  run_lib.check_resumable(before, study.resume_view(cfg), "w", study.RESUMABLE_CHANGES)
   with pytest.raises(ValueError, match=r"--dropout_rng 'rbg' -> 'threefry'"):
-    checkpoint.check_resumable(before, study.resume_view(cfg.replace(dropout_rng="threefry")),
+    run_lib.check_resumable(before, study.resume_view(cfg.replace(dropout_rng="threefry")),
                                "w", study.RESUMABLE_CHANGES)
 
 
@@ -207,7 +207,7 @@ def test_a_training_set_of_one_class_is_a_warning(tiny_data_dir, tiny_tokenizer_
   s = study.setup(cljax_flags.study_config(fv), str(tmp_path / "run"))
   assert len(s.warnings) == 1
   assert "Task imdb: its 8 training examples are all of class 'neg'" in s.warnings[0]
-  _, record = study.restore_or_start(s)
+  _, record = study.start(s)
   assert record.warnings == list(s.warnings)   # and so results.json's "warnings"
   s.checkpointer.close()
 

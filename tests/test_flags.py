@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from cljax import flags as cljax_flags
-from cljax import study, sweep
-from cljax.config import StudyConfig
+from cljax import study
+from cljax.cli import flags as cljax_flags
 from cljax.methods import Method, MethodConfig, hparam, register, registry
+from cljax.study import sweep
+from cljax.study.config import StudyConfig
 from conftest import SHARED
 
 

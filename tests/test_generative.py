@@ -12,10 +12,12 @@ import pytest
 
 import cljax
 from cljax import data as data_lib
-from cljax import models, pseudo_labels, study
+from cljax import models
+from cljax import study
 from cljax.methods import BuildContext, MethodConfig, StepContext, TaskContext, registry
 from cljax.methods.pseudo_data import lm_arrays, lm_row, pad_rows, split_answer, split_sizes
 from cljax.models import GPT2Classifier, GPT2LM, add_token_embeddings
+from cljax.report import pseudo_labels
 
 from conftest import TINY_HF, padded_batch
 
@@ -364,7 +366,7 @@ def test_lamol_qa_loss_is_the_reference_full_vocabulary_loss(grown, tmp_path):
   # The objective keeps the label-word CE out of the gradient, not out of the metrics.
   logits = jnp.asarray([[2.0, 0.0], [0.0, 1.0]])
   b = {"weights": jnp.ones(2), "labels": jnp.array([0, 0]), "ce_weights": jnp.zeros(2)}
-  objective, sums = cljax.steps._classification(logits, b)
+  objective, sums = cljax.steps.classification_objective(logits, b)
   assert float(objective) == 0.0
   np.testing.assert_allclose(sums["loss_sum"], float(
       cljax.steps.cross_entropy(logits, b["labels"], b["weights"])), rtol=1e-6)

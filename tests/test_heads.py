@@ -110,7 +110,7 @@ def test_er_ace_masks_seen_classes_absent_from_the_incoming_batch():
   # L = CE_in over classes {2, 3} + CE_buffer over all four, each a mean, by hand.
   logits = np.random.RandomState(4).randn(5, 4).astype(np.float32)
   labels = np.asarray(out["labels"])
-  ce_in, _ = steps._classification(jnp.asarray(logits), out)
+  ce_in, _ = steps.classification_objective(jnp.asarray(logits), out)
   ce_buf, _ = method.loss(state, StepContext(batch=out, logits=jnp.asarray(logits)))
   hand_in = -_log_softmax(logits[:3, 2:])[np.arange(3), labels[:3] - 2].mean()
   hand_buf = -_log_softmax(logits[3:])[np.arange(2), labels[3:]].mean()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import cljax
-from cljax import hf
+from cljax.models import hf
 from conftest import FIXTURES, SHARED
 
 ATOL = 1e-5

@@ -1,4 +1,4 @@
-"""Instruction tuning and plain-text LM training (cljax.lm_train, cljax-instruct) on
+"""Instruction tuning and plain-text LM training (cljax.lm.train, cljax-instruct) on
 small files the tests write, with a byte-level BPE tokenizer (GPT-2's kind) trained
 here on their text."""
 
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import cljax
-from cljax import lm_data, lm_train, progress
+from cljax.lm import data as lm_data
+from cljax.lm import train as lm_train
+from cljax.train import progress
 
 from conftest import FILLER, NEGATIVE, POSITIVE
 

@@ -12,10 +12,10 @@ import optax
 import pytest
 
 import cljax
-from cljax import generation as gen_lib
 from cljax import steps
-from cljax.kv_cache import init_cache
 from cljax.models import GPT2Config, GPT2LM, init_params
+from cljax.models import generation as gen_lib
+from cljax.models.kv_cache import init_cache
 
 from conftest import TINY_HF, padded_batch
 

@@ -1,4 +1,4 @@
-"""The one training loop (cljax.loop) that the study and LM training share: its
+"""The one training loop (cljax.train.loop) that the study and LM training share: its
 callbacks, resume point, batches and evaluation sums, on a counting step."""
 
 import jax
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cljax import loop
-from cljax.progress import Interrupted, StepLogger, Writers
+from cljax.train import loop
+from cljax.train.progress import Interrupted, StepLogger, Writers
 
 
 def _arrays(n=10, width=6):
@@ -107,7 +107,7 @@ def test_writers_keep_json_lines_and_tensorboard_scalars(tmp_path):
 def test_all_finite_finds_one_non_finite_float_in_any_leaf_and_dtype(bad):
   """The check before every checkpoint: one bad value anywhere (float32 or bfloat16)
   makes it False; integer leaves (the step, PRNG keys) are not read."""
-  from cljax.checkpoint import all_finite
+  from cljax.train.checkpoint import all_finite
   tree = {"w": np.ones((3, 4), np.float32), "b": jnp.zeros((5,), jnp.bfloat16),
           "step": np.int32(7), "big": np.full((2,), 3e38, np.float32)}
   assert bool(all_finite(tree))

@@ -87,7 +87,7 @@ def test_the_attention_kernel_reaches_dot_product_attention(monkeypatch):
   """--attention=cudnn asks jax.nn.dot_product_attention for cuDNN's kernel wherever
   attention has no dropout, and only there (run here on XLA's: no GPU), and is refused
   with float32 compute; the default asks for XLA's."""
-  from cljax.config import ModelOptions
+  from cljax.study.config import ModelOptions
   asked, real = [], jax.nn.dot_product_attention
 
   def spy(*args, implementation=None, **kwargs):

@@ -1,4 +1,4 @@
-"""Runs side by side (``cljax.parallel``): the stacking, and runs that equal the same
+"""Runs side by side (``cljax.study.parallel``): the stacking, and runs that equal the same
 runs alone (threefry dropout both ways): the same accuracy matrices and, from their
 last checkpoints, logits within 1e-5 on every test example."""
 
@@ -9,9 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from cljax import parallel, sharding, study
 from cljax import data as data_lib
+from cljax import study
 from cljax.methods import MethodConfig
+from cljax.study import parallel, stages
+from cljax.train import sharding
 
 
 def test_stack_pads_what_differs_and_batches_share_one_bucket():
@@ -66,7 +68,7 @@ def test_one_step_side_by_side_is_each_runs_step_alone(tiny_data_dir, tiny_token
   runs = [study.setup(c, str(tmp_path / f"r{c.seed}"), False) for c in cfgs]
   states, plans = [], []
   for s in runs:
-    state, record = study.restore_or_start(s)
+    state, record = study.start(s)
     state, plan = study.begin_task(s, 0, state, record)
     states.append(state)
     plans.append(plan)
@@ -75,7 +77,7 @@ def test_one_step_side_by_side_is_each_runs_step_alone(tiny_data_dir, tiny_token
       for p in plans]
   batches[0]["attention_mask"][:, 6:] = 0        # run 0's rows are shorter
   batches[0]["input_ids"][:, 6:] = runs[0].tokenizer.pad_token_id
-  alone = [study._train_fn(s, p, st)(jax.tree.map(jax.numpy.copy, st),
+  alone = [stages._train_fn(s, p, st)(jax.tree.map(jax.numpy.copy, st),
                                      data_lib.trim_to_bucket(b, (8, 24)))
            for s, p, st, b in zip(runs, plans, states, batches)]
   axis = sharding.RunAxis.over(runs[0].mesh, 2)
@@ -117,7 +119,7 @@ def _losses(workdir):
 def _final_logits(cfg, workdir):
   """Every test example's logits from the run's last checkpoint."""
   s = study.setup(cfg, workdir, resume=True)
-  state, _ = study.restore_or_start(s, resume=True)
+  state, _ = study.start(s, resume=True)
   s.checkpointer.close()
   test = data_lib.concat([d.test for d in s.task_data])
   fn = jax.jit(lambda p, b: study.steps.logits_step(p, b, model=s.model))
@@ -184,7 +186,7 @@ def test_runs_side_by_side_killed_resume_to_the_same_matrices(tiny_data_dir,
 @pytest.mark.slow
 def test_a_sweep_trains_its_seeds_side_by_side(tiny_data_dir, tiny_tokenizer_dir, tmp_path,
                                                monkeypatch):
-  from cljax import sweep
+  from cljax.study import sweep
   base = _config(tiny_data_dir, tiny_tokenizer_dir, dropout_rng="rbg")
   out = sweep.run_sweep(base, str(tmp_path), ["finetune"], [0, 1, 2], parallel_runs=2,
                         flags={"learning_rate": 2e-3})
@@ -214,7 +216,7 @@ def test_a_sweep_trains_traced_strength_candidates_side_by_side(tiny_data_dir,
                                                                 tiny_tokenizer_dir, tmp_path):
   """EWC's lambda candidates on the selection seed run as one program, then the chosen
   strength on the reported seed; the choice is the better validation score."""
-  from cljax import sweep
+  from cljax.study import sweep
   base = _config(tiny_data_dir, tiny_tokenizer_dir, dropout_rng="rbg", num_val=8, epochs=1)
   out = sweep.run_sweep(base, str(tmp_path), ["ewc"], [0], selection_seed=5, parallel_runs=2,
                         grids={"ewc": ("ewc_lambda", [1e2, 1e6])})

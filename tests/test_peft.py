@@ -11,7 +11,7 @@ from cljax import study
 from cljax.methods import BuildContext, MethodConfig, StepContext, build, peft
 from cljax.models import (GPT2Classifier, GPT2Config, GPT2LM, add_peft_params, init_params,
                          merge_lora, peft_slot_of)
-from cljax.progress import StepLogger, Writers
+from cljax.train.progress import StepLogger, Writers
 
 BASE = GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                   num_labels=3, pad_token_id=96, eos_token_id=96)
@@ -157,7 +157,7 @@ def test_training_moves_only_the_current_slot(method, tiny_data_dir, tiny_tokeni
                           method_config=MethodConfig(lora_rank=2, adapter_size=4))
   s = study.setup(cfg, str(tmp_path))
   start = _numpy(s.initial_params)
-  state, record = study.restore_or_start(s)
+  state, record = study.start(s)
   logger = StepLogger(Writers(str(tmp_path), enabled=False), 100, lambda: None)
   after = []
   for k in range(2):

@@ -15,8 +15,10 @@ from absl import flags as absl_flags
 import pytest
 
 from cljax import data as data_lib
-from cljax import flags as cljax_flags
-from cljax import lm_data, lm_train, results
+from cljax.cli import flags as cljax_flags
+from cljax.lm import data as lm_data
+from cljax.lm import train as lm_train
+from cljax.study import results
 from conftest import SHARED
 
 PRESETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -106,7 +108,7 @@ def test_pretraining_lists_its_texts_and_a_study_from_it_draws_none(
   also in --eval_data; the exported folder lists exactly the texts trained on (counted
   by hand); a study started from the folder reports them left out and draws none."""
   from cljax import study
-  from cljax.config import StudyConfig
+  from cljax.study.config import StudyConfig
   train = os.path.join(tiny_data_dir, "imdb", "train.jsonl")
   texts = [json.loads(line)["text"] for line in open(train)]
   half = [t for t in texts if int(_key(t), 16) < 0.5 * 16 ** 16]

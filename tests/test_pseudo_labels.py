@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from cljax import pseudo_labels
+from cljax.report import pseudo_labels
 
 
 def test_naive_bayes_by_hand():

@@ -8,9 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from cljax import report, report_tables, study, sweep
-from cljax import results as results_lib
+from cljax import metrics, report
+from cljax import study
 from cljax.methods import MethodConfig
+from cljax.report import tables as report_tables
+from cljax.study import sweep
 
 
 def fake_results(method, seed, matrix, ta_matrix=None, val_avg=0.5, strength=None,
@@ -39,11 +41,11 @@ T_975_1 = 12.706204736174698   # and 1 degree of freedom
 
 
 def test_mean_std_and_the_95_percent_interval_by_hand():
-  assert report.mean_std([0.5, 0.7, 0.9]) == pytest.approx(
+  assert metrics.mean_std([0.5, 0.7, 0.9]) == pytest.approx(
       (0.7, 0.2, 3, T_975_2 * 0.2 / np.sqrt(3)))
-  mean, std, n, half = report.mean_std([0.4, None])
+  mean, std, n, half = metrics.mean_std([0.4, None])
   assert (mean, std, n) == (0.4, 0.0, 1) and np.isnan(half)
-  assert report.mean_std([None])[2] == 0
+  assert metrics.mean_std([None])[2] == 0
 
 
 def test_aggregate_groups_seeds_and_keeps_the_selected_strength():
@@ -278,7 +280,7 @@ def test_keep_copies_what_the_report_reads_and_no_checkpoint(tmp_path):
     (run / name).write_text(text)
   (tmp_path / "sweep" / "orders.json").write_text("[]")
   (tmp_path / "sweep" / "order1" / "selection.json").write_text("{}")
-  assert results_lib.keep_results(str(tmp_path / "sweep"), str(tmp_path / "kept")) == 1
+  assert report.keep_results(str(tmp_path / "sweep"), str(tmp_path / "kept")) == 1
   kept = sorted(str(p.relative_to(tmp_path / "kept")) for p in (tmp_path / "kept").rglob("*")
                 if p.is_file())
   assert kept == ["order1/ewc/default/seed0/pseudo_samples.jsonl",
@@ -331,11 +333,11 @@ def test_the_report_names_the_base_the_runs_started_from():
   """The header gives the base's weights SHA-256 as the runs recorded it, and says so
   where runs started from different bases (a report over sweeps of two sessions)."""
   runs = [fake_results("finetune", s, [[0.9, 0.0], [0.1, 0.8]]) for s in range(3)]
-  assert report._model_text(runs) == "Model random:tiny (2 layers, width 64)"
+  assert report.runs._model_text(runs) == "Model random:tiny (2 layers, width 64)"
   same = [dict(r, model=dict(r["model"], source_sha256="ab" * 32)) for r in runs]
-  assert report._model_text(same) == ("Model random:tiny (2 layers, width 64), weights "
+  assert report.runs._model_text(same) == ("Model random:tiny (2 layers, width 64), weights "
                                       "SHA-256 " + "ab" * 32)
-  assert report._model_text(same[:1] + runs[1:]).endswith(
+  assert report.runs._model_text(same[:1] + runs[1:]).endswith(
       "from more than one base (weights SHA-256: not recorded in 2 runs, abababababab in "
       "1 run)")
 

@@ -154,7 +154,7 @@ def test_divergence_is_a_warning_in_the_results_or_an_error(tiny_data_dir, tiny_
 def test_a_non_finite_state_is_never_checkpointed(tiny_data_dir, tiny_tokenizer_dir, tmp_path):
   """lr 1e39 is inf in float32: the first update makes the params non-finite while
   the loss it was computed from was finite. The checkpoint of that step is refused."""
-  from cljax.checkpoint import Checkpointer
+  from cljax.train.checkpoint import Checkpointer
   cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, learning_rate=1e39, checkpoint_every=1,
                     tasks=("imdb",))
   with pytest.raises(FloatingPointError, match="after global step 1; not saved. The last "
@@ -221,8 +221,8 @@ def test_a_new_task_does_not_keep_the_previous_optimizer_state(tiny_data_dir,
 
   import jax
 
-  from cljax import progress
-  from cljax.checkpoint import Checkpointer
+  from cljax.train import progress
+  from cljax.train.checkpoint import Checkpointer
   peak, push, save = {}, progress.StepLogger.push, Checkpointer.save
 
   def saved(self, *args):

@@ -8,7 +8,7 @@ benchmark's ``--batch_size`` is not the study's).
 import sys
 
 from absl import app
-from absl import flags
+from absl import flags as absl_flags
 from absl import logging
 
 # What bad input raises (a flag value, a file, a folder, a diverged run): the programs
@@ -35,6 +35,6 @@ def run_main(main, module) -> None:
   main_module = sys.modules["__main__"]
   if not main_module.__doc__:   # a console script's wrapper: show the command's usage
     main_module.__doc__ = module.__doc__
-  for flag in flags.FLAGS.get_key_flags_for_module(module):
-    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  for flag in absl_flags.FLAGS.get_key_flags_for_module(module):
+    absl_flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(main)

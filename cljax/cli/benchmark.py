@@ -20,8 +20,8 @@ import sys
 from absl import flags
 
 from cljax import cli
-from cljax import bench
-from cljax import bench_overhead
+from cljax.bench import overhead as bench_overhead
+from cljax.bench import throughput as bench
 
 _SIZE = flags.DEFINE_string("size", "gpt2", "Model size: gpt2 (small), gpt2-medium, "
                             "gpt2-large, gpt2-xl, mini or tiny. Random init.")

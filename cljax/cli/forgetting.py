@@ -13,8 +13,8 @@ import sys
 from absl import flags
 
 from cljax import cli
-from cljax import flags as cljax_flags
 from cljax import study
+from cljax.cli import flags as cljax_flags
 
 cljax_flags.define_flags()
 flags.adopt_module_key_flags(cljax_flags)  # --help lists every flag

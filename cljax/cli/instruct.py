@@ -18,8 +18,8 @@ import sys
 from absl import flags
 
 from cljax import cli
-from cljax import flags as cljax_flags
-from cljax import lm_train
+from cljax.cli import flags as cljax_flags
+from cljax.lm import train as lm_train
 
 cljax_flags.define_config_flags(lm_train.LMConfig)
 flags.adopt_module_key_flags(cljax_flags)  # --help lists every flag

@@ -19,7 +19,6 @@ from absl import flags
 
 from cljax import cli
 from cljax import report
-from cljax import results as results_lib
 
 _ROOT = flags.DEFINE_multi_string(
     "root", None, "Folder holding the runs (searched recursively for results.json); "
@@ -56,7 +55,7 @@ def _report() -> None:
     if outdir:
       raise app.UsageError("--keep writes the report into KEEP; leave --outdir out.")
     roots, outdir = [os.path.join(_KEEP.value, "runs")], _KEEP.value
-    n = results_lib.keep_results(_ROOT.value[0], roots[0])
+    n = report.keep_results(_ROOT.value[0], roots[0])
     if not n:
       raise app.UsageError(f"No results.json under --root={_ROOT.value[0]}: nothing to keep.")
     print(f"Kept {n} runs' results under {roots[0]}.")

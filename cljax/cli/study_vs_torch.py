@@ -21,9 +21,9 @@ from absl import app
 from absl import flags
 
 from cljax import cli
-from cljax import baselines
-from cljax import flags as cljax_flags
 from cljax import study
+from cljax.bench import baselines
+from cljax.cli import flags as cljax_flags
 
 cljax_flags.define_flags()
 flags.adopt_module_key_flags(cljax_flags)

@@ -18,9 +18,9 @@ from absl import flags
 import jax
 
 from cljax import cli
-from cljax import flags as cljax_flags
 from cljax import report
-from cljax import sweep
+from cljax.cli import flags as cljax_flags
+from cljax.study import sweep
 
 cljax_flags.define_flags()
 flags.adopt_module_key_flags(cljax_flags)
@@ -41,7 +41,7 @@ _ORDERS = flags.DEFINE_multi_string(
     "over them. Default: the one order of --tasks.")
 _PARALLEL = flags.DEFINE_integer(
     "parallel_runs", 1, "Train up to N seeds of a method side by side as one vmapped "
-    "program (cljax.parallel: each run's own data, dropout, method state, checkpoints "
+    "program (cljax.study.parallel: each run's own data, dropout, method state, checkpoints "
     "and outputs; dropout drawn with threefry, recorded in each run's flags); 1: one "
     "after another. A method's strength candidates run side by side too where it reads "
     "the strength as a traced value (EWC, online EWC, MAS, L2, SI, LwF); on several "

@@ -7,8 +7,8 @@ methods (``registry.register``): adding a method is adding one file.
 import importlib
 import pkgutil
 
-from cljax.methods.base import Method, StepContext, TaskContext, compose, finetune
 from cljax.methods.registry import BuildContext, MethodConfig, build, hparam, names, register
+from cljax.train.method import Method, StepContext, TaskContext, compose, finetune
 
 __all__ = ["BuildContext", "Method", "MethodConfig", "StepContext", "TaskContext", "build",
            "compose", "finetune", "hparam", "names", "register"]

@@ -72,14 +72,15 @@ import numpy as np
 import optax
 
 from cljax import data as data_lib
-from cljax import loop
 from cljax.methods import head_fixes
-from cljax.methods.base import Method, StepContext, TaskContext
 from cljax.methods.peft import InferenceOptions, PerTaskState, infer_task
-from cljax.methods.registry import NON_NEGATIVE, POSITIVE, BuildContext, hparam, register
+from cljax.methods.registry import BuildContext, hparam, register
 from cljax.models import pool_index
 from cljax.models.den import (NEVER, alive, first_free, group_lasso, keep_units, new_units,
                               pooled_units, split_units, unit_arrays, unit_sq, with_units)
+from cljax.options import NON_NEGATIVE, POSITIVE
+from cljax.train import loop
+from cljax.train.method import Method, StepContext, TaskContext
 
 _KEYS = ("input_ids", "attention_mask", "labels", "weights", "class_mask", "task_ids")
 

@@ -16,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax.methods.base import Method, StepContext, TaskContext
-from cljax.methods.registry import NON_NEGATIVE, POSITIVE, BuildContext, hparam, register
+from cljax.methods.registry import BuildContext, hparam, register
+from cljax.options import NON_NEGATIVE, POSITIVE
+from cljax.train.method import Method, StepContext, TaskContext
 
 
 class LwFState(NamedTuple):

@@ -49,12 +49,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from cljax import data as data_lib
-from cljax import steps
-from cljax.methods.base import Method, StepContext, TaskContext
 from cljax.methods.distill import distillation_loss
-from cljax.methods.registry import NON_NEGATIVE, POSITIVE, BuildContext, hparam, register
 from cljax.methods.pseudo_data import (PseudoData, empty_pseudo_data, generate_texts, lm_arrays,
                                        lm_row, pad_rows, qa_loss, split_answer, split_sizes)
+from cljax.methods.registry import BuildContext, hparam, register
+from cljax.options import NON_NEGATIVE, POSITIVE
+from cljax.train import losses
+from cljax.train import steps
+from cljax.train.method import Method, StepContext, TaskContext
 
 ANSWER_TOKEN = "__ans__"
 LABEL_CHOICES = ("hard", "logits")
@@ -344,7 +346,7 @@ def _loss(s: _Setup, state, sctx: StepContext):
   del state
   b = sctx.batch
   logits = sctx.lm_apply_fn(sctx.params, b["lm_input_ids"], b["lm_attention_mask"])
-  loss_sum, count, _ = steps.lm_cross_entropy(
+  loss_sum, count, _ = losses.lm_cross_entropy(
       logits, b["lm_input_ids"], b["lm_loss_mask"] * b["lm_weight"][:, None])
   total = s.spec.lm_lambda * loss_sum / jnp.maximum(count, 1e-9)
   if s.spec.qa_loss == "vocab":

@@ -20,7 +20,7 @@ survive. Three cheap fixes, each composable (``--method=ewc+labels_trick``):
   ``--head=lm`` the label words' rows are ``wte``, the input embeddings as well.
 
 The study's classification loss reads ``batch["ce_exclude"]`` (``[B, C]`` bool, True:
-that class is out of that example's softmax; see ``steps._classification``). A method
+that class is out of that example's softmax; see ``losses.classification_objective``). A method
 ORs its mask into it; replay pads it with False for the rows it appends, so the order
 of composition does not matter.
 """
@@ -36,8 +36,8 @@ import numpy as np
 import optax
 
 from cljax.methods import replay
-from cljax.methods.base import Method, StepContext, TaskContext
 from cljax.methods.registry import BuildContext, register
+from cljax.train.method import Method, StepContext, TaskContext
 
 EXCLUDE = "ce_exclude"
 

@@ -46,11 +46,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax import steps
 from cljax.methods import head_fixes
-from cljax.methods.base import Method, StepContext, TaskContext
-from cljax.methods.registry import DROPOUT, NON_NEGATIVE, POSITIVE, BuildContext, hparam, register
+from cljax.methods.registry import BuildContext, hparam, register
 from cljax.models import LORA_TARGETS, column_prefix, is_peft, peft_slot_of
+from cljax.options import DROPOUT, NON_NEGATIVE, POSITIVE
+from cljax.train import losses
+from cljax.train.method import Method, StepContext, TaskContext
 
 INFERENCE = ("entropy", "perplexity")
 
@@ -123,7 +124,7 @@ class PerTaskState(NamedTuple):
 
 def _input_nll(lm_logits_BTV, input_ids_BT, mask_BT) -> jax.Array:
   """[B] mean next-token negative log-likelihood of each row's real tokens."""
-  nll_BT, w_BT = steps.next_token_losses(lm_logits_BTV, input_ids_BT, mask_BT)
+  nll_BT, w_BT = losses.next_token_losses(lm_logits_BTV, input_ids_BT, mask_BT)
   return jnp.sum(nll_BT * w_BT, -1) / jnp.maximum(jnp.sum(w_BT, -1), 1.0)
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cljax import data as data_lib
-from cljax import steps
+from cljax.train import compile as compile_lib
 
 
 
@@ -73,7 +73,7 @@ def per_example_statistic(params, arrays: dict[str, np.ndarray], fn, reduce, *,
   chunks = _chunks(arrays, num_samples, chunk, rng, buckets)
   for i, batch in enumerate(chunks):
     part = stat_fn(params, batch, _fold_in(rng, i))
-    total = part if total is None else steps.tree_add(total, part)
+    total = part if total is None else compile_lib.tree_add(total, part)
   return _tree_divide(total, min(num_samples, data_lib.size(arrays)))
 
 

@@ -25,8 +25,9 @@ import optax
 
 from cljax import data as data_lib
 from cljax.methods import replay
-from cljax.methods.base import Method, StepContext, TaskContext
-from cljax.methods.registry import POSITIVE, BuildContext, hparam, register
+from cljax.methods.registry import BuildContext, hparam, register
+from cljax.options import POSITIVE
+from cljax.train.method import Method, StepContext, TaskContext
 
 
 def tree_dot(a, b) -> jax.Array:

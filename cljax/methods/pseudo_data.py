@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cljax import generation
 from cljax.models import GPT2LM
+from cljax.models import generation
 
 # ----------------------------------------------------------------------------
 # Rows: the state's layout, padded rows, LM rows

@@ -12,7 +12,7 @@ their help text, and registers its factory with them::
     def l2(hp: L2Config, ctx: BuildContext) -> Method: ...
 
 Everything else comes from the registry: the study's flags and ``--help``
-(``cljax.flags``), the values of every hyperparameter (:class:`MethodConfig`), the
+(``cljax.cli.flags``), the values of every hyperparameter (:class:`MethodConfig`), the
 sweep's strength grids (``--default_grids``) and its method list (``--methods=all``).
 Hyperparameter names are one flat namespace (they are flags): methods that share one
 (``replay_size``) share its declaration, through a common base dataclass.
@@ -24,24 +24,8 @@ import dataclasses
 from typing import Any, NamedTuple
 from collections.abc import Callable
 
-from cljax.methods.base import Method, compose, finetune
-
-
-class Bound(NamedTuple):
-  """A constraint on a numeric setting, checked before any work: ``text`` says it."""
-  text: str
-  holds: Callable[[Any], bool]
-
-  def check(self, name: str, value) -> None:
-    """One-line ValueError unless ``value`` (None: unset, always fine) holds."""
-    if value is not None and not self.holds(value):
-      raise ValueError(f"--{name}={value!r}: expected a value {self.text}.")
-
-
-POSITIVE = Bound("> 0", lambda v: v > 0)
-NON_NEGATIVE = Bound(">= 0", lambda v: v >= 0)
-FRACTION = Bound("in [0, 1]", lambda v: 0 <= v <= 1)
-DROPOUT = Bound("in [0, 1)", lambda v: 0 <= v < 1)
+from cljax.options import Bound
+from cljax.train.method import Method, compose, finetune
 
 
 def hparam(default, help: str, *, choices: tuple[str, ...] | None = None,  # noqa: A002
@@ -130,7 +114,7 @@ def register(name: str, description: str, config: type | None = None, *,
   ``traced``: hyperparameters the factory only multiplies into its train step's loss
   (never a branch, a shape, or a between-task hook's host code), so the factory may be
   given them as traced values: runs differing in them train side by side as one
-  vmapped step (:mod:`cljax.parallel`). ``compose_last``: its ``prepare_batch`` sets a
+  vmapped step (:mod:`cljax.study.parallel`). ``compose_last``: its ``prepare_batch`` sets a
   model input per row from the rows it sees, so in ``a+b`` it must come last (rows a
   later method appends, replayed ones, would have none).
   """

@@ -35,11 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cljax.methods.base import Method, StepContext, TaskContext
 from cljax.methods.per_example import (fisher_diagonal, fisher_log_prob, mas_importance,
                                        mas_output_norm, model_fn, per_example_programs)
-from cljax.methods.registry import (FRACTION, NON_NEGATIVE, POSITIVE, BuildContext, hparam,
-                                    register)
+from cljax.methods.registry import BuildContext, hparam, register
+from cljax.options import FRACTION, NON_NEGATIVE, POSITIVE
+from cljax.train.method import Method, StepContext, TaskContext
 
 
 class QuadraticState(NamedTuple):

@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import optax
 
 from cljax import data as data_lib
-from cljax.methods.base import Method, StepContext, TaskContext
-from cljax.methods.registry import NON_NEGATIVE, POSITIVE, BuildContext, hparam, register
+from cljax.methods.registry import BuildContext, hparam, register
+from cljax.options import NON_NEGATIVE, POSITIVE
+from cljax.train.method import Method, StepContext, TaskContext
 
 POLICIES = ("reservoir", "class_balanced")
 

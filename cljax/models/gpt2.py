@@ -16,10 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cljax.kv_cache import attend_cached
 from cljax.models.config import GPT2Config, as_dtype
 from cljax.models.den import den_mlp
 from cljax.models.dropout import dropout
+from cljax.models.kv_cache import attend_cached
 from cljax.models.peft import Adapter, LoRA
 
 def dense(features: int, config: GPT2Config, name: str, use_bias: bool = True):

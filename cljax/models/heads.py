@@ -9,9 +9,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cljax.kv_cache import KVCache, LayerCache
 from cljax.models.config import GPT2Config
 from cljax.models.gpt2 import Block, dense, embeddings, layer_norm
+from cljax.models.kv_cache import KVCache, LayerCache
 from cljax.models.peft import Prompts
 from cljax.models.pnn import columns_hidden
 

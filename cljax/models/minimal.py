@@ -2,7 +2,7 @@
 dropout (embeddings, attention probabilities, residuals) and nothing else (no
 per-task modules, no KV cache, no pooled-query shortcut, no Hugging Face names). It
 is the benchmarks' baseline for what cljax's model adds to a compile
-(:mod:`cljax.bench_overhead`), not a model to train."""
+(:mod:`cljax.bench.overhead`), not a model to train."""
 
 from __future__ import annotations
 

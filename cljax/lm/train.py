@@ -1,7 +1,7 @@
-"""Language-model training on the study's loop (:mod:`cljax.loop`): Alpaca-style
+"""Language-model training on the study's loop (:mod:`cljax.train.loop`): Alpaca-style
 instruction tuning and plain-text (domain-adaptive) pretraining, with checkpoints,
 exact ``--resume``, held-out perplexity, generations and a Hugging Face
-``GPT2LMHeadModel`` export. The data itself is :mod:`cljax.lm_data`.
+``GPT2LMHeadModel`` export. The data itself is :mod:`cljax.lm.data`.
 
 ``run(config, workdir)`` writes ``results.json`` (held-out loss and perplexity before
 and after training, step counts, timing), ``metrics.jsonl``, TensorBoard scalars,
@@ -27,16 +27,21 @@ from absl import logging
 import jax
 import numpy as np
 
-from cljax import checkpoint
 from cljax import data as data_lib
-from cljax import hf
-from cljax import lm_data
-from cljax import loop
-from cljax import steps
-from cljax.config import (COUNT, NON_NEGATIVE, POSITIVE, CheckpointOptions, ModelOptions,
-                          OptimizerOptions, option)
-from cljax.generation import generate
-from cljax.progress import StepLogger
+from cljax.lm import data as lm_data
+from cljax.models import hf
+from cljax.models.build import ModelOptions
+from cljax.models.build import build_model
+from cljax.models.generation import generate
+from cljax.options import COUNT, NON_NEGATIVE, POSITIVE, option
+from cljax.train import checkpoint
+from cljax.train import loop
+from cljax.train import optim
+from cljax.train import run as run_lib
+from cljax.train import steps
+from cljax.train.optim import OptimizerOptions
+from cljax.train.progress import StepLogger
+from cljax.train.run import CheckpointOptions
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
@@ -152,7 +157,7 @@ def load_splits(cfg: LMConfig, tokenizer) -> tuple[dict, dict | None, frozenset[
 def build_lm(cfg: LMConfig, tokenizer):
   """(model, params): the LM to train, ``--model``'s weights or a random init of
   ``--size`` (positions for the longest example plus the generated tokens)."""
-  return loop.build_model(cfg, tokenizer, kind="lm", rng=jax.random.key(cfg.seed),
+  return build_model(cfg, tokenizer, kind="lm", rng=jax.random.key(cfg.seed),
                           n_positions=max(cfg.max_length, cfg.block_size) + cfg.max_new_tokens)
 
 
@@ -220,7 +225,7 @@ RESUMABLE_CHANGES = frozenset({
 
 
 @dataclasses.dataclass
-class LMRecord(loop.Record):
+class LMRecord(run_lib.Record):
   """The run's progress, stored as JSON in every checkpoint."""
   step: int = 0
   held_out_before: dict | None = None
@@ -294,9 +299,9 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
   exports ``workdir/hf_model``; returns the results dict (also ``results.json``)."""
   t_start = time.time()
   commit = data_lib.provenance.git_commit(__file__)   # the code this run starts with
-  ckpt = loop.open_run(workdir, cfg.to_dict(), resume, keep=cfg.keep_checkpoints,
+  ckpt = run_lib.open_run(workdir, cfg.to_dict(), resume, keep=cfg.keep_checkpoints,
                        outputs=OUTPUTS, resumable=RESUMABLE_CHANGES)
-  loop.use_compilation_cache(None)
+  run_lib.use_compilation_cache(None)
   tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
   model, params = build_lm(cfg, tokenizer)
   arrays, held, text_keys = load_splits(cfg, tokenizer)
@@ -305,7 +310,7 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
                data_lib.size(arrays), "examples" if cfg.data_format == "alpaca" else "blocks",
                arrays["input_ids"].shape[1], int(arrays["loss_mask"][:, 1:].sum()),
                data_lib.size(held) if held else "no")
-  tx, schedule = steps.make_optimizer(
+  tx, schedule = optim.make_optimizer(
       learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
       total_steps=loop.update_count(data_lib.num_batches(data_lib.size(arrays), cfg.batch_size),
                                     cfg.epochs, cfg.grad_accum_steps),
@@ -315,10 +320,10 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
   held_batches = held_out_batches(cfg, held) if held else []
   held_out = held and functools.partial(evaluate_held_out, eval_fn, batches=held_batches)
   state = steps.init_train_state(params, tx, jax.random.key(cfg.seed))
-  state, record = loop.restore_or_start(
+  state, record = run_lib.restore_or_start(
       ckpt, resume, target=jax.eval_shape(lambda: state), record_cls=LMRecord,
       start=functools.partial(_start, cfg, state, held, held_out))
-  logger = loop.open_logger(workdir, record.step, cfg.log_every, ckpt, unit="tokens")
+  logger = run_lib.open_logger(workdir, record.step, cfg.log_every, ckpt, unit="tokens")
   programs = [(eval_fn, (state.params, b)) for b in data_lib.one_batch_per_shape(held_batches)]
   try:
     state = train(cfg, state, record, arrays, tx, schedule, ckpt, logger, model, held_out,

@@ -2,7 +2,7 @@
 the strengths their method reads as traced values (``registry.register(traced=...)``:
 the step builds the method from each run's value), trained side by side as one
 ``jax.vmap``-ped train step over their stacked states. The run axis is laid over the
-devices (:class:`cljax.sharding.RunAxis`: ``gcd(runs, devices)`` of them on the run
+devices (:class:`cljax.train.sharding.RunAxis`: ``gcd(runs, devices)`` of them on the run
 axis, each run's batch split over the rest), over every process of a multi-host run.
 
 Each run keeps everything a run alone has: its own subsets and data order, dropout
@@ -37,17 +37,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax import checkpoint
 from cljax import data as data_lib
-from cljax import loop
-from cljax import sharding
-from cljax import steps
 from cljax import study as study_lib
-from cljax.config import StudyConfig
 from cljax.methods import build as build_method
 from cljax.methods import registry as method_registry
-from cljax.progress import CompileTimer
-from cljax.results import make_results, write_results
+from cljax.study.config import StudyConfig
+from cljax.study.results import make_results, run_code_version, write_results
+from cljax.train import checkpoint
+from cljax.train import compile as compile_lib
+from cljax.train import loop
+from cljax.train import run as run_lib
+from cljax.train import sharding
+from cljax.train import steps
+from cljax.train.progress import CompileTimer
 
 DROPOUT_RNG = "threefry"
 
@@ -129,7 +131,7 @@ def _placed(fn: Callable, out_sharding) -> Callable:
 
 def stack(trees: Sequence, out_sharding=None) -> object:
   """The trees stacked on a new leading axis (one program), on ``out_sharding`` (the
-  run axis of a :func:`cljax.sharding.runs_mesh`); a leaf whose shapes differ across
+  run axis of a :func:`cljax.train.sharding.runs_mesh`); a leaf whose shapes differ across
   the trees (generated pseudo-data, kept in different numbers) is zero-padded to the
   largest (the method reads only its first ``count`` rows)."""
   return _placed(_stack, out_sharding)(list(trees))
@@ -308,7 +310,7 @@ def train_side_by_side(runs: Sequence[_Run], k: int, step_fns: dict) -> None:
     plan.append((s, active, stack_batches(
         [next(it) if on else x for it, x, on in zip(streams, spare, active)], study.buckets)))
   ahead = itertools.chain((b for _, active, b in plan if all(active)), _later_batches(runs, k))
-  steps.compile_programs([(fns.full, (stacked, axis.batch_shapes(b), values))
+  compile_lib.compile_programs([(fns.full, (stacked, axis.batch_shapes(b), values))
                           for b in data_lib.one_batch_per_shape(ahead)])
   for s, active, batch in plan:
     if all(active):
@@ -350,7 +352,7 @@ def _open(cfgs: Sequence[StudyConfig], workdirs: Sequence[str], resume: bool,
                                   compiled=first.compiled,
                                   method=study.method if own_methods else first.method)
     state, record = study_lib.restore_or_start(study, resume)
-    logger = loop.open_logger(workdir, record.global_step, cfg.log_every, study.checkpointer,
+    logger = run_lib.open_logger(workdir, record.global_step, cfg.log_every, study.checkpointer,
                               enabled=study.writes_files,
                               on_first_step=compiling.mark if i == 0 else None)
     runs.append(_Run(study, state, record, logger))
@@ -364,6 +366,7 @@ def run_parallel(cfgs: Sequence[StudyConfig], workdirs: Sequence[str], *,
   workdir, and returns each one's results dict (also in its ``results.json``), as
   :func:`cljax.study.run` would alone with ``--dropout_rng=threefry``."""
   t_start = time.time()
+  run_code_version()   # the code this run starts with, read before any work
   cfgs = side_by_side(cfgs)
   flags = list(flags or [None] * len(cfgs))
   with CompileTimer() as compiling:

@@ -15,16 +15,17 @@ import numpy as np
 import optax
 
 from cljax import data as data_lib
-from cljax import hf
-from cljax import loop
 from cljax import models
-from cljax import sharding
-from cljax import steps
-from cljax.checkpoint import Checkpointer
-from cljax.config import StudyConfig
 from cljax.methods import BuildContext, Method
 from cljax.methods import build as build_method
 from cljax.methods import registry as method_registry
+from cljax.models import hf
+from cljax.models.build import build_model
+from cljax.study.config import StudyConfig
+from cljax.train import run as run_lib
+from cljax.train import sharding
+from cljax.train import steps
+from cljax.train.checkpoint import Checkpointer
 
 # The host hooks' random keys are ``fold_in(seed's key, salt + task index)``, one salt
 # per hook; the method's added modules are initialized from ``fold_in(seed's key,
@@ -40,7 +41,7 @@ TRAIN_ARRAYS_SALT = 30_000
 # ----------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class RunRecord(loop.Record):
+class RunRecord(run_lib.Record):
   """The run's progress; every checkpoint stores it as JSON beside the train state."""
   task: int = 0                    # the task being trained (len(tasks) when done)
   step_in_task: int = 0            # steps of that task already taken
@@ -107,14 +108,14 @@ class Study:
 # Building blocks
 # ----------------------------------------------------------------------------
 
-def build_model(cfg: StudyConfig, tokenizer, num_labels: int, label_tokens=None):
+def study_model(cfg: StudyConfig, tokenizer, num_labels: int, label_tokens=None):
   """(model, params): pretrained weights or a random init of a named size; with
   ``label_tokens`` (``--head=lm``) a :class:`~cljax.models.GPT2LabelWords` over the
   LM's weights."""
-  return loop.build_model(cfg, tokenizer, kind="classifier" if label_tokens is None
+  return build_model(cfg, tokenizer, kind="classifier" if label_tokens is None
                           else "label_words", rng=jax.random.PRNGKey(cfg.seed),
                           n_positions=cfg.max_length, num_labels=num_labels,
-                          label_tokens=label_tokens)
+                          label_tokens=label_tokens, seed=cfg.seed)
 
 
 def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
@@ -130,15 +131,15 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
   mesh = sharding.make_mesh(cfg.mesh_data, cfg.mesh_model)
   sharding.check_batch_size(cfg.batch_size, mesh)
   sharding.check_batch_size(cfg.eval_batch_size, mesh, "--eval_batch_size")
-  ckpt = loop.open_run(workdir, resume_view(cfg), resume, keep=cfg.keep_checkpoints,
+  ckpt = run_lib.open_run(workdir, resume_view(cfg), resume, keep=cfg.keep_checkpoints,
                        outputs=OUTPUTS, resumable=RESUMABLE_CHANGES)
-  cache_dir = loop.use_compilation_cache(cfg.cache_dir)
+  cache_dir = run_lib.use_compilation_cache(cfg.cache_dir)
   tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
   tasks = data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(), cfg.data_dir,
                                  cfg.task_label_words())
   total_labels = data_lib.num_labels(tasks)
   as_text = cfg.head == "lm"
-  model, params = build_model(cfg, tokenizer, total_labels,
+  model, params = study_model(cfg, tokenizer, total_labels,
                               data_lib.label_tokens(tasks, tokenizer) if as_text else None)
   method_context = BuildContext(
       num_labels=total_labels, num_tasks=len(tasks), max_length=cfg.max_length,

@@ -22,10 +22,13 @@ import jax
 from jax.experimental import multihost_utils
 
 from cljax import data as data_lib
-from cljax import report_tables, sharding, study
-from cljax.checkpoint import Checkpointer
-from cljax.progress import fmt_time
 from cljax.methods import registry
+from cljax.study import stages
+from cljax.study.config import StudyConfig
+from cljax.study.setup import OUTPUTS
+from cljax.train import sharding
+from cljax.train.checkpoint import Checkpointer
+from cljax.train.progress import fmt_time
 
 RESULTS = "results.json"
 
@@ -89,7 +92,7 @@ def _remove_partial_outputs(workdir: str) -> None:
   Process 0 removes them (the outputs are its own) while the others wait, so that no
   process of a multi-host run deletes what another is removing or starting to write."""
   if jax.process_index() == 0:
-    for name in study.OUTPUTS:
+    for name in OUTPUTS:
       path = os.path.join(workdir, name)
       if os.path.isdir(path):
         shutil.rmtree(path)
@@ -111,27 +114,27 @@ def _finished(workdir: str) -> dict | None:
   return None
 
 
-def _strength(base: study.StudyConfig, field: str | None, value):
+def _strength(base: StudyConfig, field: str | None, value):
   """The method hyperparameters of ``base`` with ``field`` set to ``value``."""
   return base.method_config if field is None else base.method_config.replace(**{field: value})
 
 
-def run_one(cfg: study.StudyConfig, workdir: str, flags: dict | None = None) -> dict:
+def run_one(cfg: StudyConfig, workdir: str, flags: dict | None = None) -> dict:
   """Runs (or resumes, or just reads) one configuration."""
   done = _finished(workdir)
   if done is not None:
     return done
   resume = os.path.isdir(os.path.join(workdir, "checkpoints"))
   flags = dict(flags or {}, method=cfg.method, seed=cfg.seed, workdir=workdir)
-  return study.run(cfg, workdir, resume=resume, flags=flags)
+  return stages.run(cfg, workdir, resume=resume, flags=flags)
 
 
-def _side_by_side(base: study.StudyConfig, root: str, method: str, field: str | None,
+def _side_by_side(base: StudyConfig, root: str, method: str, field: str | None,
                   runs: Sequence[tuple], flags: dict | None) -> list[tuple[str, dict]]:
   """(workdir, results) of ``runs`` ((strength, seed) pairs): those not done yet trained
-  side by side (:func:`cljax.parallel.run_parallel`), resuming the ones with
+  side by side (:func:`cljax.study.parallel.run_parallel`), resuming the ones with
   checkpoints."""
-  from cljax import parallel  # pylint: disable=import-outside-toplevel
+  from cljax.study import parallel  # pylint: disable=import-outside-toplevel
   workdirs = [run_dir(root, method, field, value, seed) for value, seed in runs]
   done = [_finished(w) for w in workdirs]
   todo = [i for i, d in enumerate(done) if d is None]
@@ -159,6 +162,14 @@ def _val_score(results: dict) -> float:
   return results["val_metrics"]["average_accuracy"]
 
 
+def candidates_text(candidates: list[dict]) -> str:
+  """A strength selection's candidates as ``value: validation score`` (or
+  ``diverged``), comma-separated."""
+  return ", ".join(f"{c['value']:g}: " + ("diverged" if c["val_average_accuracy"] is None
+                                          else f"{c['val_average_accuracy']:.3f}")
+                   for c in candidates)
+
+
 def _chosen(method: str, field: str, values: Sequence, scores: Sequence, errors: Sequence,
             seed: int, held_out: bool) -> dict:
   """The ``selection.json`` entry of the best candidate on validation. A candidate that
@@ -180,7 +191,7 @@ def _chosen(method: str, field: str, values: Sequence, scores: Sequence, errors:
                                                                        else {})
                           for v, s, e in zip(values, scores, errors)]}
   logging.info("%s: chose %s=%s on validation (%s).", method, field, values[best],
-               report_tables.candidates_text(entry["candidates"]))
+               candidates_text(entry["candidates"]))
   return entry
 
 
@@ -204,7 +215,7 @@ def parse_orders(values: Sequence[str]) -> list[tuple[str, ...]]:
   return [tuple(t.strip() for t in v.split(",") if t.strip()) for v in values]
 
 
-def check_orders(base: study.StudyConfig, orders: Sequence[Sequence[str]]) -> None:
+def check_orders(base: StudyConfig, orders: Sequence[Sequence[str]]) -> None:
   """Each task order a valid ``--tasks`` (its classes and label words too), before any
   run of a sweep over orders."""
   for order in orders:
@@ -212,7 +223,7 @@ def check_orders(base: study.StudyConfig, orders: Sequence[Sequence[str]]) -> No
     data_lib.resolve_tasks(b.tasks, b.task_classes(), b.data_dir, b.task_label_words())
 
 
-def _open_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
+def _open_sweep(base: StudyConfig, root: str, methods: Sequence[str],
                 seeds: Sequence[int], grids: dict, selection_seed: int | None) -> dict:
   """Checks the sweep's arguments, makes its root and shared compilation cache, and
   returns the strength choices made so far (``selection.json``)."""
@@ -229,7 +240,7 @@ def _open_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
     return json.load(f)
 
 
-def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
+def run_sweep(base: StudyConfig, root: str, methods: Sequence[str],
               seeds: Sequence[int], grids: dict[str, tuple[str, list]] | None = None,
               flags: dict | None = None, selection_seed: int | None = None,
               parallel_runs: int = 1) -> dict:
@@ -238,7 +249,7 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
   and the chosen strength on every seed of ``seeds``; ``parallel_runs`` > 1: the
   seeds at the chosen strength trained that many side by side, and so the strength
   candidates where the method reads its strength as a traced value,
-  :mod:`cljax.parallel`).
+  :mod:`cljax.study.parallel`).
 
   A candidate whose loss diverges (run one after another) is not chosen (:func:`_chosen`;
   a resumed sweep runs it again from its last checkpoint). Returns ``{"selection": ...,
@@ -311,7 +322,7 @@ def run_sweep(base: study.StudyConfig, root: str, methods: Sequence[str],
   return {"selection": selection, "runs": runs, "results": all_results}
 
 
-def run_orders(base: study.StudyConfig, root: str, orders: Sequence[Sequence[str]],
+def run_orders(base: StudyConfig, root: str, orders: Sequence[Sequence[str]],
                **kwargs) -> list[dict]:
   """One :func:`run_sweep` per task order, in ``root/order1``, ``root/order2``, ...
   (the orders are written to ``root/orders.json``); a task draws the same rows in

@@ -5,10 +5,10 @@ its label (``pseudo_samples.jsonl``), and the figures."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
-import shutil
 import subprocess
 
 from absl import logging
@@ -16,12 +16,14 @@ import jax
 import numpy as np
 
 from cljax import data as data_lib
-from cljax import hf
 from cljax import metrics as metrics_lib
+from cljax.models import hf
 
 
-def code_version(package_dir: str = os.path.dirname(os.path.abspath(__file__))
-                 ) -> dict | None:
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # cljax/
+
+
+def code_version(package_dir: str = PACKAGE_DIR) -> dict | None:
   """The git commit of the cljax checkout ``package_dir`` is in, and whether the
   package's files differ from that commit (an edit, or a new file git does not
   ignore); None where it is no git checkout of cljax (an installed wheel, or a folder
@@ -39,8 +41,12 @@ def code_version(package_dir: str = os.path.dirname(os.path.abspath(__file__))
     return None
 
 
-# The code this process runs is what it imported: its version is read once, at import.
-CODE_VERSION = code_version()
+@functools.cache
+def run_code_version() -> dict | None:
+  """:func:`code_version` of this process's cljax, read once, when its first run
+  starts (``run`` calls it before any work): the code the process imported, not an
+  edit made while it ran. Nothing runs ``git`` at import."""
+  return code_version()
 
 
 def count_params(params, mask=None) -> int:
@@ -105,7 +111,7 @@ def make_results(study, record, flags: dict | None, wall_s: float) -> dict:
       "environment": {"jax": jax.__version__, "backend": jax.default_backend(),
                       "devices": [d.device_kind for d in jax.devices()],
                       "python": platform.python_version(),
-                      "cljax_git": CODE_VERSION},
+                      "cljax_git": run_code_version()},
   }
 
 
@@ -145,27 +151,8 @@ def write_results(results: dict, workdir: str) -> None:
     with open(os.path.join(workdir, "generated_samples.txt"), "w") as f:
       f.write(_samples_text(samples))
   try:
-    from cljax import plots  # pylint: disable=import-outside-toplevel
+    from cljax.study import figures as plots  # pylint: disable=import-outside-toplevel
     plots.study_figures(results, workdir)
   except Exception as e:  # pylint: disable=broad-except
     logging.warning("Could not draw the figures: %s", e)
   logging.info("Wrote %s", os.path.join(workdir, "results.json"))
-
-
-KEPT_FILES = ("results.json", "pseudo_samples.jsonl", "selection.json", "orders.json")
-
-
-def keep_results(root: str, dest: str) -> int:
-  """Copies the files a report reads (:data:`KEPT_FILES`: each run's results and kept
-  pseudo-examples, the sweep's strength choices and task orders) from under ``root``
-  to the same paths under ``dest``, leaving checkpoints and logs behind; returns how
-  many runs' results it copied."""
-  runs = 0
-  for folder, _, files in os.walk(root):
-    for name in files:
-      if name in KEPT_FILES:
-        target = os.path.join(dest, os.path.relpath(folder, root))
-        os.makedirs(target, exist_ok=True)
-        shutil.copy2(os.path.join(folder, name), os.path.join(target, name))
-        runs += name == "results.json"
-  return runs

@@ -29,7 +29,8 @@ def torch_study(cfg, device: str | None = None) -> dict[str, Any]:
   AdamW with linear decay and clipping, fresh optimizer per task, evaluation of every
   task before training and after each task. The baseline for ``cljax.study.run``."""
   import torch  # pylint: disable=import-outside-toplevel
-  from cljax import data as data_lib, hf  # pylint: disable=import-outside-toplevel
+  from cljax import data as data_lib
+  from cljax.models import hf  # pylint: disable=import-outside-toplevel
   device = device or ("cuda" if torch.cuda.is_available() else "cpu")
   t_start = time.perf_counter()
   tasks = data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(), cfg.data_dir)
@@ -156,7 +157,8 @@ def trainer_study(cfg, workdir: str) -> dict[str, Any]:
   ``cljax.study.run``; offline. Returns its wall time and accuracy matrix."""
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  from cljax import data as data_lib, hf  # pylint: disable=import-outside-toplevel
+  from cljax import data as data_lib
+  from cljax.models import hf  # pylint: disable=import-outside-toplevel
   t_start = time.perf_counter()
   tasks = data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(), cfg.data_dir)
   tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)

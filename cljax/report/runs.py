@@ -5,7 +5,7 @@ t-interval.
 them by method and strength; ``write_report`` writes Markdown and CSV tables and
 the figures, one table per task order (a sweep with ``--orders``), one over the
 orders and one of each method's difference to fine-tuning paired by order and seed
-(:mod:`cljax.report_tables`). A report over several roots (a method and its ablation
+(:mod:`cljax.report.tables`). A report over several roots (a method and its ablation
 swept into separate roots) names a method met again in a later root by the settings
 it ran with there (``generative_replay (gr_gamma=0)``).
 """
@@ -21,9 +21,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from cljax import pseudo_labels, report_tables
 from cljax.metrics import fmt_interval as _fmt
 from cljax.metrics import mean_std
+from cljax.report import pseudo_labels
+from cljax.report import tables as report_tables
+from cljax.study import sweep
 
 # (column key, header, function of one results dict)
 def _task0_after(i):
@@ -181,7 +183,7 @@ def figures(rows: list[dict], results: list[dict], selection: dict, outdir: str)
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  from cljax.plots import accuracy_matrix_axes  # pylint: disable=import-outside-toplevel
+  from cljax.study.figures import accuracy_matrix_axes  # pylint: disable=import-outside-toplevel
   tasks = results[0]["tasks"]
   paths = []
 
@@ -289,7 +291,7 @@ def _order_section(results: list[dict], roots: Sequence[str], outdir: str, suffi
     lines += ["Strengths chosen on validation data carved from the training files "
               "(never on test):", ""]
     for method, sel in sorted(selection.items()):
-      cands = report_tables.candidates_text(sel["candidates"]) or "one value"
+      cands = sweep.candidates_text(sel["candidates"]) or "one value"
       seed = (f", on seed {sel['seed']}" + (", not reported" if sel.get("held_out_seed")
                                             else "")) if "seed" in sel else ""
       lines.append(f"- {method}: {sel['field']}={sel['chosen']:g} ({sel['chosen_on']}{seed}; "

@@ -16,8 +16,8 @@ from typing import Any
 
 from absl import flags
 
-from cljax.config import StudyConfig
 from cljax.methods import MethodConfig, registry
+from cljax.study.config import StudyConfig
 
 FLAGS = flags.FLAGS
 

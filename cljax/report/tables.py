@@ -47,14 +47,6 @@ def over_orders(rows_by_order: list[list[dict]]) -> list[str]:
   return lines
 
 
-def candidates_text(candidates: list[dict]) -> str:
-  """A strength selection's candidates as ``value: validation score`` (or
-  ``diverged``), comma-separated."""
-  return ", ".join(f"{c['value']:g}: " + ("diverged" if c["val_average_accuracy"] is None
-                                          else f"{c['val_average_accuracy']:.3f}")
-                   for c in candidates)
-
-
 def _key(r: dict) -> tuple:
   return tuple(r["tasks"]), r["seed"]
 

@@ -9,10 +9,10 @@ import itertools
 from typing import NamedTuple
 
 from cljax import data as data_lib
-from cljax import loop
-from cljax import sharding
-from cljax import steps
-from cljax.study_setup import Study
+from cljax.study.setup import Study
+from cljax.train import compile as compile_lib
+from cljax.train import loop
+from cljax.train import sharding
 
 
 def task_scores(totals: dict[str, float]) -> dict[str, float]:
@@ -34,7 +34,7 @@ class Scores(NamedTuple):
   inference: list | None
 
 
-def eval_batches(study: Study, split: str) -> list[list[dict]]:
+def split_batches(study: Study, split: str) -> list[list[dict]]:
   """Every task's ``split`` (test or val) as host batches, in order of length, each
   cut to its bucket."""
   return [list(data_lib.eval_batches(getattr(d, split), study.cfg.eval_batch_size,
@@ -43,7 +43,7 @@ def eval_batches(study: Study, split: str) -> list[list[dict]]:
 
 def eval_programs(study: Study, params, method_state, batches) -> list[tuple]:
   """The evaluation's argument sets, one per batch shape of ``batches`` (lists of
-  host batches), for :func:`steps.compile_ahead`."""
+  host batches), for :func:`compile_lib.compile_ahead`."""
   if study.method.eval_logits is None:
     method_state = ()
   return [(params, sharding.shard_batch(b, study.mesh), method_state)
@@ -53,8 +53,8 @@ def eval_programs(study: Study, params, method_state, batches) -> list[tuple]:
 def evaluate_all(study: Study, params, method_state=(), split: str = "test") -> Scores:
   """The :class:`Scores` on every task's ``split`` (test or val); ``method_state``
   reaches a method's ``eval_logits`` (per-task modules)."""
-  batches = eval_batches(study, split)
-  steps.compile_ahead(study.eval_fn, eval_programs(study, params, method_state, batches))
+  batches = split_batches(study, split)
+  compile_lib.compile_ahead(study.eval_fn, eval_programs(study, params, method_state, batches))
   if study.method.eval_logits is None:
     method_state = ()
 

@@ -5,7 +5,7 @@ metrics), ``metrics.jsonl`` (step metrics), figures and TensorBoard scalars, and
 orbax checkpoints from which ``run(..., resume=True)`` continues exactly.
 
 The study is a handful of named stages over explicit state, on the loop that LM
-training shares (:mod:`cljax.loop`): :func:`setup` builds what is built once (a
+training shares (:mod:`cljax.train.loop`): :func:`setup` builds what is built once (a
 :class:`Study`), :func:`restore_or_start` gives the train state and the
 :class:`RunRecord` (the run's progress, stored as JSON in every checkpoint), and for
 each task :func:`begin_task` (the method's ``before_task`` and a fresh optimizer when
@@ -23,23 +23,22 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
-from cljax import checkpoint
 from cljax import data as data_lib
-from cljax import loop
-from cljax import sharding
-from cljax import steps
-from cljax.config import StudyConfig
 from cljax.methods import TaskContext
-from cljax.progress import CompileTimer, Interrupted, StepLogger
-from cljax.results import count_params, fmt_accs, make_results, write_results
-from cljax.study_eval import Scores, eval_batches, eval_programs, evaluate_all
-from cljax.study_setup import (AFTER_TASK_SALT, BEFORE_TASK_SALT, OUTPUTS, RESUMABLE_CHANGES,
-                               TRAIN_ARRAYS_SALT, RunRecord, Study, TaskPlan, build_model,
-                               resume_view, setup)
+from cljax.study.config import StudyConfig
+from cljax.study.evaluation import eval_programs, evaluate_all, split_batches
+from cljax.study.results import (count_params, fmt_accs, make_results, run_code_version,
+                                 write_results)
+from cljax.study.setup import (AFTER_TASK_SALT, BEFORE_TASK_SALT, TRAIN_ARRAYS_SALT, RunRecord,
+                               Study, TaskPlan, setup)
+from cljax.train import checkpoint
+from cljax.train import loop
+from cljax.train import optim
+from cljax.train import run as run_lib
+from cljax.train import sharding
+from cljax.train import steps
+from cljax.train.progress import CompileTimer, StepLogger
 
-__all__ = ["StudyConfig", "Study", "RunRecord", "TaskPlan", "Interrupted", "OUTPUTS",
-           "RESUMABLE_CHANGES", "run", "setup", "build_model", "resume_view",
-           "restore_or_start", "begin_task", "evaluate_all", "Scores", "train_task", "end_task"]
 
 
 # ----------------------------------------------------------------------------
@@ -79,7 +78,7 @@ def _mask_key(study: Study, k: int) -> tuple | None:
 def _optimizer(study: Study, updates: int, k: int):
   """(optimizer, the learning rate on the host) for task k of ``updates`` updates."""
   cfg = study.cfg
-  return steps.make_optimizer(
+  return optim.make_optimizer(
       learning_rate=cfg.learning_rate, total_steps=updates, warmup_steps=cfg.warmup_steps,
       weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
       grad_accum_steps=cfg.grad_accum_steps, trainable_mask=trainable_mask(study, k))
@@ -100,7 +99,7 @@ def plan_task(study: Study, k: int, method_state) -> TaskPlan:
 def _train_fn(study: Study, plan: TaskPlan, state):
   """The jitted, sharded train step of task ``plan.k``: one per set of trainable
   parameters, whatever the task's length (the schedule's length is a value in the
-  optimizer state, :func:`steps.make_optimizer`)."""
+  optimizer state, :func:`optim.make_optimizer`)."""
   key = ("step", _mask_key(study, plan.k))
   if key not in study.compiled:
     shardings = sharding.state_shardings(study.mesh, state, study.param_shapes)
@@ -156,11 +155,10 @@ def _start(study: Study) -> tuple[steps.TrainState, RunRecord]:
                           rng=study.base_rng, method_state=study.method.init(params)), record
 
 
-def restore_or_start(study: Study, resume: bool = False
-                     ) -> tuple[steps.TrainState, RunRecord]:
+def start(study: Study, resume: bool = False) -> tuple[steps.TrainState, RunRecord]:
   """The latest checkpoint's state and record (``resume``), or the initial state and
   a new record holding the accuracy before any training."""
-  state, record = loop.restore_or_start(
+  state, record = run_lib.restore_or_start(
       study.checkpointer, resume, target=functools.partial(_restore_target, study),
       record_cls=RunRecord, start=functools.partial(_start, study),
       saved_shapes_under="method_state")
@@ -223,7 +221,7 @@ def _other_programs(study: Study, state) -> list[tuple]:
   finiteness check of a checkpoint inside a task (if ``checkpoint_every``) and at its
   end (no optimizer state)."""
   splits = ("test", "val") if study.cfg.num_val else ("test",)
-  batches = [b for split in splits for b in eval_batches(study, split)]
+  batches = [b for split in splits for b in split_batches(study, split)]
   inside = [(checkpoint.all_finite, (state,))] if study.cfg.checkpoint_every else []
   return ([(study.eval_fn, args)
            for args in eval_programs(study, state.params, state.method_state, batches)]
@@ -339,10 +337,11 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
         flags: dict | None = None) -> dict:
   """Runs the sequential study and returns the results dict (also in results.json)."""
   t_start = time.time()
+  run_code_version()   # the code this run starts with, read before any work
   with CompileTimer() as compiling:
     study = setup(cfg, workdir, resume)
-    state, record = restore_or_start(study, resume)
-    logger = loop.open_logger(workdir, record.global_step, cfg.log_every, study.checkpointer,
+    state, record = start(study, resume)
+    logger = run_lib.open_logger(workdir, record.global_step, cfg.log_every, study.checkpointer,
                               enabled=study.writes_files, on_first_step=compiling.mark)
     try:
       for k in range(record.task, len(study.tasks)):

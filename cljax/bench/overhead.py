@@ -27,20 +27,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cljax import checkpoint
-from cljax import loop
-from cljax import sharding
-from cljax import steps
-from cljax.bench import random_batch
+from cljax.bench.throughput import random_batch
 from cljax.models import GPT2Classifier, GPT2Config, init_params
 from cljax.models.minimal import MinimalGPT2Classifier
-from cljax.progress import StepLogger, Writers
+from cljax.train import checkpoint
+from cljax.train import loop
+from cljax.train import optim
+from cljax.train import sharding
+from cljax.train import steps
+from cljax.train.progress import StepLogger, Writers
 
 
 def _setup(size: str, batch_size: int, seq_len: int, dtype: str = "float32"):
   config = GPT2Config.from_size(size, num_labels=4, dtype=dtype)
   model = GPT2Classifier(config)
-  tx, _ = steps.make_optimizer(total_steps=10_000)
+  tx, _ = optim.make_optimizer(total_steps=10_000)
   step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx), donate_argnums=0)
   params = jax.jit(functools.partial(init_params, model))(jax.random.PRNGKey(0))
   return config, model, tx, step, params

@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax import sharding
-from cljax import steps
 from cljax.models import GPT2Classifier, GPT2Config, init_params
+from cljax.train import losses
+from cljax.train import optim
+from cljax.train import sharding
+from cljax.train import steps
 
 # Dense bf16 peak FLOP/s per chip, for model-FLOPs utilization.
 PEAK_FLOPS = {
@@ -71,7 +73,7 @@ def bench_jax(config: GPT2Config, batch_size: int, seq_len: int, steps_: int,
   model = GPT2Classifier(config)
   params = jax.jit(functools.partial(init_params, model))(jax.random.PRNGKey(0))
   params = jax.device_put(params, sharding.param_shardings(mesh, params))
-  tx, _ = steps.make_optimizer(total_steps=10_000)
+  tx, _ = optim.make_optimizer(total_steps=10_000)
   state = steps.init_train_state(params, tx, jax.random.PRNGKey(1))
   state_sh = sharding.state_shardings(mesh, state, params)
   state = jax.device_put(state, state_sh)
@@ -182,13 +184,13 @@ def step_profile(size: str, batch_size: int, seq_len: int, steps_: int, warmup: 
   config = GPT2Config.from_size(size, num_labels=4)
   model = GPT2Classifier(config)
   params = jax.jit(functools.partial(init_params, model))(jax.random.PRNGKey(0))
-  tx, _ = steps.make_optimizer(total_steps=10_000)
+  tx, _ = optim.make_optimizer(total_steps=10_000)
   state = steps.init_train_state(params, tx, jax.random.PRNGKey(1))
   batch = random_batch(config, batch_size, seq_len)
 
   def loss(p, b, wte=None):
     p = p if wte is None else dict(p, wte=wte)
-    return steps._classification(steps._forward(model, p, b, deterministic=True), b)[0]
+    return losses.classification_objective(steps.forward(model, p, b, deterministic=True), b)[0]
 
   rest = {k: v for k, v in params.items() if k != "wte"}
   grads = jax.tree.map(jnp.zeros_like, params)
@@ -262,8 +264,8 @@ def bench_generate(size: str, batch_size: int, prompt_len: int, new_tokens: int,
   """Greedy generation tokens/s: ``cljax.generate`` (compiled, KV cache) against
   transformers' ``GPT2LMHeadModel.generate`` (its KV cache) with the same random-init
   weights and prompts, in this run; both outputs are compared token for token."""
-  from cljax import generation, hf  # pylint: disable=import-outside-toplevel
   from cljax.models import GPT2LM  # pylint: disable=import-outside-toplevel
+  from cljax.models import generation, hf  # pylint: disable=import-outside-toplevel
   config = GPT2Config.from_size(size)
   if prompt_len + new_tokens > config.n_positions:
     raise ValueError(f"prompt_len + new_tokens exceeds n_positions {config.n_positions}.")

@@ -1,12 +1,14 @@
 """The study's configuration, defined once.
 
 Each field of :class:`StudyConfig` carries its help text (and, for an enumeration,
-its choices; for a number, its bound) in its metadata; ``cljax.flags`` turns every
-field into an absl flag of the same name, and every registered method hyperparameter
-(``MethodConfig``) into one more, so a field added here is a flag, a ``--help`` line,
-a check and a ``results.json`` entry at once. The option groups (``ModelOptions``,
-``OptimizerOptions``, ``CheckpointOptions``) are shared with LM training's
-``LMConfig``.
+its choices; for a number, its bound) in its metadata (:func:`cljax.options.option`);
+``cljax.cli.flags`` turns every field into an absl flag of the same name, and every
+registered method hyperparameter (``MethodConfig``) into one more, so a field added
+here is a flag, a ``--help`` line, a check and a ``results.json`` entry at once. The
+option groups it is made of are shared with LM training's ``LMConfig``: the model's
+(:class:`cljax.models.build.ModelOptions`), the optimizer's
+(:class:`cljax.train.optim.OptimizerOptions`) and the run's checkpoints and logging
+(:class:`cljax.train.run.CheckpointOptions`).
 """
 
 from __future__ import annotations
@@ -15,140 +17,10 @@ import dataclasses
 
 from cljax.methods import MethodConfig
 from cljax.methods import registry
-from cljax.methods.registry import DROPOUT, NON_NEGATIVE, POSITIVE, Bound
-from cljax.models import SIZE_ALIASES, SIZES, GPT2Config
-
-COUNT = Bound("> 0, or -1 for all", lambda v: v > 0)
-DEVICES = Bound("> 0, or -1 for all devices left", lambda v: v > 0 or v == -1)
-
-
-def option(default, help: str, *, choices: tuple[str, ...] | None = None,  # noqa: A002
-           repeatable: bool = False, bound: Bound | None = None):
-  """A config field with its flag's help text; ``repeatable`` makes a flag given once
-  per value (``--classes=a=x,y --classes=b=z``) instead of a comma-separated list;
-  ``bound`` is the numeric constraint :meth:`Options.validate` checks."""
-  return dataclasses.field(default=default, metadata={"help": help, "choices": choices,
-                                                      "repeatable": repeatable,
-                                                      "bound": bound})
-
-
-class Options:
-  """Checks its fields' declared choices and bounds (:func:`option`) when made."""
-
-  def __post_init__(self):
-    self.validate()
-
-  def validate(self) -> None:
-    """Every field with declared choices or a bound, each failure a one-line
-    ``ValueError`` naming the flag, the value and what is expected."""
-    for f in dataclasses.fields(self):
-      value, meta = getattr(self, f.name), f.metadata
-      if meta.get("choices") and value not in meta["choices"]:
-        raise ValueError(f"--{f.name}={value!r}: expected one of {list(meta['choices'])}.")
-      if meta.get("bound"):
-        meta["bound"].check(f.name, value)
-
-  def replace(self, **kwargs):
-    return dataclasses.replace(self, **kwargs)
-
-  def to_dict(self) -> dict:
-    """Every field as JSON-ready values."""
-    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelOptions(Options):
-  """The model a run starts from (shared by the study and LM training)."""
-
-  model: str = option("gpt2", "Hub id or local folder of a GPT-2 checkpoint (config.json "
-                      "+ model.safetensors or pytorch_model.bin).")
-  init: str = option("pretrained", "Start from --model's weights, or from a random init of "
-                     "--size.", choices=("pretrained", "random"))
-  size: str = option("gpt2", "Size for --init=random: gpt2, gpt2-medium, gpt2-large, "
-                     "gpt2-xl, mini (4x256) or tiny (2x64).")
-  tokenizer: str | None = option(None, "Tokenizer hub id or folder (default: --model).")
-  dtype: str = option("float32", "Compute dtype; params and optimizer state stay float32.",
-                      choices=("float32", "bfloat16"))
-  dropout: float | None = option(None, "Dropout for embeddings, attention and residuals "
-                                 "(default: the checkpoint's, 0.1 for GPT-2).",
-                                 bound=DROPOUT)
-  remat: bool = option(False, "Rematerialize blocks in the backward pass (memory).")
-  dropout_rng: str = option(
-      "rbg", "How a train step draws its dropout masks: rbg (XLA's RngBitGenerator, "
-      "several times faster on a CPU) or threefry (the same masks on any device mesh, "
-      "inside a vmap and at any padded length: a position keeps its mask whatever length "
-      "its batch is padded to; runs trained side by side use it).",
-      choices=("rbg", "threefry"))
-  attention: str = option("xla", "The fused attention kernel where attention has no "
-                          "dropout (evaluation, generation, --dropout=0): xla, or cudnn "
-                          "(NVIDIA GPUs with --dtype=bfloat16).", choices=("xla", "cudnn"))
-
-  def config_overrides(self) -> dict:
-    """The ``GPT2Config`` fields these options set: remat, the attention kernel, the
-    dropout masks' layout, and dropout everywhere when it is given."""
-    out: dict = {"remat": self.remat, "attention": self.attention,
-                 "length_stable_dropout": self.dropout_rng == "threefry"}
-    if self.dropout is not None:
-      out.update(embd_pdrop=self.dropout, attn_pdrop=self.dropout, resid_pdrop=self.dropout)
-    return out
-
-  def random_init_config(self, tokenizer, n_positions: int, **fields) -> GPT2Config:
-    """The config of a random init of ``--size`` for ``tokenizer`` (its vocabulary,
-    pad and eos), with at least ``n_positions`` positions (1024, as GPT-2, or more)."""
-    return GPT2Config.from_size(
-        self.size, vocab_size=len(tokenizer), dtype=self.dtype,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        n_positions=max(1024, n_positions), **fields, **self.config_overrides())
-
-  def check_vocabulary(self, config: GPT2Config, tokenizer) -> None:
-    """A loaded model must embed every token the tokenizer can produce."""
-    if config.vocab_size < len(tokenizer):
-      raise ValueError(f"The model {self.model} has {config.vocab_size} token "
-                       f"embeddings but the tokenizer {self.tokenizer or self.model} has "
-                       f"{len(tokenizer)} tokens; use the model's own tokenizer.")
-
-  def validate(self) -> None:
-    super().validate()
-    if self.init == "random" and self.size not in SIZES | SIZE_ALIASES:
-      raise ValueError(f"--size={self.size!r}: expected one of "
-                       f"{sorted(SIZES) + sorted(SIZE_ALIASES)}.")
-    if self.attention == "cudnn" and self.dtype == "float32":
-      raise ValueError("--attention=cudnn needs --dtype=bfloat16: cuDNN's fused attention "
-                       "has no float32 kernel.")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerOptions(Options):
-  """AdamW and its schedule, the Hugging Face Trainer's defaults."""
-  batch_size: int = option(8, "Training batch size.", bound=POSITIVE)
-  eval_batch_size: int = option(32, "Evaluation batch size.", bound=POSITIVE)
-  epochs: int = option(1, "Epochs per task.", bound=POSITIVE)
-  learning_rate: float = option(5e-5, "AdamW peak learning rate, decayed linearly to 0 over "
-                                "each task (Hugging Face Trainer default 5e-5).",
-                                bound=NON_NEGATIVE)
-  warmup_steps: int = option(0, "Linear warmup steps per task.",
-                             bound=NON_NEGATIVE)
-  weight_decay: float = option(0.0, "AdamW weight decay (not on biases and LayerNorm).",
-                                bound=NON_NEGATIVE)
-  max_grad_norm: float = option(1.0, "Clip gradients to this global norm (0: off).",
-                                 bound=NON_NEGATIVE)
-  grad_accum_steps: int = option(1, "Micro-batches per update.", bound=POSITIVE)
-  seed: int = option(0, "The one seed: subsets, init, data order, dropout.")
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointOptions(Options):
-  """Checkpoints (and ``--resume``), logging, and the testing stop."""
-  checkpoint_every: int = option(200, "Save a checkpoint every N steps (0: only at the "
-                                 "end of each task or of training, where one is always "
-                                 "saved).",
-                                 bound=NON_NEGATIVE)
-  keep_checkpoints: int = option(2, "Checkpoints kept in WORKDIR/checkpoints (the newest).",
-                                 bound=POSITIVE)
-  log_every: int = option(10, "Log step metrics every N steps.", bound=POSITIVE)
-  stop_after_steps: int | None = option(None, "Testing: stop after N steps as if killed.",
-                                       bound=POSITIVE)
+from cljax.models.build import ModelOptions
+from cljax.options import COUNT, DEVICES, NON_NEGATIVE, POSITIVE, option
+from cljax.train.optim import OptimizerOptions
+from cljax.train.run import CheckpointOptions
 
 
 @dataclasses.dataclass(frozen=True)

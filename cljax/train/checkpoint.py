@@ -1,7 +1,7 @@
 """Orbax save and restore of everything a run needs to continue, and the rules of a
 run's workdir.
 
-A checkpoint holds the :class:`~cljax.steps.TrainState` (params, optimizer state,
+A checkpoint holds the :class:`~cljax.train.steps.TrainState` (params, optimizer state,
 step, RNG, method state: EWC anchors, replay buffers, ...) and a JSON ``meta`` dict
 (the run's settings and progress). :func:`open_run` refuses a workdir that holds
 another run, or a resume with settings that change the computation;
@@ -300,63 +300,6 @@ def _first_line(e: BaseException) -> str:
   line = lines[0] if lines else ""
   return f"{type(e).__name__}: {line if len(line) <= 300 else line[:120] + ' ... ' + line[-175:]}"
 
-
-
-# ----------------------------------------------------------------------------
-# A run's workdir
-# ----------------------------------------------------------------------------
-
-def open_run(workdir: str, config: dict, resume: bool, *, keep: int, outputs: tuple[str, ...],
-             resumable: frozenset[str]) -> Checkpointer | None:
-  """The checkpointer of ``workdir/checkpoints`` if that folder exists (creating
-  nothing), after refusing: checkpoints without ``resume``; a resume whose ``config``
-  differs from the stored one in a setting not in ``resumable``; ``outputs`` of a
-  previous run with no checkpoint to resume."""
-  directory = os.path.join(workdir, "checkpoints")
-  ckpt = Checkpointer(directory, keep) if os.path.isdir(directory) else None
-  latest = ckpt.latest_step() if ckpt else None
-  if latest is not None and not resume:
-    raise FileExistsError(f"{workdir} already holds checkpoints of a run. Pass --resume to "
-                          "continue it, or choose another --workdir.")
-  if latest is not None:
-    check_resumable(ckpt.restore_meta().get("config"), config, workdir, resumable)
-  found = [n for n in outputs if os.path.exists(os.path.join(workdir, n))]
-  if latest is None and found:
-    raise FileExistsError(f"{workdir} holds outputs of a previous run ({', '.join(found)}) "
-                          "and no checkpoint to resume from; choose another --workdir, or "
-                          "remove them.")
-  return ckpt
-
-
-# Settings added after runs were stored, each with the value that computes what the
-# code did before it existed (``--dropout_rng``: every run before it drew rbg keys). A
-# stored run that lacks one of these ran with that value; any other setting it lacks
-# is refused, its value in that run being unknown.
-BEFORE_IT_EXISTED = {"dropout_rng": "rbg"}
-
-
-def check_resumable(saved: dict | None, now: dict, workdir: str,
-                    resumable: frozenset[str]) -> None:
-  """Refuses to resume a run with settings that change its computation: one line
-  listing every such setting (old -> new); method hyperparameters are compared one
-  by one, and one in ``now`` that the stored run did not record is refused (its value
-  in that run is unknown: the code that wrote it predates the hyperparameter), unless
-  :data:`BEFORE_IT_EXISTED` says what the code did before it."""
-  if not saved:
-    logging.warning("The checkpoints in %s predate stored configurations: resuming without "
-                    "checking that the settings match.", workdir)
-    return
-  saved = {**{k: v for k, v in BEFORE_IT_EXISTED.items() if k in now}, **saved}
-  changed = [f"--{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-             if k not in resumable and k != "method_config" and saved.get(k) != now.get(k)]
-  old_hp, new_hp = saved.get("method_config") or {}, now.get("method_config") or {}
-  changed += [f"--{k} {old_hp[k]!r} -> {new_hp[k]!r}" if k in old_hp else
-              f"--{k} (not recorded: the checkpoint predates it) -> {new_hp[k]!r}"
-              for k in sorted(new_hp) if k not in old_hp or old_hp[k] != new_hp[k]]
-  if changed:
-    raise ValueError(f"Cannot resume {workdir}: its run used other settings ({'; '.join(changed)})"
-                     ". Resuming would mix two runs under one label: rerun with the original "
-                     "settings, or start a new --workdir.")
 
 
 @jax.jit

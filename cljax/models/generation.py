@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax.kv_cache import KVCache, init_cache
 from cljax.models import GPT2LM
+from cljax.models.kv_cache import KVCache, init_cache
 
 PROMPT_BUCKET = 32   # prompts are padded to a multiple of this: one program per bucket
 

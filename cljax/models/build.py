@@ -1,0 +1,112 @@
+"""The model a run starts from: its options (``--model``, ``--init``, ``--size``, the
+dtype, dropout, the attention kernel) and :func:`build_model`, which turns them into
+a Flax module and its params, pretrained weights or a random init, checked against
+the tokenizer. The study and LM training both build their models here."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from cljax.models import hf
+from cljax.models.config import SIZE_ALIASES, SIZES, GPT2Config
+from cljax.models.heads import GPT2Classifier, GPT2LabelWords, GPT2LM
+from cljax.models.surgery import random_params
+from cljax.options import DROPOUT, Options, option
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions(Options):
+  """The model a run starts from (shared by the study and LM training)."""
+
+  model: str = option("gpt2", "Hub id or local folder of a GPT-2 checkpoint (config.json "
+                      "+ model.safetensors or pytorch_model.bin).")
+  init: str = option("pretrained", "Start from --model's weights, or from a random init of "
+                     "--size.", choices=("pretrained", "random"))
+  size: str = option("gpt2", "Size for --init=random: gpt2, gpt2-medium, gpt2-large, "
+                     "gpt2-xl, mini (4x256) or tiny (2x64).")
+  tokenizer: str | None = option(None, "Tokenizer hub id or folder (default: --model).")
+  dtype: str = option("float32", "Compute dtype; params and optimizer state stay float32.",
+                      choices=("float32", "bfloat16"))
+  dropout: float | None = option(None, "Dropout for embeddings, attention and residuals "
+                                 "(default: the checkpoint's, 0.1 for GPT-2).",
+                                 bound=DROPOUT)
+  remat: bool = option(False, "Rematerialize blocks in the backward pass (memory).")
+  dropout_rng: str = option(
+      "rbg", "How a train step draws its dropout masks: rbg (XLA's RngBitGenerator, "
+      "several times faster on a CPU) or threefry (the same masks on any device mesh, "
+      "inside a vmap and at any padded length: a position keeps its mask whatever length "
+      "its batch is padded to; runs trained side by side use it).",
+      choices=("rbg", "threefry"))
+  attention: str = option("xla", "The fused attention kernel where attention has no "
+                          "dropout (evaluation, generation, --dropout=0): xla, or cudnn "
+                          "(NVIDIA GPUs with --dtype=bfloat16).", choices=("xla", "cudnn"))
+
+  def config_overrides(self) -> dict:
+    """The ``GPT2Config`` fields these options set: remat, the attention kernel, the
+    dropout masks' layout, and dropout everywhere when it is given."""
+    out: dict = {"remat": self.remat, "attention": self.attention,
+                 "length_stable_dropout": self.dropout_rng == "threefry"}
+    if self.dropout is not None:
+      out.update(embd_pdrop=self.dropout, attn_pdrop=self.dropout, resid_pdrop=self.dropout)
+    return out
+
+  def random_init_config(self, tokenizer, n_positions: int, **fields) -> GPT2Config:
+    """The config of a random init of ``--size`` for ``tokenizer`` (its vocabulary,
+    pad and eos), with at least ``n_positions`` positions (1024, as GPT-2, or more)."""
+    return GPT2Config.from_size(
+        self.size, vocab_size=len(tokenizer), dtype=self.dtype,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        n_positions=max(1024, n_positions), **fields, **self.config_overrides())
+
+  def check_vocabulary(self, config: GPT2Config, tokenizer) -> None:
+    """A loaded model must embed every token the tokenizer can produce."""
+    if config.vocab_size < len(tokenizer):
+      raise ValueError(f"The model {self.model} has {config.vocab_size} token "
+                       f"embeddings but the tokenizer {self.tokenizer or self.model} has "
+                       f"{len(tokenizer)} tokens; use the model's own tokenizer.")
+
+  def validate(self) -> None:
+    super().validate()
+    if self.init == "random" and self.size not in SIZES | SIZE_ALIASES:
+      raise ValueError(f"--size={self.size!r}: expected one of "
+                       f"{sorted(SIZES) + sorted(SIZE_ALIASES)}.")
+    if self.attention == "cudnn" and self.dtype == "float32":
+      raise ValueError("--attention=cudnn needs --dtype=bfloat16: cuDNN's fused attention "
+                       "has no float32 kernel.")
+
+
+def build_model(cfg: ModelOptions, tokenizer, *, kind: str, rng: jax.Array, n_positions: int,
+                num_labels: int = 2, label_tokens: tuple[int, ...] | None = None,
+                seed: int = 0):
+  """(model, params) of ``cfg``: ``--model``'s weights (a classifier's head, where the
+  checkpoint has none, initialized from ``seed``) or a random init of ``--size`` from
+  ``rng`` with ``n_positions``. ``kind``: ``classifier`` (a ``score`` head of
+  ``num_labels``), ``label_words`` (classification as text over ``label_tokens``) or
+  ``lm``. Checks the vocabulary (and for the classifiers the pad id) against
+  ``tokenizer``."""
+  if kind not in ("classifier", "label_words", "lm"):
+    raise ValueError(f"Unknown model kind {kind!r}; expected classifier, label_words or lm.")
+  if cfg.init not in ("pretrained", "random"):
+    raise ValueError(f"Unknown init {cfg.init!r}; expected 'pretrained' or 'random'.")
+  if cfg.init == "random":
+    config = cfg.random_init_config(tokenizer, n_positions, **(
+        {} if kind == "lm" else {"num_labels": num_labels}))
+    model = (GPT2LM(config) if kind == "lm" else GPT2Classifier(config)
+             if kind == "classifier" else GPT2LabelWords(config, label_tokens))
+    return model, random_params(model, rng)
+  overrides = cfg.config_overrides()
+  if kind == "classifier":
+    model, params = hf.load_pretrained(cfg.model, num_labels=num_labels, dtype=cfg.dtype,
+                                       seed=seed, **overrides)
+  else:
+    model, params = hf.load_lm(cfg.model, dtype=cfg.dtype, **overrides, **(
+        {} if kind == "lm" else {"num_labels": num_labels}))
+    if kind == "label_words":
+      model = GPT2LabelWords(model.config, label_tokens)
+  cfg.check_vocabulary(model.config, tokenizer)
+  if kind != "lm" and model.config.pad_token_id != tokenizer.pad_token_id:
+    raise ValueError(f"The model's pad id {model.config.pad_token_id} differs from the "
+                     f"tokenizer's {tokenizer.pad_token_id}; use the model's tokenizer.")
+  return model, params

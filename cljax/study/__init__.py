@@ -1,0 +1,28 @@
+"""The sequential study: train on each task in turn, evaluate every task after each.
+
+One job per module:
+
+- ``config.py``: :class:`StudyConfig`, every setting of a run, each a flag.
+- ``setup.py``: what a run builds once (:class:`Study`), its progress record
+  (:class:`RunRecord`), its workdir's guards.
+- ``stages.py``: the stages over explicit state (:func:`start`, then per task
+  :func:`begin_task`, :func:`train_task`, :func:`end_task`) and :func:`run`.
+- ``evaluation.py``: every task's test (or validation) split, as :class:`Scores`.
+- ``results.py`` and ``figures.py``: ``results.json`` and a run's figures.
+- ``parallel.py``: runs of one study side by side, as one vmapped step.
+- ``sweep.py``: methods x seeds x strengths x task orders, strengths chosen on
+  validation data.
+
+``cljax.study.run(config, workdir)`` is the library call behind ``cljax-forgetting``.
+"""
+
+from cljax.study.config import StudyConfig
+from cljax.study.evaluation import Scores, evaluate_all
+from cljax.study.setup import (OUTPUTS, RESUMABLE_CHANGES, RunRecord, Study, TaskPlan,
+                               resume_view, setup)
+from cljax.study.stages import begin_task, end_task, run, start, train_task
+from cljax.train.progress import Interrupted
+
+__all__ = ["OUTPUTS", "RESUMABLE_CHANGES", "Interrupted", "RunRecord", "Scores", "Study",
+           "StudyConfig", "TaskPlan", "begin_task", "end_task", "evaluate_all", "resume_view",
+           "run", "setup", "start", "train_task"]
