@@ -12,7 +12,7 @@ from cljax import metrics, report
 from cljax import study
 from cljax.methods import MethodConfig
 from cljax.report import tables as report_tables
-from cljax.study import sweep
+from cljax.study import stages, sweep
 
 
 def fake_results(method, seed, matrix, ta_matrix=None, val_avg=0.5, strength=None,
@@ -117,7 +117,7 @@ def test_sweep_resumes_and_selects_strength_on_validation(tmp_path, monkeypatch)
       json.dump(r, f)
     return r
 
-  monkeypatch.setattr(study, "run", fake_run)
+  monkeypatch.setattr(stages, "run", fake_run)
   base = study.StudyConfig(num_val=10)
   args = (base, str(tmp_path / "sweep"), ["finetune", "ewc"], [0, 1],
           {"ewc": ("ewc_lambda", [1.0, 100.0])})
@@ -155,7 +155,7 @@ def _fake_sweep_run(calls, val=None):
 
 def test_strengths_chosen_on_a_seed_that_is_not_reported(tmp_path, monkeypatch):
   calls = []
-  monkeypatch.setattr(study, "run", _fake_sweep_run(calls, {1.0: 0.8, 100.0: 0.6}))
+  monkeypatch.setattr(stages, "run", _fake_sweep_run(calls, {1.0: 0.8, 100.0: 0.6}))
   root = str(tmp_path / "sweep")
   out = sweep.run_sweep(study.StudyConfig(num_val=10), root, ["ewc"], [0, 1],
                         {"ewc": ("ewc_lambda", [1.0, 100.0])}, selection_seed=7)
@@ -170,7 +170,7 @@ def test_strengths_chosen_on_a_seed_that_is_not_reported(tmp_path, monkeypatch):
 
 def test_a_sweep_over_task_orders_reports_each_order_and_all(tmp_path, monkeypatch):
   calls = []
-  monkeypatch.setattr(study, "run", _fake_sweep_run(calls))
+  monkeypatch.setattr(stages, "run", _fake_sweep_run(calls))
   root = str(tmp_path / "orders")
   orders = [("imdb", "ag_news"), ("ag_news", "imdb")]
   sweep.run_orders(study.StudyConfig(), root, orders, methods=["finetune"], seeds=[0, 1])
@@ -395,7 +395,7 @@ def test_a_strength_candidate_that_diverges_is_not_chosen(tmp_path, monkeypatch)
       raise FloatingPointError("Non-finite loss or gradient at task 1 (b), step 3")
     return finite(cfg, workdir, resume=resume, flags=flags)
   bad = [1e4]
-  monkeypatch.setattr(study, "run", fake_run)
+  monkeypatch.setattr(stages, "run", fake_run)
   root = str(tmp_path / "sweep")
   grid = {"ewc": ("ewc_lambda", [1.0, 100.0, 1e4])}
   out = sweep.run_sweep(study.StudyConfig(num_val=10), root, ["ewc"], [0], grid,

@@ -202,8 +202,9 @@ def test_only_the_first_process_writes_files(tiny_data_dir, tiny_tokenizer_dir, 
   """In a multi-host run every process trains and checkpoints (orbax coordinates),
   but results.json, metrics.jsonl, TensorBoard events and figures come from process 0."""
   import dataclasses
-  setup = study.setup
-  monkeypatch.setattr(study, "setup", lambda *a, **k: dataclasses.replace(
+  from cljax.study import stages
+  setup = stages.setup
+  monkeypatch.setattr(stages, "setup", lambda *a, **k: dataclasses.replace(
       setup(*a, **k), writes_files=False))
   cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, tasks=("imdb",), epochs=1)
   r = study.run(cfg, str(tmp_path))

@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cljax import data as data_lib
-from cljax import study as study_lib
 from cljax.methods import build as build_method
 from cljax.methods import registry as method_registry
+from cljax.study import stages as study_lib
 from cljax.study.config import StudyConfig
 from cljax.study.results import make_results, run_code_version, write_results
 from cljax.train import checkpoint
@@ -351,7 +351,7 @@ def _open(cfgs: Sequence[StudyConfig], workdirs: Sequence[str], resume: bool,
       study = dataclasses.replace(study, model=first.model, eval_fn=first.eval_fn,
                                   compiled=first.compiled,
                                   method=study.method if own_methods else first.method)
-    state, record = study_lib.restore_or_start(study, resume)
+    state, record = study_lib.start(study, resume)
     logger = run_lib.open_logger(workdir, record.global_step, cfg.log_every, study.checkpointer,
                               enabled=study.writes_files,
                               on_first_step=compiling.mark if i == 0 else None)
