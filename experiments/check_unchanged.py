@@ -46,7 +46,7 @@ _WORKROOT = flags.DEFINE_string("workroot", None, "Folder for the runs (default:
 _JOBS = flags.DEFINE_integer("jobs", 2, "Runs at once.", lower_bound=1)
 
 # Fields of a record that say how fast or where, not what was computed.
-VOLATILE = ("seconds", "per_s", "_s", "time", "timing", "environment", "path", "workdir",
+VOLATILE = ("seconds", "per_s", "per_second", "_s", "time", "timing", "environment", "path", "workdir",
             "flags", "config", "cache_dir", "source", "eta")
 
 TINY = ["--init=random", "--size=tiny", "--num_train=32", "--num_test=16", "--max_length=24",
@@ -187,7 +187,7 @@ def main(argv):
     before = json.load(f)
   differ = []
   for n in runs:
-    d = _first_difference(before.get(n), json.loads(json.dumps(prints[n])))
+    d = _first_difference(_stable(before.get(n)), json.loads(json.dumps(prints[n])))
     if d:
       differ.append(f"{n}{d}")
   for line in differ:
