@@ -184,12 +184,12 @@ def test_a_bucketed_study_compiles_once_per_bucket_and_ends_with_the_same_matric
     runs[bucket] = _run_stages(cfg, str(tmp_path / str(bucket)))
   s, record = runs[8]
   assert s.buckets == (8, 16, 24)
-  train_fns = [v for k, v in s.compiled.items() if k[0] == "step"]
+  train_fns = list(s.train_steps.values())
   assert train_fns and all(1 <= f._cache_size() <= 3 for f in train_fns)
   assert 2 <= s.eval_fn._cache_size() <= 3     # sorted evaluation: several buckets
   assert runs[0][0].eval_fn._cache_size() == 1
-  np.testing.assert_array_equal(record.rows, runs[0][1].rows)
-  np.testing.assert_array_equal(record.task_rows, runs[0][1].task_rows)
+  for matrix in ("accuracy", "task_aware_accuracy"):
+    np.testing.assert_array_equal(record.ended(matrix), runs[0][1].ended(matrix))
 
 
 def test_one_batch_per_shape_keeps_the_first_of_each_bucket():

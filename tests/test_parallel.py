@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cljax import data as data_lib
+from cljax import steps
 from cljax import study
 from cljax.methods import MethodConfig
 from cljax.study import parallel, stages
@@ -77,7 +78,7 @@ def test_one_step_side_by_side_is_each_runs_step_alone(tiny_data_dir, tiny_token
       for p in plans]
   batches[0]["attention_mask"][:, 6:] = 0        # run 0's rows are shorter
   batches[0]["input_ids"][:, 6:] = runs[0].tokenizer.pad_token_id
-  alone = [stages._train_fn(s, p, st)(jax.tree.map(jax.numpy.copy, st),
+  alone = [stages.train_step(s, p.k)(jax.tree.map(jax.numpy.copy, st),
                                      data_lib.trim_to_bucket(b, (8, 24)))
            for s, p, st, b in zip(runs, plans, states, batches)]
   axis = sharding.RunAxis.over(runs[0].mesh, 2)
@@ -122,7 +123,7 @@ def _final_logits(cfg, workdir):
   state, _ = study.start(s, resume=True)
   s.checkpointer.close()
   test = data_lib.concat([d.test for d in s.task_data])
-  fn = jax.jit(lambda p, b: study.steps.logits_step(p, b, model=s.model))
+  fn = jax.jit(lambda p, b: steps.logits_step(p, b, model=s.model))
   return np.asarray(fn(state.params, {"input_ids": test["input_ids"],
                                       "attention_mask": test["attention_mask"]}))
 

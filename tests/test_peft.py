@@ -181,8 +181,9 @@ def test_training_moves_only_the_current_slot(method, tiny_data_dir, tiny_tokeni
   assert moved                                           # task 1 trained its own slot
   head0 = second["['score']['kernel']"][:, :2]           # IMDb's head rows, after AG News
   np.testing.assert_array_equal(head0, first["['score']['kernel']"][:, :2])
-  assert record.inference_rows and len(record.inference_rows[1]) == 2
-  assert record.trainable_parameters[0] < sum(x.size for x in initial.values()) / 10
+  inference = record.ended("task_inference_accuracy")
+  assert inference and len(inference[1]) == 2
+  assert record.tasks[0].trainable_parameters < sum(x.size for x in initial.values()) / 10
 
 
 @pytest.mark.slow

@@ -331,7 +331,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_resume_recovers(
 
 _KILLS = {  # code run before the study: SIGKILL at checkpoint 8, at two points of its write
     "after_save_returned": (
-        "from cljax import checkpoint\nsave = checkpoint.Checkpointer.save\n"
+        "from cljax.train import checkpoint\nsave = checkpoint.Checkpointer.save\n"
         "def killing(self, step, *args):\n  save(self, step, *args)\n"
         "  if step == 8: os.kill(os.getpid(), signal.SIGKILL)\n"
         "checkpoint.Checkpointer.save = killing\n"),

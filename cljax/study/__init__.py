@@ -18,11 +18,13 @@ One job per module:
 
 from cljax.study.config import StudyConfig
 from cljax.study.evaluation import Scores, evaluate_all
-from cljax.study.setup import (OUTPUTS, RESUMABLE_CHANGES, RunRecord, Study, TaskPlan,
+from cljax.study.setup import (OUTPUTS, RESUMABLE_CHANGES, RunRecord, Study, TaskRecord,
                                resume_view, setup)
-from cljax.study.stages import begin_task, end_task, run, start, train_task
+from cljax.study.stages import (TaskHooks, begin_task, end_task, run, start, task_hooks,
+                                train_task)
 from cljax.train.progress import Interrupted
+from cljax.train.tasks import TaskPlan
 
 __all__ = ["OUTPUTS", "RESUMABLE_CHANGES", "Interrupted", "RunRecord", "Scores", "Study",
-           "StudyConfig", "TaskPlan", "begin_task", "end_task", "evaluate_all", "resume_view",
-           "run", "setup", "start", "train_task"]
+           "StudyConfig", "TaskHooks", "TaskPlan", "TaskRecord", "begin_task", "end_task",
+           "evaluate_all", "resume_view", "run", "setup", "start", "task_hooks", "train_task"]

@@ -62,7 +62,7 @@ class _Run:
   record: study_lib.RunRecord
   logger: object
   plan: study_lib.TaskPlan | None = None
-  clock: loop.Stopwatch | None = None
+  hooks: study_lib.TaskHooks | None = None
   mesh: dict | None = None   # the (runs, data) mesh it last trained on
 
 
@@ -234,11 +234,11 @@ def _batch_streams(runs: Sequence[_Run], k: int):
   return streams, spare
 
 
-def _later_batches(runs: Sequence[_Run], k: int):
+def _later_stacked_batches(runs: Sequence[_Run], k: int):
   """The stacked batches the later tasks that share task k's step will train on (each
   run's own data, as it draws it), so that their programs compile in this round."""
   study = runs[0].study
-  for j in study_lib._later_tasks_alike(study, runs[0].plan):
+  for j in study_lib.later_tasks_alike(study, runs[0].plan):
     streams = [loop.epoch_batches(r.study.task_data[j].train, r.study.cfg.batch_size,
                                   epochs=r.study.cfg.epochs, seed=(r.study.cfg.seed, j))
                for r in runs]
@@ -256,34 +256,12 @@ def _naming(r: _Run):
                              f"side by side: {e}") from e
 
 
-def _after_step(r: _Run, k: int, state_fn, metrics_i, s: int) -> None:
-  """A run's bookkeeping after its step ``s`` (1-based in the task): the record, the
-  log, and its periodic evaluation and checkpoint."""
-  cfg = r.study.cfg
-  r.record.global_step, r.record.step_in_task = r.record.global_step + 1, s
-  g = r.record.global_step
-  r.logger.push(g, s, metrics_i)
-  if s >= r.plan.total_steps:
-    return
-  if cfg.eval_every and g % cfg.eval_every == 0:
-    r.logger.flush()
-    study_lib._evaluate_mid_task(r.study, k, state_fn(), r.record, r.logger)
-  if cfg.checkpoint_every and g % cfg.checkpoint_every == 0:
-    r.logger.flush()
-    r.record.train_seconds[-1] += r.clock.lap()
-    study_lib.save_checkpoint(r.study, state_fn(), r.record)
-
-
 def train_side_by_side(runs: Sequence[_Run], k: int, step_fns: dict) -> None:
   """Task k for every run of ``runs`` (each after its ``begin_task``), in lock step."""
   study = runs[0].study
   cfg = study.cfg
   for r in runs:
-    plan = r.plan
-    r.logger.start_task(k, study.tasks[k].name, plan.total_steps,
-                        lambda s, p=plan: p.schedule(min(s, p.total_steps)
-                                                     // cfg.grad_accum_steps))
-    r.clock = loop.Stopwatch()
+    r.hooks = study_lib.task_hooks(r.study, r.plan, r.record, r.logger)
   starts = [r.record.step_in_task for r in runs]
   totals = [r.plan.total_steps for r in runs]
   logging.info("Task %d/%d %s: %d runs side by side (seeds %s), %s steps of batch %d (%s).",
@@ -291,7 +269,7 @@ def train_side_by_side(runs: Sequence[_Run], k: int, step_fns: dict) -> None:
                [r.study.cfg.seed for r in runs], totals, cfg.batch_size, study.method.name)
   axis = sharding.RunAxis.over(study.mesh, len(runs))
   names = varying([r.study.cfg for r in runs])
-  key = (study_lib._mask_key(study, k), axis.mesh.shape["runs"], names)
+  key = (study_lib.trainable_key(study, k), axis.mesh.shape["runs"], names)
   if key not in step_fns:
     rebuild = functools.partial(build_method, cfg.method, cfg.method_config,
                                 study.method_context) if names else None
@@ -309,7 +287,8 @@ def train_side_by_side(runs: Sequence[_Run], k: int, step_fns: dict) -> None:
     active = [a <= s < t for a, t in zip(starts, totals)]
     plan.append((s, active, stack_batches(
         [next(it) if on else x for it, x, on in zip(streams, spare, active)], study.buckets)))
-  ahead = itertools.chain((b for _, active, b in plan if all(active)), _later_batches(runs, k))
+  ahead = itertools.chain((b for _, active, b in plan if all(active)),
+                          _later_stacked_batches(runs, k))
   compile_lib.compile_programs([(fns.full, (stacked, axis.batch_shapes(b), values))
                           for b in data_lib.one_batch_per_shape(ahead)])
   for s, active, batch in plan:
@@ -322,15 +301,16 @@ def train_side_by_side(runs: Sequence[_Run], k: int, step_fns: dict) -> None:
     for i, r in enumerate(runs):
       if active[i]:
         with _naming(r):
-          _after_step(r, k, lambda i=i, st=stacked: unstack(st, i, own), shared.of(i), s + 1)
+          loop.record_step(s + 1, shared.of(i), lambda i=i, st=stacked: unstack(st, i, own),
+                           total=r.plan.total_steps, logger=r.logger,
+                           advance=r.hooks.advance, periodic=r.hooks.periodic)
     for r in runs:
       r.logger.stop_after(cfg.stop_after_steps)
   for i, r in enumerate(runs):
     r.state = unstack(stacked, i, own)
     with _naming(r):
       r.logger.flush()
-    r.record.train_seconds[-1] += r.clock.lap()
-    study_lib._check_divergence(r.study, r.record, r.logger)
+    r.hooks.finish()
 
 
 # ----------------------------------------------------------------------------
@@ -349,7 +329,6 @@ def _open(cfgs: Sequence[StudyConfig], workdirs: Sequence[str], resume: bool,
     if runs:
       first = runs[0].study
       study = dataclasses.replace(study, model=first.model, eval_fn=first.eval_fn,
-                                  compiled=first.compiled,
                                   method=study.method if own_methods else first.method)
     state, record = study_lib.start(study, resume)
     logger = run_lib.open_logger(workdir, record.global_step, cfg.log_every, study.checkpointer,

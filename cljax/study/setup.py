@@ -1,18 +1,18 @@
 """What a study builds once: the :class:`Study` (tasks and their data, the model with
-the method's tokens and modules, the mesh, the compiled evaluation, the
-checkpointer), the :class:`RunRecord` of its progress, the :class:`TaskPlan` of a
-task, and the guards of its workdir (:data:`OUTPUTS`, :data:`RESUMABLE_CHANGES`)."""
+the method's tokens and modules, the mesh, the jitted evaluation and train steps, the
+checkpointer), the :class:`RunRecord` of its progress (a :class:`TaskRecord` per
+task), and the guards of its workdir (:data:`OUTPUTS`, :data:`RESUMABLE_CHANGES`)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
-from collections.abc import Callable
+import functools
+import types
+from typing import Any
+from collections.abc import Callable, Mapping
 
 from absl import logging
 import jax
-import numpy as np
-import optax
 
 from cljax import data as data_lib
 from cljax import models
@@ -25,15 +25,12 @@ from cljax.study.config import StudyConfig
 from cljax.train import run as run_lib
 from cljax.train import sharding
 from cljax.train import steps
+from cljax.train import tasks as tasks_lib
 from cljax.train.checkpoint import Checkpointer
 
-# The host hooks' random keys are ``fold_in(seed's key, salt + task index)``, one salt
-# per hook; the method's added modules are initialized from ``fold_in(seed's key,
-# MODULES_SALT)``.
+# The method's added modules are initialized from ``fold_in(seed's key, MODULES_SALT)``;
+# its host hooks' keys are the task protocol's (``cljax.train.tasks.SALTS``).
 MODULES_SALT = 7
-BEFORE_TASK_SALT = 10_000
-AFTER_TASK_SALT = 20_000
-TRAIN_ARRAYS_SALT = 30_000
 
 
 # ----------------------------------------------------------------------------
@@ -41,43 +38,64 @@ TRAIN_ARRAYS_SALT = 30_000
 # ----------------------------------------------------------------------------
 
 @dataclasses.dataclass
+class TaskRecord:
+  """One task's facts, from its start (:func:`~cljax.study.stages.begin_task`) to its
+  end (:func:`~cljax.study.stages.end_task`, which fills the rest)."""
+  name: str = ""
+  train_seconds: float = 0.0            # its steps (checkpoints included)
+  steps: int | None = None              # steps it trained
+  method_seconds: float | None = None   # its consolidation (after_task, adjust_params)
+  accuracy: list | None = None          # every task's, after this one: a matrix row
+  task_aware_accuracy: list | None = None
+  task_inference_accuracy: list | None = None   # per-task modules
+  val_accuracy: list | None = None              # validation (--num_val)
+  val_task_aware_accuracy: list | None = None
+  trainable_parameters: int | None = None
+  state_bytes: int | None = None        # the train state at the task's end, moments included
+
+
+# RunRecord's per-task lists before TaskRecord (checkpoints of older runs), by field.
+_OLD_LISTS = {"rows": "accuracy", "task_rows": "task_aware_accuracy",
+              "inference_rows": "task_inference_accuracy", "val_rows": "val_accuracy",
+              "val_task_rows": "val_task_aware_accuracy", "train_seconds": "train_seconds",
+              "method_seconds": "method_seconds", "steps_per_task": "steps",
+              "trainable_parameters": "trainable_parameters", "state_bytes": "state_bytes"}
+
+
+@dataclasses.dataclass
 class RunRecord(run_lib.Record):
   """The run's progress; every checkpoint stores it as JSON beside the train state."""
   task: int = 0                    # the task being trained (len(tasks) when done)
   step_in_task: int = 0            # steps of that task already taken
   global_step: int = 0
-  rows: list = dataclasses.field(default_factory=list)        # accuracy after each task
-  task_rows: list = dataclasses.field(default_factory=list)   # task-aware accuracy
-  val_rows: list = dataclasses.field(default_factory=list)    # validation (--num_val)
-  val_task_rows: list = dataclasses.field(default_factory=list)
+  tasks: list = dataclasses.field(default_factory=list)   # a TaskRecord per task begun
   baseline: list = dataclasses.field(default_factory=list)    # accuracy before training
   task_aware_baseline: list = dataclasses.field(default_factory=list)
   curve: list = dataclasses.field(default_factory=list)       # evaluations through the run
-  train_seconds: list = dataclasses.field(default_factory=list)   # per task
   eval_seconds: float = 0.0
-  method_seconds: list = dataclasses.field(default_factory=list)  # after_task, per task
-  steps_per_task: list = dataclasses.field(default_factory=list)
   config: dict = dataclasses.field(default_factory=dict)     # the run's StudyConfig
   warnings: list = dataclasses.field(default_factory=list)   # e.g. a diverged task
   method_reports: list = dataclasses.field(default_factory=list)  # from the host hooks
-  inference_rows: list = dataclasses.field(default_factory=list)  # per-task modules
-  trainable_parameters: list = dataclasses.field(default_factory=list)   # per task
-  state_bytes: list = dataclasses.field(default_factory=list)   # train state, per task
 
   def where(self) -> str:
     return f": task {self.task}, step {self.step_in_task} in the task"
 
+  def ended(self, field: str) -> list:
+    """``field`` of every task that ended, in order, where it is set (``accuracy``:
+    the accuracy matrix)."""
+    return [getattr(t, field) for t in self.tasks[:self.task]
+            if getattr(t, field) is not None]
 
-class TaskPlan(NamedTuple):
-  """How task k trains: its arrays (the method's ``train_arrays``), optimizer, schedule
-  and number of steps; made once per task by :func:`begin_task` and passed to the
-  stages that need it."""
-  k: int
-  arrays: dict[str, np.ndarray]
-  tx: optax.GradientTransformation
-  schedule: Callable
-  batches_per_epoch: int
-  total_steps: int
+  @classmethod
+  def from_json(cls, d: dict) -> RunRecord:
+    d = dict(d)
+    if "tasks" not in d and "rows" in d:   # per-task lists: an older checkpoint
+      n = len(d.get("train_seconds") or d["rows"])
+      d["tasks"] = [{new: d[old][i] for old, new in _OLD_LISTS.items()
+                     if i < len(d.get(old) or ())} for i in range(n)]
+    record = super().from_json(d)
+    record.tasks = [t if isinstance(t, TaskRecord) else TaskRecord(**t) for t in record.tasks]
+    return record
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +118,8 @@ class Study:
   tokenizer: Any = None            # with the method's tokens added
   buckets: tuple[int, ...] = ()    # the lengths batches are padded to (--length_bucket)
   warnings: tuple[str, ...] = ()   # about the data (a single-class training set)
-  compiled: dict = dataclasses.field(default_factory=dict)   # optimizers and train steps
+  train_steps: Mapping = dataclasses.field(   # trainable set -> its jitted step
+      default_factory=lambda: types.MappingProxyType({}))
   method_context: BuildContext | None = None   # what the method was built with
 
 
@@ -168,7 +187,7 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
                     in_shardings=(sharding.param_shardings(mesh, params),
                                   sharding.batch_sharding(mesh), sharding.replicated(mesh)),
                     out_shardings=sharding.replicated(mesh))
-  return Study(cfg=cfg, workdir=workdir, tasks=tasks, task_data=task_data, model=model,
+  study = Study(cfg=cfg, workdir=workdir, tasks=tasks, task_data=task_data, model=model,
                initial_params=params, param_shapes=jax.eval_shape(lambda: params),
                method=method, mesh=mesh, eval_fn=eval_fn,
                checkpointer=ckpt,
@@ -177,6 +196,41 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
                writes_files=jax.process_index() == 0, tokenizer=tokenizer,
                buckets=data_lib.length_buckets(cfg.max_length, cfg.length_bucket),
                method_context=method_context)
+  return dataclasses.replace(study, train_steps=train_steps(study))
+
+
+def abstract_state(study: Study, k: int | None = None) -> steps.TrainState:
+  """The shapes, dtypes and shardings of the run's train state inside task ``k`` (its
+  optimizer: no state for the frozen parameters), or between tasks (``k`` None: no
+  optimizer state). The method's state has the structure ``method.init`` gives it."""
+  tx = None if k is None else tasks_lib.task_optimizer(
+      study.cfg, 1, tasks_lib.trainable_mask(study.method, study.param_shapes, k))[0]
+  abstract = jax.eval_shape(lambda: steps.init_train_state(
+      study.initial_params, tx, study.base_rng, study.method))
+  return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                      abstract, sharding.state_shardings(study.mesh, abstract,
+                                                         study.param_shapes))
+
+
+def train_steps(study: Study) -> Mapping:
+  """The jitted, sharded train step of each set of trainable parameters the run's
+  tasks have (:func:`cljax.train.tasks.trainable_key`), built once, whatever a task's
+  length: the schedule's length is a value in the optimizer state
+  (:func:`cljax.train.optim.make_optimizer`), so one optimizer's update serves every
+  task of its set."""
+  out = {}
+  for k in range(len(study.tasks)):
+    key = tasks_lib.trainable_key(study.method, study.param_shapes, k)
+    if key not in out:
+      tx = tasks_lib.task_optimizer(
+          study.cfg, 1, tasks_lib.trainable_mask(study.method, study.param_shapes, k))[0]
+      shardings = jax.tree.map(lambda a: a.sharding, abstract_state(study, k))
+      out[key] = jax.jit(
+          functools.partial(steps.train_step, model=study.model, tx=tx, method=study.method,
+                            dropout_rng=study.cfg.dropout_rng),
+          in_shardings=(shardings, sharding.batch_sharding(study.mesh)),
+          out_shardings=(shardings, sharding.replicated(study.mesh)), donate_argnums=0)
+  return types.MappingProxyType(out)
 
 
 def pretraining_keys(cfg: StudyConfig) -> frozenset[str]:

@@ -22,7 +22,7 @@ from cljax.train import compile as compile_lib
 from cljax.train.progress import StepLogger
 
 __all__ = ["Periodic", "Stopwatch", "update_count", "epoch_batches", "train_loop",
-           "evaluation_totals"]
+           "record_step", "evaluation_totals"]
 
 
 # ----------------------------------------------------------------------------
@@ -88,15 +88,28 @@ def train_loop(train_fn, state, batches: Callable[[int], Iterable[dict]], *, sta
   compile_lib.compile_programs([(train_fn, (state, put(b))) for b in shapes] + list(programs))
   for s, batch in zip(range(start, total), map(put, batches(start))):
     state, metrics = train_fn(state, batch)   # dispatched: the host goes on
-    g = advance(s + 1)
-    logger.push(g, s + 1, metrics)
-    for every, fn in periodic:
-      if every and g % every == 0 and s + 1 < total:
-        logger.flush()
-        fn(state)
+    record_step(s + 1, metrics, lambda st=state: st, total=total, logger=logger, advance=advance,
+                periodic=periodic)
     logger.stop_after(stop_after)
   logger.flush()
   return state
+
+
+def record_step(s: int, metrics, state_fn: Callable[[], Any], *, total: int,
+                logger: StepLogger, advance: Callable[[int], int],
+                periodic: tuple[Periodic, ...] = ()) -> int:
+  """The bookkeeping after step ``s`` (1-based) of ``total``, the one cadence of every
+  loop (:func:`train_loop`, runs side by side): ``advance(s)`` records the step and
+  gives the global step, the logger takes the step's ``metrics``, and each
+  :class:`Periodic` due at that global step runs on ``state_fn()`` (the logger
+  flushed first; none after the last step). Returns the global step."""
+  g = advance(s)
+  logger.push(g, s, metrics)
+  for every, fn in periodic:
+    if every and g % every == 0 and s < total:
+      logger.flush()
+      fn(state_fn())
+  return g
 
 
 def evaluation_totals(eval_fn, params, batches: list[dict], put=lambda b: b,
