@@ -68,3 +68,15 @@ class Options:
     """Every field as JSON-ready values."""
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+# Settings renamed since runs were stored, old name -> new: an old flagfile's
+# ``--dropout_rng`` and a checkpoint's stored ``dropout_rng`` mean ``dropout_rng_impl``
+# (the name of an RNG implementation, not a key).
+RENAMED = {"dropout_rng": "dropout_rng_impl"}
+
+
+def with_current_names(settings: dict) -> dict:
+  """``settings`` (a stored config) with every :data:`RENAMED` setting under its
+  current name."""
+  return {RENAMED.get(k, k): v for k, v in settings.items()}

@@ -46,8 +46,8 @@ _WORKROOT = flags.DEFINE_string("workroot", None, "Folder for the runs (default:
 _JOBS = flags.DEFINE_integer("jobs", 2, "Runs at once.", lower_bound=1)
 
 # Fields of a record that say how fast or where, not what was computed.
-VOLATILE = ("seconds", "per_s", "per_second", "_s", "time", "timing", "environment", "path", "workdir",
-            "flags", "config", "cache_dir", "source", "eta")
+VOLATILE = ("seconds", "per_s", "per_second", "_s", "time", "timing", "environment", "path",
+            "workdir", "flags", "config", "cache_dir", "source", "eta")
 
 TINY = ["--init=random", "--size=tiny", "--num_train=32", "--num_test=16", "--max_length=24",
         "--batch_size=8", "--eval_batch_size=16", "--epochs=1", "--learning_rate=2e-3",

@@ -30,7 +30,7 @@
 #      (--attention=cudnn), for MFU with and without attention dropout (stage 1).
 #   7. (not in the default stages: STAGES=7, a call of its own) 5 seeds of the
 #      seed-size study, one after another in one process and side by side
-#      (--parallel_runs=5), both with --dropout_rng=threefry, timed from the shell
+#      (--parallel_runs=5), both with --dropout_rng_impl=threefry, timed from the shell
 #      (compare with 5 x stage 2's Trainer time).
 # Stage 3's results.json counts the programs compiled and loaded (a warm rerun should
 # compile none) and those built after the first step.
@@ -140,7 +140,7 @@ for mode in one_after_another side_by_side; do
   extra=(); [[ $mode == side_by_side ]] && extra=(--parallel_runs=5)
   t0=$(date +%s.%N)
   timeout 280 python3 experiments/sweep.py "${study_flags[@]}" --checkpoint_every=0 \
-    --methods=finetune --seeds=0,1,2,3,4 --dropout_rng=threefry "${extra[@]}" \
+    --methods=finetune --seeds=0,1,2,3,4 --dropout_rng_impl=threefry "${extra[@]}" \
     --root="/tmp/seeds_$mode" --report=false > "$out/seeds_$mode.log" 2>&1
   rc=$?
   t1=$(date +%s.%N)

@@ -61,7 +61,7 @@ def train(mesh, method_name):
   sh = sharding.state_shardings(mesh, state, params)
   state = jax.device_put(state, sh)
   step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, method=method,
-                                   dropout_rng="threefry"),
+                                   dropout_rng_impl="threefry"),
                  in_shardings=(sh, sharding.batch_sharding(mesh)),
                  out_shardings=(sh, sharding.replicated(mesh)), donate_argnums=0)
   for b in data:

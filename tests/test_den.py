@@ -76,7 +76,7 @@ def _train(method, model, params, mstate, k, epochs=2, lr=1e-2):
   steps (before ``after_task``)."""
   mstate = method.before_task(mstate, _ctx(model, k, params))
   tx, _ = steps.make_optimizer(learning_rate=lr, total_steps=100,
-                               trainable_mask=method.trainable(params, k))
+                               trainable_mask=method.declares.trainable(params, k))
   state = steps.init_train_state(params, tx, jax.random.PRNGKey(k), method, mstate)
   step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, method=method))
   for _ in range(epochs):

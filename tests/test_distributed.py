@@ -142,7 +142,7 @@ def test_runs_side_by_side_lay_their_run_axis_over_two_processes(tiny_data_dir,
   on 2 processes of 2 devices (runs 2 x data 2: a run per process, its batch split over
   the process's devices) give the same accuracy matrices, and only process 0 writes."""
   spec = json.loads(_spec(tiny_data_dir, tiny_tokenizer_dir, method="ewc", num_train=24,
-                          dropout_rng="threefry"))
+                          dropout_rng_impl="threefry"))
   (one,) = run_processes(1, 1, "parallel", json.dumps(spec), str(tmp_path / "one"))
   assert one["runs_mesh"] == {"runs": 1, "data": 1}
   outs = run_processes(2, 2, "parallel", json.dumps(dict(spec, distributed=True)),

@@ -114,13 +114,40 @@ def test_a_resume_compares_the_hyperparameters_of_the_run_s_methods_only():
   run_lib.check_resumable(saved, study.resume_view(cfg), "w", study.RESUMABLE_CHANGES)
   with pytest.raises(ValueError, match=r"--der_alpha \(not recorded"):
     run_lib.check_resumable(saved, cfg.to_dict(), "w", study.RESUMABLE_CHANGES)
-  # A run stored before --dropout_rng existed drew rbg keys: it resumes under the
+  # A run stored before --dropout_rng_impl existed drew rbg keys: it resumes under the
   # default and is refused under threefry.
-  before = {k: v for k, v in study.resume_view(cfg).items() if k != "dropout_rng"}
+  before = {k: v for k, v in study.resume_view(cfg).items() if k != "dropout_rng_impl"}
   run_lib.check_resumable(before, study.resume_view(cfg), "w", study.RESUMABLE_CHANGES)
-  with pytest.raises(ValueError, match=r"--dropout_rng 'rbg' -> 'threefry'"):
-    run_lib.check_resumable(before, study.resume_view(cfg.replace(dropout_rng="threefry")),
-                               "w", study.RESUMABLE_CHANGES)
+  with pytest.raises(ValueError, match=r"--dropout_rng_impl 'rbg' -> 'threefry'"):
+    run_lib.check_resumable(before, study.resume_view(cfg.replace(dropout_rng_impl="threefry")),
+                            "w", study.RESUMABLE_CHANGES)
+  # A run stored under the setting's first name, --dropout_rng, resumes under the new one
+  # with the same value, and is refused under another.
+  named_before = {("dropout_rng" if k == "dropout_rng_impl" else k): v
+                  for k, v in study.resume_view(cfg).items()}
+  assert "dropout_rng" in named_before and "dropout_rng_impl" not in named_before
+  run_lib.check_resumable(named_before, study.resume_view(cfg), "w", study.RESUMABLE_CHANGES)
+  with pytest.raises(ValueError, match=r"--dropout_rng_impl 'rbg' -> 'threefry'"):
+    run_lib.check_resumable(named_before,
+                            study.resume_view(cfg.replace(dropout_rng_impl="threefry")),
+                            "w", study.RESUMABLE_CHANGES)
+
+
+def test_a_record_stored_as_per_task_lists_reads_as_one_record_per_task():
+  """An older checkpoint's record (its per-task facts in parallel lists, stopped inside
+  the second task) reads as a TaskRecord per task begun, and gives the same matrix."""
+  old = {"task": 1, "step_in_task": 3, "global_step": 7, "rows": [[0.9, 0.1]],
+         "task_rows": [[0.95, 0.6]], "val_rows": [], "train_seconds": [1.5, 0.25],
+         "method_seconds": [0.5], "steps_per_task": [4], "trainable_parameters": [10],
+         "state_bytes": [99], "inference_rows": [], "baseline": [0.5, 0.5],
+         "curve": [], "warnings": [], "method_reports": []}
+  record = study.RunRecord.from_json(old)
+  assert [t.train_seconds for t in record.tasks] == [1.5, 0.25]
+  assert record.tasks[0] == study.TaskRecord(
+      train_seconds=1.5, steps=4, method_seconds=0.5, accuracy=[0.9, 0.1],
+      task_aware_accuracy=[0.95, 0.6], trainable_parameters=10, state_bytes=99)
+  assert record.ended("accuracy") == [[0.9, 0.1]] and record.ended("val_accuracy") == []
+  assert study.RunRecord.from_json(record.to_json()) == record
 
 
 def test_a_model_with_fewer_embeddings_than_the_tokenizer_has_tokens(argv, tmp_path):

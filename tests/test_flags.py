@@ -27,6 +27,18 @@ def _parse(argv=()):
   return fv
 
 
+def test_an_old_flagfile_s_dropout_rng_sets_dropout_rng_impl(tmp_path):
+  """``--dropout_rng`` (the setting's first name) in an old flagfile still loads; the
+  run records the setting under its current name only."""
+  flagfile = tmp_path / "old.flags"
+  flagfile.write_text("--init=random\n--dropout_rng=threefry\n")
+  fv = _parse([f"--flagfile={flagfile}"])
+  assert cljax_flags.study_config(fv).dropout_rng_impl == "threefry"
+  recorded = cljax_flags.flag_values(fv)
+  assert recorded["dropout_rng_impl"] == "threefry" and "dropout_rng" not in recorded
+  assert cljax_flags.study_config(_parse()).dropout_rng_impl == "rbg"
+
+
 def test_every_config_field_is_a_flag_with_its_default():
   fv = _parse()
   cfg = cljax_flags.study_config(fv)

@@ -118,7 +118,7 @@ def test_the_lm_loss_equals_transformers_and_ignores_padding(grown, tmp_path):
   targets, and tokens in the padding change nothing."""
   _, _, model, params = grown
   method = _dgr(gr_lm_lambda=0.5)
-  assert method.tokens == ("__gr_task0__", "__gr_task1__")
+  assert method.declares.tokens == ("__gr_task0__", "__gr_task1__")
   ids, mask = padded_batch([16, 9, 3, 12], 16, V - 1, EOS, seed=3)
   train = {"input_ids": ids, "attention_mask": mask, "labels": np.array([2, 3, 2, 3]),
            "task_ids": np.ones(4, np.int32), "class_mask": np.zeros((4, 4), bool)}
@@ -163,7 +163,7 @@ def test_lamol_rows_end_in_the_label_word_and_weight_the_answer_token(tiny_token
   method = registry.build("lamol", MethodConfig(), BuildContext(
       num_labels=4, num_tasks=2, max_length=12, n_layer=2, head="lm", first_new_token=n,
       eos_token_id=tok.eos_token_id))
-  tok.add_tokens(list(method.tokens), special_tokens=True)
+  tok.add_tokens(list(method.declares.tokens), special_tokens=True)
   gen, ans = n, n + 1
   tasks = tuple(data_lib.Task(t.name, t.source_labels, t.class_names, t.label_offset,
                               words, ("", "\nLabel:__ans__"))
@@ -223,7 +223,7 @@ def test_kept_samples_become_training_rows_after_the_task_data(tiny_tokenizer_di
   method = registry.build("lamol", MethodConfig(lamol_gamma=0.5), BuildContext(
       num_labels=4, num_tasks=2, max_length=12, n_layer=2, head="lm", first_new_token=n,
       eos_token_id=tok.eos_token_id))
-  tok.add_tokens(list(method.tokens), special_tokens=True)
+  tok.add_tokens(list(method.declares.tokens), special_tokens=True)
   gen, ans, eos = n, n + 1, tok.eos_token_id
   good = tok(" good", add_special_tokens=False)["input_ids"]
   tasks = tuple(data_lib.Task(t.name, t.source_labels, t.class_names, t.label_offset, w,
@@ -380,7 +380,8 @@ def test_lamol_needs_the_lm_head():
     registry.build("lamol", MethodConfig(), ctx)
   method = registry.build("lamol", MethodConfig(), ctx.__class__(
       **{**ctx.__dict__, "head": "lm"}))
-  assert method.tokens == ("__lamol_gen__", "__ans__") and method.answer_marker == "__ans__"
+  assert method.declares.tokens == ("__lamol_gen__", "__ans__")
+  assert method.declares.answer_marker == "__ans__"
 
 
 # ----------------------------------------------------------------------------

@@ -115,7 +115,7 @@ def test_ewc_names_its_fisher_programs_ahead_and_the_pass_compiles_none(caplog):
   method = build("ewc", MethodConfig(fisher_samples=9, fisher_chunk=2), CTX)
   ctx = TaskContext(train=arrays, model=model, params=params, rng=jax.random.PRNGKey(5),
                     length_buckets=(4, 8, 12, 16))
-  programs = method.programs(method.init(params), ctx)
+  programs = method.declares.programs(method.init(params), ctx)
   assert len({b["input_ids"].shape for _, (_, b, _) in programs}) == len(programs) > 1
 
   def chunk_compiles(fn) -> int:
@@ -349,10 +349,10 @@ def test_agem_projection_never_conflicts_with_the_memory_gradient():
 def test_freeze_masks():
   params = {"wte": {"embedding": 0}, "h_0": {"w": 0}, "h_1": {"w": 0}, "ln_f": {"scale": 0},
             "score": {"kernel": 0}}
-  head = build("freeze", MethodConfig(freeze="head"), CTX).trainable(params)
+  head = build("freeze", MethodConfig(freeze="head"), CTX).declares.trainable(params)
   assert head == {"wte": {"embedding": False}, "h_0": {"w": False}, "h_1": {"w": False},
                   "ln_f": {"scale": False}, "score": {"kernel": True}}
-  last = build("freeze", MethodConfig(freeze="last_k", freeze_k=1), CTX).trainable(params)
+  last = build("freeze", MethodConfig(freeze="last_k", freeze_k=1), CTX).declares.trainable(params)
   assert last["h_1"]["w"] and last["ln_f"]["scale"] and not last["h_0"]["w"]
   with pytest.raises(ValueError, match="freeze_k"):
     build("freeze", MethodConfig(freeze="last_k", freeze_k=5), CTX)

@@ -40,7 +40,7 @@ def test_runs_side_by_side_must_differ_only_in_seed_and_traced_strengths():
     parallel.side_by_side([base, base.replace(seed=1, learning_rate=1.0)])
   with pytest.raises(ValueError, match=r"must differ, found \(seed\) \[\(0,\), \(0,\)\]"):
     parallel.side_by_side([base, base])
-  assert [c.dropout_rng for c in parallel.side_by_side([base, base.replace(seed=3)])] == [
+  assert [c.dropout_rng_impl for c in parallel.side_by_side([base, base.replace(seed=3)])] == [
       "threefry"] * 2
   # EWC's lambda is a traced strength: runs may differ in it, on one seed or several;
   # its other hyperparameters, and another method's strengths, may not differ.
@@ -106,7 +106,7 @@ def _config(data_dir, tokenizer_dir, **overrides):
   kwargs = dict(tasks=("imdb", "ag_news"), data_dir=data_dir, tokenizer=tokenizer_dir,
                 init="random", size="tiny", num_train=24, num_test=16, max_length=24,
                 batch_size=8, eval_batch_size=16, epochs=2, learning_rate=2e-3,
-                checkpoint_every=0, log_every=2, dropout_rng="threefry", dropout=0.1,
+                checkpoint_every=0, log_every=2, dropout_rng_impl="threefry", dropout=0.1,
                 method_config=MethodConfig(gen_batch_size=8, replay_size=8))
   kwargs.update(overrides)
   return study.StudyConfig(**kwargs)
@@ -188,13 +188,13 @@ def test_runs_side_by_side_killed_resume_to_the_same_matrices(tiny_data_dir,
 def test_a_sweep_trains_its_seeds_side_by_side(tiny_data_dir, tiny_tokenizer_dir, tmp_path,
                                                monkeypatch):
   from cljax.study import sweep
-  base = _config(tiny_data_dir, tiny_tokenizer_dir, dropout_rng="rbg")
+  base = _config(tiny_data_dir, tiny_tokenizer_dir, dropout_rng_impl="rbg")
   out = sweep.run_sweep(base, str(tmp_path), ["finetune"], [0, 1, 2], parallel_runs=2,
                         flags={"learning_rate": 2e-3})
   assert [r["seed"] for r in out["results"]] == [0, 1, 2]
   assert [r["timing"]["runs_side_by_side"] for r in out["results"]] == [2, 2, 1]
   for seed, r in zip((0, 1, 2), out["results"]):
-    assert r["flags"]["seed"] == seed and r["flags"]["dropout_rng"] == "threefry"
+    assert r["flags"]["seed"] == seed and r["flags"]["dropout_rng_impl"] == "threefry"
     assert r["flags"]["workdir"].endswith(f"seed{seed}")
   monkeypatch.setattr(parallel, "run_parallel", lambda *a, **k: pytest.fail("ran again"))
   again = sweep.run_sweep(base, str(tmp_path), ["finetune"], [0, 1, 2], parallel_runs=2)
@@ -218,7 +218,7 @@ def test_a_sweep_trains_traced_strength_candidates_side_by_side(tiny_data_dir,
   """EWC's lambda candidates on the selection seed run as one program, then the chosen
   strength on the reported seed; the choice is the better validation score."""
   from cljax.study import sweep
-  base = _config(tiny_data_dir, tiny_tokenizer_dir, dropout_rng="rbg", num_val=8, epochs=1)
+  base = _config(tiny_data_dir, tiny_tokenizer_dir, dropout_rng_impl="rbg", num_val=8, epochs=1)
   out = sweep.run_sweep(base, str(tmp_path), ["ewc"], [0], selection_seed=5, parallel_runs=2,
                         grids={"ewc": ("ewc_lambda", [1e2, 1e6])})
   candidates, (reported,) = out["results"][:2], out["results"][2:]

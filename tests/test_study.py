@@ -168,8 +168,22 @@ SMALL_HP = dict(fisher_samples=16, mas_samples=16, replay_size=16, replay_batch_
                 agem_batch_size=4, ewc_lambda=100.0, gen_batch_size=8)
 
 
-@pytest.mark.parametrize("method", [m for m in registry.names() if m != "finetune"])
-def test_every_method_runs_end_to_end(method, tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+def _own_loop(cfg, workdir):
+  """The accuracy matrix of docs/methods.md's own-loop example run with ``cfg``."""
+  from test_readme import METHODS_DOC, _example
+  code = _example(METHODS_DOC, "## In your own loop")
+  first = next(line for line in code.splitlines() if line.startswith("cfg = "))
+  code = code.replace(first, "cfg = CFG").replace('"runs/own_loop"', repr(workdir))
+  scope = {"CFG": cfg}
+  exec(compile(code, "docs/methods.md", "exec"), scope)  # pylint: disable=exec-used
+  return scope["matrix"]
+
+
+@pytest.mark.parametrize("method", registry.names())
+def test_every_method_in_your_own_loop_gives_the_study_s_matrix(method, tiny_data_dir,
+                                                                 tiny_tokenizer_dir, tmp_path):
+  """Every registered method runs end to end in the study, and the docs' own loop on
+  the task protocol (begin_task, end_task) gives the study's accuracy matrix exactly."""
   from cljax.methods import MethodConfig
   as_text = dict(head="lm", label_words=("imdb=bad,good", "ag_news=software,match"))
   # Buckets of 8 (8, 16, 24): every method sees length-bucketed batches, as in a
@@ -177,10 +191,11 @@ def test_every_method_runs_end_to_end(method, tiny_data_dir, tiny_tokenizer_dir,
   cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, method=method, epochs=1,
                     method_config=MethodConfig(**SMALL_HP), length_bucket=8,
                     **(as_text if method == "lamol" else {}))  # LAMOL is text-only
-  r = study.run(cfg, str(tmp_path))
+  r = study.run(cfg, str(tmp_path / "study"))
   assert r["method"] == method
   assert np.array(r["accuracy_matrix"]).shape == (2, 2)
   assert r["method_config"]["replay_size"] == 16
+  assert _own_loop(cfg, str(tmp_path / "own")) == r["accuracy_matrix"]
 
 
 def test_resume_restores_method_state(tiny_data_dir, tiny_tokenizer_dir, tmp_path):

@@ -17,6 +17,7 @@ from typing import Any
 from absl import flags
 
 from cljax.methods import MethodConfig, registry
+from cljax.options import RENAMED
 from cljax.study.config import StudyConfig
 
 FLAGS = flags.FLAGS
@@ -60,6 +61,9 @@ def define_config_flags(cls, fv: flags.FlagValues = FLAGS) -> None:
                                       registry.descriptions().items())
     _define(fv, f.name, kind, f.default, help_, f.metadata.get("choices"),
             f.metadata.get("repeatable", False))
+  for old_name, name in RENAMED.items():   # an older flagfile's name still sets the flag
+    if name in fv and old_name not in fv:
+      flags.DEFINE_alias(old_name, name, flag_values=fv)
 
 
 def config_from_flags(cls, fv: flags.FlagValues = FLAGS, **overrides):
@@ -89,4 +93,4 @@ def flag_values(fv: flags.FlagValues = FLAGS) -> dict:
   for module, module_flags in fv.flags_by_module_dict().items():
     if "absl" not in module:
       ours.update(f.name for f in module_flags)
-  return {name: fv[name].value for name in sorted(ours)}
+  return {name: fv[name].value for name in sorted(ours - set(RENAMED))}

@@ -258,7 +258,7 @@ def train(cfg: LMConfig, state, record: LMRecord, arrays: dict, tx, schedule, ck
   compile in the train step's round, before the first step."""
   total = data_lib.num_batches(data_lib.size(arrays), cfg.batch_size) * cfg.epochs
   train_fn = jax.jit(functools.partial(steps.lm_train_step, model=model, tx=tx,
-                                       dropout_rng=cfg.dropout_rng),
+                                       dropout_rng_impl=cfg.dropout_rng_impl),
                      donate_argnums=0)
   logger.start_task(0, cfg.data_format, total,
                     lambda s: schedule(min(s, total) // cfg.grad_accum_steps))

@@ -80,7 +80,7 @@ from cljax.models.den import (NEVER, alive, first_free, group_lasso, keep_units,
                               pooled_units, split_units, unit_arrays, unit_sq, with_units)
 from cljax.options import NON_NEGATIVE, POSITIVE
 from cljax.train import loop
-from cljax.train.method import Method, StepContext, TaskContext
+from cljax.train.method import Declarations, Method, StepContext, TaskContext
 
 _KEYS = ("input_ids", "attention_mask", "labels", "weights", "class_mask", "task_ids")
 
@@ -392,5 +392,5 @@ def den(hp: DENConfig, ctx: BuildContext) -> Method:
 
   return Method(name="den", init=init, before_task=before_task, prepare_batch=prepare_batch,
                 loss=loss, transform_grads=transform_grads, after_task=after_task,
-                adjust_params=adjust_params, trainable=den_trainable, eval_logits=eval_logits,
-                model_options=(("den_capacity", capacity),))
+                adjust_params=adjust_params, eval_logits=eval_logits, declares=Declarations(
+                    trainable=den_trainable, model_options=(("den_capacity", capacity),)))

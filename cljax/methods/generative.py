@@ -56,7 +56,7 @@ from cljax.methods.registry import BuildContext, hparam, register
 from cljax.options import NON_NEGATIVE, POSITIVE
 from cljax.train import losses
 from cljax.train import steps
-from cljax.train.method import Method, StepContext, TaskContext
+from cljax.train.method import Declarations, Method, StepContext, TaskContext
 
 ANSWER_TOKEN = "__ans__"
 LABEL_CHOICES = ("hard", "logits")
@@ -370,8 +370,8 @@ def _generative_method(spec: _Spec, gen: GenerationConfig, ctx: BuildContext) ->
                 before_task=functools.partial(_before_task, s),
                 train_arrays=functools.partial(_train_arrays, s),
                 prepare_batch=functools.partial(_prepare_batch, s),
-                loss=functools.partial(_loss, s), tokens=tokens,
-                answer_marker=ANSWER_TOKEN if spec.lamol else "")
+                loss=functools.partial(_loss, s), declares=Declarations(
+                    tokens=tokens, answer_marker=ANSWER_TOKEN if spec.lamol else ""))
 
 
 @register("generative_replay", "deep generative replay: the trunk also learns to write "

@@ -4,7 +4,7 @@ task (``lora_per_task``, ``adapter_per_task``; AdapterCL, Madotto et al. 2021), 
 Neural Networks (Rusu et al. 2016).
 
 The modules live in the model (``cljax.models.LoRA``, ``Adapter``: ``peft_slots`` of
-each, one per task, added by the study from ``Method.model_options``); the base
+each, one per task, added by the study from ``Method.declares.model_options``); the base
 weights are frozen through the optimizer mask and task k trains slot k alone.
 
 Per-task modules. Training task k runs every example through its task's slot
@@ -51,7 +51,7 @@ from cljax.methods.registry import BuildContext, hparam, register
 from cljax.models import LORA_TARGETS, column_prefix, is_peft, peft_slot_of
 from cljax.options import DROPOUT, NON_NEGATIVE, POSITIVE
 from cljax.train import losses
-from cljax.train.method import Method, StepContext, TaskContext
+from cljax.train.method import Declarations, Method, StepContext, TaskContext
 
 INFERENCE = ("entropy", "perplexity")
 
@@ -182,8 +182,9 @@ def _per_task(name: str, options: dict, infer: str, ctx: BuildContext,
     return head_fixes.own_classes_only({**sctx.batch, "peft_slot": sctx.batch["task_ids"]})
 
   return Method(name=name, init=init, before_task=before_task, prepare_batch=prepare_batch,
-                trainable=trainable, model_options=tuple(options.items()),
-                eval_logits=lambda state, sctx: infer_task(state, sctx, infer))
+                eval_logits=lambda state, sctx: infer_task(state, sctx, infer),
+                declares=Declarations(trainable=trainable,
+                                      model_options=tuple(options.items())))
 
 
 @register("lora_per_task", "a LoRA per task, earlier ones frozen, the task given or inferred "
@@ -254,8 +255,9 @@ def olora(hp: OLoRAConfig, ctx: BuildContext) -> Method:
     return olora_penalty(sctx.params, task, hp.olora_lambda1, hp.olora_lambda2), ()
 
   return Method(name="olora", init=lambda params: jnp.zeros((), jnp.int32),
-                before_task=before_task, loss=loss, trainable=slot_trainable,
-                model_options=tuple(lora_options(hp, ctx).items()))
+                before_task=before_task, loss=loss, declares=Declarations(
+                    trainable=slot_trainable,
+                    model_options=tuple(lora_options(hp, ctx).items())))
 
 
 # ----------------------------------------------------------------------------
@@ -291,9 +293,9 @@ def progressive_prompts(hp: PromptConfig, ctx: BuildContext) -> Method:
     return logits, logits, {}
 
   return Method(name="progressive_prompts", init=lambda params: jnp.zeros((), jnp.int32),
-                before_task=before_task, prepare_batch=prepare_batch, trainable=slot_trainable,
-                eval_logits=eval_logits,
-                model_options=(("prompt_length", hp.prompt_length), ("peft_slots", S)))
+                before_task=before_task, prepare_batch=prepare_batch, eval_logits=eval_logits,
+                declares=Declarations(trainable=slot_trainable, model_options=(
+                    ("prompt_length", hp.prompt_length), ("peft_slots", S))))
 
 
 # ----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from cljax import data as data_lib
 from cljax.methods import replay
 from cljax.methods.registry import BuildContext, hparam, register
 from cljax.options import POSITIVE
-from cljax.train.method import Method, StepContext, TaskContext
+from cljax.train.method import Declarations, Method, StepContext, TaskContext
 
 
 def tree_dot(a, b) -> jax.Array:
@@ -112,4 +112,4 @@ def freeze(hp: FreezeConfig, ctx: BuildContext) -> Method:
                                                name in trainable_blocks): keep, sub)
             for name, sub in params.items()}
 
-  return Method(name="freeze", trainable=trainable)
+  return Method(name="freeze", declares=Declarations(trainable=trainable))

@@ -39,7 +39,7 @@ from cljax.methods.per_example import (fisher_diagonal, fisher_log_prob, mas_imp
                                        mas_output_norm, model_fn, per_example_programs)
 from cljax.methods.registry import BuildContext, hparam, register
 from cljax.options import FRACTION, NON_NEGATIVE, POSITIVE
-from cljax.train.method import Method, StepContext, TaskContext
+from cljax.train.method import Declarations, Method, StepContext, TaskContext
 
 
 class QuadraticState(NamedTuple):
@@ -190,7 +190,7 @@ def _ewc(hp: EWCConfig, online: bool) -> Method:
         jnp.square, num_samples=hp.fisher_samples, chunk=hp.fisher_chunk, rng=tctx.rng,
         buckets=tctx.length_buckets)
   return _penalty_method("online_ewc" if online else "ewc", hp.ewc_lambda / 2, after_task,
-                         programs=programs)
+                         declares=Declarations(programs=programs))
 
 
 @register("ewc", "EWC: one Fisher-weighted penalty per past task (Kirkpatrick et al. 2017)",
@@ -227,7 +227,8 @@ def mas(hp: MASConfig, ctx: BuildContext) -> Method:
         tctx.params, tctx.train, model_fn(mas_output_norm, tctx.model), jnp.abs,
         num_samples=hp.mas_samples, chunk=hp.fisher_chunk, rng=tctx.rng,
         buckets=tctx.length_buckets)
-  return _penalty_method("mas", hp.mas_lambda, after_task, programs=programs)
+  return _penalty_method("mas", hp.mas_lambda, after_task,
+                         declares=Declarations(programs=programs))
 
 
 @register("l2", "L2 penalty to the previous task's solution", L2Config,

@@ -33,7 +33,7 @@ class ModelOptions(Options):
                                  "(default: the checkpoint's, 0.1 for GPT-2).",
                                  bound=DROPOUT)
   remat: bool = option(False, "Rematerialize blocks in the backward pass (memory).")
-  dropout_rng: str = option(
+  dropout_rng_impl: str = option(
       "rbg", "How a train step draws its dropout masks: rbg (XLA's RngBitGenerator, "
       "several times faster on a CPU) or threefry (the same masks on any device mesh, "
       "inside a vmap and at any padded length: a position keeps its mask whatever length "
@@ -47,7 +47,7 @@ class ModelOptions(Options):
     """The ``GPT2Config`` fields these options set: remat, the attention kernel, the
     dropout masks' layout, and dropout everywhere when it is given."""
     out: dict = {"remat": self.remat, "attention": self.attention,
-                 "length_stable_dropout": self.dropout_rng == "threefry"}
+                 "length_stable_dropout": self.dropout_rng_impl == "threefry"}
     if self.dropout is not None:
       out.update(embd_pdrop=self.dropout, attn_pdrop=self.dropout, resid_pdrop=self.dropout)
     return out

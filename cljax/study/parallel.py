@@ -16,10 +16,10 @@ resumed further in, is held with its state unchanged), and end with their own
 ``after_task`` hooks, evaluations and checkpoints.
 
 The dropout masks are drawn with threefry in a layout that ignores the padded length
-(``--dropout_rng=threefry``, recorded in each run's flags): XLA's RngBitGenerator
+(``--dropout_rng_impl=threefry``, recorded in each run's flags): XLA's RngBitGenerator
 gives other bits inside a vmap than alone, and flax's masks change with the length a
 batch is padded to. A run side by side then equals the same run alone with
-``--dropout_rng=threefry``, to rounding (``tests/test_parallel.py``).
+``--dropout_rng_impl=threefry``, to rounding (``tests/test_parallel.py``).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def side_by_side(cfgs: Sequence[StudyConfig]) -> list[StudyConfig]:
   """The configs as they run side by side (threefry dropout), after checking that
   they differ only in their seed and in the strengths their method reads as traced
   values (EWC's lambda...): one line says what else differs."""
-  cfgs = [c.replace(dropout_rng=DROPOUT_RNG) for c in cfgs]
+  cfgs = [c.replace(dropout_rng_impl=DROPOUT_RNG) for c in cfgs]
   traced = method_registry.traced(cfgs[0].method)
   first = _settings(cfgs[0], traced)
   may = "--seed" + "".join(f", --{t}" for t in sorted(traced))
@@ -170,7 +170,7 @@ def make_step_fns(model, tx, method, axis: sharding.RunAxis,
   def one(state, batch, values):
     m = method if rebuild is None else rebuild(values)
     return steps.train_step(state, batch, model=model, tx=tx, method=m,
-                            dropout_rng=DROPOUT_RNG)
+                            dropout_rng_impl=DROPOUT_RNG)
 
   def one_held(state, batch, values, active):
     new, metrics = one(state, batch, values)
@@ -343,7 +343,7 @@ def run_parallel(cfgs: Sequence[StudyConfig], workdirs: Sequence[str], *,
                  ) -> list[dict]:
   """Runs the studies ``cfgs`` (differing only in seed) side by side, each into its
   workdir, and returns each one's results dict (also in its ``results.json``), as
-  :func:`cljax.study.run` would alone with ``--dropout_rng=threefry``."""
+  :func:`cljax.study.run` would alone with ``--dropout_rng_impl=threefry``."""
   t_start = time.time()
   run_code_version()   # the code this run starts with, read before any work
   cfgs = side_by_side(cfgs)
@@ -365,7 +365,7 @@ def run_parallel(cfgs: Sequence[StudyConfig], workdirs: Sequence[str], *,
         r.study.checkpointer.close()
   out = []
   for r, f in zip(runs, flags):
-    f = None if f is None else dict(f, dropout_rng=DROPOUT_RNG)
+    f = None if f is None else dict(f, dropout_rng_impl=DROPOUT_RNG)
     results = make_results(r.study, r.record, f, time.time() - t_start)
     results["timing"].update(compiling.summary(), runs_side_by_side=len(runs),
                              runs_mesh=r.mesh)

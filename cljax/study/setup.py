@@ -167,14 +167,15 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
       pad_token_id=tokenizer.pad_token_id,
       answer_tokens=data_lib.answer_tokens(tasks, tokenizer) if as_text else 1)
   method = build_method(cfg.method, cfg.method_config, method_context)
-  if method.tokens:
-    model, params = models.add_method_tokens(model, params, tokenizer, method.tokens)
-  if method.model_options:
+  declares = method.declares
+  if declares.tokens:
+    model, params = models.add_method_tokens(model, params, tokenizer, declares.tokens)
+  if declares.model_options:
     model, params = models.add_method_modules(
-        model, params, dict(method.model_options),
+        model, params, dict(declares.model_options),
         jax.random.fold_in(jax.random.PRNGKey(cfg.seed), MODULES_SALT))
-  if method.answer_marker:
-    tasks = [dataclasses.replace(t, prompt=(t.prompt[0], t.prompt[1] + method.answer_marker))
+  if declares.answer_marker:
+    tasks = [dataclasses.replace(t, prompt=(t.prompt[0], t.prompt[1] + declares.answer_marker))
              for t in tasks]
   task_data = data_lib.load_task_data(
       tasks, tokenizer, data_dir=cfg.data_dir, num_train=cfg.num_train,
@@ -227,7 +228,7 @@ def train_steps(study: Study) -> Mapping:
       shardings = jax.tree.map(lambda a: a.sharding, abstract_state(study, k))
       out[key] = jax.jit(
           functools.partial(steps.train_step, model=study.model, tx=tx, method=study.method,
-                            dropout_rng=study.cfg.dropout_rng),
+                            dropout_rng_impl=study.cfg.dropout_rng_impl),
           in_shardings=(shardings, sharding.batch_sharding(study.mesh)),
           out_shardings=(shardings, sharding.replicated(study.mesh)), donate_argnums=0)
   return types.MappingProxyType(out)

@@ -169,7 +169,7 @@ def other_programs(study: Study, plan: TaskPlan, state) -> list[tuple]:
   inside = [(checkpoint.all_finite, (state,))] if study.cfg.checkpoint_every else []
   ends = [(plan.k, plan.arrays)] + [(j, study.task_data[j].train)
                                     for j in later_tasks_alike(study, plan)]
-  hooks = [p for j, arrays in ends for p in study.method.programs(
+  hooks = [p for j, arrays in ends for p in study.method.declares.programs(
       state.method_state, tasks_lib.hook_context(
           task_context(study, j), "after_task", study.base_rng, params=state.params,
           train=arrays))]

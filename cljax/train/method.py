@@ -15,24 +15,31 @@ inside the jitted ``train_step``, must be pure and shape-stable, and get a
   after_step(state, ctx) -> state                     (jit)  SI's path, buffer updates
   after_task(state, ctx) -> state                     (host) Fisher, anchors
   adjust_params(state, ctx) -> params                 (host) weight aligning
-  programs(state, ctx) -> [(jitted, args), ...]       (host) what after_task will call
 
 ``adjust_params`` runs after ``after_task`` and returns the params the task ends
 with (``ctx.params`` unchanged by default): the evaluation and the next task see them.
-``trainable(params, task_index)`` (optional) returns a pytree of bools: parameters
-where it is False are frozen (their optimizer state is not even allocated) while task
-``task_index`` trains. ``model_options`` are the ``GPT2Config`` fields a method needs
-in the model (LoRA, adapters: the study adds their parameters, freshly initialized).
 ``eval_logits(state, ctx) -> (logits, task_logits, sums)`` (optional, jit) replaces
 the evaluation forward: ``logits`` for the class-incremental prediction,
 ``task_logits`` for the task-aware one (the example's task given), ``sums`` extra
 per-batch sums the study reports as rates (``task_inference_correct``).
 
-``programs`` (optional) names the jitted programs ``after_task`` will call, each
-with arguments of the shapes and shardings it will pass (``ctx`` is the after-task
-context, built before the task's first step from the params it starts with): the
-study compiles them in the task's one compile round, beside the train step, instead
-of at the task boundary.
+Apart from its hooks, a method declares what it needs of the run
+(:class:`Declarations`, ``method.declares``), read once when the run is set up:
+
+  trainable(params, task_index) -> bools | None      which parameters train in a task
+  model_options                                      GPT2Config fields it needs
+  tokens, answer_marker                              vocabulary it adds; (--head=lm) a
+                                                     marker appended to every prompt
+  programs(state, ctx) -> [(jitted, args), ...]      what after_task will call
+
+``trainable`` returns a pytree of bools: parameters where it is False are frozen
+(their optimizer state is not even allocated) while task ``task_index`` trains.
+``model_options`` are the ``GPT2Config`` fields a method needs in the model (LoRA,
+adapters: the study adds their parameters, freshly initialized). ``programs`` names
+the jitted programs ``after_task`` will call, each with arguments of the shapes and
+shardings it will pass (``ctx`` is the after-task context, built before the task's
+first step from the params it starts with): the study compiles them in the task's
+one compile round, beside the train step, instead of at the task boundary.
 
 ``train_arrays`` runs after ``before_task`` and must depend on ``ctx`` only (its
 ``method_state`` included: the loop calls it again when a run resumes mid-task).
@@ -40,12 +47,11 @@ Arrays it adds beside the standard ones (``lm_input_ids``...) reach the jitted h
 in every batch. A field added to a context never touches the methods that do not
 read it.
 
-A method may add tokens to the vocabulary (``tokens``: the loop adds them to the
-tokenizer and grows ``wte`` before any data is read, their ids consecutive from
-``BuildContext.first_new_token``) and, with ``--head=lm``, an ``answer_marker``
-appended to every task's prompt (LAMOL's ``__ans__``). A host hook may record what it
-did with ``ctx.report(dict)``: the records go into ``results.json`` (and survive a
-resume).
+A method's added ``tokens`` go into the tokenizer and ``wte`` before any data is read,
+their ids consecutive from ``BuildContext.first_new_token``; with ``--head=lm``, its
+``answer_marker`` is appended to every task's prompt (LAMOL's ``__ans__``). A host
+hook may record what it did with ``ctx.report(dict)``: the records go into
+``results.json`` (and survive a resume).
 
 Plain fine-tuning is the method with no hooks. Compatible methods compose with
 :func:`compose` (``--method=ewc+replay``).
@@ -53,7 +59,7 @@ Plain fine-tuning is the method with no hooks. Compatible methods compose with
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 from collections.abc import Callable
 
 import jax
@@ -94,29 +100,83 @@ class TaskContext(NamedTuple):
   length_buckets: tuple = ()  # the lengths batches may be cut to (data.trim_to_bucket)
 
 
+# ----------------------------------------------------------------------------
+# The hooks' signatures
+# ----------------------------------------------------------------------------
+
+class InitFn(Protocol):
+  def __call__(self, params: Any) -> Any: ...             # (host) the method's state
+
+
+class TrainArraysFn(Protocol):
+  def __call__(self, ctx: TaskContext) -> dict: ...       # (host) the task's arrays
+
+
+class HostHook(Protocol):       # before_task, after_task (host) -> the new state
+  def __call__(self, state: Any, ctx: TaskContext) -> Any: ...
+
+
+class AdjustParamsFn(Protocol):
+  def __call__(self, state: Any, ctx: TaskContext) -> Any: ...   # (host) -> params
+
+
+class BatchFn(Protocol):
+  def __call__(self, state: Any, ctx: StepContext) -> dict: ...  # (jit) -> batch
+
+
+class LossFn(Protocol):         # (jit) -> (scalar added to the loss, aux for after_step)
+  def __call__(self, state: Any, ctx: StepContext) -> tuple[jax.Array, Any]: ...
+
+
+class GradsFn(Protocol):
+  def __call__(self, state: Any, ctx: StepContext) -> Any: ...   # (jit) -> grads
+
+
+class StepHook(Protocol):
+  def __call__(self, state: Any, ctx: StepContext) -> Any: ...   # (jit) -> the new state
+
+
+class EvalLogitsFn(Protocol):   # (jit) -> (logits, task-aware logits, extra sums)
+  def __call__(self, state: Any, ctx: StepContext) -> tuple[jax.Array, jax.Array, dict]: ...
+
+
+class TrainableFn(Protocol):    # -> bools like params, or None (all train)
+  def __call__(self, params: Any, task_index: int) -> Any: ...
+
+
+class ProgramsFn(Protocol):     # (host) -> [(jitted, args), ...] after_task will call
+  def __call__(self, state: Any, ctx: TaskContext) -> list[tuple[Callable, tuple]]: ...
+
+
 def _no_loss(state, ctx):
   del state, ctx
   return jnp.zeros((), jnp.float32), ()
 
 
-class Method(NamedTuple):
-  """A continual-learning method as pure hooks; every field has a no-op default."""
-  name: str = "finetune"
-  init: Callable = lambda params: ()
-  train_arrays: Callable = lambda ctx: ctx.train
-  before_task: Callable = lambda state, ctx: state
-  prepare_batch: Callable = lambda state, ctx: ctx.batch
-  loss: Callable = _no_loss
-  transform_grads: Callable = lambda state, ctx: ctx.grads
-  after_step: Callable = lambda state, ctx: state
-  after_task: Callable = lambda state, ctx: state
-  adjust_params: Callable = lambda state, ctx: ctx.params
-  trainable: Callable | None = None
+class Declarations(NamedTuple):
+  """What a method needs of the run, read once at its setup (not hooks of the loop)."""
+  trainable: TrainableFn | None = None             # None: every parameter trains
   model_options: tuple[tuple[str, Any], ...] = ()   # GPT2Config fields, as pairs
-  eval_logits: Callable | None = None
   tokens: tuple[str, ...] = ()     # vocabulary the method adds (ids: see the module doc)
   answer_marker: str = ""          # (--head=lm) appended to every task's prompt
-  programs: Callable = lambda state, ctx: []
+  programs: ProgramsFn = lambda state, ctx: []
+
+
+class Method(NamedTuple):
+  """A continual-learning method as pure hooks (every one a no-op by default) and its
+  :class:`Declarations`."""
+  name: str = "finetune"
+  init: InitFn = lambda params: ()
+  train_arrays: TrainArraysFn = lambda ctx: ctx.train
+  before_task: HostHook = lambda state, ctx: state
+  prepare_batch: BatchFn = lambda state, ctx: ctx.batch
+  loss: LossFn = _no_loss
+  transform_grads: GradsFn = lambda state, ctx: ctx.grads
+  after_step: StepHook = lambda state, ctx: state
+  after_task: HostHook = lambda state, ctx: state
+  adjust_params: AdjustParamsFn = lambda state, ctx: ctx.params
+  eval_logits: EvalLogitsFn | None = None
+  declares: Declarations = Declarations()
 
 
 def finetune() -> Method:
@@ -134,8 +194,8 @@ def compose(*methods: Method) -> Method:
   if len(methods) == 1:
     return methods[0]
   _check_composable(methods)
-  trainables = [m.trainable for m in methods if m.trainable is not None]
-  options = {k: v for m in methods for k, v in m.model_options}
+  trainables = [m.declares.trainable for m in methods if m.declares.trainable is not None]
+  options = {k: v for m in methods for k, v in m.declares.model_options}
 
   def own(ctx, i, **fields):
     rng = None if ctx.rng is None else jax.random.fold_in(ctx.rng, i)
@@ -187,29 +247,30 @@ def compose(*methods: Method) -> Method:
     return params
 
   def programs(state, ctx):
-    return [p for m, s in zip(methods, state) for p in m.programs(s, ctx)]
+    return [p for m, s in zip(methods, state) for p in m.declares.programs(s, ctx)]
 
   return Method(name="+".join(m.name for m in methods), init=init,
                 train_arrays=train_arrays, before_task=before_task,
                 prepare_batch=prepare_batch, loss=loss, transform_grads=transform_grads,
                 after_step=after_step, after_task=after_task, adjust_params=adjust_params,
-                trainable=trainables[0] if trainables else None,
-                model_options=tuple(options.items()),
-                eval_logits=_own_eval(methods),
-                tokens=sum((m.tokens for m in methods), ()),
-                answer_marker="".join(m.answer_marker for m in methods),
-                programs=programs)
+                eval_logits=_own_eval(methods), declares=Declarations(
+                    trainable=trainables[0] if trainables else None,
+                    model_options=tuple(options.items()),
+                    tokens=sum((m.declares.tokens for m in methods), ()),
+                    answer_marker="".join(m.declares.answer_marker for m in methods),
+                    programs=programs))
 
 
 def _check_composable(methods) -> None:
   """One-line errors for methods that cannot run together: each of these kinds of
   hook or declaration may come from one method only."""
-  kinds = [("freezing method", lambda m: m.trainable is not None),
+  kinds = [("freezing method", lambda m: m.declares.trainable is not None),
            ("method that chooses the evaluation forward (per-task modules)",
             lambda m: m.eval_logits is not None),
            ("method that adds modules to the model (LoRA, adapters, prompts, columns)",
-            lambda m: bool(m.model_options)),
-           ("method that adds tokens (generative replay, LAMOL)", lambda m: bool(m.tokens))]
+            lambda m: bool(m.declares.model_options)),
+           ("method that adds tokens (generative replay, LAMOL)",
+            lambda m: bool(m.declares.tokens))]
   for what, has in kinds:
     if sum(has(m) for m in methods) > 1:
       raise ValueError(f"At most one {what} can be composed.")

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from absl import logging
 import jax
 
-from cljax.options import NON_NEGATIVE, POSITIVE, Options, option
+from cljax.options import NON_NEGATIVE, POSITIVE, Options, option, with_current_names
 from cljax.train.checkpoint import Checkpointer
 from cljax.train.progress import StepLogger, Writers, drop_records_after
 
@@ -102,10 +102,10 @@ def open_run(workdir: str, config: dict, resume: bool, *, keep: int, outputs: tu
 
 
 # Settings added after runs were stored, each with the value that computes what the
-# code did before it existed (``--dropout_rng``: every run before it drew rbg keys). A
-# stored run that lacks one of these ran with that value; any other setting it lacks
-# is refused, its value in that run being unknown.
-BEFORE_IT_EXISTED = {"dropout_rng": "rbg"}
+# code did before it existed (``--dropout_rng_impl``, first ``--dropout_rng``: every run
+# before it drew rbg keys). A stored run that lacks one of these ran with that value;
+# any other setting it lacks is refused, its value in that run being unknown.
+BEFORE_IT_EXISTED = {"dropout_rng_impl": "rbg"}
 
 
 def check_resumable(saved: dict | None, now: dict, workdir: str,
@@ -114,12 +114,14 @@ def check_resumable(saved: dict | None, now: dict, workdir: str,
   listing every such setting (old -> new); method hyperparameters are compared one
   by one, and one in ``now`` that the stored run did not record is refused (its value
   in that run is unknown: the code that wrote it predates the hyperparameter), unless
-  :data:`BEFORE_IT_EXISTED` says what the code did before it."""
+  :data:`BEFORE_IT_EXISTED` says what the code did before it. A setting stored under
+  an older name (:data:`cljax.options.RENAMED`) is compared under its current one."""
   if not saved:
     logging.warning("The checkpoints in %s predate stored configurations: resuming without "
                     "checking that the settings match.", workdir)
     return
-  saved = {**{k: v for k, v in BEFORE_IT_EXISTED.items() if k in now}, **saved}
+  saved = {**{k: v for k, v in BEFORE_IT_EXISTED.items() if k in now},
+           **with_current_names(saved)}
   changed = [f"--{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
              if k not in resumable and k != "method_config" and saved.get(k) != now.get(k)]
   old_hp, new_hp = saved.get("method_config") or {}, now.get("method_config") or {}

@@ -90,19 +90,19 @@ def dropout_key(rng: jax.Array, impl: str = "rbg") -> jax.Array:
 
 
 def _step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransformation,
-          method: Method, deterministic: bool, dropout_rng: str, objective
+          method: Method, deterministic: bool, dropout_rng_impl: str, objective
           ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step of ``objective(logits, batch) -> (mean loss, metric sums)``
   plus the method's terms: its batch, loss, gradient and after-step hooks, AdamW."""
   rng = jax.random.fold_in(state.rng, state.step)
-  batch_rng, drop_rng, method_rng, grad_rng, after_rng = jax.random.split(rng, 5)
-  drop_rng = dropout_key(drop_rng, dropout_rng)
-  lm_drop_rng = dropout_key(jax.random.fold_in(method_rng, 1), dropout_rng)
+  batch_rng, drop_key, method_rng, grad_rng, after_rng = jax.random.split(rng, 5)
+  drop_key = dropout_key(drop_key, dropout_rng_impl)
+  lm_drop_key = dropout_key(jax.random.fold_in(method_rng, 1), dropout_rng_impl)
 
-  def apply_fn(params, inputs, deterministic=deterministic, rng=drop_rng):
+  def apply_fn(params, inputs, deterministic=deterministic, rng=drop_key):
     return forward(model, params, inputs, deterministic=deterministic, rng=rng)
 
-  lm_apply_fn = (_lm_apply(model, deterministic=deterministic, rng=lm_drop_rng)
+  lm_apply_fn = (_lm_apply(model, deterministic=deterministic, rng=lm_drop_key)
                  if hasattr(model, "config") else None)
   ctx = StepContext(params=state.params, batch=batch, apply_fn=apply_fn, rng=batch_rng,
                     lm_apply_fn=lm_apply_fn)
@@ -134,14 +134,14 @@ def _step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransform
 
 def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransformation,
                method: Method = finetune(), deterministic: bool = False,
-               dropout_rng: str = "rbg") -> tuple[TrainState, dict[str, jax.Array]]:
+               dropout_rng_impl: str = "rbg") -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step: CE on the pooled logits plus the method's terms, AdamW.
 
   Returns the new state and metric sums (``loss_sum``, ``correct``, ``count``,
   ``grad_norm`` and ``finite``: 1.0 when loss and gradients are all finite).
   """
   return _step(state, batch, model=model, tx=tx, method=method, deterministic=deterministic,
-               dropout_rng=dropout_rng, objective=losses.classification_objective)
+               dropout_rng_impl=dropout_rng_impl, objective=losses.classification_objective)
 
 
 def eval_step(params, batch: Batch, *, model, method: Method = finetune(),
@@ -184,7 +184,7 @@ def logits_step(params, batch: Batch, *, model) -> jax.Array:
 
 def lm_train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransformation,
                   method: Method = finetune(), deterministic: bool = False,
-                  dropout_rng: str = "rbg") -> tuple[TrainState, dict[str, jax.Array]]:
+                  dropout_rng_impl: str = "rbg") -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the mean next-token CE of the batch's target tokens plus
   the method's terms; ``model`` is a :class:`~cljax.models.GPT2LM`.
 
@@ -194,7 +194,7 @@ def lm_train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientT
   ``grad_norm`` and ``finite``.
   """
   return _step(state, batch, model=model, tx=tx, method=method, deterministic=deterministic,
-               dropout_rng=dropout_rng, objective=losses.next_token_objective)
+               dropout_rng_impl=dropout_rng_impl, objective=losses.next_token_objective)
 
 
 def lm_eval_step(params, batch: Batch, *, model) -> dict[str, jax.Array]:

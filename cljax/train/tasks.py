@@ -64,7 +64,8 @@ def hook_context(ctx: TaskContext, hook: str, rng: jax.Array, **fields) -> TaskC
 def trainable_mask(method: Method, params, k: int):
   """The method's trainable parameters while task ``k`` trains, a pytree of bools
   like ``params`` (or their shapes); None: all of them."""
-  return None if method.trainable is None else method.trainable(params, k)
+  trainable = method.declares.trainable
+  return None if trainable is None else trainable(params, k)
 
 
 def trainable_key(method: Method, params, k: int) -> tuple | None:
