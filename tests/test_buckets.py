@@ -163,9 +163,9 @@ def _run_stages(cfg, workdir):
   state, record = study.start(s)
   logger = StepLogger(Writers(workdir, enabled=False), cfg.log_every, lambda: None)
   for k in range(len(s.tasks)):
-    state, plan = study.begin_task(s, k, state, record)
+    state, plan = study.start_task(s, k, state, record)
     state = study.train_task(s, plan, state, record, logger)
-    state = study.end_task(s, plan, state, record, logger)
+    state = study.finish_task(s, plan, state, record, logger)
   logger.close()
   s.checkpointer.close()
   return s, record

@@ -122,6 +122,20 @@ def test_no_function_over_80_lines():
   assert not long_functions, long_functions
 
 
+def test_each_public_name_names_one_function_or_class():
+  """A public top-level function or class of cljax/ is defined in one module only (the
+  entry points ``run`` and ``main`` of the programs and of the study and LM runs
+  aside): a reader who meets a name knows which one it is."""
+  where: dict[str, list[str]] = {}
+  for path, text in _modules():
+    for node in ast.parse(text).body:
+      if (isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")
+          and node.name not in ("run", "main")):
+        where.setdefault(node.name, []).append(path)
+  twice = {name: paths for name, paths in where.items() if len(paths) > 1}
+  assert not twice, twice
+
+
 def test_the_checks_catch_an_upward_import_and_a_cycle():
   """The checks above can fail: an upward import and a two-module cycle are found."""
   assert _floor("cljax.train.steps") < _floor("cljax.study.stages")

@@ -70,7 +70,7 @@ def test_one_step_side_by_side_is_each_runs_step_alone(tiny_data_dir, tiny_token
   states, plans = [], []
   for s in runs:
     state, record = study.start(s)
-    state, plan = study.begin_task(s, 0, state, record)
+    state, plan = study.start_task(s, 0, state, record)
     states.append(state)
     plans.append(plan)
   batches = [{k: np.array(v[:8]) for k, v in dict(
@@ -78,7 +78,7 @@ def test_one_step_side_by_side_is_each_runs_step_alone(tiny_data_dir, tiny_token
       for p in plans]
   batches[0]["attention_mask"][:, 6:] = 0        # run 0's rows are shorter
   batches[0]["input_ids"][:, 6:] = runs[0].tokenizer.pad_token_id
-  alone = [stages.train_step(s, p.k)(jax.tree.map(jax.numpy.copy, st),
+  alone = [stages.train_program(s, p.k)(jax.tree.map(jax.numpy.copy, st),
                                      data_lib.trim_to_bucket(b, (8, 24)))
            for s, p, st, b in zip(runs, plans, states, batches)]
   axis = sharding.RunAxis.over(runs[0].mesh, 2)

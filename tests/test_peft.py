@@ -161,9 +161,9 @@ def test_training_moves_only_the_current_slot(method, tiny_data_dir, tiny_tokeni
   logger = StepLogger(Writers(str(tmp_path), enabled=False), 100, lambda: None)
   after = []
   for k in range(2):
-    state, plan = study.begin_task(s, k, state, record)
+    state, plan = study.start_task(s, k, state, record)
     state = study.train_task(s, plan, state, record, logger)
-    state = study.end_task(s, plan, state, record, logger)
+    state = study.finish_task(s, plan, state, record, logger)
     after.append(_numpy(state.params))
   s.checkpointer.close()
 

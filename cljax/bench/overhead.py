@@ -168,8 +168,7 @@ def checkpoint_overhead(size: str = "gpt2", batch_size: int = 8, seq_len: int = 
   batches = [sharding.shard_batch(random_batch(config, batch_size, seq_len, seed=i), mesh)
              for i in range(steps_)]
   train = steps.init_train_state(jax.tree.map(jnp.copy, params), tx, jax.random.PRNGKey(1))
-  boundary = steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=(),
-                              rng=jax.random.PRNGKey(2), method_state=())
+  boundary = steps.init_train_state(params, None, jax.random.PRNGKey(2))   # no optimizer
   train, _ = step(train, batches[0])   # compiled here, outside the timings
   jax.block_until_ready((train, checkpoint.all_finite(boundary)))
   root = tempfile.mkdtemp(dir=directory)

@@ -6,7 +6,7 @@ One job per module:
 - ``setup.py``: what a run builds once (:class:`Study`), its progress record
   (:class:`RunRecord`), its workdir's guards.
 - ``stages.py``: the stages over explicit state (:func:`start`, then per task
-  :func:`begin_task`, :func:`train_task`, :func:`end_task`) and :func:`run`.
+  :func:`start_task`, :func:`train_task`, :func:`finish_task`) and :func:`run`.
 - ``evaluation.py``: every task's test (or validation) split, as :class:`Scores`.
 - ``results.py`` and ``figures.py``: ``results.json`` and a run's figures.
 - ``parallel.py``: runs of one study side by side, as one vmapped step.
@@ -20,11 +20,11 @@ from cljax.study.config import StudyConfig
 from cljax.study.evaluation import Scores, evaluate_all
 from cljax.study.setup import (OUTPUTS, RESUMABLE_CHANGES, RunRecord, Study, TaskRecord,
                                resume_view, setup)
-from cljax.study.stages import (TaskHooks, begin_task, end_task, run, start, task_hooks,
+from cljax.study.stages import (TaskHooks, finish_task, run, start, start_task, task_hooks,
                                 train_task)
 from cljax.train.progress import Interrupted
 from cljax.train.tasks import TaskPlan
 
 __all__ = ["OUTPUTS", "RESUMABLE_CHANGES", "Interrupted", "RunRecord", "Scores", "Study",
-           "StudyConfig", "TaskHooks", "TaskPlan", "TaskRecord", "begin_task", "end_task",
-           "evaluate_all", "resume_view", "run", "setup", "start", "task_hooks", "train_task"]
+           "StudyConfig", "TaskHooks", "TaskPlan", "TaskRecord", "evaluate_all", "finish_task",
+           "resume_view", "run", "setup", "start", "start_task", "task_hooks", "train_task"]

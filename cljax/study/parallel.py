@@ -49,6 +49,7 @@ from cljax.train import loop
 from cljax.train import run as run_lib
 from cljax.train import sharding
 from cljax.train import steps
+from cljax.train import tasks as tasks_lib
 from cljax.train.progress import CompileTimer
 
 DROPOUT_RNG = "threefry"
@@ -257,7 +258,7 @@ def _naming(r: _Run):
 
 
 def train_side_by_side(runs: Sequence[_Run], k: int, step_fns: dict) -> None:
-  """Task k for every run of ``runs`` (each after its ``begin_task``), in lock step."""
+  """Task k for every run of ``runs`` (each after its ``start_task``), in lock step."""
   study = runs[0].study
   cfg = study.cfg
   for r in runs:
@@ -269,7 +270,8 @@ def train_side_by_side(runs: Sequence[_Run], k: int, step_fns: dict) -> None:
                [r.study.cfg.seed for r in runs], totals, cfg.batch_size, study.method.name)
   axis = sharding.RunAxis.over(study.mesh, len(runs))
   names = varying([r.study.cfg for r in runs])
-  key = (study_lib.trainable_key(study, k), axis.mesh.shape["runs"], names)
+  key = (tasks_lib.trainable_key(study.method, study.param_shapes, k),
+         axis.mesh.shape["runs"], names)
   if key not in step_fns:
     rebuild = functools.partial(build_method, cfg.method, cfg.method_config,
                                 study.method_context) if names else None
@@ -355,10 +357,10 @@ def run_parallel(cfgs: Sequence[StudyConfig], workdirs: Sequence[str], *,
       for k in range(min(r.record.task for r in runs), len(runs[0].study.tasks)):
         group = [r for r in runs if r.record.task == k]
         for r in group:
-          r.state, r.plan = study_lib.begin_task(r.study, k, r.state, r.record)
+          r.state, r.plan = study_lib.start_task(r.study, k, r.state, r.record)
         train_side_by_side(group, k, step_fns)
         for r in group:
-          r.state = study_lib.end_task(r.study, r.plan, r.state, r.record, r.logger)
+          r.state = study_lib.finish_task(r.study, r.plan, r.state, r.record, r.logger)
     finally:
       for r in runs:
         r.logger.close()

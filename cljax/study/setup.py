@@ -39,8 +39,8 @@ MODULES_SALT = 7
 
 @dataclasses.dataclass
 class TaskRecord:
-  """One task's facts, from its start (:func:`~cljax.study.stages.begin_task`) to its
-  end (:func:`~cljax.study.stages.end_task`, which fills the rest)."""
+  """One task's facts, from its start (:func:`~cljax.study.stages.start_task`) to its
+  end (:func:`~cljax.study.stages.finish_task`, which fills the rest)."""
   name: str = ""
   train_seconds: float = 0.0            # its steps (checkpoints included)
   steps: int | None = None              # steps it trained

@@ -8,10 +8,10 @@ The study is a handful of named stages over explicit state, on the task protocol
 (:mod:`cljax.train.tasks`) and the loop that LM training shares
 (:mod:`cljax.train.loop`): :func:`setup` builds what is built once (a :class:`Study`),
 :func:`start` gives the train state and the :class:`RunRecord` (the run's progress,
-stored as JSON in every checkpoint), and for each task :func:`begin_task` (the
+stored as JSON in every checkpoint), and for each task :func:`start_task` (the
 protocol's ``begin_task`` when the task starts afresh; the task's :class:`TaskPlan`
 in any case), :func:`train_task` (its steps, with the periodic work of
-:func:`task_hooks`) and :func:`end_task` (the protocol's ``end_task``, the
+:func:`task_hooks`) and :func:`finish_task` (the protocol's ``end_task``, the
 evaluation, the row, a checkpoint). Runs side by side (:mod:`cljax.study.parallel`)
 use the same stages and hooks.
 """
@@ -62,16 +62,16 @@ def task_context(study: Study, k: int, record: RunRecord | None = None) -> TaskC
       length_buckets=study.buckets)
 
 
-def trainable_key(study: Study, k: int) -> tuple | None:
+def _trainable_key(study: Study, k: int) -> tuple | None:
   """Task k's set of trainable parameters, hashable (runs and tasks that agree on it
   share their train step)."""
   return tasks_lib.trainable_key(study.method, study.param_shapes, k)
 
 
-def train_step(study: Study, k: int) -> Callable:
+def train_program(study: Study, k: int) -> Callable:
   """The jitted, sharded train step of task k (one per set of trainable parameters,
   built by :func:`setup`)."""
-  return study.train_steps[trainable_key(study, k)]
+  return study.train_steps[_trainable_key(study, k)]
 
 
 def _shard_state(study: Study, state: steps.TrainState) -> steps.TrainState:
@@ -85,13 +85,13 @@ def _shard_state(study: Study, state: steps.TrainState) -> steps.TrainState:
 def _restore_target(study: Study, meta: dict):
   """The abstract state a checkpoint with ``meta`` holds: inside task k, the task's
   optimizer (its frozen parameters have no optimizer state); at a task boundary, none
-  (:func:`end_task` does not save moments the next task would discard). The method's
+  (:func:`finish_task` does not save moments the next task would discard). The method's
   arrays (generated pseudo-data) take the shapes they were saved with."""
   return abstract_state(study, None if meta["step_in_task"] == 0 else meta["task"])
 
 
 def _start(study: Study) -> tuple[steps.TrainState, RunRecord]:
-  """The initial state (no optimizer yet: :func:`begin_task` gives each task its own)
+  """The initial state (no optimizer yet: :func:`start_task` gives each task its own)
   and a new record holding the accuracy before any training."""
   t0 = time.time()
   state = steps.init_train_state(study.initial_params, None, study.base_rng, study.method)
@@ -118,7 +118,7 @@ def save_checkpoint(study: Study, state, record: RunRecord) -> None:
   checkpoint.save_finite(study.checkpointer, record.global_step, state, record.to_json())
 
 
-def begin_task(study: Study, k: int, state, record: RunRecord
+def start_task(study: Study, k: int, state, record: RunRecord
                ) -> tuple[steps.TrainState, TaskPlan]:
   """Task k's state and :class:`TaskPlan`. A task that starts afresh (not inside it,
   from a checkpoint) goes through the task protocol's ``begin_task``: the method's
@@ -138,9 +138,9 @@ def begin_task(study: Study, k: int, state, record: RunRecord
 def later_tasks_alike(study: Study, plan: TaskPlan) -> list[int]:
   """The later tasks that share task ``plan.k``'s trainable parameters and kind of
   arrays: their programs compile in this task's round."""
-  key = trainable_key(study, plan.k)
+  key = _trainable_key(study, plan.k)
   return [j for j in range(plan.k + 1, len(study.tasks))
-          if trainable_key(study, j) == key
+          if _trainable_key(study, j) == key
           and set(study.task_data[j].train) == set(plan.arrays)]
 
 
@@ -222,7 +222,7 @@ def task_hooks(study: Study, plan: TaskPlan, record: RunRecord,
 
 def train_task(study: Study, plan: TaskPlan, state, record: RunRecord, logger: StepLogger):
   """Trains task ``plan.k`` from ``record.step_in_task`` to its end (``state`` from
-  :func:`begin_task`) on :func:`loop.train_loop`, with the task's hooks
+  :func:`start_task`) on :func:`loop.train_loop`, with the task's hooks
   (:func:`task_hooks`)."""
   cfg, k = study.cfg, plan.k
   logging.info("Task %d/%d %s: %d examples, %d steps of batch %d (%s).", k + 1,
@@ -235,7 +235,7 @@ def train_task(study: Study, plan: TaskPlan, state, record: RunRecord, logger: S
                               seed=(cfg.seed, k), start=start, buckets=study.buckets)
 
   state = loop.train_loop(
-      train_step(study, k), state, batches, ahead=_later_batches(study, plan),
+      train_program(study, k), state, batches, ahead=_later_batches(study, plan),
       programs=other_programs(study, plan, state), start=record.step_in_task,
       total=plan.total_steps, logger=logger, advance=hooks.advance, periodic=hooks.periodic,
       stop_after=cfg.stop_after_steps,
@@ -268,7 +268,7 @@ def _evaluate_end(study: Study, k: int, state, record: RunRecord) -> None:
   record.eval_seconds += time.time() - t0
 
 
-def end_task(study: Study, plan: TaskPlan, state, record: RunRecord, logger: StepLogger):
+def finish_task(study: Study, plan: TaskPlan, state, record: RunRecord, logger: StepLogger):
   """The task protocol's ``end_task`` (the method's consolidation; the params keep
   their sharding), then every task evaluated, the task's record filled and a
   checkpoint saved."""
@@ -311,9 +311,9 @@ def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
                                  on_first_step=compiling.mark)
     try:
       for k in range(record.task, len(study.tasks)):
-        state, plan = begin_task(study, k, state, record)
+        state, plan = start_task(study, k, state, record)
         state = train_task(study, plan, state, record, logger)
-        state = end_task(study, plan, state, record, logger)
+        state = finish_task(study, plan, state, record, logger)
     finally:
       logger.close()
       study.checkpointer.close()
