@@ -75,6 +75,7 @@ def train_program(study: Study, k: int) -> Callable:
 
 
 def _shard_state(study: Study, state: steps.TrainState) -> steps.TrainState:
+  """``state`` on the study's mesh (params and param-shaped state sharded like them)."""
   return jax.device_put(state, sharding.state_shardings(study.mesh, state, study.param_shapes))
 
 
@@ -127,11 +128,11 @@ def start_task(study: Study, k: int, state, record: RunRecord
   ctx = task_context(study, k, record)
   if record.step_in_task:
     return state, tasks_lib.plan_task(study.method, ctx, study.cfg, rng=study.base_rng,
-                                      params=study.param_shapes,
+                                      param_shapes=study.param_shapes,
                                       method_state=state.method_state)
   record.tasks.append(TaskRecord(name=study.tasks[k].name))
   state, plan = tasks_lib.begin_task(study.method, state, ctx, study.cfg, rng=study.base_rng,
-                                     params_shapes=study.param_shapes)
+                                     param_shapes=study.param_shapes)
   return _shard_state(study, state), plan
 
 

@@ -87,34 +87,35 @@ def task_optimizer(options: OptimizerOptions, updates: int, mask=None):
 
 
 def plan_task(method: Method, ctx: TaskContext, options: OptimizerOptions, *,
-              rng: jax.Array, params=None, method_state: Any = None) -> TaskPlan:
+              rng: jax.Array, param_shapes=None, method_state: Any = None) -> TaskPlan:
   """Task ``ctx.task_index``'s :class:`TaskPlan`: the method's ``train_arrays``
   (given ``method_state``, its state after ``before_task``) and a fresh optimizer
-  over its trainable set of ``params`` (default ``ctx.params``; shapes suffice)."""
+  over the method's trainable set (read from ``param_shapes``, the params or their
+  shapes; default ``ctx.params``)."""
   k = ctx.task_index
   arrays = method.train_arrays(hook_context(ctx, "train_arrays", rng, params=None,
                                             method_state=method_state))
   per_epoch = data_lib.num_batches(data_lib.size(arrays), options.batch_size)
-  mask = trainable_mask(method, ctx.params if params is None else params, k)
+  mask = trainable_mask(method, ctx.params if param_shapes is None else param_shapes, k)
   tx, schedule = task_optimizer(
       options, loop.update_count(per_epoch, options.epochs, options.grad_accum_steps), mask)
   return TaskPlan(k, arrays, tx, schedule, per_epoch, per_epoch * options.epochs)
 
 
 def begin_task(method: Method, state: TrainState, ctx: TaskContext,
-               options: OptimizerOptions, *, rng: jax.Array, params_shapes=None
+               options: OptimizerOptions, *, rng: jax.Array, param_shapes=None
                ) -> tuple[TrainState, TaskPlan]:
   """Task ``ctx.task_index``'s starting state and plan: the method's ``before_task``
   (shown ``state.params``, the params the task starts from), its ``train_arrays``,
-  and a fresh optimizer over its trainable parameters (``params_shapes``: the
-  params' shapes, where the method's trainable set is read from them; default the
-  params). The previous task's optimizer state is not carried over; the steps draw
-  from ``fold_in(rng, task index)``."""
+  and a fresh optimizer over its trainable parameters (the method's trainable set
+  read from ``param_shapes``, the params' shapes; default the params themselves).
+  The previous task's optimizer state is not carried over; the steps draw from
+  ``fold_in(rng, task index)``."""
   k = ctx.task_index
   method_state = method.before_task(state.method_state, hook_context(
       ctx, "before_task", rng, params=state.params))
   plan = plan_task(method, ctx, options, rng=rng, method_state=method_state,
-                   params=state.params if params_shapes is None else params_shapes)
+                   param_shapes=state.params if param_shapes is None else param_shapes)
   return init_train_state(state.params, plan.tx, jax.random.fold_in(rng, k), method,
                           method_state), plan
 
