@@ -89,10 +89,8 @@ def test_the_lower_floors_name_nothing_of_the_upper_ones():
   assert not found, found
 
 
-def test_no_import_cycle():
-  graph = {_module_name(p): _imports(t, top_level_only=True) & MODULES for p, t in _modules()}
-  # A submodule's package __init__ runs before it: importing the package is no cycle.
-  graph = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}
+def _cycles(graph: dict[str, set[str]]) -> list[str]:
+  """The import cycles of ``graph`` (module -> the modules it imports), each as a path."""
   done, path, cycles = set(), [], []
 
   def visit(m):
@@ -108,6 +106,14 @@ def test_no_import_cycle():
     done.add(m)
   for m in sorted(graph):
     visit(m)
+  return cycles
+
+
+def test_no_import_cycle():
+  graph = {_module_name(p): _imports(t, top_level_only=True) & MODULES for p, t in _modules()}
+  # A submodule's package __init__ runs before it: importing the package is no cycle.
+  graph = {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}
+  cycles = _cycles(graph)
   assert not cycles, cycles
 
 
@@ -142,6 +148,8 @@ def test_the_checks_catch_an_upward_import_and_a_cycle():
   assert _imports("from cljax.study import stages\nimport cljax.report") == {
       "cljax.study.stages", "cljax.report"}
   assert _imports("def f():\n  from cljax.cli import flags\n", top_level_only=True) == set()
+  assert _cycles({"a": {"b"}, "b": {"a"}, "c": {"a"}}) == ["a -> b -> a"]
+  assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_only_the_models_package_imports_flax_linen():

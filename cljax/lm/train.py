@@ -300,7 +300,7 @@ def run(cfg: LMConfig, workdir: str, *, resume: bool = False, flags: dict | None
   t_start = time.time()
   commit = data_lib.provenance.git_commit(__file__)   # the code this run starts with
   ckpt = run_lib.open_run(workdir, cfg.to_dict(), resume, keep=cfg.keep_checkpoints,
-                       outputs=OUTPUTS, resumable=RESUMABLE_CHANGES)
+                          outputs=OUTPUTS, resumable=RESUMABLE_CHANGES)
   run_lib.use_compilation_cache(None)
   tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
   model, params = build_lm(cfg, tokenizer)

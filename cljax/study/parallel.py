@@ -333,9 +333,9 @@ def _open(cfgs: Sequence[StudyConfig], workdirs: Sequence[str], resume: bool,
       study = dataclasses.replace(study, model=first.model, eval_fn=first.eval_fn,
                                   method=study.method if own_methods else first.method)
     state, record = study_lib.start(study, resume)
-    logger = run_lib.open_logger(workdir, record.global_step, cfg.log_every, study.checkpointer,
-                              enabled=study.writes_files,
-                              on_first_step=compiling.mark if i == 0 else None)
+    logger = run_lib.open_logger(workdir, record.global_step, cfg.log_every,
+                                 study.checkpointer, enabled=study.writes_files,
+                                 on_first_step=compiling.mark if i == 0 else None)
     runs.append(_Run(study, state, record, logger))
   return runs
 

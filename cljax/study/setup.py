@@ -151,7 +151,7 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
   sharding.check_batch_size(cfg.batch_size, mesh)
   sharding.check_batch_size(cfg.eval_batch_size, mesh, "--eval_batch_size")
   ckpt = run_lib.open_run(workdir, resume_view(cfg), resume, keep=cfg.keep_checkpoints,
-                       outputs=OUTPUTS, resumable=RESUMABLE_CHANGES)
+                          outputs=OUTPUTS, resumable=RESUMABLE_CHANGES)
   cache_dir = run_lib.use_compilation_cache(cfg.cache_dir)
   tokenizer = hf.load_tokenizer(cfg.tokenizer or cfg.model)
   tasks = data_lib.resolve_tasks(cfg.tasks, cfg.task_classes(), cfg.data_dir,
@@ -200,12 +200,18 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
   return dataclasses.replace(study, train_steps=train_steps(study))
 
 
-def abstract_state(study: Study, k: int | None = None) -> steps.TrainState:
-  """The shapes, dtypes and shardings of the run's train state inside task ``k`` (its
-  optimizer: no state for the frozen parameters), or between tasks (``k`` None: no
-  optimizer state). The method's state has the structure ``method.init`` gives it."""
-  tx = None if k is None else tasks_lib.task_optimizer(
+def task_tx(study: Study, k: int):
+  """Task k's optimizer, of any length (its schedule's length is a value in its state):
+  the structure of its state, and its update."""
+  return tasks_lib.task_optimizer(
       study.cfg, 1, tasks_lib.trainable_mask(study.method, study.param_shapes, k))[0]
+
+
+def abstract_state(study: Study, tx=None) -> steps.TrainState:
+  """The shapes, dtypes and shardings of the run's train state with the optimizer
+  ``tx`` (:func:`task_tx`: no state for the frozen parameters), or between tasks
+  (None: no optimizer state). The method's state has the structure ``method.init``
+  gives it."""
   abstract = jax.eval_shape(lambda: steps.init_train_state(
       study.initial_params, tx, study.base_rng, study.method))
   return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
@@ -223,9 +229,8 @@ def train_steps(study: Study) -> Mapping:
   for k in range(len(study.tasks)):
     key = tasks_lib.trainable_key(study.method, study.param_shapes, k)
     if key not in out:
-      tx = tasks_lib.task_optimizer(
-          study.cfg, 1, tasks_lib.trainable_mask(study.method, study.param_shapes, k))[0]
-      shardings = jax.tree.map(lambda a: a.sharding, abstract_state(study, k))
+      tx = task_tx(study, k)
+      shardings = jax.tree.map(lambda a: a.sharding, abstract_state(study, tx))
       out[key] = jax.jit(
           functools.partial(steps.train_step, model=study.model, tx=tx, method=study.method,
                             dropout_rng_impl=study.cfg.dropout_rng_impl),

@@ -33,7 +33,7 @@ from cljax.study.config import StudyConfig
 from cljax.study.evaluation import eval_programs, evaluate_all, split_batches
 from cljax.study.results import (count_params, fmt_accs, make_results, run_code_version,
                                  write_results)
-from cljax.study.setup import RunRecord, Study, TaskRecord, abstract_state, setup
+from cljax.study.setup import RunRecord, Study, TaskRecord, abstract_state, setup, task_tx
 from cljax.train import checkpoint
 from cljax.train import loop
 from cljax.train import run as run_lib
@@ -88,7 +88,7 @@ def _restore_target(study: Study, meta: dict):
   optimizer (its frozen parameters have no optimizer state); at a task boundary, none
   (:func:`finish_task` does not save moments the next task would discard). The method's
   arrays (generated pseudo-data) take the shapes they were saved with."""
-  return abstract_state(study, None if meta["step_in_task"] == 0 else meta["task"])
+  return abstract_state(study, None if meta["step_in_task"] == 0 else task_tx(study, meta["task"]))
 
 
 def _start(study: Study) -> tuple[steps.TrainState, RunRecord]:
