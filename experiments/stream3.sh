@@ -51,10 +51,21 @@ reports() {
 }
 
 # The runs of a sweep kept in the repository (report --keep) copied into runs/ROOT,
-# never over a run there: the sweep then reads them as finished and runs the rest.
+# never over a run there, where they started from the base in runs/pretrain_mini:
+# the sweep then reads them as finished and runs the rest. Kept runs of another base,
+# or of one they did not record (the headline's, docs/results.md), are not copied:
+# that sweep runs afresh on this base, and its report then keeps into a new folder
+# (report --keep refuses to mix bases in one).
 restore() {
   local kept=docs/results/$1/runs
-  if [[ -d $kept ]]; then mkdir -p runs/$1 && cp -rn "$kept"/. runs/$1/; fi
+  [[ -d $kept ]] || return 0
+  if python -c 'import sys
+from cljax.study import StudyConfig, sweep
+try: sweep.check_base(sys.argv[1], StudyConfig(init="pretrained", model=sys.argv[2]))
+except ValueError as e: sys.exit(f"stream3.sh: kept runs not restored: {e}")' \
+      "$kept" runs/pretrain_mini/hf_model; then
+    mkdir -p runs/$1 && cp -rn "$kept"/. runs/$1/
+  fi
 }
 
 sweep() {   # sweep ROOT FLAGS...

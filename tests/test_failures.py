@@ -114,23 +114,22 @@ def test_a_resume_compares_the_hyperparameters_of_the_run_s_methods_only():
   run_lib.check_resumable(saved, study.resume_view(cfg), "w", study.RESUMABLE_CHANGES)
   with pytest.raises(ValueError, match=r"--der_alpha \(not recorded"):
     run_lib.check_resumable(saved, cfg.to_dict(), "w", study.RESUMABLE_CHANGES)
-  # A run stored before --dropout_rng_impl existed drew rbg keys: it resumes under the
-  # default and is refused under threefry.
-  before = {k: v for k, v in study.resume_view(cfg).items() if k != "dropout_rng_impl"}
-  run_lib.check_resumable(before, study.resume_view(cfg), "w", study.RESUMABLE_CHANGES)
+  # A run stored before --dropout_rng_impl existed drew rbg keys: it resumes under rbg
+  # and is refused under threefry, today's default.
+  rbg = cfg.replace(dropout_rng_impl="rbg")
+  before = {k: v for k, v in study.resume_view(rbg).items() if k != "dropout_rng_impl"}
+  run_lib.check_resumable(before, study.resume_view(rbg), "w", study.RESUMABLE_CHANGES)
   with pytest.raises(ValueError, match=r"--dropout_rng_impl 'rbg' -> 'threefry'"):
-    run_lib.check_resumable(before, study.resume_view(cfg.replace(dropout_rng_impl="threefry")),
-                            "w", study.RESUMABLE_CHANGES)
+    run_lib.check_resumable(before, study.resume_view(cfg), "w", study.RESUMABLE_CHANGES)
   # A run stored under the setting's first name, --dropout_rng, resumes under the new one
   # with the same value, and is refused under another.
   named_before = {("dropout_rng" if k == "dropout_rng_impl" else k): v
-                  for k, v in study.resume_view(cfg).items()}
+                  for k, v in study.resume_view(rbg).items()}
   assert "dropout_rng" in named_before and "dropout_rng_impl" not in named_before
-  run_lib.check_resumable(named_before, study.resume_view(cfg), "w", study.RESUMABLE_CHANGES)
+  run_lib.check_resumable(named_before, study.resume_view(rbg), "w", study.RESUMABLE_CHANGES)
   with pytest.raises(ValueError, match=r"--dropout_rng_impl 'rbg' -> 'threefry'"):
-    run_lib.check_resumable(named_before,
-                            study.resume_view(cfg.replace(dropout_rng_impl="threefry")),
-                            "w", study.RESUMABLE_CHANGES)
+    run_lib.check_resumable(named_before, study.resume_view(cfg), "w",
+                            study.RESUMABLE_CHANGES)
 
 
 def test_a_record_stored_as_per_task_lists_reads_as_one_record_per_task():

@@ -31,12 +31,12 @@ def test_an_old_flagfile_s_dropout_rng_sets_dropout_rng_impl(tmp_path):
   """``--dropout_rng`` (the setting's first name) in an old flagfile still loads; the
   run records the setting under its current name only."""
   flagfile = tmp_path / "old.flags"
-  flagfile.write_text("--init=random\n--dropout_rng=threefry\n")
+  flagfile.write_text("--init=random\n--dropout_rng=rbg\n")
   fv = _parse([f"--flagfile={flagfile}"])
-  assert cljax_flags.study_config(fv).dropout_rng_impl == "threefry"
+  assert cljax_flags.study_config(fv).dropout_rng_impl == "rbg"
   recorded = cljax_flags.flag_values(fv)
-  assert recorded["dropout_rng_impl"] == "threefry" and "dropout_rng" not in recorded
-  assert cljax_flags.study_config(_parse()).dropout_rng_impl == "rbg"
+  assert recorded["dropout_rng_impl"] == "rbg" and "dropout_rng" not in recorded
+  assert cljax_flags.study_config(_parse()).dropout_rng_impl == "threefry"
 
 
 def test_every_config_field_is_a_flag_with_its_default():
@@ -69,6 +69,25 @@ def test_flags_convert_to_the_config():
     StudyConfig(classes=("imdb",)).task_classes()
   with pytest.raises(TypeError, match="Unknown method hyperparameters"):
     MethodConfig(ewc_lamda=1.0)
+
+
+@pytest.mark.parametrize("cfg", [
+    StudyConfig(),
+    StudyConfig(tasks=("imdb", "ag_news:world+business", "x"), num_train=None, num_test=7,
+                classes=(("x", ("a", "b")),), head="lm",
+                label_words=("imdb=bad,good", "x=yes,no"), data_dir="/d", dropout=0.0,
+                method="ewc+replay", method_config=MethodConfig(ewc_lambda=1e-7, fisher="true"),
+                learning_rate=3e-5, dropout_rng_impl="rbg", stop_on_divergence=True, seed=11,
+                eval_every=3, init="random", size="tiny")],
+    ids=["defaults", "everything_set"])
+def test_a_run_s_recorded_flags_make_its_config_again(cfg, tmp_path):
+  """``results.json``'s ``flags`` (to_flags) written out as ``run.flags`` parse, through
+  the experiment scripts' flags, into the same config; and read back from the dict."""
+  from cljax.study.config import flagfile
+  path = tmp_path / "run.flags"
+  path.write_text(flagfile(cfg.to_flags()))
+  assert cljax_flags.study_config(_parse([f"--flagfile={path}"])) == cfg
+  assert StudyConfig.from_flags(json.loads(json.dumps(cfg.to_flags()))) == cfg
 
 
 # ----------------------------------------------------------------------------
@@ -144,7 +163,7 @@ def test_a_method_added_in_one_file_is_a_flag_and_runs(toy_registered, tiny_data
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SWEEP_ONLY = ("methods", "seeds", "grid", "selection_seed", "orders", "default_grids",
-               "parallel_runs", "report", "root")
+               "parallel_runs", "report", "root", "only_orders")
 
 
 def _check_sweep_preset(path):

@@ -1,5 +1,6 @@
 """Sweep bookkeeping (resume, strength selection) and report aggregation."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -35,6 +36,9 @@ def fake_results(method, seed, matrix, ta_matrix=None, val_avg=0.5, strength=Non
           "model": {"source": "random:tiny", "n_layer": 2, "n_embd": 64},
           "data": {}, "environment": {"devices": ["cpu"]}}
 
+
+# The base the fake runs record (model.source random:tiny).
+BASE = study.StudyConfig(init="random", size="tiny")
 
 T_975_2 = 4.302652729911275    # Student's t, 97.5th percentile, 2 degrees of freedom
 T_975_1 = 12.706204736174698   # and 1 degree of freedom
@@ -118,7 +122,7 @@ def test_sweep_resumes_and_selects_strength_on_validation(tmp_path, monkeypatch)
     return r
 
   monkeypatch.setattr(stages, "run", fake_run)
-  base = study.StudyConfig(num_val=10)
+  base = BASE.replace(num_val=10)
   args = (base, str(tmp_path / "sweep"), ["finetune", "ewc"], [0, 1],
           {"ewc": ("ewc_lambda", [1.0, 100.0])})
   with pytest.raises(KeyboardInterrupt):
@@ -157,7 +161,7 @@ def test_strengths_chosen_on_a_seed_that_is_not_reported(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(stages, "run", _fake_sweep_run(calls, {1.0: 0.8, 100.0: 0.6}))
   root = str(tmp_path / "sweep")
-  out = sweep.run_sweep(study.StudyConfig(num_val=10), root, ["ewc"], [0, 1],
+  out = sweep.run_sweep(BASE.replace(num_val=10), root, ["ewc"], [0, 1],
                         {"ewc": ("ewc_lambda", [1.0, 100.0])}, selection_seed=7)
   assert [c[2:] for c in calls] == [(1.0, 7), (100.0, 7), (1.0, 0), (1.0, 1)]
   assert out["selection"]["ewc"]["seed"] == 7 and out["selection"]["ewc"]["held_out_seed"]
@@ -165,7 +169,7 @@ def test_strengths_chosen_on_a_seed_that_is_not_reported(tmp_path, monkeypatch):
   assert row["seeds"] == [0, 1] and row["strength"] == "ewc_lambda=1"
   assert "on seed 7, not reported" in open(os.path.join(root, "report.md")).read()
   with pytest.raises(ValueError, match="--selection_seed=0 is among --seeds"):
-    sweep.run_sweep(study.StudyConfig(num_val=10), root, ["ewc"], [0, 1], selection_seed=0)
+    sweep.run_sweep(BASE.replace(num_val=10), root, ["ewc"], [0, 1], selection_seed=0)
 
 
 def test_a_sweep_over_task_orders_reports_each_order_and_all(tmp_path, monkeypatch):
@@ -173,7 +177,7 @@ def test_a_sweep_over_task_orders_reports_each_order_and_all(tmp_path, monkeypat
   monkeypatch.setattr(stages, "run", _fake_sweep_run(calls))
   root = str(tmp_path / "orders")
   orders = [("imdb", "ag_news"), ("ag_news", "imdb")]
-  sweep.run_orders(study.StudyConfig(), root, orders, methods=["finetune"], seeds=[0, 1])
+  sweep.run_orders(BASE, root, orders, methods=["finetune"], seeds=[0, 1])
   assert [c[0] for c in calls] == [orders[0]] * 2 + [orders[1]] * 2
   assert os.path.exists(os.path.join(root, "order2", "finetune", "default", "seed1",
                                      "results.json"))
@@ -192,12 +196,43 @@ def test_a_sweep_over_task_orders_reports_each_order_and_all(tmp_path, monkeypat
   assert len(out["rows"]) == 2 and os.path.exists(os.path.join(root, "report_order2.csv"))
   assert os.path.exists(os.path.join(root, "report_matrices_order1.png"))
   with pytest.raises(ValueError, match="holds a sweep over the orders"):
-    sweep.run_orders(study.StudyConfig(), root, orders[::-1], methods=["finetune"], seeds=[0])
+    sweep.run_orders(BASE, root, orders[::-1], methods=["finetune"], seeds=[0])
   # The first order alone (one more seed of it) leaves the root's orders as they were.
   calls.clear()
-  sweep.run_orders(study.StudyConfig(), root, orders[:1], methods=["finetune"], seeds=[2])
+  sweep.run_orders(BASE, root, orders[:1], methods=["finetune"], seeds=[2])
   assert [c[0] for c in calls] == [orders[0]]
   assert json.load(open(os.path.join(root, "orders.json"))) == [list(o) for o in orders]
+
+
+def test_a_sweep_stops_in_one_line_where_its_root_holds_runs_of_another_base(tmp_path,
+                                                                          monkeypatch):
+  """A finished run in the root that started from other weights (another SHA-256, or
+  none recorded) stops the sweep before any run; the same weights fill the root."""
+  calls = []
+  monkeypatch.setattr(stages, "run", _fake_sweep_run(calls))
+  folder = tmp_path / "base"
+  folder.mkdir()
+  (folder / "config.json").write_text("{}")
+  (folder / "model.safetensors").write_bytes(b"the base's weights")
+  sha = hashlib.sha256(b"the base's weights").hexdigest()
+  base = study.StudyConfig(init="pretrained", model=str(folder))
+  root = tmp_path / "root"
+  done = root / "finetune" / "default" / "seed0"
+  done.mkdir(parents=True)
+  for recorded, why in ((None, "records no base SHA-256"),
+                        ("ab" * 32, "started from weights SHA-256 abababababab")):
+    (done / "results.json").write_text(json.dumps(dict(
+        fake_results("finetune", 0, [[0.9, 0.1], [0.2, 0.8]]),
+        model={"source": str(folder), "source_sha256": recorded})))
+    with pytest.raises(ValueError, match=f"^{done} {why}.*, not from --model={folder} "
+                                         f"\\(SHA-256 {sha[:12]}\\): sweep into another --root"):
+      sweep.run_sweep(base, str(root), ["finetune"], [0, 1])
+    assert not calls
+  (done / "results.json").write_text(json.dumps(dict(
+      fake_results("finetune", 0, [[0.9, 0.1], [0.2, 0.8]]),
+      model={"source": str(folder), "source_sha256": sha})))
+  sweep.run_sweep(base, str(root), ["finetune"], [0, 1])
+  assert [c[3] for c in calls] == [1]   # seed 0 read as done, seed 1 run
 
 
 def test_grid_parsing_errors():
@@ -275,7 +310,8 @@ def test_keep_copies_what_the_report_reads_and_no_checkpoint(tmp_path):
   run = tmp_path / "sweep" / "order1" / "ewc" / "default" / "seed0"
   (run / "checkpoints" / "10").mkdir(parents=True)
   (run / "checkpoints" / "10" / "state").write_text("weights")
-  for name, text in [("results.json", "{}"), ("pseudo_samples.jsonl", "{}\n"),
+  for name, text in [("results.json", '{"model": {"source_sha256": "aa"}}'),
+                     ("pseudo_samples.jsonl", "{}\n"), ("run.flags", "--seed=0\n"),
                      ("metrics.jsonl", "{}\n")]:
     (run / name).write_text(text)
   (tmp_path / "sweep" / "orders.json").write_text("[]")
@@ -284,8 +320,14 @@ def test_keep_copies_what_the_report_reads_and_no_checkpoint(tmp_path):
   kept = sorted(str(p.relative_to(tmp_path / "kept")) for p in (tmp_path / "kept").rglob("*")
                 if p.is_file())
   assert kept == ["order1/ewc/default/seed0/pseudo_samples.jsonl",
-                  "order1/ewc/default/seed0/results.json", "order1/selection.json",
-                  "orders.json"]
+                  "order1/ewc/default/seed0/results.json", "order1/ewc/default/seed0/run.flags",
+                  "order1/selection.json", "orders.json"]
+  # Runs of another base are not kept beside them: one table would mix two bases.
+  (run / "results.json").write_text('{"model": {"source_sha256": "bb"}}')
+  with pytest.raises(ValueError, match=r"kept holds runs from base weights \['aa'\] and .* "
+                                       r"none of them \(\['bb'\]\): keep into another"):
+    report.keep_results(str(tmp_path / "sweep"), str(tmp_path / "kept"))
+  assert "aa" in (tmp_path / "kept" / "order1/ewc/default/seed0/results.json").read_text()
 
 
 def test_a_report_over_two_roots_names_the_ablation_and_pairs_with_it(tmp_path):
@@ -398,7 +440,7 @@ def test_a_strength_candidate_that_diverges_is_not_chosen(tmp_path, monkeypatch)
   monkeypatch.setattr(stages, "run", fake_run)
   root = str(tmp_path / "sweep")
   grid = {"ewc": ("ewc_lambda", [1.0, 100.0, 1e4])}
-  out = sweep.run_sweep(study.StudyConfig(num_val=10), root, ["ewc"], [0], grid,
+  out = sweep.run_sweep(BASE.replace(num_val=10), root, ["ewc"], [0], grid,
                         selection_seed=7)
   sel = out["selection"]["ewc"]
   assert sel["chosen"] == 100.0        # 1e4 would have scored 0.9 had it not diverged
@@ -411,5 +453,5 @@ def test_a_strength_candidate_that_diverges_is_not_chosen(tmp_path, monkeypatch)
   bad[0] = 0.0
   with pytest.raises(ValueError, match=r"Every ewc candidate diverged \(ewc_lambda 1, 100, "
                                        r"10000\): lower --learning_rate"):
-    sweep.run_sweep(study.StudyConfig(num_val=10), str(tmp_path / "all"), ["ewc"], [0], grid,
+    sweep.run_sweep(BASE.replace(num_val=10), str(tmp_path / "all"), ["ewc"], [0], grid,
                     selection_seed=7)

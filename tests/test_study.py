@@ -32,6 +32,34 @@ def uninterrupted(tiny_data_dir, tiny_tokenizer_dir, tmp_path_factory):
   return study.run(tiny_config(tiny_data_dir, tiny_tokenizer_dir), workdir), workdir
 
 
+@pytest.mark.slow
+def test_a_run_of_a_sweep_over_orders_reruns_from_its_recorded_flags_alone(
+    tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+  """A sweep over 2 orders x 2 seeds: a run of the second order records its own order
+  and seed as its flags (the sweep's apart), and the experiment script given only its
+  run.flags and a new workdir trains the same run again."""
+  from cljax.study import sweep
+  orders = [("imdb", "ag_news"), ("ag_news", "imdb")]
+  sweep_flags = {"orders": ["imdb,ag_news", "ag_news,imdb"], "seeds": ["0", "1"]}
+  sweep.run_orders(tiny_config(tiny_data_dir, tiny_tokenizer_dir, epochs=1),
+                   str(tmp_path / "sweep"), orders, methods=["finetune"], seeds=[0, 1],
+                   flags=sweep_flags)
+  run = tmp_path / "sweep" / "order2" / "finetune" / "default" / "seed1"
+  r = json.loads((run / "results.json").read_text())
+  assert r["flags"]["tasks"] == ["ag_news", "imdb"] and r["flags"]["seed"] == 1
+  assert r["command_flags"] == sweep_flags
+  workdir = tmp_path / "again"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "forgetting.py"),
+                         f"--flagfile={run / 'run.flags'}", f"--workdir={workdir}"],
+                        capture_output=True, text=True, timeout=600,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  again = json.loads((workdir / "results.json").read_text())
+  assert again["flags"] == r["flags"] and again["tasks"] == r["tasks"]
+  assert again["accuracy_matrix"] == r["accuracy_matrix"]
+  assert again["task_aware_accuracy_matrix"] == r["task_aware_accuracy_matrix"]
+
+
 def test_script_writes_the_results_contract(tiny_data_dir, tiny_tokenizer_dir, tmp_path,
                                             uninterrupted):
   workdir = str(tmp_path / "run")
@@ -57,7 +85,7 @@ def test_script_writes_the_results_contract(tiny_data_dir, tiny_tokenizer_dir, t
   assert set(r["metrics"]) >= {"average_accuracy", "forgetting", "backward_transfer",
                                "forward_transfer"}
   assert r["method"] == "finetune" and r["seed"] == 0
-  assert r["flags"]["learning_rate"] == 2e-3 and r["flags"]["workdir"] == workdir
+  assert r["flags"]["learning_rate"] == 2e-3 and r["command_flags"]["workdir"] == workdir
   assert r["timing"]["train_seconds"] > 0 and r["timing"]["steps_per_task"] == [12, 12]
   assert r["data"]["imdb"] == {"train": 32, "test": 16, "val": 0,
                                "left_out_as_pretraining_text": {"train": 0, "test": 0}}

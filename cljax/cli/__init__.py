@@ -10,6 +10,7 @@ import sys
 from absl import app
 from absl import flags as absl_flags
 from absl import logging
+import jax
 
 # What bad input raises (a flag value, a file, a folder, a diverged run): the programs
 # log it as one line and exit with status 1.
@@ -22,6 +23,9 @@ def checked(argv, run):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  # The dropout masks' layout, set explicitly so that no JAX version or environment
+  # changes what a run computes (the library checks it where it draws masks).
+  jax.config.update("jax_threefry_partitionable", True)
   try:
     return run()
   except BAD_INPUT as e:

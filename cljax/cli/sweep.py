@@ -39,6 +39,9 @@ _ORDERS = flags.DEFINE_multi_string(
     "orders", [], "Task orders, each a comma-separated --tasks (repeatable): one sweep per "
     "order, in ROOT/order1, ROOT/order2, ...; the report has a table per order and one "
     "over them. Default: the one order of --tasks.")
+_ONLY_ORDERS = flags.DEFINE_list(
+    "only_orders", [], "Of --orders, run only these (1-based; each still in ROOT/orderK, "
+    "K its place in --orders); default: all.")
 _PARALLEL = flags.DEFINE_integer(
     "parallel_runs", 1, "Train up to N seeds of a method side by side as one vmapped "
     "program (cljax.study.parallel: each run's own data, dropout, method state, checkpoints "
@@ -67,7 +70,10 @@ def _sweep():
   if _ORDERS.value:
     orders = sweep.parse_orders(_ORDERS.value)
     sweep.check_orders(base, orders)   # each a valid --tasks, before any run
-    outs = sweep.run_orders(base, _ROOT.value, orders, **kwargs)
+    outs = sweep.run_orders(base, _ROOT.value, orders,
+                            only=[int(k) for k in _ONLY_ORDERS.value], **kwargs)
+  elif _ONLY_ORDERS.value:
+    raise ValueError("--only_orders picks among --orders, and no --orders is given.")
   else:
     outs = [sweep.run_sweep(base, _ROOT.value, **kwargs)]
   print(f"{sum(len(o['runs']) for o in outs)} runs under {_ROOT.value}")

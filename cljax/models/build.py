@@ -34,10 +34,10 @@ class ModelOptions(Options):
                                  bound=DROPOUT)
   remat: bool = option(False, "Rematerialize blocks in the backward pass (memory).")
   dropout_rng_impl: str = option(
-      "rbg", "How a train step draws its dropout masks: rbg (XLA's RngBitGenerator, "
-      "several times faster on a CPU) or threefry (the same masks on any device mesh, "
-      "inside a vmap and at any padded length: a position keeps its mask whatever length "
-      "its batch is padded to; runs trained side by side use it).",
+      "threefry", "How a train step draws its dropout masks: threefry (JAX's partitionable "
+      "threefry: the same masks on any device mesh, inside a vmap and at any padded "
+      "length, so runs side by side and length buckets change nothing) or rbg (XLA's "
+      "RngBitGenerator: other masks, faster on some devices; refused side by side).",
       choices=("rbg", "threefry"))
   attention: str = option("xla", "The fused attention kernel where attention has no "
                           "dropout (evaluation, generation, --dropout=0): xla, or cudnn "

@@ -2,18 +2,37 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
 
-KEPT_FILES = ("results.json", "pseudo_samples.jsonl", "selection.json", "orders.json")
+KEPT_FILES = ("results.json", "run.flags", "pseudo_samples.jsonl", "selection.json",
+              "orders.json")
+
+
+def bases(root: str) -> set:
+  """The base weights' SHA-256 that the runs under ``root`` record (None: one that
+  records none)."""
+  out = set()
+  for folder, _, files in os.walk(root):
+    if "results.json" in files:
+      with open(os.path.join(folder, "results.json")) as f:
+        out.add((json.load(f).get("model") or {}).get("source_sha256"))
+  return out
 
 
 def keep_results(root: str, dest: str) -> int:
-  """Copies the files a report reads (:data:`KEPT_FILES`: each run's results and kept
-  pseudo-examples, the sweep's strength choices and task orders) from under ``root``
-  to the same paths under ``dest``, leaving checkpoints and logs behind; returns how
-  many runs' results it copied."""
+  """Copies the files a report reads (:data:`KEPT_FILES`: each run's results, flags
+  and kept pseudo-examples, the sweep's strength choices and task orders) from under
+  ``root`` to the same paths under ``dest``, leaving checkpoints and logs behind;
+  returns how many runs' results it copied. Refuses, before copying, a ``dest`` that
+  holds runs of another base (one table would mix them)."""
+  mine, kept = bases(root), bases(dest) if os.path.isdir(dest) else set()
+  if kept - mine:
+    raise ValueError(f"{dest} holds runs from base weights {sorted(map(str, kept - mine))} "
+                     f"and {root} none of them ({sorted(map(str, mine))}): keep into "
+                     "another folder, or remove the old runs first.")
   runs = 0
   for folder, _, files in os.walk(root):
     for name in files:

@@ -61,8 +61,7 @@ class NaiveBayes:
 
 def _study_config(results: dict):
   from cljax.study.config import StudyConfig  # pylint: disable=import-outside-toplevel
-  names = {f.name for f in dataclasses.fields(StudyConfig)} - {"method_config"}
-  return StudyConfig(**{k: v for k, v in results["flags"].items() if k in names})
+  return StudyConfig.from_flags(results["flags"])
 
 
 def judge_run(workdir: str) -> list[dict]:

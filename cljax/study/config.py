@@ -18,7 +18,7 @@ import dataclasses
 from cljax.methods import MethodConfig
 from cljax.methods import registry
 from cljax.models.build import ModelOptions
-from cljax.options import COUNT, DEVICES, NON_NEGATIVE, POSITIVE, option
+from cljax.options import COUNT, DEVICES, NON_NEGATIVE, POSITIVE, option, with_current_names
 from cljax.train.optim import OptimizerOptions
 from cljax.train.run import CheckpointOptions
 
@@ -104,6 +104,10 @@ class StudyConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
     for name in ("tasks", "ag_news_classes", "classes", "label_words"):
       value = getattr(self, name)
       object.__setattr__(self, name, (value,) if isinstance(value, str) else tuple(value))
+    for name in ("classes", "label_words"):   # (task, names) pairs as their flags say them
+      object.__setattr__(self, name, tuple(
+          item if isinstance(item, str) else f"{item[0]}={','.join(item[1])}"
+          for item in getattr(self, name)))
     self.validate()
 
   def validate(self) -> None:
@@ -140,14 +144,55 @@ class StudyConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
     """Every field as JSON-ready values (method hyperparameters by name)."""
     return {**super().to_dict(), "method_config": self.method_config.to_dict()}
 
+  def to_flags(self) -> dict:
+    """The flags that make this config, by flag name (method hyperparameters flat,
+    "all" as -1): what ``results.json`` records as
+    a run's ``flags`` and :meth:`flagfile` writes out."""
+    out = {}
+    for f in dataclasses.fields(self):
+      if f.metadata.get("flag", True):
+        value = getattr(self, f.name)
+        if f.name in ("num_train", "num_test") and value is None:
+          value = -1
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return {**out, **self.method_config.to_dict()}
+
+  @classmethod
+  def from_flags(cls, flags: dict) -> StudyConfig:
+    """The config that recorded ``flags`` (:meth:`to_flags`; a stored run's, older
+    names read as today's) describe; keys that are no setting (``workdir``) ignored."""
+    flags = with_current_names(flags)
+    names = {f.name for f in dataclasses.fields(cls) if f.metadata.get("flag", True)}
+    return cls(**{k: v for k, v in flags.items() if k in names},
+               method_config=MethodConfig(**{k: v for k, v in flags.items()
+                                             if k in registry.hparams()}))
+
+
+def flagfile(flags: dict) -> str:
+  """An absl flagfile of ``flags`` (:meth:`StudyConfig.to_flags`): with it and a
+  ``--workdir``, the experiment script makes the same config again. A None is left
+  out (it is the flag's default: checked by the round-trip test)."""
+  repeatable = {f.name for f in dataclasses.fields(StudyConfig) if f.metadata.get("repeatable")}
+  lines = []
+  for name, value in flags.items():
+    if value is None:
+      continue
+    if name in repeatable:
+      lines += [f"--{name}={v}" for v in value]
+    elif isinstance(value, list):
+      lines.append(f"--{name}={','.join(str(v) for v in value)}")
+    elif isinstance(value, bool):
+      lines.append(f"--{name}={str(value).lower()}")
+    else:
+      lines.append(f"--{name}={value!r}" if isinstance(value, float) else f"--{name}={value}")
+  return "\n".join(lines) + "\n"
+
 
 def _per_task(flag: str, items) -> dict[str, tuple[str, ...]]:
-  """``("TASK=a,b", ...)`` (or ``(task, names)`` pairs from Python) as a dict."""
+  """``("TASK=a,b", ...)`` (``(task, names)`` pairs from Python are made this form
+  when the config is made) as a dict."""
   out = {}
   for item in items:
-    if isinstance(item, (tuple, list)):   # (task, names): the Python form
-      out[item[0]] = tuple(item[1])
-      continue
     task, sep, names = item.partition("=")
     if not sep or not names.strip():
       raise ValueError(f"--{flag}={item!r}: expected TASK=name,name (e.g. "

@@ -16,10 +16,9 @@ resumed further in, is held with its state unchanged), and end with their own
 ``after_task`` hooks, evaluations and checkpoints.
 
 The dropout masks are drawn with threefry in a layout that ignores the padded length
-(``--dropout_rng_impl=threefry``, recorded in each run's flags): XLA's RngBitGenerator
-gives other bits inside a vmap than alone, and flax's masks change with the length a
-batch is padded to. A run side by side then equals the same run alone with
-``--dropout_rng_impl=threefry``, to rounding (``tests/test_parallel.py``).
+(``--dropout_rng_impl=threefry``, the default; ``rbg`` is refused here: XLA's
+RngBitGenerator gives other bits inside a vmap than alone), so a run side by side
+equals the same run alone, to rounding (``tests/test_parallel.py``).
 """
 
 from __future__ import annotations
@@ -82,10 +81,16 @@ def varying(cfgs: Sequence[StudyConfig]) -> tuple[str, ...]:
 
 
 def side_by_side(cfgs: Sequence[StudyConfig]) -> list[StudyConfig]:
-  """The configs as they run side by side (threefry dropout), after checking that
-  they differ only in their seed and in the strengths their method reads as traced
-  values (EWC's lambda...): one line says what else differs."""
-  cfgs = [c.replace(dropout_rng_impl=DROPOUT_RNG) for c in cfgs]
+  """The configs, after checking that they can run side by side: threefry dropout
+  (the default; rbg draws other masks inside a vmap than alone) and no difference but
+  their seed and the strengths their method reads as traced values (EWC's lambda...).
+  Each failure is one line that says what to change."""
+  rbg = [c.seed for c in cfgs if c.dropout_rng_impl != DROPOUT_RNG]
+  if rbg:
+    raise ValueError(f"--dropout_rng_impl={cfgs[0].dropout_rng_impl} (seed {rbg[0]}) draws "
+                     "other dropout masks inside a vmap than alone, so runs side by side "
+                     f"would not equal the same runs alone: use --dropout_rng_impl={DROPOUT_RNG} "
+                     "(the default), or --parallel_runs=1.")
   traced = method_registry.traced(cfgs[0].method)
   first = _settings(cfgs[0], traced)
   may = "--seed" + "".join(f", --{t}" for t in sorted(traced))
@@ -367,7 +372,6 @@ def run_parallel(cfgs: Sequence[StudyConfig], workdirs: Sequence[str], *,
         r.study.checkpointer.close()
   out = []
   for r, f in zip(runs, flags):
-    f = None if f is None else dict(f, dropout_rng_impl=DROPOUT_RNG)
     results = make_results(r.study, r.record, f, time.time() - t_start)
     results["timing"].update(compiling.summary(), runs_side_by_side=len(runs),
                              runs_mesh=r.mesh)

@@ -17,7 +17,12 @@ import numpy as np
 
 from cljax import data as data_lib
 from cljax import metrics as metrics_lib
-from cljax.models import hf
+from cljax.study.config import flagfile
+
+# Each run's own flags as an absl flagfile, beside its results.json.
+RUN_FLAGS = "run.flags"
+RERUN_HELP = ("rerun it with python experiments/forgetting.py --flagfile=run.flags "
+              "--workdir=NEW_DIR")
 
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # cljax/
@@ -61,9 +66,12 @@ def fmt_accs(tasks, accs) -> str:
   return ", ".join(f"{t.name} {a:.3f}" for t, a in zip(tasks, accs))
 
 
-def make_results(study, record, flags: dict | None, wall_s: float) -> dict:
+def make_results(study, record, command_flags: dict | None, wall_s: float) -> dict:
   """The results dict (the public contract of ``results.json``) of a
-  :class:`~cljax.study.Study` and its :class:`~cljax.study.RunRecord`."""
+  :class:`~cljax.study.Study` and its :class:`~cljax.study.RunRecord`. ``flags`` are
+  the run's own (its config's, :meth:`StudyConfig.to_flags`: what reruns it);
+  ``command_flags`` those of the program that ran it (a sweep's, with its orders and
+  seeds), when one did."""
   cfg, model = study.cfg, study.model
   rows, task_rows = record.ended("accuracy"), record.ended("task_aware_accuracy")
   val_rows = record.ended("val_accuracy")
@@ -89,14 +97,16 @@ def make_results(study, record, flags: dict | None, wall_s: float) -> dict:
       "method": cfg.method,
       "method_config": cfg.method_config.to_dict(),
       "seed": cfg.seed,
-      "flags": flags if flags is not None else cfg.to_dict(),
+      "flags": cfg.to_flags(),
+      "command_flags": command_flags,
       "data": {d.task.name: {"train": data_lib.size(d.train), "test": data_lib.size(d.test),
                              "val": data_lib.size(d.val) if d.val else 0,
                              "left_out_as_pretraining_text": d.excluded}
                for d in study.task_data},
       "model": {"source": cfg.model if cfg.init == "pretrained" else f"random:{cfg.size}",
-                "source_sha256": (hf.weights_sha256(cfg.model) if cfg.init == "pretrained"
-                                  else None),
+                # The weights it started from (a record older than base_sha256: those
+                # at --model when it ended).
+                "source_sha256": record.base_sha256 or study.base_sha256,
                 "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
                 "vocab_size": model.config.vocab_size, "dtype": cfg.dtype,
                 "parameters": count_params(study.param_shapes),
@@ -143,6 +153,8 @@ def write_results(results: dict, workdir: str) -> None:
   """``results.json`` and the figures."""
   reports = results.get("method_reports") or []
   kept = [dict(s, boundary=r["task"]) for r in reports for s in r.get("kept_samples") or []]
+  with open(os.path.join(workdir, RUN_FLAGS), "w") as f:
+    f.write(f"# The flags of this run: {RERUN_HELP}\n" + flagfile(results["flags"]))
   with open(os.path.join(workdir, "results.json"), "w") as f:   # the samples go apart
     json.dump(dict(results, method_reports=[
         {k: v for k, v in r.items() if k != "kept_samples"} for r in reports]), f, indent=2)

@@ -76,6 +76,7 @@ class RunRecord(run_lib.Record):
   config: dict = dataclasses.field(default_factory=dict)     # the run's StudyConfig
   warnings: list = dataclasses.field(default_factory=list)   # e.g. a diverged task
   method_reports: list = dataclasses.field(default_factory=list)  # from the host hooks
+  base_sha256: str | None = None   # the weights the run started from (None: random init)
 
   def where(self) -> str:
     return f": task {self.task}, step {self.step_in_task} in the task"
@@ -121,6 +122,7 @@ class Study:
   train_steps: Mapping = dataclasses.field(   # trainable set -> its jitted step
       default_factory=lambda: types.MappingProxyType({}))
   method_context: BuildContext | None = None   # what the method was built with
+  base_sha256: str | None = None   # of the pretrained weights it loaded (None: random init)
 
 
 # ----------------------------------------------------------------------------
@@ -196,7 +198,8 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
                warnings=tuple(data_lib.class_warnings(task_data)),
                writes_files=jax.process_index() == 0, tokenizer=tokenizer,
                buckets=data_lib.length_buckets(cfg.max_length, cfg.length_bucket),
-               method_context=method_context)
+               method_context=method_context,
+               base_sha256=hf.weights_sha256(cfg.model) if cfg.init == "pretrained" else None)
   return dataclasses.replace(study, train_steps=train_steps(study))
 
 

@@ -99,6 +99,7 @@ def _start(study: Study) -> tuple[steps.TrainState, RunRecord]:
   acc, task_acc, _ = evaluate_all(study, state.params, state.method_state)
   record = RunRecord(baseline=acc, task_aware_baseline=task_acc, eval_seconds=time.time() - t0,
                      config=study.cfg.to_dict(), warnings=list(study.warnings),
+                     base_sha256=study.base_sha256,
                      curve=[{"global_step": 0, "task": -1, "accuracy": acc,
                              "task_aware_accuracy": task_acc}])
   logging.info("Before training: accuracy %s", fmt_accs(study.tasks, acc))
@@ -107,11 +108,18 @@ def _start(study: Study) -> tuple[steps.TrainState, RunRecord]:
 
 def start(study: Study, resume: bool = False) -> tuple[steps.TrainState, RunRecord]:
   """The latest checkpoint's state and record (``resume``), or the initial state and
-  a new record holding the accuracy before any training."""
-  return run_lib.restore_or_start(
+  a new record holding the accuracy before any training. A run resumes only on the
+  weights it started from (the SHA-256 its record keeps; older records keep none)."""
+  state, record = run_lib.restore_or_start(
       study.checkpointer, resume, target=functools.partial(_restore_target, study),
       record_cls=RunRecord, start=functools.partial(_start, study),
       saved_shapes_under="method_state")
+  if record.base_sha256 not in (None, study.base_sha256):
+    raise ValueError(f"Cannot resume {study.workdir}: it started from weights SHA-256 "
+                     f"{record.base_sha256[:12]}, and --model={study.cfg.model} now holds "
+                     f"{(study.base_sha256 or 'none')[:12]}. Give it the weights it started "
+                     "from, or start the run afresh in another --workdir.")
+  return state, record
 
 
 def save_checkpoint(study: Study, state, record: RunRecord) -> None:
@@ -301,7 +309,9 @@ def finish_task(study: Study, plan: TaskPlan, state, record: RunRecord, logger: 
 
 def run(cfg: StudyConfig, workdir: str, *, resume: bool = False,
         flags: dict | None = None) -> dict:
-  """Runs the sequential study and returns the results dict (also in results.json)."""
+  """Runs the sequential study and returns the results dict (also in results.json,
+  with the run's own flags in ``run.flags``); ``flags``: the flags of the program that
+  runs it, recorded as ``command_flags`` (the run's own are its config's)."""
   t_start = time.time()
   run_code_version()   # the code this run starts with, read before any work
   with CompileTimer() as compiling:

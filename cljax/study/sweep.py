@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 
 from cljax import data as data_lib
 from cljax.methods import registry
+from cljax.models import hf
 from cljax.study import stages
 from cljax.study.config import StudyConfig
 from cljax.study.setup import OUTPUTS
@@ -31,6 +32,46 @@ from cljax.train.checkpoint import Checkpointer
 from cljax.train.progress import fmt_time
 
 RESULTS = "results.json"
+
+
+def base_of(cfg: StudyConfig) -> dict:
+  """The weights a run of ``cfg`` starts from, as its results record them
+  (``model.source``, ``model.source_sha256``; None for a random init, which the
+  source and the seed make)."""
+  if cfg.init != "pretrained":
+    return {"source": f"random:{cfg.size}", "source_sha256": None}
+  return {"source": cfg.model, "source_sha256": hf.weights_sha256(cfg.model)}
+
+
+def _other_base(recorded: dict, base: dict) -> str | None:
+  """Why a run whose results record ``recorded`` (their ``model``) did not start from
+  ``base`` (:func:`base_of`); None where it did."""
+  sha = recorded.get("source_sha256")
+  if base["source_sha256"] is None:
+    same = recorded.get("source") == base["source"]
+    return None if same else f"started from {recorded.get('source')}"
+  if sha is None:
+    return "records no base SHA-256, so it cannot be shown to come from the same weights"
+  return None if sha == base["source_sha256"] else f"started from weights SHA-256 {sha[:12]}"
+
+
+def check_base(root: str, cfg: StudyConfig) -> None:
+  """Refuses, in one line, a sweep root with a finished run that did not start from
+  the weights ``cfg`` starts from: a missing run would otherwise be filled from
+  another base without a word. (A run stopped part way keeps its base's SHA-256 in its
+  checkpoint, and refuses to resume from other weights: :func:`stages.start`.)"""
+  base = None
+  for folder, _, files in sorted(os.walk(root)):
+    if RESULTS not in files:
+      continue
+    with open(os.path.join(folder, RESULTS)) as f:
+      recorded = json.load(f).get("model") or {}
+    base = base or base_of(cfg)   # hashed only when there is a run to compare with
+    why = _other_base(recorded, base)
+    if why:
+      raise ValueError(f"{folder} {why}, not from --model={base['source']} (SHA-256 "
+                       f"{(base['source_sha256'] or 'none: random init')[:12]}): sweep into "
+                       "another --root, or give the --model its runs started from.")
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, tuple[str, list[float]]]:
@@ -120,12 +161,12 @@ def _strength(base: StudyConfig, field: str | None, value):
 
 
 def run_one(cfg: StudyConfig, workdir: str, flags: dict | None = None) -> dict:
-  """Runs (or resumes, or just reads) one configuration."""
+  """Runs (or resumes, or just reads) one configuration; ``flags``: the sweep's own,
+  recorded as the run's ``command_flags``."""
   done = _finished(workdir)
   if done is not None:
     return done
   resume = os.path.isdir(os.path.join(workdir, "checkpoints"))
-  flags = dict(flags or {}, method=cfg.method, seed=cfg.seed, workdir=workdir)
   return stages.run(cfg, workdir, resume=resume, flags=flags)
 
 
@@ -142,9 +183,7 @@ def _side_by_side(base: StudyConfig, root: str, method: str, field: str | None,
     ran = parallel.run_parallel(
         [base.replace(method=method, seed=runs[i][1],
                       method_config=_strength(base, field, runs[i][0])) for i in todo],
-        [workdirs[i] for i in todo], resume=True,
-        flags=[dict(flags or {}, method=method, seed=runs[i][1], workdir=workdirs[i],
-                    **({field: runs[i][0]} if field else {})) for i in todo])
+        [workdirs[i] for i in todo], resume=True, flags=[flags] * len(todo))
     for i, results in zip(todo, ran):
       done[i] = results
   return list(zip(workdirs, done))
@@ -231,6 +270,7 @@ def _open_sweep(base: StudyConfig, root: str, methods: Sequence[str],
   if base.distributed:   # before anything asks JAX for its processes
     sharding.initialize_distributed()
   os.makedirs(root, exist_ok=True)
+  check_base(root, base)
   # One persistent compilation cache for the whole sweep: later runs reuse compiled steps.
   jax.config.update("jax_compilation_cache_dir", os.path.join(root, ".jax_cache"))
   path = os.path.join(root, "selection.json")
@@ -278,7 +318,7 @@ def run_sweep(base: StudyConfig, root: str, methods: Sequence[str],
     logging.info("[sweep %d/%d, %s elapsed] %s %s seed %d -> %s", len(runs) + 1, total,
                  fmt_time(time.time() - t0), method, tag(field, value), seed, workdir)
     results = run_one(base.replace(method=method, seed=seed, method_config=hp), workdir,
-                      dict(flags or {}, **({field: value} if field else {})))
+                      flags)
     runs.append(workdir)
     all_results.append(results)
     return results
@@ -323,13 +363,18 @@ def run_sweep(base: StudyConfig, root: str, methods: Sequence[str],
 
 
 def run_orders(base: StudyConfig, root: str, orders: Sequence[Sequence[str]],
-               **kwargs) -> list[dict]:
+               only: Sequence[int] | None = None, **kwargs) -> list[dict]:
   """One :func:`run_sweep` per task order, in ``root/order1``, ``root/order2``, ...
   (the orders are written to ``root/orders.json``); a task draws the same rows in
-  every order. A root's orders may be run again in part: its first orders alone (say
-  more seeds of order 1), or all of them and new ones after them."""
+  every order. ``only``: the orders (1-based) to run now, each still in its own
+  numbered folder. A root's orders may be run again in part: its first orders alone
+  (say more seeds of order 1), or all of them and new ones after them."""
   os.makedirs(root, exist_ok=True)
   orders = [tuple(o) for o in orders]
+  only = list(only or range(1, len(orders) + 1))
+  if not set(only) <= set(range(1, len(orders) + 1)):
+    raise ValueError(f"--only_orders={','.join(map(str, only))}: expected numbers from 1 to "
+                     f"{len(orders)}, the positions of --orders.")
   path = os.path.join(root, "orders.json")
   before = []
   if os.path.exists(path):
@@ -342,8 +387,8 @@ def run_orders(base: StudyConfig, root: str, orders: Sequence[Sequence[str]],
                        "after them), or use another --root.")
   _write_json(path, [list(o) for o in max(before, orders, key=len)])
   out = []
-  for i, order in enumerate(orders):
-    logging.info("Order %d of %d: %s", i + 1, len(orders), " -> ".join(order))
-    out.append(run_sweep(base.replace(tasks=order), os.path.join(root, f"order{i + 1}"),
+  for i in only:
+    logging.info("Order %d of %d: %s", i, len(orders), " -> ".join(orders[i - 1]))
+    out.append(run_sweep(base.replace(tasks=orders[i - 1]), os.path.join(root, f"order{i}"),
                          **kwargs))
   return out

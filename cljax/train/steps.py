@@ -80,11 +80,17 @@ def _lm_apply(model, *, deterministic, rng=None):
   return lm_apply_fn
 
 
-def dropout_key(rng: jax.Array, impl: str = "rbg") -> jax.Array:
-  """The dropout key of a step. ``rbg`` (XLA's RngBitGenerator) draws the dropout
-  masks several times faster than threefry on CPU; ``threefry`` gives the same
-  masks whatever the device mesh."""
+def dropout_key(rng: jax.Array, impl: str = "threefry") -> jax.Array:
+  """The dropout key of a step. ``threefry`` (partitionable: JAX's default since 0.5,
+  checked here when the step is traced, since the other layout gives other masks on
+  another mesh or padded length) gives the same masks whatever the device mesh, vmap
+  or padding; ``rbg`` (XLA's RngBitGenerator) gives other masks inside a vmap."""
   if impl == "threefry":
+    if not jax.config.jax_threefry_partitionable:
+      raise ValueError("dropout_rng_impl='threefry' needs jax_threefry_partitionable=True "
+                       "(JAX's default since 0.5), found False: unset "
+                       "JAX_THREEFRY_PARTITIONABLE or call jax.config.update("
+                       "'jax_threefry_partitionable', True).")
     return rng
   return jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl=impl)
 
@@ -134,7 +140,7 @@ def _step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransform
 
 def train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransformation,
                method: Method = finetune(), deterministic: bool = False,
-               dropout_rng_impl: str = "rbg") -> tuple[TrainState, dict[str, jax.Array]]:
+               dropout_rng_impl: str = "threefry") -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step: CE on the pooled logits plus the method's terms, AdamW.
 
   Returns the new state and metric sums (``loss_sum``, ``correct``, ``count``,
@@ -184,7 +190,7 @@ def logits_step(params, batch: Batch, *, model) -> jax.Array:
 
 def lm_train_step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransformation,
                   method: Method = finetune(), deterministic: bool = False,
-                  dropout_rng_impl: str = "rbg") -> tuple[TrainState, dict[str, jax.Array]]:
+                  dropout_rng_impl: str = "threefry") -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the mean next-token CE of the batch's target tokens plus
   the method's terms; ``model`` is a :class:`~cljax.models.GPT2LM`.
 
