@@ -87,15 +87,26 @@ def _step_states(runs, k):
   return out
 
 
+@pytest.fixture
+def xla_optimized():
+  """XLA's optimizations on, as in a user's run (the suite turns most off to compile
+  faster: conftest.py); without them the bodies of a program fuse otherwise than the
+  same steps alone."""
+  before = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", before)
+
+
 @pytest.mark.parametrize("case", ["two_seeds", "two_strengths"])
 def test_one_step_side_by_side_is_each_runs_step_alone(case, tiny_data_dir, tiny_tokenizer_dir,
-                                                        tmp_path):
-  """Two runs' states and batches of different lengths: the vmapped step (both padded
-  to the longer bucket) gives each run's step alone, dropout on, every parameter to
-  float32 rounding (at SGD with learning rate 1 an update is the gradient, so a wrong
-  head, LayerNorm or bias gradient shows); two EWC strengths, the strength a traced
-  value, at a step where the penalty pulls. The held step moves its active run as
-  alone and keeps the held one exactly."""
+                                                        tmp_path, xla_optimized):
+  """Two runs' states and batches of different lengths: the step of both (padded to
+  the longer bucket) gives each run's step alone bit for bit, dropout on, every
+  parameter (at SGD with learning rate 1 an update is the gradient, so a wrong head,
+  LayerNorm or bias gradient shows); two EWC strengths, the strength a traced value,
+  at a step where the penalty pulls. The held step moves its active run as alone and
+  keeps the held one exactly."""
   lambdas = (1e2, 1e4) if case == "two_strengths" else (1e2, 1e2)
   cfgs = parallel.side_by_side([_config(tiny_data_dir, tiny_tokenizer_dir, seed=s,
                                         method="ewc", method_config=MethodConfig(
@@ -107,39 +118,61 @@ def test_one_step_side_by_side_is_each_runs_step_alone(case, tiny_data_dir, tiny
   runs = [study.setup(c, str(tmp_path / f"r{c.seed}"), False) for c in cfgs]
   k = 1 if case == "two_strengths" else 0
   states, plans = zip(*_step_states(runs, k))
-  batches = [{n: np.array(v[:8]) for n, v in dict(
-      p.arrays, weights=np.ones(len(p.arrays["labels"]), np.float32)).items()}
-      for p in plans]
-  batches[0]["attention_mask"][:, 6:] = 0        # run 0's rows are shorter
-  batches[0]["input_ids"][:, 6:] = runs[0].tokenizer.pad_token_id
-  alone = [jax.jit(functools.partial(steps.train_step, model=s.model, tx=SGD, method=s.method))(
-      jax.tree.map(jax.numpy.copy, st), data_lib.trim_to_bucket(b, (8, 24)))
-      for s, st, b in zip(runs, states, batches)]
-  assert all(float(m["penalty"]) > 0 for _, m in alone) == bool(k)
   axis = sharding.RunAxis.over(runs[0].mesh, 2)
   rebuild = (functools.partial(build_method, cfgs[0].method, cfgs[0].method_config,
                                runs[0].method_context) if names else None)
   fns = parallel.make_step_fns(runs[0].model, SGD, runs[0].method, axis, rebuild)
   values = {n: np.asarray(lambdas, np.float32) for n in names}
+  for padded in (False, True):
+    batches = [{n: np.array(v[:8]) for n, v in dict(
+        p.arrays, weights=np.ones(len(p.arrays["labels"]), np.float32)).items()}
+        for p in plans]
+    if padded:   # run 0's rows are shorter: alone at length 8, side by side at 24
+      batches[0]["attention_mask"][:, 6:] = 0
+      batches[0]["input_ids"][:, 6:] = runs[0].tokenizer.pad_token_id
+    _check_one_step(runs, states, batches, fns, values, exact=not padded, penalty=bool(k))
+  for s in runs:
+    s.checkpointer.close()
+
+
+def _alone_step(s, state):
+  """The run's step alone at SGD, jitted with the shardings the study's steps have."""
+  shardings = jax.tree.map(lambda a: a.sharding, state)
+  return jax.jit(functools.partial(steps.train_step, model=s.model, tx=SGD, method=s.method),
+                 in_shardings=(shardings, sharding.batch_sharding(s.mesh)),
+                 out_shardings=(shardings, sharding.replicated(s.mesh)))
+
+
+def _check_one_step(runs, states, batches, fns, values, *, exact, penalty):
+  """The step of both runs against each run's step alone: bit for bit where both run at
+  their own length (one device: parallel.over_runs), to float32 rounding where one is
+  padded to the other's (a longer sum rounds otherwise); the held step likewise."""
+  alone = [_alone_step(s, st)(jax.tree.map(jax.numpy.copy, st),
+                              data_lib.trim_to_bucket(b, (8, 24)))
+           for s, st, b in zip(runs, states, batches)]
+  assert all(float(m["penalty"]) > 0 for _, m in alone) == penalty
   both = parallel.stack_batches(batches, (8, 24))
   assert both["input_ids"].shape[-1] == 24
 
-  def assert_same(got, want):
+  def same(a, b, **where):
+    if exact:
+      np.testing.assert_array_equal(a, b, **where)
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, **where)
+
+  def same_params(got, want):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got.params),
                             jax.tree.leaves(want.params)):
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6,
-                                 err_msg=jax.tree_util.keystr(path))
-  new, metrics = fns.full(parallel.stack(states, axis.runs), both, values)
+      same(a, b, err_msg=jax.tree_util.keystr(path))
+  new, metrics = fns.full(parallel.stack(states), both, values)
   for i, (state_i, metrics_i) in enumerate(alone):
-    assert_same(parallel.unstack(new, i), state_i)
+    same_params(parallel.unstack(new, i), state_i)
     for name in ("loss_sum", "penalty", "grad_norm", "correct"):
-      np.testing.assert_allclose(metrics[name][i], metrics_i[name], rtol=1e-5)
-  held, _ = fns.held(parallel.stack(states, axis.runs), both, values, np.asarray([False, True]))
+      same(metrics[name][i], metrics_i[name])
+  held, _ = fns.held(parallel.stack(states), both, values, np.asarray([False, True]))
   for a, b in zip(jax.tree.leaves(parallel.unstack(held, 0)), jax.tree.leaves(states[0])):
     np.testing.assert_array_equal(a, b)
-  assert_same(parallel.unstack(held, 1), alone[1][0])
-  for s in runs:
-    s.checkpointer.close()
+  same_params(parallel.unstack(held, 1), alone[1][0])
 
 
 def _config(data_dir, tokenizer_dir, **overrides):

@@ -1,7 +1,9 @@
 """Many runs in one program: runs of one study that differ only in their seed and in
 the strengths their method reads as traced values (``registry.register(traced=...)``:
 the step builds the method from each run's value), trained side by side as one
-``jax.vmap``-ped train step over their stacked states. The run axis is laid over the
+train step over their stacked states (:func:`over_runs`: each run's step in turn
+inside the program where the runs share devices, bit for bit the step alone;
+``jax.vmap`` where the run axis spreads them over devices). The run axis is laid over the
 devices (:class:`cljax.train.sharding.RunAxis`: ``gcd(runs, devices)`` of them on the run
 axis, each run's batch split over the rest), over every process of a multi-host run.
 
@@ -18,7 +20,8 @@ resumed further in, is held with its state unchanged), and end with their own
 The dropout masks are drawn with threefry in a layout that ignores the padded length
 (``--dropout_rng_impl=threefry``, the default; ``rbg`` is refused here: XLA's
 RngBitGenerator gives other bits inside a vmap than alone), so a run side by side
-equals the same run alone, to rounding (``tests/test_parallel.py``).
+equals the same run alone: bit for bit where its batch is at its own length, to
+rounding where it is padded to another run's longer one (``tests/test_parallel.py``).
 """
 
 from __future__ import annotations
@@ -168,11 +171,23 @@ class StepFns(NamedTuple):
   held: Callable
 
 
+def over_runs(fn: Callable, axis: sharding.RunAxis) -> Callable:
+  """``fn`` of one run over the stacked runs: where the runs share their devices (a
+  run axis of 1 on the mesh), each run's step in turn inside the one program
+  (``jax.lax.map``), which computes bit for bit what the run's step alone does; where
+  the run axis spreads them over devices, ``jax.vmap``, whose batched products round
+  differently from a run alone (by about 1e-7, which training can amplify)."""
+  if axis.mesh.shape["runs"] > 1:
+    return jax.vmap(fn)
+  return lambda *args: jax.lax.map(lambda xs: fn(*xs), args)
+
+
 def make_step_fns(model, tx, method, axis: sharding.RunAxis,
                   rebuild: Callable[[dict], object] | None = None) -> StepFns:
   """The steps take ``(state, batch, values)`` (and ``active``), ``values`` each run's
   traced strengths (``{name: [runs]}``, empty when the runs share them): with
-  ``rebuild``, the method is built inside the step from them."""
+  ``rebuild``, the method is built inside the step from them; over the runs as
+  :func:`over_runs` says."""
   def one(state, batch, values):
     m = method if rebuild is None else rebuild(values)
     return steps.train_step(state, batch, model=model, tx=tx, method=m,
@@ -183,9 +198,9 @@ def make_step_fns(model, tx, method, axis: sharding.RunAxis,
     return jax.tree.map(lambda a, b: jnp.where(active, a, b), new, state), metrics
   out = (axis.runs, axis.replicated)
   return StepFns(
-      jax.jit(jax.vmap(one), in_shardings=(axis.runs, axis.batches, axis.runs),
+      jax.jit(over_runs(one, axis), in_shardings=(axis.runs, axis.batches, axis.runs),
               out_shardings=out, donate_argnums=0),
-      jax.jit(jax.vmap(one_held),
+      jax.jit(over_runs(one_held, axis),
               in_shardings=(axis.runs, axis.batches, axis.runs, axis.replicated),
               out_shardings=out, donate_argnums=0))
 
