@@ -9,10 +9,12 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 
 from absl import flags as absl_flags
 import pytest
+import safetensors.numpy
 
 from cljax import data as data_lib
 from cljax.cli import flags as cljax_flags
@@ -136,6 +138,25 @@ def test_pretraining_lists_its_texts_and_a_study_from_it_draws_none(
     assert results["model"]["source_sha256"] == hashlib.sha256(f.read()).hexdigest()
   assert (imdb["train"], imdb["val"]) == (len(texts) - len(half) - 3, 4)
   assert results["data"]["ag_news"]["left_out_as_pretraining_text"] == {"train": 0, "test": 0}
+  # A run stopped part way resumes only on the weights it started from.
+  base = tmp_path / "base"
+  shutil.copytree(os.path.join(workdir, "hf_model"), base)
+  cut = StudyConfig(init="pretrained", model=str(base), data_dir=tiny_data_dir,
+                    tokenizer=tiny_tokenizer_dir, num_train=24, num_test=8, max_length=32,
+                    batch_size=8, epochs=1, checkpoint_every=1, tasks=("imdb",))
+  with pytest.raises(study.Interrupted):
+    study.run(cut.replace(stop_after_steps=2), str(tmp_path / "cut"))
+  started = (base / "model.safetensors").read_bytes()
+  weights = safetensors.numpy.load_file(str(base / "model.safetensors"))
+  name = sorted(weights)[0]
+  weights[name] = weights[name] + 1e-3
+  safetensors.numpy.save_file(weights, str(base / "model.safetensors"))
+  with pytest.raises(ValueError, match=r"^Cannot resume .*cut: it started from weights "
+                                       r"SHA-256 [0-9a-f]{12}, and --model=.*base now holds"):
+    study.run(cut, str(tmp_path / "cut"), resume=True)
+  (base / "model.safetensors").write_bytes(started)
+  resumed = study.run(cut, str(tmp_path / "cut"), resume=True)
+  assert resumed["model"]["source_sha256"] == hashlib.sha256(started).hexdigest()
   # Asking for one row more than is left is one clear line.
   with pytest.raises(ValueError, match="imdb: no validation rows left to draw"):
     study.run(StudyConfig(

@@ -146,8 +146,8 @@ class StudyConfig(CheckpointOptions, OptimizerOptions, ModelOptions):
 
   def to_flags(self) -> dict:
     """The flags that make this config, by flag name (method hyperparameters flat,
-    "all" as -1): what ``results.json`` records as
-    a run's ``flags`` and :meth:`flagfile` writes out."""
+    "all" as -1): what ``results.json`` records as a run's ``flags`` and
+    :func:`flagfile` writes out."""
     out = {}
     for f in dataclasses.fields(self):
       if f.metadata.get("flag", True):
