@@ -65,7 +65,8 @@ def test_every_flag_the_docs_name_exists():
   import subprocess
   import sys
   known = set()
-  for script in ("forgetting", "sweep", "report", "benchmark", "study_vs_torch", "instruct"):
+  for script in ("forgetting", "sweep", "report", "benchmark", "study_vs_torch", "instruct",
+                 "parallel_equal", "relabel_kept_runs"):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", f"{script}.py"),
                           "--helpfull"], capture_output=True, text=True, timeout=300).stdout
     known.update(re.findall(r"^\s+--(?:\[no\])?([a-z_0-9]+)", out, re.M))
