@@ -145,3 +145,16 @@ def test_non_finite_is_reported(setup):
   assert not bool(m["finite"])
   _, m = step(steps.init_train_state(params, tx, jax.random.PRNGKey(0)), make_batch(0))
   assert bool(m["finite"])
+
+
+def test_threefry_dropout_refuses_the_key_layout_that_moves_with_the_mesh():
+  """Threefry's older, non-partitionable layout draws other masks on another mesh or
+  padded length: a step that would draw with it stops with one line saying how to fix
+  it (the programs set the partitionable layout explicitly)."""
+  from cljax.train import steps as train_steps
+  key = jax.random.PRNGKey(0)
+  assert train_steps.dropout_key(key, "threefry") is key
+  with jax.threefry_partitionable(False):
+    with pytest.raises(ValueError, match=r"needs jax_threefry_partitionable=True .*found "
+                                         r"False: unset JAX_THREEFRY_PARTITIONABLE"):
+      train_steps.dropout_key(key, "threefry")

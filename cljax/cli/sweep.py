@@ -43,12 +43,13 @@ _ONLY_ORDERS = flags.DEFINE_list(
     "only_orders", [], "Of --orders, run only these (1-based; each still in ROOT/orderK, "
     "K its place in --orders); default: all.")
 _PARALLEL = flags.DEFINE_integer(
-    "parallel_runs", 1, "Train up to N seeds of a method side by side as one vmapped "
-    "program (cljax.study.parallel: each run's own data, dropout, method state, checkpoints "
-    "and outputs; dropout drawn with threefry, recorded in each run's flags); 1: one "
-    "after another. A method's strength candidates run side by side too where it reads "
-    "the strength as a traced value (EWC, online EWC, MAS, L2, SI, LwF); on several "
-    "devices the runs are laid over them.", lower_bound=1)
+    "parallel_runs", 1, "Train up to N seeds of a method side by side in one program "
+    "(cljax.study.parallel: each run's own data, dropout, method state, checkpoints and "
+    "outputs; where the runs share their devices, each run's step is the same run's step "
+    "alone, bit for bit; needs --dropout_rng_impl=threefry, the default); 1: one after "
+    "another. A method's strength candidates run side by side too where it reads the "
+    "strength as a traced value (EWC, online EWC, MAS, L2, SI, LwF); on several devices "
+    "the runs are laid over them (vmapped, which rounds otherwise).", lower_bound=1)
 _REPORT = flags.DEFINE_bool("report", True, "Write the report when the sweep ends.")
 
 
