@@ -23,8 +23,8 @@ from absl import app
 from absl import flags
 
 from cljax.options import with_current_names
-from cljax.study.config import StudyConfig, flagfile
-from cljax.study.results import RERUN_HELP, RUN_FLAGS
+from cljax.study.config import StudyConfig
+from cljax.study.results import write_run_flags
 from cljax.train.run import BEFORE_IT_EXISTED
 
 _ROOT = flags.DEFINE_string("root", "docs/results", "Folder of kept runs.")
@@ -55,8 +55,7 @@ def relabel(path: str, dry_run: bool) -> str | None:
     results["command_flags"], results["flags"] = old, new
     with open(path, "w") as f:
       json.dump(results, f, indent=2)
-    with open(os.path.join(os.path.dirname(path), RUN_FLAGS), "w") as f:
-      f.write(f"# The flags of this run: {RERUN_HELP}\n" + flagfile(new))
+    write_run_flags(os.path.dirname(path), new)
   return ", ".join(changed) or "moved to command_flags"
 
 

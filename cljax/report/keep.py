@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
+
+from cljax.study.sweep import recorded_models
 
 
 KEPT_FILES = ("results.json", "run.flags", "pseudo_samples.jsonl", "selection.json",
@@ -14,12 +15,7 @@ KEPT_FILES = ("results.json", "run.flags", "pseudo_samples.jsonl", "selection.js
 def bases(root: str) -> set:
   """The base weights' SHA-256 that the runs under ``root`` record (None: one that
   records none)."""
-  out = set()
-  for folder, _, files in os.walk(root):
-    if "results.json" in files:
-      with open(os.path.join(folder, "results.json")) as f:
-        out.add((json.load(f).get("model") or {}).get("source_sha256"))
-  return out
+  return {model.get("source_sha256") for _, model in recorded_models(root)}
 
 
 def keep_results(root: str, dest: str) -> int:

@@ -184,7 +184,7 @@ def flagfile(flags: dict) -> str:
     elif isinstance(value, bool):
       lines.append(f"--{name}={str(value).lower()}")
     else:
-      lines.append(f"--{name}={value!r}" if isinstance(value, float) else f"--{name}={value}")
+      lines.append(f"--{name}={value}")
   return "\n".join(lines) + "\n"
 
 

@@ -88,9 +88,9 @@ def side_by_side(cfgs: Sequence[StudyConfig]) -> list[StudyConfig]:
   (the default; rbg draws other masks inside a vmap than alone) and no difference but
   their seed and the strengths their method reads as traced values (EWC's lambda...).
   Each failure is one line that says what to change."""
-  rbg = [c.seed for c in cfgs if c.dropout_rng_impl != DROPOUT_RNG]
-  if rbg:
-    raise ValueError(f"--dropout_rng_impl={cfgs[0].dropout_rng_impl} (seed {rbg[0]}) draws "
+  other = next((c for c in cfgs if c.dropout_rng_impl != DROPOUT_RNG), None)
+  if other:
+    raise ValueError(f"--dropout_rng_impl={other.dropout_rng_impl} (seed {other.seed}) draws "
                      "other dropout masks inside a vmap than alone, so runs side by side "
                      f"would not equal the same runs alone: use --dropout_rng_impl={DROPOUT_RNG} "
                      "(the default), or --parallel_runs=1.")
@@ -176,7 +176,7 @@ def over_runs(fn: Callable, axis: sharding.RunAxis) -> Callable:
   run axis of 1 on the mesh), each run's step in turn inside the one program
   (``jax.lax.map``), which computes bit for bit what the run's step alone does; where
   the run axis spreads them over devices, ``jax.vmap``, whose batched products round
-  differently from a run alone (by about 1e-7, which training can amplify)."""
+  differently from a run alone (by about 1e-8, which training can amplify)."""
   if axis.mesh.shape["runs"] > 1:
     return jax.vmap(fn)
   return lambda *args: jax.lax.map(lambda xs: fn(*xs), args)

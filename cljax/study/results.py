@@ -21,8 +21,6 @@ from cljax.study.config import flagfile
 
 # Each run's own flags as an absl flagfile, beside its results.json.
 RUN_FLAGS = "run.flags"
-RERUN_HELP = ("rerun it with python experiments/forgetting.py --flagfile=run.flags "
-              "--workdir=NEW_DIR")
 
 
 PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # cljax/
@@ -149,12 +147,18 @@ def _samples_text(reports: list[dict]) -> str:
   return "\n".join(out)
 
 
+def write_run_flags(workdir: str, flags: dict) -> None:
+  """``workdir/run.flags``: the run's own ``flags`` as an absl flagfile."""
+  with open(os.path.join(workdir, RUN_FLAGS), "w") as f:
+    f.write("# The flags of this run: rerun it with python experiments/forgetting.py "
+            f"--flagfile={RUN_FLAGS} --workdir=NEW_DIR\n" + flagfile(flags))
+
+
 def write_results(results: dict, workdir: str) -> None:
-  """``results.json`` and the figures."""
+  """``results.json``, ``run.flags`` and the figures."""
   reports = results.get("method_reports") or []
   kept = [dict(s, boundary=r["task"]) for r in reports for s in r.get("kept_samples") or []]
-  with open(os.path.join(workdir, RUN_FLAGS), "w") as f:
-    f.write(f"# The flags of this run: {RERUN_HELP}\n" + flagfile(results["flags"]))
+  write_run_flags(workdir, results["flags"])
   with open(os.path.join(workdir, "results.json"), "w") as f:   # the samples go apart
     json.dump(dict(results, method_reports=[
         {k: v for k, v in r.items() if k != "kept_samples"} for r in reports]), f, indent=2)

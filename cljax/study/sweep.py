@@ -55,17 +55,21 @@ def _other_base(recorded: dict, base: dict) -> str | None:
   return None if sha == base["source_sha256"] else f"started from weights SHA-256 {sha[:12]}"
 
 
+def recorded_models(root: str):
+  """(folder, the ``model`` its results record) of every finished run under ``root``."""
+  for folder, _, files in sorted(os.walk(root)):
+    if RESULTS in files:
+      with open(os.path.join(folder, RESULTS)) as f:
+        yield folder, json.load(f).get("model") or {}
+
+
 def check_base(root: str, cfg: StudyConfig) -> None:
   """Refuses, in one line, a sweep root with a finished run that did not start from
   the weights ``cfg`` starts from: a missing run would otherwise be filled from
   another base without a word. (A run stopped part way keeps its base's SHA-256 in its
   checkpoint, and refuses to resume from other weights: :func:`stages.start`.)"""
   base = None
-  for folder, _, files in sorted(os.walk(root)):
-    if RESULTS not in files:
-      continue
-    with open(os.path.join(folder, RESULTS)) as f:
-      recorded = json.load(f).get("model") or {}
+  for folder, recorded in recorded_models(root):
     base = base or base_of(cfg)   # hashed only when there is a run to compare with
     why = _other_base(recorded, base)
     if why:
