@@ -1,6 +1,8 @@
-"""DEN (Dynamically Expandable Networks): the units beside GPT-2's MLP, selective
-retraining, expansion with group lasso and pruning, split and duplication with
-timestamps, and a study run's report."""
+"""DEN (Dynamically Expandable Networks): the units beside GPT-2's MLP and the token
+rows beside wte, the sparse model's selection (checked against the group lasso's
+optimality conditions), selective retraining with the L1 step, expansion with group
+lasso and pruning, split and duplication of units and rows with timestamps, and a
+study run's report."""
 
 import functools
 import json
@@ -21,7 +23,7 @@ from cljax.models.den import NEVER, alive, unit_arrays, with_units
 BASE = GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4,
                   num_labels=4, pad_token_id=96, eos_token_id=96, embd_pdrop=0.0,
                   attn_pdrop=0.0, resid_pdrop=0.0)
-INNER, CAPACITY = 128, 160
+INNER, CAPACITY, ROWS = 128, 160, 96
 W = INNER + CAPACITY
 
 
@@ -52,16 +54,17 @@ def _batches(arrays, bs=8):
 
 
 def _method(**hp):
-  hp = {"den_capacity": CAPACITY, "den_select_steps": 4, "den_expand_steps": 4,
+  hp = {"den_capacity": CAPACITY, "den_row_capacity": ROWS, "den_expand_steps": 4,
         "den_split_steps": 0, **hp}
   return build("den", MethodConfig(**hp), BuildContext(num_labels=4, num_tasks=2,
-                                                        max_length=12, n_layer=2, n_embd=32))
+                                                        max_length=12, n_layer=2, n_embd=32,
+                                                        vocab_size=97))
 
 
 @pytest.fixture(scope="module")
 def start():
   base = init_params(GPT2Classifier(BASE), jax.random.PRNGKey(0))
-  model = GPT2Classifier(BASE.replace(den_capacity=CAPACITY))
+  model = GPT2Classifier(BASE.replace(den_capacity=CAPACITY, den_rows=ROWS))
   return model, base, add_peft_params(model, base, jax.random.PRNGKey(1))
 
 
@@ -92,11 +95,11 @@ def _finish(method, model, params, mstate, k, reports=None):
 
 
 def _logits(model, params, k, mstate):
-  """Task k's logits (its head's: its classes) with its units, on its rows."""
-  units = den.alive_table(mstate)[k].astype(jnp.float32)
+  """Task k's logits (its head's: its classes) with its units and token rows, on its
+  data."""
   ids = _data(k)["input_ids"]
-  logits = model.apply({"params": params}, ids, den_units=jnp.broadcast_to(
-      units, (len(ids),) + units.shape))
+  inputs = den.network_inputs(den.alive_table(mstate)[k], mstate.rows[k], {"input_ids": ids})
+  logits = model.apply({"params": params}, ids, **inputs)
   return np.asarray(logits)[:, list(TASKS[k].head_labels)]
 
 
@@ -130,22 +133,69 @@ def test_capacity_changes_no_logit_and_unit_views_round_trip(start):
   on = mask.at[:, :, INNER + 3].set(1.0)
   assert np.abs(model.apply({"params": moved}, ids, den_units=on) - plain).max() > 1e-3
 
+  # A token read from a copy row: the copy's values, wherever it sits.
+  wte = params["wte"]["embedding"]
+  copy = {**params, "den_wte": {"embedding": params["den_wte"]["embedding"].at[3].set(wte[5])}}
+  rows = jnp.where(ids == 5, 97 + 3, ids)
+  np.testing.assert_array_equal(model.apply({"params": copy}, ids, den_rows=rows), plain)
+  assert np.abs(model.apply({"params": params}, ids, den_rows=rows) - plain).max() > 1e-3
+  table = den.embedding_rows(params)
+  assert table.shape == (97 + ROWS, 32)
+  np.testing.assert_array_equal(den.embedding_rows(den.with_rows(params, table)), table)
+
 
 # ----------------------------------------------------------------------------
 # Step 1: selective retraining
 # ----------------------------------------------------------------------------
 
-def test_the_l1_sparse_model_decides_the_selection(start, after_first):
+def test_the_sparse_model_is_the_group_lasso_s_solution():
+  """On features of which two carry the label, the fit meets the group lasso's
+  optimality conditions (a zero group's gradient under the strength; a nonzero one's
+  equal to it, against its direction), and it keeps the informative features."""
+  rs = np.random.RandomState(0)
+  y = rs.randint(0, 3, 400)
+  x = rs.randn(400, 30).astype(np.float32)
+  x[:, 4] += 1.5 * (y == 1)
+  x[:, 9] += 1.5 * (y == 2)
+  w, b, lam = den.sparse_fit(jnp.asarray(x), jnp.asarray(y), num_classes=3, ratio=0.3,
+                             steps=3000)
+  z = (x - x.mean(0)) / x.std(0)
+  p = jax.nn.softmax(z @ np.asarray(w) + np.asarray(b))
+  g = z.T @ (np.asarray(p) - np.eye(3)[y]) / len(y)
+  norms = np.linalg.norm(np.asarray(w), axis=1)
+  on = norms > 0
+  assert on[4] and on[9] and on.sum() < 30
+  assert (np.linalg.norm(g[~on], axis=1) <= float(lam) * 1.01).all()
+  np.testing.assert_allclose(g[on], -float(lam) * np.asarray(w)[on] / norms[on, None],
+                             atol=2e-3 * float(lam) + 1e-4)
+  np.testing.assert_allclose(np.asarray(jnp.mean(p, 0)), np.bincount(y) / len(y), atol=1e-3)
+
+
+def test_the_sparse_model_decides_the_selection_and_never_selects_none(start, after_first):
   model, _, _ = start
   params, mstate = after_first
-  units = alive(mstate.birth, mstate.retired, 1)
-  batches = _batches(_data(1))
-  dense = den.select_units(model, params, units, batches, den.DENConfig(den_l1=0.0))
-  np.testing.assert_array_equal(dense, np.asarray(units))   # no L1: every unit in use
-  none = den.select_units(model, params, units, batches, den.DENConfig(den_l1=1.0))
-  assert not none.any()
-  some = den.select_units(model, params, units, batches, den.DENConfig(den_l1=5e-4))
-  assert 0 < some.sum() < units.sum() and not (some & ~np.asarray(units)).any()
+  units = np.asarray(alive(mstate.birth, mstate.retired, 1))
+  batches, classes, rows = _batches(_data(1)), np.asarray([2, 3]), mstate.rows[1]
+  dense, _ = den.select_units(model, params, units, rows, batches, classes,
+                              den.DENConfig(den_select_l1=0.0))
+  np.testing.assert_array_equal(dense, units)   # no penalty: every unit in use
+  some, report = den.select_units(model, params, units, rows, batches, classes,
+                                  den.DENConfig(den_select_l1=0.5))
+  assert 0 < some.sum() < units.sum() and not (some & ~units).any()
+  assert report["select_examples"] == 32 and "select_fallback" not in report
+  # at the strength that zeroes every weight, a warning and every unit retrains
+  none, report = den.select_units(model, params, units, rows, batches, classes,
+                                  den.DENConfig(den_select_l1=1.0))
+  np.testing.assert_array_equal(none, units)
+  assert report["select_fallback"] is True
+
+
+def test_den_s_own_shuffles_come_from_the_run_s_key():
+  arrays = _data(1)
+  order = lambda rng: np.concatenate([b["input_ids"][:, 0] for b in den._batches(  # noqa: E731
+      arrays, 8, 4, den._seed(rng, 2))])
+  np.testing.assert_array_equal(order(jax.random.PRNGKey(0)), order(jax.random.PRNGKey(0)))
+  assert not np.array_equal(order(jax.random.PRNGKey(0)), order(jax.random.PRNGKey(1)))
 
 
 def test_selective_retraining_moves_only_the_selected_units(start, after_first):
@@ -161,7 +211,7 @@ def test_selective_retraining_moves_only_the_selected_units(start, after_first):
   assert same["fc_k"].all(1)[~selected].all() and same["fc_b"][~selected].all()
   assert same["proj_k"].all(2)[~selected].all()
   assert not same["fc_k"].all(1)[selected].all()   # the selection did train
-  for name in ("wte", "wpe", "ln_f", "h_0", "h_1"):
+  for name in ("wpe", "ln_f", "h_0", "h_1"):
     for path, x in jax.tree_util.tree_flatten_with_path(params[name])[0]:
       keys = jax.tree_util.keystr(path)
       if "c_fc" in keys or "den_" in keys or "c_proj']['kernel" in keys and "mlp" in keys:
@@ -169,6 +219,42 @@ def test_selective_retraining_moves_only_the_selected_units(start, after_first):
       np.testing.assert_array_equal(x, _get(trained[name], path), err_msg=name + keys)
   score0 = np.asarray(trained["score"]["kernel"])[:, :2]
   np.testing.assert_array_equal(score0, np.asarray(params["score"]["kernel"])[:, :2])
+  # the token rows: exactly those the task reads train, and move
+  read = np.zeros(97 + ROWS, bool)
+  read[np.unique(_data(1)["input_ids"])] = True
+  np.testing.assert_array_equal(np.asarray(state.row_trained), read)
+  same_rows = (np.asarray(den.embedding_rows(params))
+               == np.asarray(den.embedding_rows(trained))).all(1)
+  assert same_rows[~read].all() and not same_rows[read].any()
+
+
+def test_the_l1_step_follows_every_step_on_what_the_task_trains(start, after_first):
+  """An L1 step larger than every weight zeroes, after one step, exactly the weights
+  the task trains: task 1 every one but the capacity's, task 2 its selected units, its
+  rows and its head columns."""
+  model, _, params = start
+  method = _method(den_l1=10.0)
+  first, _ = _train(method, model, params, method.init(params), 0, epochs=1)
+  for name, x in jax.tree_util.tree_flatten_with_path(first)[0]:
+    keys = jax.tree_util.keystr(name)
+    want = _get(params, name) if "den_" in keys else 0.0
+    np.testing.assert_array_equal(x, np.broadcast_to(want, x.shape), err_msg=keys)
+  params, mstate = after_first
+  trained, state = _train(method, model, params, mstate, 1, epochs=1)
+  selected = np.asarray(state.selected)
+  units, before = unit_arrays(trained, 2), unit_arrays(params, 2)
+  assert (np.asarray(units["fc_k"]).transpose(0, 2, 1)[selected] == 0).all()
+  assert (np.asarray(units["proj_k"])[selected] == 0).all()
+  np.testing.assert_array_equal(np.asarray(units["fc_b"])[~selected],
+                                np.asarray(before["fc_b"])[~selected])
+  rows = np.asarray(den.embedding_rows(trained))
+  assert (rows[np.asarray(state.row_trained)] == 0).all()
+  np.testing.assert_array_equal(rows[~np.asarray(state.row_trained)],
+                                np.asarray(den.embedding_rows(params))[~np.asarray(
+                                    state.row_trained)])
+  score = np.asarray(trained["score"]["kernel"])
+  assert (score[:, 2:] == 0).all()
+  np.testing.assert_array_equal(score[:, :2], np.asarray(params["score"]["kernel"])[:, :2])
 
 
 def _get(tree, path):
@@ -190,7 +276,7 @@ def second(start, after_first):
 
 def _consolidate(start, after_first, second, **hp):
   """Task 1's steps 2 and 3 under ``hp`` (the selection and its retraining depend on
-  ``den_l1`` and ``den_l2`` only, left at their defaults)."""
+  ``den_select_l1``, ``den_l1`` and ``den_l2`` only, left at their defaults)."""
   model, _, _ = start
   params, mstate = after_first
   method = _method(**{"den_split_threshold": 1e9, **hp})
@@ -249,10 +335,20 @@ def test_a_drifted_unit_is_split_and_the_old_task_gets_its_logits_back(start, af
   retired = np.asarray(state.retired) == 1
   born = np.asarray(state.birth) == 1
   assert (retired.sum(1) == born.sum(1)).all() and (retired <= selected).all()
-  # a threshold between the drifts splits exactly the units over it
-  before = unit_arrays(params, 2)
-  drift = np.sqrt(((np.asarray(unit_arrays(trained, 2)["fc_k"])
-                    - np.asarray(before["fc_k"])) ** 2).sum(1))
+  # every row the task moved is split: the old row restored, the copy task 1's
+  row_trained = np.asarray(state.row_trained)
+  assert report["rows_split"] == int(row_trained.sum()) and report["rows_split_skipped"] == 0
+  ids = np.flatnonzero(row_trained)
+  np.testing.assert_array_equal(np.asarray(state.rows)[0], np.arange(97))
+  copies = np.asarray(state.rows)[1, ids]
+  assert (copies >= 97).all() and (np.asarray(state.row_token)[copies] == ids).all()
+  assert (np.asarray(state.row_retired)[ids] == 1).all()
+  # a threshold between the drifts splits exactly the units over it, the drift
+  # measured on all of a unit's shared weights (c_fc column, bias, c_proj row)
+  before, after = unit_arrays(params, 2), unit_arrays(trained, 2)
+  drift = np.sqrt(np.asarray(den.unit_sq(jax.tree.map(jnp.subtract, after, before))))
+  only_fc = np.sqrt(((np.asarray(after["fc_k"]) - np.asarray(before["fc_k"])) ** 2).sum(1))
+  assert (drift[selected] > only_fc[selected]).all()
   threshold = float(np.median(drift[selected]))
   *_, state, report = _consolidate(start, after_first, second, den_split_threshold=threshold,
                                    den_loss_threshold=1e9)
@@ -269,7 +365,8 @@ def test_the_task_given_and_inferred_evaluation_uses_each_tasks_units(start, aft
   mixed = {k: np.concatenate([v, _batches(_data(1))[0][k]]) for k, v in rows.items()}
 
   def apply_fn(p, inputs, deterministic=True, rng=None):
-    return model.apply({"params": p}, inputs["input_ids"], den_units=inputs["den_units"])
+    return model.apply({"params": p}, inputs["input_ids"], den_units=inputs["den_units"],
+                       den_rows=inputs["den_rows"])
   logits, given, sums = method.eval_logits(state, StepContext(params=final, batch=mixed,
                                                               apply_fn=apply_fn))
   np.testing.assert_allclose(given[:8, :2], _logits(model, params, 0, mstate)[:8], atol=1e-6)
@@ -289,18 +386,29 @@ def test_den_in_the_study_reports_its_units(tiny_data_dir, tiny_tokenizer_dir, t
                           eval_batch_size=16, epochs=1, learning_rate=1e-2,
                           checkpoint_every=0, method="den",
                           method_config=MethodConfig(
-                              den_capacity=300, den_split_threshold=0.0, den_expand_k=4,
-                              den_loss_threshold=0.0, den_select_steps=2,
+                              den_capacity=300, den_row_capacity=1000,
+                              den_split_threshold=0.0, den_expand_k=4,
+                              den_loss_threshold=0.0, den_select_steps=20,
                               den_expand_steps=2, den_split_steps=2))
   r = study.run(cfg, str(tmp_path))
   saved = json.load(open(tmp_path / "results.json"))
-  reports = [x for x in saved["method_reports"] if x.get("method") == "den"]
+  reports = [x for x in saved["method_reports"] if "units_in_use" in x]
   assert [x["task"] for x in reports] == [0, 1]
   last = reports[1]
+  selection = [x for x in saved["method_reports"] if x.get("stage") == "selection"]
+  assert len(selection) == 1 and sum(selection[0]["units_selected"]) > 0
+  # the trainable count is what DEN trained, a part of what its mask leaves trainable
+  assert saved["model"]["trainable_parameters_per_task"] == [
+      reports[0]["parameters_trained"], last["parameters_trained"]]
+  D = 64
+  assert last["parameters_trained"] == (
+      (sum(selection[0]["units_selected"]) + 8) * (2 * D + 1)
+      + selection[0]["rows_trained"] * D + 2 * D)
   for key in ("units_selected", "units_added", "units_pruned", "units_split",
               "parameters_in_use", "units_in_use", "train_loss"):
     assert key in last, key
   assert last["units_added"] == [4, 4] and len(last["parameters_in_use"]) == 2
+  assert last["rows_split"] > 0 and last["rows_split_skipped"] == 0
   assert reports[0]["units_in_use"] == [2 * 256]
   # every drifted unit split (capacity enough): IMDb's task-aware accuracy is kept
   assert last["split_skipped"] == [0, 0]
@@ -319,7 +427,7 @@ def test_den_resumes_mid_task_to_the_same_results(tiny_data_dir, tiny_tokenizer_
                           eval_batch_size=16, epochs=2, learning_rate=1e-2,
                           checkpoint_every=1, method="den",
                           method_config=MethodConfig(den_loss_threshold=0.0, den_expand_k=3,
-                                                     den_select_steps=2, den_expand_steps=2,
+                                                     den_select_steps=20, den_expand_steps=2,
                                                      den_split_steps=2))
   full = study.run(cfg, str(tmp_path / "full"))
   with pytest.raises(study.Interrupted):
@@ -340,7 +448,8 @@ def test_den_composes_only_last():
 
 def test_den_refuses_perplexity_task_inference():
   from cljax.methods import BuildContext, MethodConfig, build
-  ctx = BuildContext(num_labels=4, num_tasks=2, max_length=16, n_layer=2, n_embd=8)
+  ctx = BuildContext(num_labels=4, num_tasks=2, max_length=16, n_layer=2, n_embd=8,
+                     vocab_size=50)
   build("den", MethodConfig(), ctx)
   with pytest.raises(ValueError, match=r"den infers the task by entropy only"):
     build("den", MethodConfig(peft_infer="perplexity"), ctx)

@@ -358,6 +358,23 @@ def test_freeze_masks():
     build("freeze", MethodConfig(freeze="last_k", freeze_k=5), CTX)
 
 
+def test_freeze_parts_trains_the_named_parts_from_the_named_task():
+  params = {"wte": {"embedding": 0}, "wpe": {"embedding": 0},
+            "h_0": {"attn": {"c_attn": {"kernel": 0}}, "ln_1": {"scale": 0},
+                    "mlp": {"c_fc": {"kernel": 0}}},
+            "ln_f": {"scale": 0}, "score": {"kernel": 0}}
+  method = build("freeze", MethodConfig(freeze="parts", freeze_parts="mlp,tokens,head",
+                                        freeze_from=2), CTX)
+  assert all(jax.tree.leaves(method.declares.trainable(params, 0)))
+  later = method.declares.trainable(params, 1)
+  assert later == {"wte": {"embedding": True}, "wpe": {"embedding": False},
+                   "h_0": {"attn": {"c_attn": {"kernel": False}}, "ln_1": {"scale": False},
+                           "mlp": {"c_fc": {"kernel": True}}},
+                   "ln_f": {"scale": False}, "score": {"kernel": True}}
+  with pytest.raises(ValueError, match="expected some of tokens"):
+    build("freeze", MethodConfig(freeze="parts", freeze_parts="mlp,embedings"), CTX)
+
+
 def test_registry_errors_and_composition():
   with pytest.raises(ValueError, match="Unknown method 'ewk'.*expected one of"):
     build("ewk", MethodConfig(), CTX)

@@ -10,7 +10,10 @@ buffer (``replay.py``) filled by reservoir sampling over each finished task's
 training data.
 
 Layer freezing (``freeze``): only the head (or the head, the final LayerNorm and the
-last k blocks) is trainable; the optimizer's mask leaves the rest unchanged.
+last k blocks, or the parts named, such as the MLPs and the token embeddings) is
+trainable, from task ``--freeze_from`` on; the optimizer's mask leaves the rest
+unchanged. ``--freeze=parts --freeze_from=2`` measures what a method that adapts only
+some parts after its first task (DEN) can learn at most.
 """
 
 from __future__ import annotations
@@ -84,32 +87,58 @@ def agem(hp: AGEMConfig, ctx: BuildContext) -> Method:
                 after_task=after_task)
 
 
+# The parts of a GPT-2 --freeze=parts may leave trainable, by the params' names.
+PARTS = {"tokens": ("wte",), "positions": ("wpe",), "attention": ("attn",), "mlp": ("mlp",),
+         "layer_norms": ("ln_1", "ln_2", "ln_f"), "head": ("score",)}
+
+
 @dataclasses.dataclass(frozen=True)
 class FreezeConfig:
-  freeze: str = hparam("head", "freeze: train only the head, or the head and the last k "
-                       "blocks (last_k).", choices=("head", "last_k"))
+  freeze: str = hparam("head", "freeze: train only the head, the head and the last k "
+                       "blocks (last_k), or the parts named by --freeze_parts (parts).",
+                       choices=("head", "last_k", "parts"))
   freeze_k: int = hparam(1, "Blocks left trainable with --freeze=last_k.",
                           bound=POSITIVE)
+  freeze_parts: str = hparam("mlp,head", "Parts left trainable with --freeze=parts, comma "
+                             "separated, of: " + ", ".join(PARTS) + ".")
+  freeze_from: int = hparam(1, "The first task (1-based) that trains frozen; the tasks "
+                            "before it train every parameter.", bound=POSITIVE)
 
 
-@register("freeze", "layer freezing: train only the head (--freeze=head) or the head, "
-          "final LayerNorm and last k blocks (--freeze=last_k)", FreezeConfig)
+def _part_names(hp: FreezeConfig) -> set[str]:
+  parts = [p for p in hp.freeze_parts.split(",") if p]
+  unknown = sorted(set(parts) - set(PARTS))
+  if unknown or not parts:
+    raise ValueError(f"--freeze_parts={hp.freeze_parts!r}: expected some of "
+                     f"{', '.join(PARTS)}, comma separated.")
+  return {name for p in parts for name in PARTS[p]}
+
+
+@register("freeze", "layer freezing: train only the head (--freeze=head), the head, "
+          "final LayerNorm and last k blocks (--freeze=last_k) or named parts "
+          "(--freeze=parts), from task --freeze_from on", FreezeConfig)
 def freeze(hp: FreezeConfig, ctx: BuildContext) -> Method:
-  if hp.freeze not in ("head", "last_k"):
-    raise ValueError(f"Unknown --freeze={hp.freeze!r}; expected 'head' or 'last_k'.")
+  if hp.freeze not in ("head", "last_k", "parts"):
+    raise ValueError(f"Unknown --freeze={hp.freeze!r}; expected 'head', 'last_k' or 'parts'.")
   if hp.freeze == "head" and ctx.head == "lm":
     raise ValueError("--freeze=head trains only the score head, and --head=lm has none (its "
                      "head is wte, shared with the input); use --freeze=last_k.")
   if hp.freeze == "last_k" and not 0 < hp.freeze_k <= ctx.n_layer:
     raise ValueError(f"--freeze_k={hp.freeze_k} must be in 1..{ctx.n_layer}.")
-  trainable_blocks = ({f"h_{i}" for i in range(ctx.n_layer - hp.freeze_k, ctx.n_layer)}
-                      if hp.freeze == "last_k" else set())
-  trainable_tops = {"score"} | ({"ln_f"} if hp.freeze == "last_k" else set())
+  names = _part_names(hp) if hp.freeze == "parts" else set()
+  blocks = ({f"h_{i}" for i in range(ctx.n_layer - hp.freeze_k, ctx.n_layer)}
+            if hp.freeze == "last_k" else set())
+  tops = {"score"} | ({"ln_f"} if hp.freeze == "last_k" else set())
+
+  def keep(path, _):
+    keys = [str(getattr(k, "key", k)) for k in path]
+    if hp.freeze == "parts":
+      return any(k in names for k in keys)
+    return keys[0] in tops or keys[0] in blocks
 
   def trainable(params, task_index=0):
-    del task_index
-    return {name: jax.tree.map(lambda _, keep=(name in trainable_tops or
-                                               name in trainable_blocks): keep, sub)
-            for name, sub in params.items()}
+    if task_index < hp.freeze_from - 1:
+      return jax.tree.map(lambda _: True, params)
+    return jax.tree_util.tree_map_with_path(keep, params)
 
   return Method(name="freeze", declares=Declarations(trainable=trainable))

@@ -72,6 +72,7 @@ class BuildContext:
   first_new_token: int | None = None   # the id a method's first added token gets
   eos_token_id: int | None = None
   n_embd: int | None = None
+  vocab_size: int | None = None     # the model's rows of wte, before any method's tokens
   pad_token_id: int | None = None   # the tokenizer's (= eos in GPT-2's setup)
   answer_tokens: int = 1      # (--head=lm) the most tokens of any task's label word
 

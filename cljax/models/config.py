@@ -94,6 +94,9 @@ class GPT2Config:
   # beside the loaded ones (``den_fc``, ``den_proj``), used only where the method's
   # per-example mask (``den_units``) says (cljax/models/den.py); 0: none.
   den_capacity: int = 0
+  # and this many token-embedding rows beside wte (``den_wte``): the copies of the rows
+  # DEN splits, read where the per-example row indices (``den_rows``) say; 0: none.
+  den_rows: int = 0
 
   def __post_init__(self):
     if self.n_embd % self.n_head:
@@ -115,16 +118,16 @@ class GPT2Config:
     if self.pnn_columns > 1 and (self.lora_rank or self.adapter_size or self.prompt_length):
       raise ValueError("Progressive columns (pnn_columns) do not combine with LoRA, "
                        "adapters or prompts.")
-    if self.den_capacity and (self.lora_rank or self.adapter_size or self.prompt_length
+    if (self.den_capacity or self.den_rows) and (self.lora_rank or self.adapter_size or self.prompt_length
                               or self.pnn_columns > 1):
-      raise ValueError("DEN's units (den_capacity) do not combine with LoRA, adapters, "
+      raise ValueError("DEN's units and rows (den_capacity, den_rows) do not combine with LoRA, adapters, "
                        "prompts or progressive columns.")
 
   @property
   def has_peft(self) -> bool:
     """Whether the model holds modules a plain Hugging Face GPT-2 cannot."""
     return bool(self.lora_rank or self.adapter_size or self.prompt_length
-                or self.pnn_columns > 1 or self.den_capacity)
+                or self.pnn_columns > 1 or self.den_capacity or self.den_rows)
 
   @property
   def head_dim(self) -> int:

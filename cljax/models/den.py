@@ -13,7 +13,9 @@ method but ``den``) the MLP is GPT-2's, untouched.
 ``unit_arrays`` / ``with_units`` view a params (or gradient) tree's units as stacked
 arrays, ``fc_k [L, D, W]``, ``fc_b [L, W]``, ``proj_k [L, W, D]``, and write them back;
 the functions after them act on such arrays (the timestamps' masks, new units, the
-group-lasso step, duplication), for ``cljax/methods/den.py``.
+group-lasso step, duplication), for ``cljax/methods/den.py``. DEN's token rows
+(``den_rows`` copies beside ``wte``, :func:`den_tokens`) are split the same way
+(:func:`split_rows`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,15 @@ def den_mlp(module, x_BTD, h_BTI, units_BW, dense):
   module.sow("intermediates", "units", h_BTW)
   out = dense(cfg.n_embd, cfg, "c_proj")(h_BTW[..., :inner])
   return out + dense(cfg.n_embd, cfg, "den_proj", use_bias=False)(h_BTW[..., inner:])
+
+
+def den_tokens(wte, den_wte, rows_BT, vocab_size: int):
+  """The token embeddings ``[B, T, D]`` of the rows ``rows_BT``: below ``vocab_size``
+  a row of the loaded ``wte``, from it on a row of ``den_wte`` (DEN's copies of the
+  rows it split; both are ``nn.Embed`` modules)."""
+  loaded = wte(jnp.clip(rows_BT, 0, vocab_size - 1))
+  copies = den_wte(jnp.clip(rows_BT - vocab_size, 0, den_wte.num_embeddings - 1))
+  return jnp.where((rows_BT < vocab_size)[..., None], loaded, copies.astype(loaded.dtype))
 
 
 def pooled_units(intermediates, idx_B, n_layer: int) -> jax.Array:
@@ -151,6 +162,30 @@ def split_units(units, before, drift_LW, candidates_LW, birth, retired, t: int):
     split.append(len(pairs))
     skipped.append(len(order) - len(pairs))
   return jax.tree.map(jnp.asarray, units), birth, retired, split, skipped
+
+
+def split_rows(table, before, drift_R, candidates_R, birth, retired, token, rows_SV, t: int):
+  """The split of the embedding rows: every candidate row (drifted over the threshold)
+  is copied into a free row, most drifted first while free rows last; the copy keeps
+  the drifted values, is born at t and stands for the same token in ``rows_SV`` (each
+  task's row of each token) from task t on; the original gets ``before``'s values and
+  is retired at t. Returns (table, birth, retired, token, rows_SV, split, skipped)."""
+  table, birth, retired = np.array(table), birth.copy(), retired.copy()
+  token, rows_SV = token.copy(), rows_SV.copy()
+  order = np.flatnonzero(candidates_R)
+  order = order[np.argsort(-drift_R[order], kind="stable")]
+  free = np.flatnonzero(birth == NEVER)
+  n = min(len(order), len(free))
+  old, new = order[:n], free[:n]
+  table[new], table[old] = table[old], before[old]
+  birth[new], retired[old], token[new] = t, t, token[old]
+  rows_SV[t:, token[old]] = new
+  return table, birth, retired, token, rows_SV, n, len(order) - n
+
+
+def soft_threshold(x, threshold):
+  """The L1 proximal step: ``x`` shrunk toward 0 by ``threshold``, 0 under it."""
+  return jnp.sign(x) * jnp.maximum(jnp.abs(x) - threshold, 0.0).astype(x.dtype)
 
 
 def group_lasso(theta, new_LW, threshold: float):

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from cljax.models.config import GPT2Config, as_dtype
-from cljax.models.den import den_mlp
+from cljax.models.den import den_mlp, den_tokens
 from cljax.models.dropout import dropout
 from cljax.models.kv_cache import attend_cached
 from cljax.models.peft import Adapter, LoRA
@@ -144,14 +144,20 @@ class Block(nn.Module):
 
 
 def embeddings(cfg: GPT2Config, input_ids_BT, positions_BT, deterministic: bool,
-                prefix: str = ""):
+                prefix: str = "", rows_BT=None):
   """(the ``wte`` module, token + position embeddings after dropout). Called inside
   a model's compact ``__call__``: ``wte`` and ``wpe`` (names after ``prefix``) are
-  that model's parameters."""
+  that model's parameters. With DEN's rows (``den_rows``), ``rows_BT`` indexes each
+  token's row in ``wte`` then ``den_wte`` (None: ``input_ids_BT``, ``wte``'s own)."""
   init = nn.initializers.normal(cfg.initializer_range)
   embed = functools.partial(nn.Embed, features=cfg.n_embd, embedding_init=init,
                             dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype))
   wte = embed(cfg.vocab_size, name=f"{prefix}wte")
-  x_BTD = wte(input_ids_BT) + embed(cfg.n_positions, name=f"{prefix}wpe")(positions_BT)
+  if cfg.den_rows:
+    tokens_BTD = den_tokens(wte, embed(cfg.den_rows, name=f"{prefix}den_wte"),
+                            input_ids_BT if rows_BT is None else rows_BT, cfg.vocab_size)
+  else:
+    tokens_BTD = wte(input_ids_BT)
+  x_BTD = tokens_BTD + embed(cfg.n_positions, name=f"{prefix}wpe")(positions_BT)
   return wte, dropout(cfg, cfg.embd_pdrop, x_BTD, deterministic)
 

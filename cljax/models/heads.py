@@ -17,9 +17,9 @@ from cljax.models.pnn import columns_hidden
 
 # The optional inputs a batch may carry into the models (set by methods: the per-task
 # modules' slot, the progressive prompts in use, the LM positions whose logits a loss
-# reads, DEN's MLP units in use); the steps pass exactly these keys of a batch on to
+# reads, DEN's MLP units and token rows in use); the steps pass exactly these keys of a batch on to
 # ``model.apply``.
-MODEL_INPUTS = ("peft_slot", "prompt_active", "logits_index", "den_units")
+MODEL_INPUTS = ("peft_slot", "prompt_active", "logits_index", "den_units", "den_rows")
 
 def pool_index(input_ids_BT: jax.Array, pad_token_id: int | None) -> jax.Array:
   """Index of the rightmost token that is not the pad id (0 if all are pad).
@@ -34,14 +34,16 @@ def pool_index(input_ids_BT: jax.Array, pad_token_id: int | None) -> jax.Array:
 
 
 def pooled_hidden(cfg: GPT2Config, input_ids, attention_mask, deterministic: bool,
-                   peft_slot=None, prompt_active=None, den_units=None):
+                   peft_slot=None, prompt_active=None, den_units=None, den_rows=None):
   """(the ``wte`` module, the final hidden state at the pooled token ``[B, D]``).
   Called inside a model's compact ``__call__`` (its parameters are that model's);
-  ``den_units [B, L, W]``: the MLP units each example uses in each block (DEN)."""
+  ``den_units [B, L, W]``: the MLP units each example uses in each block, ``den_rows
+  [B, T]`` each token's embedding row (DEN)."""
   B, T = input_ids.shape
   if T > cfg.n_positions:
     raise ValueError(f"Sequence length {T} exceeds n_positions={cfg.n_positions}.")
-  wte, x_BTD = embeddings(cfg, input_ids, jnp.arange(T)[None], deterministic)
+  wte, x_BTD = embeddings(cfg, input_ids, jnp.arange(T)[None], deterministic,
+                          rows_BT=den_rows)
   block_cls = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
   # Only the pooled token reaches the head: the last block computes its query,
   # attention output and MLP at that position alone (exactly, with less work).
@@ -73,16 +75,17 @@ class GPT2Classifier(nn.Module):
   ``deterministic=False`` and ``rngs={"dropout": key}``. With LoRA or adapters in the
   config, ``peft_slot [B]`` (int) picks each example's slot (None: their sum); with
   soft prompts, ``prompt_active [B, S]`` (bool) the prompts in front of each example;
-  with DEN's capacity (``den_capacity``), ``den_units [B, L, W]`` the MLP units in use.
+  with DEN's capacity (``den_capacity``, ``den_rows``), ``den_units [B, L, W]`` the MLP
+  units in use and ``den_rows [B, T]`` each token's embedding row.
   """
 
   config: GPT2Config
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None, deterministic: bool = True,
-               peft_slot=None, prompt_active=None, den_units=None):
+               peft_slot=None, prompt_active=None, den_units=None, den_rows=None):
     _, x_BD = pooled_hidden(self.config, input_ids, attention_mask, deterministic,
-                             peft_slot, prompt_active, den_units)
+                             peft_slot, prompt_active, den_units, den_rows)
     logits_BC = dense(self.config.num_labels, self.config, "score", use_bias=False)(x_BD)
     return logits_BC.astype(jnp.float32)
 

@@ -292,7 +292,10 @@ def finish_task(study: Study, plan: TaskPlan, state, record: RunRecord, logger: 
   task.method_seconds = time.time() - t0
   _evaluate_end(study, k, state, record)
   task.steps = plan.total_steps
-  task.trainable_parameters = count_params(
+  # what the method says it trained (DEN: a part of what its mask leaves trainable)
+  trained = [r["parameters_trained"] for r in record.method_reports
+             if r.get("task") == k and "parameters_trained" in r]
+  task.trainable_parameters = trained[-1] if trained else count_params(
       study.param_shapes, tasks_lib.trainable_mask(study.method, study.param_shapes, k))
   task.state_bytes = int(moments + sum(x.nbytes for x in jax.tree.leaves(state)))
   record.curve.append({"global_step": record.global_step, "task": k, "accuracy": task.accuracy,

@@ -12,6 +12,7 @@ inside the jitted ``train_step``, must be pure and shape-stable, and get a
   prepare_batch(state, ctx) -> batch                  (jit)  e.g. replay mixing
   loss(state, ctx) -> (scalar, aux)                   (jit)  penalties, distillation
   transform_grads(state, ctx) -> grads                (jit)  A-GEM
+  proximal(state, ctx) -> params                      (jit)  DEN's L1 step after the update
   after_step(state, ctx) -> state                     (jit)  SI's path, buffer updates
   after_task(state, ctx) -> state                     (host) Fisher, anchors
   adjust_params(state, ctx) -> params                 (host) weight aligning
@@ -71,7 +72,8 @@ class StepContext(NamedTuple):
   know yet are None (``logits`` in ``prepare_batch``, ``grads`` in ``loss``)."""
   params: Any = None          # params being differentiated (loss) or before the update
   old_params: Any = None      # after_step: params before the update
-  new_params: Any = None      # after_step: params after the update
+  new_params: Any = None      # proximal, after_step: params after the update (after_step:
+                              # and after the proximal step)
   grads: Any = None           # transform_grads, after_step: the (transformed) gradient
   batch: Any = None           # the batch (after every prepare_batch)
   logits: Any = None          # loss, after_step: the model's logits on ``batch``
@@ -132,6 +134,10 @@ class GradsFn(Protocol):
   def __call__(self, state: Any, ctx: StepContext) -> Any: ...   # (jit) -> grads
 
 
+class ProximalFn(Protocol):
+  def __call__(self, state: Any, ctx: StepContext) -> Any: ...   # (jit) -> params
+
+
 class StepHook(Protocol):
   def __call__(self, state: Any, ctx: StepContext) -> Any: ...   # (jit) -> the new state
 
@@ -172,6 +178,7 @@ class Method(NamedTuple):
   prepare_batch: BatchFn = lambda state, ctx: ctx.batch
   loss: LossFn = _no_loss
   transform_grads: GradsFn = lambda state, ctx: ctx.grads
+  proximal: ProximalFn = lambda state, ctx: ctx.new_params
   after_step: StepHook = lambda state, ctx: state
   after_task: HostHook = lambda state, ctx: state
   adjust_params: AdjustParamsFn = lambda state, ctx: ctx.params
@@ -233,6 +240,12 @@ def compose(*methods: Method) -> Method:
       grads = m.transform_grads(s, own(ctx, i, grads=grads))
     return grads
 
+  def proximal(state, ctx):
+    params = ctx.new_params
+    for i, (m, s) in enumerate(zip(methods, state)):
+      params = m.proximal(s, own(ctx, i, new_params=params))
+    return params
+
   def after_step(state, ctx):
     return tuple(m.after_step(s, own(ctx, i, aux=a))
                  for i, (m, s, a) in enumerate(zip(methods, state, ctx.aux)))
@@ -252,7 +265,8 @@ def compose(*methods: Method) -> Method:
   return Method(name="+".join(m.name for m in methods), init=init,
                 train_arrays=train_arrays, before_task=before_task,
                 prepare_batch=prepare_batch, loss=loss, transform_grads=transform_grads,
-                after_step=after_step, after_task=after_task, adjust_params=adjust_params,
+                proximal=proximal, after_step=after_step, after_task=after_task,
+                adjust_params=adjust_params,
                 eval_logits=_own_eval(methods), declares=Declarations(
                     trainable=trainables[0] if trainables else None,
                     model_options=tuple(options.items()),

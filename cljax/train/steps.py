@@ -127,6 +127,8 @@ def _step(state: TrainState, batch: Batch, *, model, tx: optax.GradientTransform
   grads = method.transform_grads(state.method_state, ctx._replace(grads=grads, rng=grad_rng))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  params = method.proximal(state.method_state, ctx._replace(
+      old_params=state.params, new_params=params, grads=grads, rng=after_rng))
   method_state = method.after_step(state.method_state, ctx._replace(
       old_params=state.params, new_params=params, grads=grads, logits=logits, aux=aux,
       rng=after_rng))
