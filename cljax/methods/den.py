@@ -491,6 +491,52 @@ def _l1_step(state: DENState, params, l1: float, L: int):
   return jax.tree.map(lambda a, b: jnp.where(state.task == 0, a, b), first, later)
 
 
+def init_state(params, S: int, C: int, L: int, V: int, row_capacity: int) -> DENState:
+  """The state before the first task: the loaded units and rows in use by every task,
+  the capacity free, the anchor the loaded values."""
+  if params["wte"]["embedding"].shape[0] != V:
+    raise ValueError(f"den was built for {V} token rows and the model has "
+                     f"{params['wte']['embedding'].shape[0]}: build it after the "
+                     "vocabulary is final (no method that adds tokens combines with den).")
+  units = unit_arrays(params, L)
+  inner = params["h_0"]["mlp"]["c_fc"]["kernel"].shape[1]
+  W = units["fc_b"].shape[1]
+  birth = jnp.broadcast_to(jnp.where(jnp.arange(W) < inner, 0, NEVER), (L, W))
+  loaded = jnp.arange(V + row_capacity) < V
+  return DENState(
+      PerTaskState(jnp.zeros((S,), bool), jnp.zeros((S, C), bool)),
+      jnp.zeros((), jnp.int32), birth.astype(jnp.int32), jnp.full((L, W), NEVER, jnp.int32),
+      birth == 0, jnp.broadcast_to(jnp.arange(V, dtype=jnp.int32), (S, V)),
+      jnp.where(loaded, 0, NEVER).astype(jnp.int32),
+      jnp.full((V + row_capacity,), NEVER, jnp.int32),
+      jnp.where(loaded, jnp.arange(V + row_capacity), -1).astype(jnp.int32), loaded,
+      {"units": units, "score": jnp.copy(params["score"]["kernel"]),
+       "rows": embedding_rows(params)})
+
+
+def select_for_task(state: DENState, tctx: TaskContext, hp: DENConfig, C: int) -> DENState:
+  """Task k's classes recorded; for k > 0, step 1's selection: the units of the sparse
+  model and every token row the task's training data reads."""
+  k = tctx.task_index
+  classes = np.zeros((C,), bool)
+  classes[list(tctx.tasks[k].head_labels)] = True
+  state = state._replace(task=jnp.asarray(k, jnp.int32), tasks=PerTaskState(
+      state.tasks.active.at[k].set(True), state.tasks.slot_classes.at[k].set(classes)))
+  units_LW = np.asarray(alive(state.birth, state.retired, k))
+  if k == 0:
+    return state._replace(selected=jnp.asarray(units_LW))
+  rows_V = np.asarray(state.rows[k])
+  trained = np.zeros(state.row_birth.shape, bool)
+  trained[np.unique(rows_V[tctx.train["input_ids"]])] = True
+  n = -(-min(hp.den_select_examples, data_lib.size(tctx.train)) // tctx.batch_size)
+  batches = _batches(tctx.train, tctx.batch_size, n, _seed(tctx.rng, 1))
+  selected, rec = select_units(tctx.model, tctx.params, units_LW, jnp.asarray(rows_V),
+                               batches, np.flatnonzero(classes), hp)
+  tctx.report({"method": "den", "stage": "selection", **rec,
+               "units_selected": selected.sum(1).tolist(), "rows_trained": int(trained.sum())})
+  return state._replace(selected=jnp.asarray(selected), row_trained=jnp.asarray(trained))
+
+
 @register("den", "Dynamically Expandable Networks: selective retraining of the token "
           "rows and MLP units a task needs, expansion when its loss stays high, split of "
           "drifted units and rows, timestamps (Yoon et al. 2018)", DENConfig,
@@ -508,44 +554,10 @@ def den(hp: DENConfig, ctx: BuildContext) -> Method:
   row_capacity = hp.den_row_capacity or max(1, (S - 1) * V // 4)
 
   def init(params):
-    if params["wte"]["embedding"].shape[0] != V:
-      raise ValueError(f"den was built for {V} token rows and the model has "
-                       f"{params['wte']['embedding'].shape[0]}: build it after the "
-                       "vocabulary is final (no method that adds tokens combines with den).")
-    units = unit_arrays(params, L)
-    inner = params["h_0"]["mlp"]["c_fc"]["kernel"].shape[1]
-    W = units["fc_b"].shape[1]
-    birth = jnp.broadcast_to(jnp.where(jnp.arange(W) < inner, 0, NEVER), (L, W))
-    loaded = jnp.arange(V + row_capacity) < V
-    return DENState(
-        PerTaskState(jnp.zeros((S,), bool), jnp.zeros((S, C), bool)),
-        jnp.zeros((), jnp.int32), birth.astype(jnp.int32), jnp.full((L, W), NEVER, jnp.int32),
-        birth == 0, jnp.broadcast_to(jnp.arange(V, dtype=jnp.int32), (S, V)),
-        jnp.where(loaded, 0, NEVER).astype(jnp.int32), jnp.full((V + row_capacity,), NEVER,
-                                                                 jnp.int32),
-        jnp.where(loaded, jnp.arange(V + row_capacity), -1).astype(jnp.int32), loaded,
-        {"units": units, "score": jnp.copy(params["score"]["kernel"]),
-         "rows": embedding_rows(params)})
+    return init_state(params, S, C, L, V, row_capacity)
 
   def before_task(state: DENState, tctx: TaskContext):
-    k = tctx.task_index
-    classes = np.zeros((C,), bool)
-    classes[list(tctx.tasks[k].head_labels)] = True
-    state = state._replace(task=jnp.asarray(k, jnp.int32), tasks=PerTaskState(
-        state.tasks.active.at[k].set(True), state.tasks.slot_classes.at[k].set(classes)))
-    units_LW = np.asarray(alive(state.birth, state.retired, k))
-    if k == 0:
-      return state._replace(selected=jnp.asarray(units_LW))
-    rows_V = np.asarray(state.rows[k])
-    trained = np.zeros(state.row_birth.shape, bool)
-    trained[np.unique(rows_V[tctx.train["input_ids"]])] = True
-    n = -(-min(hp.den_select_examples, data_lib.size(tctx.train)) // tctx.batch_size)
-    batches = _batches(tctx.train, tctx.batch_size, n, _seed(tctx.rng, 1))
-    selected, rec = select_units(tctx.model, tctx.params, units_LW, jnp.asarray(rows_V),
-                                 batches, np.flatnonzero(classes), hp)
-    tctx.report({"method": "den", "stage": "selection", **rec,
-                 "units_selected": selected.sum(1).tolist(), "rows_trained": int(trained.sum())})
-    return state._replace(selected=jnp.asarray(selected), row_trained=jnp.asarray(trained))
+    return select_for_task(state, tctx, hp, C)
 
   def prepare_batch(state: DENState, sctx: StepContext):
     batch = head_fixes.own_classes_only(sctx.batch)

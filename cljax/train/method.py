@@ -204,10 +204,6 @@ def compose(*methods: Method) -> Method:
   trainables = [m.declares.trainable for m in methods if m.declares.trainable is not None]
   options = {k: v for m in methods for k, v in m.declares.model_options}
 
-  def own(ctx, i, **fields):
-    rng = None if ctx.rng is None else jax.random.fold_in(ctx.rng, i)
-    return ctx._replace(rng=rng, **fields)
-
   def init(params):
     return tuple(m.init(params) for m in methods)
 
@@ -221,33 +217,15 @@ def compose(*methods: Method) -> Method:
   def before_task(state, ctx):
     return tuple(m.before_task(s, ctx) for m, s in zip(methods, state))
 
-  def prepare_batch(state, ctx):
-    batch = ctx.batch
-    for i, (m, s) in enumerate(zip(methods, state)):
-      batch = m.prepare_batch(s, own(ctx, i, batch=batch))
-    return batch
-
   def loss(state, ctx):
     total, auxes = jnp.zeros((), jnp.float32), []
     for i, (m, s) in enumerate(zip(methods, state)):
-      value, aux = m.loss(s, own(ctx, i))
+      value, aux = m.loss(s, _own(ctx, i))
       total, auxes = total + value, auxes + [aux]
     return total, tuple(auxes)
 
-  def transform_grads(state, ctx):
-    grads = ctx.grads
-    for i, (m, s) in enumerate(zip(methods, state)):
-      grads = m.transform_grads(s, own(ctx, i, grads=grads))
-    return grads
-
-  def proximal(state, ctx):
-    params = ctx.new_params
-    for i, (m, s) in enumerate(zip(methods, state)):
-      params = m.proximal(s, own(ctx, i, new_params=params))
-    return params
-
   def after_step(state, ctx):
-    return tuple(m.after_step(s, own(ctx, i, aux=a))
+    return tuple(m.after_step(s, _own(ctx, i, aux=a))
                  for i, (m, s, a) in enumerate(zip(methods, state, ctx.aux)))
 
   def after_task(state, ctx):
@@ -264,15 +242,33 @@ def compose(*methods: Method) -> Method:
 
   return Method(name="+".join(m.name for m in methods), init=init,
                 train_arrays=train_arrays, before_task=before_task,
-                prepare_batch=prepare_batch, loss=loss, transform_grads=transform_grads,
-                proximal=proximal, after_step=after_step, after_task=after_task,
-                adjust_params=adjust_params,
+                prepare_batch=_threaded(methods, "prepare_batch", "batch"), loss=loss,
+                transform_grads=_threaded(methods, "transform_grads", "grads"),
+                proximal=_threaded(methods, "proximal", "new_params"),
+                after_step=after_step, after_task=after_task, adjust_params=adjust_params,
                 eval_logits=_own_eval(methods), declares=Declarations(
                     trainable=trainables[0] if trainables else None,
                     model_options=tuple(options.items()),
                     tokens=sum((m.declares.tokens for m in methods), ()),
                     answer_marker="".join(m.declares.answer_marker for m in methods),
                     programs=programs))
+
+
+def _own(ctx, i, **fields):
+  """``ctx`` for method i of a composition: its own key, ``fields`` replaced."""
+  rng = None if ctx.rng is None else jax.random.fold_in(ctx.rng, i)
+  return ctx._replace(rng=rng, **fields)
+
+
+def _threaded(methods, hook: str, field: str):
+  """A composed jitted hook that passes the context's ``field`` (the batch, the
+  gradient, the params) through each method's ``hook`` in order."""
+  def run(state, ctx):
+    value = getattr(ctx, field)
+    for i, (m, s) in enumerate(zip(methods, state)):
+      value = getattr(m, hook)(s, _own(ctx, i, **{field: value}))
+    return value
+  return run
 
 
 def _check_composable(methods) -> None:
