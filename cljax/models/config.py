@@ -118,10 +118,10 @@ class GPT2Config:
     if self.pnn_columns > 1 and (self.lora_rank or self.adapter_size or self.prompt_length):
       raise ValueError("Progressive columns (pnn_columns) do not combine with LoRA, "
                        "adapters or prompts.")
-    if (self.den_capacity or self.den_rows) and (self.lora_rank or self.adapter_size or self.prompt_length
-                              or self.pnn_columns > 1):
-      raise ValueError("DEN's units and rows (den_capacity, den_rows) do not combine with LoRA, adapters, "
-                       "prompts or progressive columns.")
+    if (self.den_capacity or self.den_rows) and (
+        self.lora_rank or self.adapter_size or self.prompt_length or self.pnn_columns > 1):
+      raise ValueError("DEN's units and rows (den_capacity, den_rows) do not combine with "
+                       "LoRA, adapters, prompts or progressive columns.")
 
   @property
   def has_peft(self) -> bool:
