@@ -1,0 +1,78 @@
+"""The Llama family (Llama with the llama3 RoPE scaling, Mistral, Qwen2, Qwen3) against
+transformers' torch models on tiny random configs: classifier and LM logits in float32
+with right padding, grouped-query attention with 1 and 2 key-value heads, tied and
+untied embeddings, Qwen2's biases and Qwen3's q/k norms."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from cljax.models import llama  # noqa: E402
+
+PAD = 0
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64, pad_token_id=PAD,
+            num_labels=3)
+CASES = {
+    "llama_gqa2_llama3_rope": ("LlamaConfig", dict(num_key_value_heads=2, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}, rope_theta=500.0)),
+    "llama_mqa_tied_bias": ("LlamaConfig", dict(num_key_value_heads=1,
+                                                tie_word_embeddings=True, attention_bias=True)),
+    "mistral_gqa2": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=None)),
+    "qwen2_biases_tied": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True)),
+    "qwen3_norms_head_dim": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=24)),
+}
+
+
+def _inputs():
+  rs = np.random.RandomState(0)
+  ids = rs.randint(1, 128, (3, 11))
+  lengths = [11, 7, 4]
+  mask = np.arange(11)[None] < np.asarray(lengths)[:, None]
+  return np.where(mask, ids, PAD), mask.astype(np.int64)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request):
+  kind, extra = CASES[request.param]
+  hf_cfg = getattr(transformers, kind)(**TINY, **extra, attn_implementation="eager")
+  torch.manual_seed(0)
+  lm = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+  torch.manual_seed(1)
+  clf = transformers.AutoModelForSequenceClassification.from_config(hf_cfg).eval()
+  return hf_cfg, lm, clf
+
+
+def test_the_lm_s_logits_equal_transformers(case):
+  hf_cfg, lm, _ = case
+  cfg = llama.LlamaConfig.from_hf(hf_cfg.to_dict())
+  ids, mask = _inputs()
+  with torch.no_grad():
+    want = lm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  params = llama.params_from_torch(lm.state_dict(), cfg)
+  got = np.asarray(llama.LlamaLM(cfg).apply({"params": params}, ids, mask))
+  real = mask.astype(bool)
+  np.testing.assert_allclose(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+def test_the_classifier_s_logits_equal_transformers(case):
+  hf_cfg, _, clf = case
+  cfg = llama.LlamaConfig.from_hf(hf_cfg.to_dict())
+  ids, mask = _inputs()
+  with torch.no_grad():
+    want = clf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  params = llama.params_from_torch(clf.state_dict(), cfg)
+  got = np.asarray(llama.LlamaClassifier(cfg).apply({"params": params}, ids, mask))
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_an_unsupported_rope_or_window_is_one_line():
+  with pytest.raises(ValueError, match="supported are default and llama3"):
+    llama.LlamaConfig.from_hf({"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}})
+  with pytest.raises(ValueError, match="sliding-window attention is not implemented"):
+    llama.LlamaConfig.from_hf({"model_type": "qwen2", "use_sliding_window": True})
+  with pytest.raises(ValueError, match="the Llama family here is llama, mistral"):
+    llama.LlamaConfig(model_type="gpt_neox")
