@@ -52,7 +52,7 @@ def test_the_lm_s_logits_equal_transformers(case):
   ids, mask = _inputs()
   with torch.no_grad():
     want = lm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-  params = llama.params_from_torch(lm.state_dict(), cfg)
+  params = llama.llama_params(lm.state_dict(), cfg)
   got = np.asarray(llama.LlamaLM(cfg).apply({"params": params}, ids, mask))
   real = mask.astype(bool)
   np.testing.assert_allclose(got[real], want[real], atol=1e-5, rtol=1e-5)
@@ -64,7 +64,7 @@ def test_the_classifier_s_logits_equal_transformers(case):
   ids, mask = _inputs()
   with torch.no_grad():
     want = clf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-  params = llama.params_from_torch(clf.state_dict(), cfg)
+  params = llama.llama_params(clf.state_dict(), cfg)
   got = np.asarray(llama.LlamaClassifier(cfg).apply({"params": params}, ids, mask))
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 

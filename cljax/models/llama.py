@@ -5,7 +5,7 @@ MLP, tied or untied embeddings.
 
 Parameter names follow transformers' (``embed_tokens``, ``layers_{i}/self_attn/q_proj``,
 ``mlp/gate_proj``, ``input_layernorm``, ``norm``, ``lm_head``, ``score``), kernels
-``[in, out]``; :func:`params_from_torch` converts a transformers state dict.
+``[in, out]``; :func:`llama_params` converts a transformers state dict.
 :class:`LlamaClassifier` equals ``*ForSequenceClassification`` (a bias-free ``score``
 at the rightmost token that is not the pad id), :class:`LlamaLM` ``*ForCausalLM``.
 
@@ -199,7 +199,7 @@ class Layer(nn.Module):
         RMSNorm(cfg.rms_norm_eps, pdt, name="post_attention_layernorm")(x))
 
 
-def trunk(cfg: LlamaConfig, input_ids_BT, attention_mask_BT):
+def llama_trunk(cfg: LlamaConfig, input_ids_BT, attention_mask_BT):
   """(the ``embed_tokens`` module, the final normed hidden states ``[B, T, D]``).
   Called inside a model's compact ``__call__``."""
   B, T = input_ids_BT.shape
@@ -221,7 +221,7 @@ class LlamaClassifier(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None):
-    _, h_BTD = trunk(self.config, input_ids, attention_mask)
+    _, h_BTD = llama_trunk(self.config, input_ids, attention_mask)
     idx_B = pool_index(input_ids, self.config.pad_token_id)
     h_BD = jnp.take_along_axis(h_BTD, idx_B[:, None, None], axis=1)[:, 0]
     return _dense(self.config, self.config.num_labels, "score", False)(h_BD).astype(
@@ -235,7 +235,7 @@ class LlamaLM(nn.Module):
 
   @nn.compact
   def __call__(self, input_ids, attention_mask=None):
-    embed, h_BTD = trunk(self.config, input_ids, attention_mask)
+    embed, h_BTD = llama_trunk(self.config, input_ids, attention_mask)
     if self.config.tie_word_embeddings:
       return embed.attend(h_BTD).astype(jnp.float32)
     return _dense(self.config, self.config.vocab_size, "lm_head", False)(h_BTD).astype(
@@ -246,7 +246,7 @@ class LlamaLM(nn.Module):
 # transformers' weights
 # ----------------------------------------------------------------------------
 
-def params_from_torch(state_dict: Mapping[str, Any], cfg: LlamaConfig) -> dict:
+def llama_params(state_dict: Mapping[str, Any], cfg: LlamaConfig) -> dict:
   """Flax params from a transformers ``*ForCausalLM`` or ``*ForSequenceClassification``
   state dict (tensors or arrays): Linear weights transposed to ``[in, out]``."""
   params: dict = {}

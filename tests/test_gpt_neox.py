@@ -1,0 +1,69 @@
+"""GPT-NeoX (Pythia's architecture) against transformers' torch model on tiny random
+configs: classifier and LM logits in float32 with right padding, partial rotary,
+parallel and sequential residuals."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from cljax.models import gpt_neox  # noqa: E402
+
+PAD = 0
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=64, pad_token_id=PAD,
+            num_labels=3, hidden_dropout=0.0, attention_dropout=0.0)
+CASES = {"parallel_quarter_rotary": dict(rotary_pct=0.25),
+         "sequential_half_rotary": dict(rotary_pct=0.5, use_parallel_residual=False)}
+
+
+def _inputs():
+  rs = np.random.RandomState(0)
+  ids = rs.randint(1, 128, (3, 11))
+  mask = np.arange(11)[None] < np.asarray([11, 6, 3])[:, None]
+  return np.where(mask, ids, PAD), mask.astype(np.int64)
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request):
+  hf_cfg = transformers.GPTNeoXConfig(**TINY, **CASES[request.param],
+                                      attn_implementation="eager")
+  torch.manual_seed(0)
+  lm = transformers.GPTNeoXForCausalLM(hf_cfg).eval()
+  torch.manual_seed(1)
+  clf = transformers.GPTNeoXForSequenceClassification(hf_cfg).eval()
+  return hf_cfg, lm, clf
+
+
+@pytest.mark.parametrize("head", ["lm", "classifier"])
+def test_the_logits_equal_transformers(case, head):
+  hf_cfg, lm, clf = case
+  cfg = gpt_neox.GPTNeoXConfig.from_hf(hf_cfg.to_dict())
+  assert cfg.rotary_dims == int(16 * hf_cfg.to_dict()["rope_parameters"]["partial_rotary_factor"])
+  torch_model = lm if head == "lm" else clf
+  ids, mask = _inputs()
+  with torch.no_grad():
+    want = torch_model(input_ids=torch.tensor(ids),
+                       attention_mask=torch.tensor(mask)).logits.numpy()
+  params = gpt_neox.neox_params(torch_model.state_dict(), cfg)
+  module = gpt_neox.GPTNeoXLM(cfg) if head == "lm" else gpt_neox.GPTNeoXClassifier(cfg)
+  got = np.asarray(module.apply({"params": params}, ids, mask))
+  if head == "lm":
+    got, want = got[mask.astype(bool)], want[mask.astype(bool)]
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_checkpoint_s_names_convert_alike(case):
+  """Pythia's files name the LM head embed_out (transformers 5 says lm_head in memory)
+  and old ones keep causal-mask buffers: both read to the same params."""
+  hf_cfg, lm, _ = case
+  cfg = gpt_neox.GPTNeoXConfig.from_hf(hf_cfg.to_dict())
+  sd = lm.state_dict()
+  on_disk = {("embed_out.weight" if k == "lm_head.weight" else k): v for k, v in sd.items()}
+  on_disk["gpt_neox.layers.0.attention.bias"] = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+  on_disk["gpt_neox.layers.0.attention.masked_bias"] = torch.tensor(-1e9)
+  a, b = gpt_neox.neox_params(sd, cfg), gpt_neox.neox_params(on_disk, cfg)
+  import jax
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
