@@ -76,3 +76,45 @@ def test_an_unsupported_rope_or_window_is_one_line():
     llama.LlamaConfig.from_hf({"model_type": "qwen2", "use_sliding_window": True})
   with pytest.raises(ValueError, match="the Llama family here is llama, mistral"):
     llama.LlamaConfig(model_type="gpt_neox")
+
+
+@pytest.mark.parametrize("kind", ["Qwen3Config", "GPTNeoXConfig"])
+def test_a_saved_sharded_folder_loads_through_the_public_contract(kind, tmp_path):
+  """transformers' save_pretrained (safetensors, sharded: an index) -> cljax.load_lm and
+  cljax.load_pretrained give the torch models' logits; the study refuses the family in
+  one line, before any work."""
+  import cljax
+  extra = (dict(num_key_value_heads=2) if kind == "Qwen3Config"
+           else dict(hidden_dropout=0.0, attention_dropout=0.0))
+  hf_cfg = getattr(transformers, kind)(**TINY, **extra, attn_implementation="eager")
+  ids, mask = _inputs()
+  for loader, auto in ((cljax.load_lm, transformers.AutoModelForCausalLM),
+                       (cljax.load_pretrained, transformers.AutoModelForSequenceClassification)):
+    torch.manual_seed(0)
+    torch_model = auto.from_config(hf_cfg).eval()
+    folder = tmp_path / auto.__name__
+    torch_model.save_pretrained(folder, max_shard_size="100KB")
+    assert (folder / "model.safetensors.index.json").exists()
+    with torch.no_grad():
+      want = torch_model(input_ids=torch.tensor(ids),
+                         attention_mask=torch.tensor(mask)).logits.numpy()
+    model, params = loader(str(folder), **({} if loader is cljax.load_lm else {"num_labels": 3}))
+    got = np.asarray(model.apply({"params": params}, ids, mask))
+    if loader is cljax.load_lm:
+      got, want = got[mask.astype(bool)], want[mask.astype(bool)]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  from cljax.models import build
+  from cljax.study import StudyConfig
+  with pytest.raises(ValueError, match="the study and its methods run GPT-2 only so far"):
+    build.build_model(StudyConfig(init="pretrained", model=str(folder)), None,
+                      kind="classifier", rng=None, n_positions=64, num_labels=2)
+
+
+def test_an_unknown_model_type_lists_the_supported_ones(tmp_path):
+  import json
+  import cljax
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))
+  (tmp_path / "model.safetensors").write_bytes(b"")
+  with pytest.raises(ValueError, match="model_type='mamba'; cljax implements gpt2, llama, "
+                                       "mistral, qwen2, qwen3, gpt_neox"):
+    cljax.load_pretrained(str(tmp_path), num_labels=2)

@@ -96,6 +96,11 @@ def build_model(cfg: ModelOptions, tokenizer, *, kind: str, rng: jax.Array, n_po
     model = (GPT2LM(config) if kind == "lm" else GPT2Classifier(config)
              if kind == "classifier" else GPT2LabelWords(config, label_tokens))
     return model, random_params(model, rng)
+  kind_of = hf.model_type(cfg.model)
+  if kind_of != "gpt2":
+    raise ValueError(f"--model={cfg.model} is a {kind_of} checkpoint: cljax.load_pretrained "
+                     "and cljax.load_lm load it, but the study and its methods run GPT-2 "
+                     "only so far; pass a GPT-2 checkpoint.")
   overrides = cfg.config_overrides()
   if kind == "classifier":
     model, params = hf.load_pretrained(cfg.model, num_labels=num_labels, dtype=cfg.dtype,

@@ -22,6 +22,7 @@ import numpy as np
 
 from cljax import models as model_lib
 from cljax.models import GPT2LM, GPT2Classifier, GPT2Config
+from cljax.models import families
 
 PREFIX = "transformer."
 
@@ -226,6 +227,19 @@ def _checkpoint_folder(name_or_path: str) -> tuple[str, str]:
   return folder, config_file
 
 
+def model_type(name_or_path: str) -> str:
+  """The ``model_type`` of a checkpoint's ``config.json`` (one cljax implements)."""
+  return _family_config(_checkpoint_folder(name_or_path)[1])["model_type"]
+
+
+def _family_config(config_file: str) -> dict:
+  """``config.json`` as a dict, its ``model_type`` one cljax implements."""
+  with open(config_file) as f:
+    hf_config = json.load(f)
+  families.check_supported(hf_config.get("model_type"))
+  return hf_config
+
+
 def _check_tied(state_dict: Mapping[str, np.ndarray], folder: str) -> None:
   """An ``lm_head.weight`` in the checkpoint must be ``wte`` (GPT-2 ties them)."""
   head = state_dict.get("lm_head.weight")
@@ -238,7 +252,9 @@ def _check_tied(state_dict: Mapping[str, np.ndarray], folder: str) -> None:
 
 def load_lm(name_or_path: str, *, dtype: str = "float32", **config_overrides
             ) -> tuple[GPT2LM, dict]:
-  """Loads GPT-2 as a language model from a hub id or a local folder.
+  """Loads GPT-2 as a language model from a hub id or a local folder (a Llama-family
+  or GPT-NeoX folder, by ``config.json``'s ``model_type``: that family's ``*ForCausalLM``,
+  :mod:`cljax.models.families`).
 
   A ``GPT2LMHeadModel`` checkpoint (``lm_head.weight`` tied to ``wte`` or absent),
   or any GPT-2 trunk (``GPT2Model``, a classifier: its ``score`` is not loaded); the
@@ -247,7 +263,11 @@ def load_lm(name_or_path: str, *, dtype: str = "float32", **config_overrides
   ``[batch, seq, vocab]``, equal to transformers' ``GPT2LMHeadModel``.
   """
   folder, config_file = _checkpoint_folder(name_or_path)
-  config = GPT2Config.from_hf(config_file, dtype=dtype, **config_overrides)
+  hf_config = _family_config(config_file)
+  if hf_config["model_type"] != "gpt2":
+    return families.load(hf_config, read_state_dict(folder), folder, head="lm", dtype=dtype,
+                         **config_overrides)
+  config = GPT2Config.from_hf(hf_config, dtype=dtype, **config_overrides)
   model = GPT2LM(config)
   state_dict = read_state_dict(folder)
   _check_tied(state_dict, folder)
@@ -259,7 +279,9 @@ def load_lm(name_or_path: str, *, dtype: str = "float32", **config_overrides
 
 def load_pretrained(name_or_path: str, *, num_labels: int, dtype: str = "float32",
                     seed: int = 0, **config_overrides) -> tuple[GPT2Classifier, dict]:
-  """Loads a GPT-2 classifier from a hub id or a local Hugging Face folder.
+  """Loads a GPT-2 classifier from a hub id or a local Hugging Face folder (a
+  Llama-family or GPT-NeoX folder, by ``config.json``'s ``model_type``: that family's
+  ``*ForSequenceClassification``, :mod:`cljax.models.families`).
 
   Args:
     name_or_path: a hub id ("gpt2") or a folder with ``config.json`` and
@@ -273,7 +295,11 @@ def load_pretrained(name_or_path: str, *, num_labels: int, dtype: str = "float32
     (model, params) with ``model.apply({"params": params}, input_ids, ...)``.
   """
   folder, config_file = _checkpoint_folder(name_or_path)
-  config = GPT2Config.from_hf(config_file, num_labels=num_labels, dtype=dtype,
+  hf_config = _family_config(config_file)
+  if hf_config["model_type"] != "gpt2":
+    return families.load(hf_config, read_state_dict(folder), folder, head="classifier",
+                         num_labels=num_labels, dtype=dtype, seed=seed, **config_overrides)
+  config = GPT2Config.from_hf(hf_config, num_labels=num_labels, dtype=dtype,
                               **config_overrides)
   model = GPT2Classifier(config)
   targets = model_lib.param_shapes(model)
