@@ -3,6 +3,8 @@ transformers' torch models on tiny random configs: classifier and LM logits in f
 with right padding, grouped-query attention with 1 and 2 key-value heads, tied and
 untied embeddings, Qwen2's biases and Qwen3's q/k norms."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -118,3 +120,31 @@ def test_an_unknown_model_type_lists_the_supported_ones(tmp_path):
   with pytest.raises(ValueError, match="model_type='mamba'; cljax implements gpt2, llama, "
                                        "mistral, qwen2, qwen3, gpt_neox"):
     cljax.load_pretrained(str(tmp_path), num_labels=2)
+
+
+@pytest.mark.parametrize("kind", ["Qwen2Config", "LlamaConfig", "GPTNeoXConfig"])
+def test_save_pretrained_writes_a_folder_transformers_loads_with_the_same_logits(kind,
+                                                                                tmp_path):
+  import cljax
+  extra = {"Qwen2Config": dict(num_key_value_heads=2, tie_word_embeddings=True),
+           "LlamaConfig": dict(num_key_value_heads=1, rope_scaling=CASES[
+               "llama_gqa2_llama3_rope"][1]["rope_scaling"]),
+           "GPTNeoXConfig": dict(rotary_pct=0.5, hidden_dropout=0.0, attention_dropout=0.0)}
+  hf_cfg = getattr(transformers, kind)(**TINY, **extra[kind], attn_implementation="eager")
+  ids, mask = _inputs()
+  for head, auto in (("lm", transformers.AutoModelForCausalLM),
+                     ("score", transformers.AutoModelForSequenceClassification)):
+    torch.manual_seed(0)
+    src = tmp_path / f"src_{head}"
+    auto.from_config(hf_cfg).save_pretrained(src)
+    loader = cljax.load_lm if head == "lm" else functools.partial(cljax.load_pretrained,
+                                                                  num_labels=3)
+    model, params = loader(str(src))
+    ours = np.asarray(model.apply({"params": params}, ids, mask))
+    cljax.save_pretrained(params, model.config, str(tmp_path / head), head=head)
+    back = auto.from_pretrained(tmp_path / head, attn_implementation="eager").eval()
+    with torch.no_grad():
+      theirs = back(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    if head == "lm":
+      ours, theirs = ours[mask.astype(bool)], theirs[mask.astype(bool)]
+    np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=1e-5)

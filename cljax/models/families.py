@@ -10,6 +10,9 @@ modules, its ``*_params`` conversion of a transformers state dict) and one entry
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from typing import Any, NamedTuple
 from collections.abc import Callable, Mapping
 
@@ -25,14 +28,19 @@ class Family(NamedTuple):
   config: type
   classifier: type
   lm: type
-  params: Callable[[Mapping[str, Any], Any], dict]
+  params: Callable[[Mapping[str, Any], Any], dict]   # a transformers state dict -> params
+  prefix: str                  # the trunk's prefix in transformers' names
+  heads: tuple[str, ...]       # the top-level params outside the trunk
+  norm_leaf: str               # a norm's scale in the params (transformers: "weight")
 
 
 FAMILIES: dict[str, Family] = {
     **{kind: Family(llama.LlamaConfig, llama.LlamaClassifier, llama.LlamaLM,
-                    llama.llama_params) for kind in llama.FAMILIES},
+                    llama.llama_params, "model.", ("lm_head", "score"), "weight")
+       for kind in llama.FAMILIES},
     "gpt_neox": Family(gpt_neox.GPTNeoXConfig, gpt_neox.GPTNeoXClassifier,
-                       gpt_neox.GPTNeoXLM, gpt_neox.neox_params),
+                       gpt_neox.GPTNeoXLM, gpt_neox.neox_params, "gpt_neox.",
+                       ("embed_out", "score"), "scale"),
 }
 SUPPORTED = ("gpt2",) + tuple(FAMILIES)
 
@@ -83,3 +91,60 @@ def load(hf_config: Mapping, state_dict: Mapping[str, np.ndarray], folder: str, 
   logging.info("Loaded a %s %s from %s%s.", hf_config.get("model_type"), head, folder,
                " (fresh classification head)" if fresh else "")
   return model, params
+
+
+# ----------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------
+
+def hf_config(cfg, head: str) -> dict:
+  """A transformers ``config.json`` of a family's config, for ``head`` ("score" or
+  "lm")."""
+  out = {k: v for k, v in dataclasses.asdict(cfg).items()
+         if k not in ("dtype", "param_dtype", "rope_scaling", "rope_theta", "qk_norm",
+                      "num_labels", "partial_rotary_factor") and v is not None}
+  kind = getattr(cfg, "model_type", "gpt_neox")
+  rope = {"rope_type": "default", **dict(getattr(cfg, "rope_scaling", ())),
+          "rope_theta": cfg.rope_theta}
+  if kind == "gpt_neox":
+    rope["partial_rotary_factor"] = cfg.partial_rotary_factor
+  names = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+           "gpt_neox": "GPTNeoX"}
+  top = "ForSequenceClassification" if head == "score" else "ForCausalLM"
+  return {**out, "model_type": kind, "rope_parameters": rope,
+          "architectures": [names[kind] + top],
+          "id2label": {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}}
+
+
+def state_dict(params, cfg) -> dict[str, np.ndarray]:
+  """transformers' tensors of a family's params: names with the trunk's prefix,
+  kernels transposed back to ``[out, in]``."""
+  family = FAMILIES[getattr(cfg, "model_type", "gpt_neox")]
+  out = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = [str(getattr(k, "key", k)) for k in path]
+    array = np.asarray(jax.device_get(value), np.float32)
+    if keys[-1] == "kernel":
+      keys[-1], array = "weight", array.T
+    elif keys[-1] in ("embedding", family.norm_leaf):
+      keys[-1] = "weight"
+    if keys[0].startswith("layers_"):
+      keys = ["layers", keys[0].split("_")[1]] + keys[1:]
+    name = ".".join(keys)
+    out[name if keys[0] in family.heads else family.prefix + name] = np.ascontiguousarray(
+        array)
+  return out
+
+
+def save(params, cfg, folder: str, head: str) -> None:
+  """``config.json`` and ``model.safetensors`` (float32) of a family's params: a
+  folder transformers loads with the same logits."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  if head == "score" and "score" not in params:
+    raise ValueError("head='score' but the params have no score head; export with head='lm'.")
+  kept = {k: v for k, v in params.items() if head == "score" or k != "score"}
+  os.makedirs(folder, exist_ok=True)
+  save_file(state_dict(kept, cfg), os.path.join(folder, "model.safetensors"),
+            metadata={"format": "pt"})
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(hf_config(cfg, head), f, indent=2)

@@ -328,6 +328,9 @@ def save_pretrained(params: Mapping[str, Any], config: GPT2Config, folder: str, 
   ``config.json`` and ``model.safetensors`` (float32).
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  if not isinstance(config, GPT2Config):   # a Llama-family or GPT-NeoX config
+    return families.save(params, config, folder, head or ("score" if "score" in params
+                                                          else "lm"))
   if config.has_peft:
     raise ValueError("These params hold LoRA, adapters, soft prompts, PNN columns or DEN "
                      "units, which a plain Hugging Face folder cannot; merge LoRA first "
