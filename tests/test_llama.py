@@ -148,3 +148,34 @@ def test_save_pretrained_writes_a_folder_transformers_loads_with_the_same_logits
     if head == "lm":
       ours, theirs = ours[mask.astype(bool)], theirs[mask.astype(bool)]
     np.testing.assert_allclose(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_real_tokens_with_gpt2_s_tokenizer_give_transformers_logits():
+  """Real text (the GPT-2 tokenizer shipped in data/, its 50,257-row vocabulary, right
+  padding with its end-of-text id as the pad) through a Llama with 2 key-value heads."""
+  import os
+  import cljax
+  tokenizer = cljax.load_tokenizer(os.path.join(os.path.dirname(__file__), "..", "data",
+                                                "gpt2-tokenizer"))
+  pad = tokenizer.eos_token_id
+  texts = ["A film that keeps its promise to the very last scene.",
+           "Stocks fell on Monday.", "The match went to extra time after a late goal."]
+  rows = [tokenizer(t)["input_ids"] for t in texts]
+  T = max(map(len, rows))
+  ids = np.asarray([r + [pad] * (T - len(r)) for r in rows])
+  mask = (np.arange(T)[None] < np.asarray([len(r) for r in rows])[:, None]).astype(np.int64)
+  hf_cfg = transformers.LlamaConfig(**{**TINY, "vocab_size": 50257, "pad_token_id": pad},
+                                    num_key_value_heads=2, attn_implementation="eager")
+  for auto, module in ((transformers.AutoModelForCausalLM, llama.LlamaLM),
+                       (transformers.AutoModelForSequenceClassification, llama.LlamaClassifier)):
+    torch.manual_seed(0)
+    torch_model = auto.from_config(hf_cfg).eval()
+    with torch.no_grad():
+      want = torch_model(input_ids=torch.tensor(ids),
+                         attention_mask=torch.tensor(mask)).logits.numpy()
+    cfg = llama.LlamaConfig.from_hf(hf_cfg.to_dict())
+    got = np.asarray(module(cfg).apply({"params": llama.llama_params(
+        torch_model.state_dict(), cfg)}, ids, mask))
+    if module is llama.LlamaLM:
+      got, want = got[mask.astype(bool)], want[mask.astype(bool)]
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
