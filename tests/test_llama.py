@@ -48,26 +48,21 @@ def case(request):
   return hf_cfg, lm, clf
 
 
-def test_the_lm_s_logits_equal_transformers(case):
-  hf_cfg, lm, _ = case
+@pytest.mark.parametrize("head", ["lm", "classifier"])
+def test_the_logits_equal_transformers(case, head):
+  hf_cfg, lm, clf = case
   cfg = llama.LlamaConfig.from_hf(hf_cfg.to_dict())
+  torch_model = lm if head == "lm" else clf
   ids, mask = _inputs()
   with torch.no_grad():
-    want = lm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-  params = llama.llama_params(lm.state_dict(), cfg)
-  got = np.asarray(llama.LlamaLM(cfg).apply({"params": params}, ids, mask))
-  real = mask.astype(bool)
-  np.testing.assert_allclose(got[real], want[real], atol=1e-5, rtol=1e-5)
-
-
-def test_the_classifier_s_logits_equal_transformers(case):
-  hf_cfg, _, clf = case
-  cfg = llama.LlamaConfig.from_hf(hf_cfg.to_dict())
-  ids, mask = _inputs()
-  with torch.no_grad():
-    want = clf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-  params = llama.llama_params(clf.state_dict(), cfg)
-  got = np.asarray(llama.LlamaClassifier(cfg).apply({"params": params}, ids, mask))
+    want = torch_model(input_ids=torch.tensor(ids),
+                       attention_mask=torch.tensor(mask)).logits.numpy()
+  params = llama.llama_params(torch_model.state_dict(), cfg)
+  module = llama.LlamaLM(cfg) if head == "lm" else llama.LlamaClassifier(cfg)
+  got = np.asarray(module.apply({"params": params}, ids, mask))
+  if head == "lm":
+    real = mask.astype(bool)
+    got, want = got[real], want[real]
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 

@@ -23,8 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cljax.models.config import as_dtype
-from cljax.models.heads import pool_index
-from cljax.models.llama import rotate
+from cljax.models.llama import causal_mask, dense_layer, lm_head, rotate, score_head, to_numpy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,12 +78,6 @@ class GPTNeoXConfig:
                   **overrides})
 
 
-def _dense(cfg: GPTNeoXConfig, features: int, name: str, bias: bool = True):
-  return nn.Dense(features, use_bias=bias, name=name, dtype=as_dtype(cfg.dtype),
-                  param_dtype=as_dtype(cfg.param_dtype),
-                  kernel_init=nn.initializers.normal(cfg.initializer_range))
-
-
 def _norm(cfg: GPTNeoXConfig, name: str):
   return nn.LayerNorm(epsilon=cfg.layer_norm_eps, name=name, dtype=as_dtype(cfg.dtype),
                       param_dtype=as_dtype(cfg.param_dtype))
@@ -98,16 +91,14 @@ class NeoXAttention(nn.Module):
     cfg = self.config
     B, T, _ = x_BTD.shape
     N, H, R = cfg.num_attention_heads, cfg.head_size, cfg.rotary_dims
-    qkv = _dense(cfg, 3 * cfg.hidden_size, "query_key_value", cfg.attention_bias)(x_BTD)
+    qkv = dense_layer(cfg, 3 * cfg.hidden_size, "query_key_value", cfg.attention_bias)(x_BTD)
     q, k, v = jnp.split(qkv.reshape(B, T, N, 3 * H), 3, axis=-1)
     inv = jnp.asarray(1.0 / (cfg.rope_theta ** (np.arange(0, R, 2, dtype=np.float64) / R)),
                       jnp.float32)
     q = jnp.concatenate([rotate(q[..., :R], positions_BT, inv), q[..., R:]], -1)
     k = jnp.concatenate([rotate(k[..., :R], positions_BT, inv), k[..., R:]], -1)
-    keep_B1TT = (jnp.tril(jnp.ones((T, T), bool))[None, None]
-                 & mask_BT[:, None, None, :].astype(bool))
-    out = jax.nn.dot_product_attention(q, k, v, mask=keep_B1TT)
-    return _dense(cfg, cfg.hidden_size, "dense", cfg.attention_bias)(out.reshape(B, T, N * H))
+    out = jax.nn.dot_product_attention(q, k, v, mask=causal_mask(mask_BT, T))
+    return dense_layer(cfg, cfg.hidden_size, "dense", cfg.attention_bias)(out.reshape(B, T, N * H))
 
 
 class NeoXMLP(nn.Module):
@@ -116,8 +107,8 @@ class NeoXMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    h = jax.nn.gelu(_dense(cfg, cfg.intermediate_size, "dense_h_to_4h")(x), approximate=False)
-    return _dense(cfg, cfg.hidden_size, "dense_4h_to_h")(h)
+    h = jax.nn.gelu(dense_layer(cfg, cfg.intermediate_size, "dense_h_to_4h")(x), approximate=False)
+    return dense_layer(cfg, cfg.hidden_size, "dense_4h_to_h")(h)
 
 
 class NeoXLayer(nn.Module):
@@ -156,10 +147,7 @@ class GPTNeoXClassifier(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask=None):
     _, h_BTD = neox_trunk(self.config, input_ids, attention_mask)
-    idx_B = pool_index(input_ids, self.config.pad_token_id)
-    h_BD = jnp.take_along_axis(h_BTD, idx_B[:, None, None], axis=1)[:, 0]
-    return _dense(self.config, self.config.num_labels, "score", False)(h_BD).astype(
-        jnp.float32)
+    return score_head(self.config, input_ids, h_BTD)
 
 
 class GPTNeoXLM(nn.Module):
@@ -170,17 +158,14 @@ class GPTNeoXLM(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask=None):
     embed, h_BTD = neox_trunk(self.config, input_ids, attention_mask)
-    if self.config.tie_word_embeddings:
-      return embed.attend(h_BTD).astype(jnp.float32)
-    return _dense(self.config, self.config.vocab_size, "embed_out", False)(h_BTD).astype(
-        jnp.float32)
+    return lm_head(self.config, embed, h_BTD, "embed_out")
 
 
 def neox_params(state_dict: Mapping[str, Any], cfg: GPTNeoXConfig) -> dict:
   """Flax params from a transformers GPT-NeoX state dict (tensors or arrays)."""
   params: dict = {}
   for name, value in state_dict.items():
-    array = np.asarray(value.detach().float().numpy() if hasattr(value, "detach") else value)
+    array = to_numpy(value)
     keys = name.split(".")
     if keys[0] == "gpt_neox":
       keys = keys[1:]

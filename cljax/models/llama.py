@@ -132,6 +132,33 @@ def rotate(x_BTNH, positions_BT, inv_freq):
 # Layers
 # ----------------------------------------------------------------------------
 
+def causal_mask(mask_BT, T: int):
+  """``[B, 1, T, T]`` bool: each query's earlier keys that are not padding."""
+  return jnp.tril(jnp.ones((T, T), bool))[None, None] & mask_BT[:, None, None, :].astype(bool)
+
+
+def score_head(cfg, input_ids, h_BTD):
+  """The bias-free ``score`` logits (float32) at the rightmost token that is not the pad
+  id (transformers' ``*ForSequenceClassification`` rule). Inside a compact call."""
+  idx_B = pool_index(input_ids, cfg.pad_token_id)
+  h_BD = jnp.take_along_axis(h_BTD, idx_B[:, None, None], axis=1)[:, 0]
+  return dense_layer(cfg, cfg.num_labels, "score", False)(h_BD).astype(jnp.float32)
+
+
+def lm_head(cfg, embed, h_BTD, name: str):
+  """The LM logits (float32): the input embedding ``embed`` when tied, else the
+  bias-free layer ``name``. Inside a compact call."""
+  if cfg.tie_word_embeddings:
+    return embed.attend(h_BTD).astype(jnp.float32)
+  return dense_layer(cfg, cfg.vocab_size, name, False)(h_BTD).astype(jnp.float32)
+
+
+def to_numpy(value) -> np.ndarray:
+  """A state dict's tensor (torch or array) as a float32 numpy array."""
+  return np.asarray(value.detach().float().numpy() if hasattr(value, "detach") else value,
+                    np.float32)
+
+
 class RMSNorm(nn.Module):
   """transformers' ``LlamaRMSNorm``: normalized in float32, then scaled."""
   eps: float
@@ -145,7 +172,8 @@ class RMSNorm(nn.Module):
     return weight.astype(x.dtype) * h.astype(x.dtype)
 
 
-def _dense(cfg: LlamaConfig, features: int, name: str, bias: bool):
+def dense_layer(cfg, features: int, name: str, bias: bool = True):
+  """A family's linear layer (its compute and parameter dtypes, its init)."""
   return nn.Dense(features, use_bias=bias, name=name, dtype=as_dtype(cfg.dtype),
                   param_dtype=as_dtype(cfg.param_dtype),
                   kernel_init=nn.initializers.normal(cfg.initializer_range))
@@ -160,19 +188,17 @@ class GroupedQueryAttention(nn.Module):
     B, T, _ = x_BTD.shape
     N, K, H = cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
     bias, o_bias = cfg.attention_bias, cfg.attention_bias and cfg.model_type != "qwen2"
-    q = _dense(cfg, N * H, "q_proj", bias)(x_BTD).reshape(B, T, N, H)
-    k = _dense(cfg, K * H, "k_proj", bias)(x_BTD).reshape(B, T, K, H)
-    v = _dense(cfg, K * H, "v_proj", bias)(x_BTD).reshape(B, T, K, H)
+    q = dense_layer(cfg, N * H, "q_proj", bias)(x_BTD).reshape(B, T, N, H)
+    k = dense_layer(cfg, K * H, "k_proj", bias)(x_BTD).reshape(B, T, K, H)
+    v = dense_layer(cfg, K * H, "v_proj", bias)(x_BTD).reshape(B, T, K, H)
     if cfg.qk_norm:
       q = RMSNorm(cfg.rms_norm_eps, as_dtype(cfg.param_dtype), name="q_norm")(q)
       k = RMSNorm(cfg.rms_norm_eps, as_dtype(cfg.param_dtype), name="k_norm")(k)
     inv = jnp.asarray(inv_frequencies(cfg))
     q, k = rotate(q, positions_BT, inv), rotate(k, positions_BT, inv)
     k, v = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
-    causal_TT = jnp.tril(jnp.ones((T, T), bool))
-    keep_B1TT = causal_TT[None, None] & mask_BT[:, None, None, :].astype(bool)
-    out = jax.nn.dot_product_attention(q, k, v, mask=keep_B1TT)
-    return _dense(cfg, cfg.hidden_size, "o_proj", o_bias)(out.reshape(B, T, N * H))
+    out = jax.nn.dot_product_attention(q, k, v, mask=causal_mask(mask_BT, T))
+    return dense_layer(cfg, cfg.hidden_size, "o_proj", o_bias)(out.reshape(B, T, N * H))
 
 
 class GatedMLP(nn.Module):
@@ -181,9 +207,9 @@ class GatedMLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
-    gate = _dense(cfg, cfg.intermediate_size, "gate_proj", cfg.mlp_bias)(x)
-    up = _dense(cfg, cfg.intermediate_size, "up_proj", cfg.mlp_bias)(x)
-    return _dense(cfg, cfg.hidden_size, "down_proj", cfg.mlp_bias)(jax.nn.silu(gate) * up)
+    gate = dense_layer(cfg, cfg.intermediate_size, "gate_proj", cfg.mlp_bias)(x)
+    up = dense_layer(cfg, cfg.intermediate_size, "up_proj", cfg.mlp_bias)(x)
+    return dense_layer(cfg, cfg.hidden_size, "down_proj", cfg.mlp_bias)(jax.nn.silu(gate) * up)
 
 
 class Layer(nn.Module):
@@ -222,10 +248,7 @@ class LlamaClassifier(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask=None):
     _, h_BTD = llama_trunk(self.config, input_ids, attention_mask)
-    idx_B = pool_index(input_ids, self.config.pad_token_id)
-    h_BD = jnp.take_along_axis(h_BTD, idx_B[:, None, None], axis=1)[:, 0]
-    return _dense(self.config, self.config.num_labels, "score", False)(h_BD).astype(
-        jnp.float32)
+    return score_head(self.config, input_ids, h_BTD)
 
 
 class LlamaLM(nn.Module):
@@ -236,10 +259,7 @@ class LlamaLM(nn.Module):
   @nn.compact
   def __call__(self, input_ids, attention_mask=None):
     embed, h_BTD = llama_trunk(self.config, input_ids, attention_mask)
-    if self.config.tie_word_embeddings:
-      return embed.attend(h_BTD).astype(jnp.float32)
-    return _dense(self.config, self.config.vocab_size, "lm_head", False)(h_BTD).astype(
-        jnp.float32)
+    return lm_head(self.config, embed, h_BTD, "lm_head")
 
 
 # ----------------------------------------------------------------------------
@@ -251,7 +271,7 @@ def llama_params(state_dict: Mapping[str, Any], cfg: LlamaConfig) -> dict:
   state dict (tensors or arrays): Linear weights transposed to ``[in, out]``."""
   params: dict = {}
   for name, value in state_dict.items():
-    array = np.asarray(value.detach().float().numpy() if hasattr(value, "detach") else value)
+    array = to_numpy(value)
     keys = name.split(".")
     if keys[0] == "model":
       keys = keys[1:]
