@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from cljax.models import gpt_neox  # noqa: E402
+from cljax.models.heads import GPT2LM, GPT2Classifier  # noqa: E402
 
 PAD = 0
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -47,7 +48,7 @@ def test_the_logits_equal_transformers(case, head):
     want = torch_model(input_ids=torch.tensor(ids),
                        attention_mask=torch.tensor(mask)).logits.numpy()
   params = gpt_neox.neox_params(torch_model.state_dict(), cfg)
-  module = gpt_neox.GPTNeoXLM(cfg) if head == "lm" else gpt_neox.GPTNeoXClassifier(cfg)
+  module = GPT2LM(cfg) if head == "lm" else GPT2Classifier(cfg)
   got = np.asarray(module.apply({"params": params}, ids, mask))
   if head == "lm":
     got, want = got[mask.astype(bool)], want[mask.astype(bool)]
@@ -67,3 +68,19 @@ def test_a_checkpoint_s_names_convert_alike(case):
   import jax
   assert jax.tree.structure(a) == jax.tree.structure(b)
   assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_greedy_generate_equals_transformers_token_for_token(case):
+  """cljax.generate with the KV cache (partial rotary from each row's own length,
+  right-padded prompts) against transformers' greedy generate, row by row."""
+  import cljax
+  hf_cfg, lm, _ = case
+  cfg = gpt_neox.GPTNeoXConfig.from_hf(hf_cfg.to_dict(), eos_token_id=127)
+  ids, mask = _inputs()
+  got = cljax.generate(GPT2LM(cfg), gpt_neox.neox_params(lm.state_dict(), cfg), ids, mask,
+                       max_new_tokens=8)
+  for b, n in enumerate(mask.sum(1)):
+    with torch.no_grad():
+      want = lm.generate(torch.tensor(ids[b:b + 1, :n]), max_new_tokens=8, do_sample=False,
+                         eos_token_id=127, pad_token_id=PAD)[0, n:].numpy()
+    np.testing.assert_array_equal(got[b, :len(want)], want)

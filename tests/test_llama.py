@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from cljax.models import llama  # noqa: E402
+from cljax.models.heads import GPT2LM, GPT2Classifier  # noqa: E402
 
 PAD = 0
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -58,7 +59,7 @@ def test_the_logits_equal_transformers(case, head):
     want = torch_model(input_ids=torch.tensor(ids),
                        attention_mask=torch.tensor(mask)).logits.numpy()
   params = llama.llama_params(torch_model.state_dict(), cfg)
-  module = llama.LlamaLM(cfg) if head == "lm" else llama.LlamaClassifier(cfg)
+  module = GPT2LM(cfg) if head == "lm" else GPT2Classifier(cfg)
   got = np.asarray(module.apply({"params": params}, ids, mask))
   if head == "lm":
     real = mask.astype(bool)
@@ -161,8 +162,8 @@ def test_real_tokens_with_gpt2_s_tokenizer_give_transformers_logits():
   mask = (np.arange(T)[None] < np.asarray([len(r) for r in rows])[:, None]).astype(np.int64)
   hf_cfg = transformers.LlamaConfig(**{**TINY, "vocab_size": 50257, "pad_token_id": pad},
                                     num_key_value_heads=2, attn_implementation="eager")
-  for auto, module in ((transformers.AutoModelForCausalLM, llama.LlamaLM),
-                       (transformers.AutoModelForSequenceClassification, llama.LlamaClassifier)):
+  for auto, module in ((transformers.AutoModelForCausalLM, GPT2LM),
+                       (transformers.AutoModelForSequenceClassification, GPT2Classifier)):
     torch.manual_seed(0)
     torch_model = auto.from_config(hf_cfg).eval()
     with torch.no_grad():
@@ -171,6 +172,23 @@ def test_real_tokens_with_gpt2_s_tokenizer_give_transformers_logits():
     cfg = llama.LlamaConfig.from_hf(hf_cfg.to_dict())
     got = np.asarray(module(cfg).apply({"params": llama.llama_params(
         torch_model.state_dict(), cfg)}, ids, mask))
-    if module is llama.LlamaLM:
+    if module is GPT2LM:
       got, want = got[mask.astype(bool)], want[mask.astype(bool)]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_generate_equals_transformers_token_for_token(case):
+  """cljax.generate (KV cache, grouped-query heads, each row's rotary positions from
+  its own length, right-padded prompts) against transformers' greedy generate, row by
+  row (no padding on the torch side), for as long as neither stops."""
+  import cljax
+  hf_cfg, lm, _ = case
+  cfg = llama.LlamaConfig.from_hf(hf_cfg.to_dict(), eos_token_id=127)
+  ids, mask = _inputs()
+  got = cljax.generate(GPT2LM(cfg), llama.llama_params(lm.state_dict(), cfg), ids, mask,
+                       max_new_tokens=8)
+  for b, n in enumerate(mask.sum(1)):
+    with torch.no_grad():
+      want = lm.generate(torch.tensor(ids[b:b + 1, :n]), max_new_tokens=8, do_sample=False,
+                         eos_token_id=127, pad_token_id=PAD)[0, n:].numpy()
+    np.testing.assert_array_equal(got[b, :len(want)], want)

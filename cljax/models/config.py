@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 from collections.abc import Mapping
 
 import jax.numpy as jnp
@@ -43,8 +43,118 @@ def as_dtype(dtype: Any) -> Any:
   return jnp.dtype(dtype).type
 
 
+class Layout(NamedTuple):
+  """A family's declared interface: where the parts of its params live, so that the
+  methods (freezing, LoRA targets, new token rows, PNN's columns) name roles, never
+  one family's module names."""
+  embedding: str                  # the token embedding (an ``nn.Embed``)
+  positions: str | None           # learned position embeddings (None: rotary)
+  block: str                      # block i is ``f"{block}{i}"``
+  attention: str                  # a block's attention module
+  mlp: str                        # a block's MLP module
+  norms: tuple[str, ...]          # every norm's module name (blocks, attention, top)
+  final_norm: str                 # the norm after the last block
+  lm_head: str                    # the untied LM head (where the config is not tied)
+  projections: tuple[str, ...]    # the linear layers a LoRA may target
+  roles: tuple                    # (role, projections): attention_in, attention_out, ...
+
+  def lora_names(self, targets) -> tuple[str, ...]:
+    """The projections named by ``targets`` (roles or this family's own names)."""
+    roles = dict(self.roles)
+    out: list[str] = []
+    for t in targets:
+      for name in roles.get(t, (t,)):
+        if name not in out:
+          out.append(name)
+    return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
+class TrunkOptions:
+  """What every family's config carries beside its architecture: remat, the attention
+  kernel, dropout's layout, and the modules the methods add (LoRA, adapters, prompts,
+  progressive columns, DEN's capacity). Subclasses set :data:`LAYOUT`."""
+
+  LAYOUT: ClassVar[Layout]
+
+  remat: bool = False
+  # The fused attention kernel where attention has no dropout (evaluation, generation,
+  # attn_pdrop=0): "xla" (XLA's, everywhere) or "cudnn" (NVIDIA GPUs, float16 or
+  # bfloat16 compute only; the values differ from XLA's in the last bits).
+  attention: str = "xla"
+  # Dropout masks drawn with the sequence axes first (``dropout``): a position's mask
+  # does not depend on the length its batch is padded to (with threefry keys).
+  length_stable_dropout: bool = False
+  # Parameter-efficient modules (none by default), ``peft_slots`` of each (one per
+  # task for the per-task methods): LoRA on the projections named in ``lora_targets``
+  # (the family's own names, ``LAYOUT.projections``) and a bottleneck adapter after
+  # each block. They add parameters and leave the base ones as they are.
+  lora_rank: int = 0
+  lora_alpha: float = 8.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = ()
+  adapter_size: int = 0
+  prompt_length: int = 0     # soft-prompt tokens per slot, prepended to the input
+  peft_slots: int = 1
+  # Progressive Neural Networks: this many columns (0 or 1: none), laterals from
+  # every earlier column's block outputs into each later one.
+  pnn_columns: int = 0
+  # Dynamically Expandable Networks: this many MLP units per block allocated ahead
+  # beside the loaded ones (``den_fc``, ``den_proj``), used only where the method's
+  # per-example mask (``den_units``) says (cljax/models/den.py); 0: none.
+  den_capacity: int = 0
+  # and this many token-embedding rows beside the embedding (``den_wte``): the copies
+  # of the rows DEN splits, read where the per-example row indices (``den_rows``) say.
+  den_rows: int = 0
+
+  def check_options(self) -> None:
+    """One-line errors for options that do not fit together (or this family)."""
+    if self.attention not in ("xla", "cudnn"):
+      raise ValueError(f"attention={self.attention!r}: expected 'xla' or 'cudnn'.")
+    if self.attention == "cudnn" and self.dtype == "float32":
+      raise ValueError("attention='cudnn' needs a float16 or bfloat16 compute dtype "
+                       "(--dtype=bfloat16); cuDNN's fused attention has no float32 kernel.")
+    unknown = sorted(set(self.lora_targets) - set(self.LAYOUT.projections))
+    if unknown:
+      raise ValueError(f"LoRA targets {unknown}: expected some of "
+                       f"{list(self.LAYOUT.projections)}.")
+    if min(self.lora_rank, self.adapter_size, self.prompt_length) < 0 or self.peft_slots < 1:
+      raise ValueError(f"lora_rank={self.lora_rank}, adapter_size={self.adapter_size}, "
+                       f"prompt_length={self.prompt_length} and peft_slots="
+                       f"{self.peft_slots}: expected >= 0, >= 0, >= 0 and >= 1.")
+    if self.pnn_columns > 1 and (self.lora_rank or self.adapter_size or self.prompt_length):
+      raise ValueError("Progressive columns (pnn_columns) do not combine with LoRA, "
+                       "adapters or prompts.")
+    if (self.den_capacity or self.den_rows) and (
+        self.lora_rank or self.adapter_size or self.prompt_length or self.pnn_columns > 1):
+      raise ValueError("DEN's units and rows (den_capacity, den_rows) do not combine with "
+                       "LoRA, adapters, prompts or progressive columns.")
+
+  @property
+  def has_peft(self) -> bool:
+    """Whether the model holds modules a plain Hugging Face checkpoint cannot."""
+    return bool(self.lora_rank or self.adapter_size or self.prompt_length
+                or self.pnn_columns > 1 or self.den_capacity or self.den_rows)
+
+  @property
+  def family(self) -> str:
+    """The ``model_type`` of ``config.json``."""
+    return getattr(self, "model_type", "gpt2")
+
+  def replace(self, **kwargs):
+    return dataclasses.replace(self, **kwargs)
+
+
+GPT2_LAYOUT = Layout(
+    embedding="wte", positions="wpe", block="h_", attention="attn", mlp="mlp",
+    norms=("ln_1", "ln_2", "ln_f"), final_norm="ln_f", lm_head="wte",
+    projections=LORA_TARGETS,
+    roles=(("attention_in", ("c_attn",)), ("attention_out", ("c_proj",)),
+           ("mlp_in", ("c_fc",)), ("mlp_out", ("c_proj",))))
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config(TrunkOptions):
   """Hyperparameters of a GPT-2 classifier (Hugging Face names where they exist).
 
   ``dtype`` is the compute dtype (activations, matmuls); ``param_dtype`` is the
@@ -68,66 +178,27 @@ class GPT2Config:
   eos_token_id: int = 50256
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: bool = False
-  # The fused attention kernel where attention has no dropout (evaluation, generation,
-  # attn_pdrop=0): "xla" (XLA's, everywhere) or "cudnn" (NVIDIA GPUs, float16 or
-  # bfloat16 compute only; the values differ from XLA's in the last bits).
-  attention: str = "xla"
-  # Dropout masks drawn with the sequence axes first (``dropout``): a position's mask
-  # does not depend on the length its batch is padded to (with threefry keys).
-  length_stable_dropout: bool = False
-  # Parameter-efficient modules (none by default), ``peft_slots`` of each (one per
-  # task for the per-task methods): LoRA on the projections named in ``lora_targets``
-  # (c_attn, c_proj: attention's and the MLP's, c_fc) and a bottleneck adapter after
-  # each block. They add parameters and leave the base ones as they are.
-  lora_rank: int = 0
-  lora_alpha: float = 8.0
-  lora_dropout: float = 0.0
   lora_targets: tuple[str, ...] = ("c_attn",)
-  adapter_size: int = 0
-  prompt_length: int = 0     # soft-prompt tokens per slot, prepended to the input
-  peft_slots: int = 1
-  # Progressive Neural Networks: this many GPT-2 columns (0 or 1: none), laterals from
-  # every earlier column's block outputs into each later one.
-  pnn_columns: int = 0
-  # Dynamically Expandable Networks: this many MLP units per block allocated ahead
-  # beside the loaded ones (``den_fc``, ``den_proj``), used only where the method's
-  # per-example mask (``den_units``) says (cljax/models/den.py); 0: none.
-  den_capacity: int = 0
-  # and this many token-embedding rows beside wte (``den_wte``): the copies of the rows
-  # DEN splits, read where the per-example row indices (``den_rows``) say; 0: none.
-  den_rows: int = 0
+
+  LAYOUT: ClassVar[Layout] = GPT2_LAYOUT
 
   def __post_init__(self):
     if self.n_embd % self.n_head:
       raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}).")
     as_dtype(self.dtype), as_dtype(self.param_dtype)
-    if self.attention not in ("xla", "cudnn"):
-      raise ValueError(f"attention={self.attention!r}: expected 'xla' or 'cudnn'.")
-    if self.attention == "cudnn" and self.dtype == "float32":
-      raise ValueError("attention='cudnn' needs a float16 or bfloat16 compute dtype "
-                       "(--dtype=bfloat16); cuDNN's fused attention has no float32 kernel.")
-    unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
-    if unknown:
-      raise ValueError(f"LoRA targets {unknown}: expected some of {list(LORA_TARGETS)}.")
-    if min(self.lora_rank, self.adapter_size, self.prompt_length) < 0 or self.peft_slots < 1:
-      raise ValueError(f"lora_rank={self.lora_rank}, adapter_size={self.adapter_size}, "
-                       f"prompt_length={self.prompt_length} and peft_slots="
-                       f"{self.peft_slots}: expected >= 0, >= 0, >= 0 and >= 1.")
-
-    if self.pnn_columns > 1 and (self.lora_rank or self.adapter_size or self.prompt_length):
-      raise ValueError("Progressive columns (pnn_columns) do not combine with LoRA, "
-                       "adapters or prompts.")
-    if (self.den_capacity or self.den_rows) and (
-        self.lora_rank or self.adapter_size or self.prompt_length or self.pnn_columns > 1):
-      raise ValueError("DEN's units and rows (den_capacity, den_rows) do not combine with "
-                       "LoRA, adapters, prompts or progressive columns.")
+    self.check_options()
 
   @property
-  def has_peft(self) -> bool:
-    """Whether the model holds modules a plain Hugging Face GPT-2 cannot."""
-    return bool(self.lora_rank or self.adapter_size or self.prompt_length
-                or self.pnn_columns > 1 or self.den_capacity or self.den_rows)
+  def tied(self) -> bool:
+    return True
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_head
+
+  @property
+  def head_size(self) -> int:
+    return self.n_embd // self.n_head
 
   @property
   def head_dim(self) -> int:
@@ -136,9 +207,6 @@ class GPT2Config:
   @property
   def inner_dim(self) -> int:
     return self.n_inner or 4 * self.n_embd
-
-  def replace(self, **kwargs) -> GPT2Config:
-    return dataclasses.replace(self, **kwargs)
 
   @classmethod
   def from_size(cls, size: str, **overrides) -> GPT2Config:

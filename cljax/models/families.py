@@ -3,9 +3,11 @@ config, classifier, language model and weight conversion, and the loading of a
 transformers folder of any of them (``cljax.load_pretrained`` and ``cljax.load_lm``
 come here for every family but GPT-2's).
 
-Adding a family is one file in ``models/`` (its config with ``from_hf``, its two
-modules, its ``*_params`` conversion of a transformers state dict) and one entry in
-:data:`FAMILIES`.
+Adding a family is one file in ``models/`` (its config, a :class:`TrunkOptions` with
+its :class:`Layout` and ``from_hf``; its block, embedding and final norm as a
+:class:`Trunk`; its ``*_params`` conversion of a transformers state dict), one entry
+in :data:`FAMILIES` and one in ``heads.TRUNKS``. The classifier, label words, LM,
+generation and every method then work on it unchanged.
 """
 
 from __future__ import annotations
@@ -22,12 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from cljax.models import gpt_neox, llama
+from cljax.models.heads import GPT2Classifier, GPT2LM
 
 
 class Family(NamedTuple):
   config: type
-  classifier: type
-  lm: type
   params: Callable[[Mapping[str, Any], Any], dict]   # a transformers state dict -> params
   prefix: str                  # the trunk's prefix in transformers' names
   heads: tuple[str, ...]       # the top-level params outside the trunk
@@ -35,11 +36,9 @@ class Family(NamedTuple):
 
 
 FAMILIES: dict[str, Family] = {
-    **{kind: Family(llama.LlamaConfig, llama.LlamaClassifier, llama.LlamaLM,
-                    llama.llama_params, "model.", ("lm_head", "score"), "weight")
-       for kind in llama.FAMILIES},
-    "gpt_neox": Family(gpt_neox.GPTNeoXConfig, gpt_neox.GPTNeoXClassifier,
-                       gpt_neox.GPTNeoXLM, gpt_neox.neox_params, "gpt_neox.",
+    **{kind: Family(llama.LlamaConfig, llama.llama_params, "model.", ("lm_head", "score"),
+                    "weight") for kind in llama.FAMILIES},
+    "gpt_neox": Family(gpt_neox.GPTNeoXConfig, gpt_neox.neox_params, "gpt_neox.",
                        ("embed_out", "score"), "scale"),
 }
 SUPPORTED = ("gpt2",) + tuple(FAMILIES)
@@ -76,7 +75,7 @@ def load(hf_config: Mapping, state_dict: Mapping[str, np.ndarray], folder: str, 
   family = FAMILIES[hf_config.get("model_type")]
   extra = {"num_labels": num_labels} if head == "classifier" else {}
   cfg = family.config.from_hf(hf_config, dtype=dtype, **extra, **overrides)
-  model = (family.classifier if head == "classifier" else family.lm)(cfg)
+  model = (GPT2Classifier if head == "classifier" else GPT2LM)(cfg)
   want = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
   want = want["params"]
   drop = (("lm_head.", "embed_out.") if head == "classifier" else ("score.",))

@@ -10,8 +10,6 @@ imports ``flax.linen``.
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -20,30 +18,14 @@ from cljax.models.config import GPT2Config, as_dtype
 from cljax.models.den import den_mlp, den_tokens
 from cljax.models.dropout import dropout
 from cljax.models.kv_cache import attend_cached
-from cljax.models.peft import Adapter, LoRA
-
-def dense(features: int, config: GPT2Config, name: str, use_bias: bool = True):
-  """A linear layer with GPT-2's init and dtypes."""
-  # HF's Conv1D stores its weight as (in, out), exactly Flax's Dense kernel layout.
-  return nn.Dense(features, use_bias=use_bias, dtype=as_dtype(config.dtype),
-                  param_dtype=as_dtype(config.param_dtype),
-                  kernel_init=nn.initializers.normal(config.initializer_range),
-                  name=name)
-
+from cljax.models.layers import Trunk, attend, dense, projection, token_embedding
+from cljax.models.peft import Adapter
 
 def layer_norm(config: GPT2Config, name: str):
   """A LayerNorm with the config's epsilon and dtypes."""
   # Hugging Face uses epsilon 1e-5; Linen's default is 1e-6.
   return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=as_dtype(config.dtype),
                       param_dtype=as_dtype(config.param_dtype), name=name)
-def projection(cfg: GPT2Config, features: int, name: str, x, slot_B, deterministic: bool):
-  """The projection ``name`` of x, plus its LoRA update where ``lora_targets`` names it.
-  Called inside a module's compact ``__call__`` (the parameters are that module's)."""
-  y = dense(features, cfg, name)(x)
-  if cfg.lora_rank and name in cfg.lora_targets:
-    y = y + LoRA(cfg, features, name=f"{name}_lora")(x, slot_B, deterministic).astype(y.dtype)
-  return y
-
 
 
 class CausalSelfAttention(nn.Module):
@@ -71,32 +53,8 @@ class CausalSelfAttention(nn.Module):
       out_BTD = projection(cfg, cfg.n_embd, "c_proj", out_BTNH.reshape(B, T, cfg.n_embd),
                             slot_B, deterministic)
       return dropout(cfg, cfg.resid_pdrop, out_BTD, deterministic), kv
-    # Padded keys are masked, as transformers does.
-    pad_B11S = None if mask_BT is None else mask_BT[:, None, None, :].astype(bool)
-    if query_idx_B is None:
-      keep_B1QS = jnp.tril(jnp.ones((T, T), dtype=bool))[None, None]
-    else:
-      q_BQNH = jnp.take_along_axis(q_BQNH, query_idx_B[:, None, None, None], axis=1)
-      keep_B1QS = (jnp.arange(T)[None, :] <= query_idx_B[:, None])[:, None, None, :]
-    if pad_B11S is not None:
-      keep_B1QS = keep_B1QS & pad_B11S
-    Q = q_BQNH.shape[1]
-    if not deterministic and cfg.attn_pdrop > 0.0:
-      # jax.nn.dot_product_attention has no attention dropout; spell it out.
-      scale = jnp.asarray(1.0 / cfg.head_dim ** 0.5, q_BQNH.dtype)
-      logits_BNQS = jnp.einsum("bqnh,bsnh->bnqs", q_BQNH * scale, k_BTNH)
-      logits_BNQS = jnp.where(keep_B1QS, logits_BNQS.astype(jnp.float32),
-                              jnp.finfo(jnp.float32).min)
-      probs = jax.nn.softmax(logits_BNQS, axis=-1).astype(q_BQNH.dtype)
-      probs = dropout(cfg, cfg.attn_pdrop, probs, False, seq_axes=(2, 3))
-      out_BQNH = jnp.einsum("bnqs,bsnh->bqnh", probs, v_BTNH)
-    elif query_idx_B is None:
-      # The causal flag (rather than an explicit mask) lets GPUs use fused kernels.
-      out_BQNH = jax.nn.dot_product_attention(q_BQNH, k_BTNH, v_BTNH, mask=pad_B11S,
-                                              is_causal=True, implementation=cfg.attention)
-    else:
-      out_BQNH = jax.nn.dot_product_attention(q_BQNH, k_BTNH, v_BTNH, mask=keep_B1QS,
-                                              implementation=cfg.attention)
+    out_BQNH = attend(cfg, q_BQNH, k_BTNH, v_BTNH, mask_BT, deterministic, query_idx_B)
+    Q = out_BQNH.shape[1]
     out_BQD = out_BQNH.reshape(B, Q, cfg.n_embd)
     out_BQD = projection(cfg, cfg.n_embd, "c_proj", out_BQD, slot_B, deterministic)
     return dropout(cfg, cfg.resid_pdrop, out_BQD, deterministic)
@@ -121,13 +79,15 @@ class Block(nn.Module):
   """Pre-LayerNorm transformer block; with ``query_idx_B``, outputs only that
   position of each sequence (``[B, 1, D]``); with ``kv``, returns ``(x, kv)``;
   ``slot_B`` picks each example's LoRA / adapter slot (None: their sum); ``units_BW``
-  the MLP units each example uses (``den_capacity``, DEN)."""
+  the MLP units each example uses (``den_capacity``, DEN). Every family's block takes
+  these arguments (and ``positions_BT``, which GPT-2's does not need)."""
 
   config: GPT2Config
 
   @nn.compact
   def __call__(self, x_BTD, mask_BT, deterministic: bool, query_idx_B=None, kv=None,
-               slot_B=None, units_BW=None):
+               slot_B=None, units_BW=None, positions_BT=None):
+    del positions_BT   # GPT-2's positions are its embeddings' (``wpe``)
     cfg = self.config
     attn = CausalSelfAttention(cfg, name="attn")(
         layer_norm(cfg, "ln_1")(x_BTD), mask_BT, deterministic, query_idx_B, kv, slot_B)
@@ -149,15 +109,15 @@ def embeddings(cfg: GPT2Config, input_ids_BT, positions_BT, deterministic: bool,
   a model's compact ``__call__``: ``wte`` and ``wpe`` (names after ``prefix``) are
   that model's parameters. With DEN's rows (``den_rows``), ``rows_BT`` indexes each
   token's row in ``wte`` then ``den_wte`` (None: ``input_ids_BT``, ``wte``'s own)."""
-  init = nn.initializers.normal(cfg.initializer_range)
-  embed = functools.partial(nn.Embed, features=cfg.n_embd, embedding_init=init,
-                            dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype))
-  wte = embed(cfg.vocab_size, name=f"{prefix}wte")
+  wte = token_embedding(cfg, f"{prefix}wte")
   if cfg.den_rows:
-    tokens_BTD = den_tokens(wte, embed(cfg.den_rows, name=f"{prefix}den_wte"),
+    tokens_BTD = den_tokens(wte, token_embedding(cfg, f"{prefix}den_wte", cfg.den_rows),
                             input_ids_BT if rows_BT is None else rows_BT, cfg.vocab_size)
   else:
     tokens_BTD = wte(input_ids_BT)
-  x_BTD = tokens_BTD + embed(cfg.n_positions, name=f"{prefix}wpe")(positions_BT)
+  x_BTD = tokens_BTD + token_embedding(cfg, f"{prefix}wpe", cfg.n_positions)(positions_BT)
   return wte, dropout(cfg, cfg.embd_pdrop, x_BTD, deterministic)
+
+
+TRUNK = Trunk(embed=embeddings, block=Block, final_norm=layer_norm)
 

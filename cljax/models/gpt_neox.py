@@ -5,30 +5,43 @@ of each head, LayerNorm with bias, an exact-GELU MLP and an untied ``embed_out``
 
 Names follow transformers' (``embed_in``, ``layers_{i}/attention/query_key_value``,
 ``mlp/dense_h_to_4h``, ``final_layer_norm``, ``embed_out``, ``score``), kernels
-``[in, out]``; :func:`neox_params` converts a transformers state dict.
-:class:`GPTNeoXClassifier` equals ``GPTNeoXForSequenceClassification``,
-:class:`GPTNeoXLM` ``GPTNeoXForCausalLM``. The family's model only, as
-:mod:`cljax.models.llama`.
+``[in, out]``; :func:`neox_params` converts a transformers state dict. The family's
+config (with its :data:`LAYOUT`) and trunk (:data:`TRUNK`), as
+:mod:`cljax.models.llama`'s: the models over it are ``cljax.models.heads``'.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from cljax.models.config import as_dtype
-from cljax.models.llama import causal_mask, dense_layer, lm_head, rotate, score_head, to_numpy
+from cljax.models.config import Layout, TrunkOptions, as_dtype
+from cljax.models.dropout import dropout
+from cljax.models.kv_cache import attend_cached
+from cljax.models.layers import (Trunk, attend, projection, rope_frequencies, rotate, to_numpy,
+                                 token_embedding)
+from cljax.models.peft import Adapter
+
+LAYOUT = Layout(
+    embedding="embed_in", positions=None, block="layers_", attention="attention", mlp="mlp",
+    norms=("input_layernorm", "post_attention_layernorm", "final_layer_norm"),
+    final_norm="final_layer_norm", lm_head="embed_out",
+    projections=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    roles=(("attention_in", ("query_key_value",)), ("attention_out", ("dense",)),
+           ("mlp_in", ("dense_h_to_4h",)), ("mlp_out", ("dense_4h_to_h",))))
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTNeoXConfig:
-  """A GPT-NeoX model's hyperparameters (transformers' names)."""
+class GPTNeoXConfig(TrunkOptions):
+  """A GPT-NeoX model's hyperparameters (transformers' names), and the options every
+  family's config carries (:class:`TrunkOptions`)."""
+  LAYOUT: ClassVar[Layout] = LAYOUT
+
   vocab_size: int = 50432
   hidden_size: int = 768
   intermediate_size: int = 3072
@@ -42,12 +55,17 @@ class GPTNeoXConfig:
   attention_bias: bool = True
   tie_word_embeddings: bool = False
   pad_token_id: int | None = None
+  eos_token_id: int | None = None
   num_labels: int = 2
   initializer_range: float = 0.02
+  attn_pdrop: float = 0.0             # transformers' attention_dropout
+  embd_pdrop: float = 0.0             # (GPT-NeoX has none; --dropout sets them)
+  resid_pdrop: float = 0.0            # transformers' hidden_dropout
   dtype: Any = "float32"
   param_dtype: Any = "float32"
 
   def __post_init__(self):
+    self.check_options()
     if self.hidden_size % self.num_attention_heads:
       raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by "
                        f"num_attention_heads ({self.num_attention_heads}).")
@@ -59,6 +77,17 @@ class GPTNeoXConfig:
   @property
   def rotary_dims(self) -> int:
     return int(self.head_size * self.partial_rotary_factor)
+
+  # The names the family-neutral code reads (GPT-2's config has them as fields).
+  model_type = "gpt_neox"
+  kv_heads = property(lambda self: self.num_attention_heads)
+  n_layer = property(lambda self: self.num_hidden_layers)
+  n_embd = property(lambda self: self.hidden_size)
+  n_head = property(lambda self: self.num_attention_heads)
+  n_positions = property(lambda self: self.max_position_embeddings)
+  inner_dim = property(lambda self: self.intermediate_size)
+  layer_norm_epsilon = property(lambda self: self.layer_norm_eps)
+  tied = property(lambda self: self.tie_word_embeddings)
 
   @classmethod
   def from_hf(cls, hf: Mapping, **overrides) -> GPTNeoXConfig:
@@ -75,6 +104,8 @@ class GPTNeoXConfig:
                   "partial_rotary_factor": float(rope.get("partial_rotary_factor",
                                                           hf.get("rotary_pct", 0.25))),
                   "num_labels": len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
+                  "attn_pdrop": float(hf.get("attention_dropout", 0.0)),
+                  "resid_pdrop": float(hf.get("hidden_dropout", 0.0)),
                   **overrides})
 
 
@@ -84,81 +115,85 @@ def _norm(cfg: GPTNeoXConfig, name: str):
 
 
 class NeoXAttention(nn.Module):
+  """Attention with a fused ``query_key_value`` and rotary positions on the first
+  ``rotary_dims`` of each head; arguments as GPT-2's attention."""
   config: GPTNeoXConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BT):
+  def __call__(self, x_BTD, mask_BT, deterministic: bool, query_idx_B=None, kv=None,
+               slot_B=None, positions_BT=None):
     cfg = self.config
     B, T, _ = x_BTD.shape
     N, H, R = cfg.num_attention_heads, cfg.head_size, cfg.rotary_dims
-    qkv = dense_layer(cfg, 3 * cfg.hidden_size, "query_key_value", cfg.attention_bias)(x_BTD)
+    qkv = projection(cfg, 3 * cfg.hidden_size, "query_key_value", x_BTD, slot_B,
+                     deterministic, cfg.attention_bias)
     q, k, v = jnp.split(qkv.reshape(B, T, N, 3 * H), 3, axis=-1)
-    inv = jnp.asarray(1.0 / (cfg.rope_theta ** (np.arange(0, R, 2, dtype=np.float64) / R)),
-                      jnp.float32)
+    inv = jnp.asarray(rope_frequencies(R, cfg.rope_theta))
     q = jnp.concatenate([rotate(q[..., :R], positions_BT, inv), q[..., R:]], -1)
     k = jnp.concatenate([rotate(k[..., :R], positions_BT, inv), k[..., R:]], -1)
-    out = jax.nn.dot_product_attention(q, k, v, mask=causal_mask(mask_BT, T))
-    return dense_layer(cfg, cfg.hidden_size, "dense", cfg.attention_bias)(out.reshape(B, T, N * H))
+    if kv is not None:
+      out, kv = attend_cached(q, k, v, kv)
+    else:
+      out = attend(cfg, q, k, v, mask_BT, deterministic, query_idx_B)
+    out = projection(cfg, cfg.hidden_size, "dense", out.reshape(B, out.shape[1], N * H),
+                     slot_B, deterministic, cfg.attention_bias)
+    out = dropout(cfg, cfg.resid_pdrop, out, deterministic)
+    return out if kv is None else (out, kv)
 
 
 class NeoXMLP(nn.Module):
   config: GPTNeoXConfig
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, deterministic: bool, slot_B=None):
     cfg = self.config
-    h = jax.nn.gelu(dense_layer(cfg, cfg.intermediate_size, "dense_h_to_4h")(x), approximate=False)
-    return dense_layer(cfg, cfg.hidden_size, "dense_4h_to_h")(h)
+    h = jax.nn.gelu(projection(cfg, cfg.intermediate_size, "dense_h_to_4h", x, slot_B,
+                               deterministic), approximate=False)
+    h = projection(cfg, cfg.hidden_size, "dense_4h_to_h", h, slot_B, deterministic)
+    return dropout(cfg, cfg.resid_pdrop, h, deterministic)
 
 
 class NeoXLayer(nn.Module):
+  """A GPT-NeoX layer (parallel or sequential residual), with GPT-2's block arguments
+  (:class:`Trunk`)."""
   config: GPTNeoXConfig
 
   @nn.compact
-  def __call__(self, x, positions_BT, mask_BT):
+  def __call__(self, x, mask_BT, deterministic: bool, query_idx_B=None, kv=None, slot_B=None,
+               units_BW=None, positions_BT=None):
     cfg = self.config
-    attn = NeoXAttention(cfg, name="attention")(_norm(cfg, "input_layernorm")(x),
-                                                positions_BT, mask_BT)
+    if units_BW is not None:
+      raise ValueError("DEN's units are GPT-2's MLP units; this family has none.")
+    attn = NeoXAttention(cfg, name="attention")(_norm(cfg, "input_layernorm")(x), mask_BT,
+                                                deterministic, query_idx_B, kv, slot_B,
+                                                positions_BT)
+    if kv is not None:
+      attn, kv = attn
+    if query_idx_B is not None:
+      x = jnp.take_along_axis(x, query_idx_B[:, None, None], axis=1)
+    mlp = NeoXMLP(cfg, name="mlp")
     if cfg.use_parallel_residual:
-      return x + attn + NeoXMLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(x))
-    x = x + attn
-    return x + NeoXMLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(x))
+      x = x + attn + mlp(_norm(cfg, "post_attention_layernorm")(x), deterministic, slot_B)
+    else:
+      x = x + attn
+      x = x + mlp(_norm(cfg, "post_attention_layernorm")(x), deterministic, slot_B)
+    if cfg.adapter_size:
+      x = Adapter(cfg, name="adapter")(x, slot_B)
+    return x if kv is None else (x, kv)
 
 
-def neox_trunk(cfg: GPTNeoXConfig, input_ids_BT, attention_mask_BT):
-  """(the ``embed_in`` module, the final normed hidden states ``[B, T, D]``)."""
-  B, T = input_ids_BT.shape
-  mask = jnp.ones((B, T), bool) if attention_mask_BT is None else attention_mask_BT
-  embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_in",
-                   dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
-                   embedding_init=nn.initializers.normal(cfg.initializer_range))
-  x = embed(input_ids_BT)
-  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-  for i in range(cfg.num_hidden_layers):
-    x = NeoXLayer(cfg, name=f"layers_{i}")(x, positions, mask)
-  return embed, _norm(cfg, "final_layer_norm")(x)
+def neox_embeddings(cfg: GPTNeoXConfig, input_ids_BT, positions_BT, deterministic: bool,
+               prefix: str = "", rows_BT=None):
+  """(the ``embed_in`` module, the token embeddings after dropout): positions are
+  rotary, in the attention."""
+  del positions_BT
+  if rows_BT is not None or cfg.den_rows:
+    raise ValueError("DEN's token rows are implemented for GPT-2's embedding only.")
+  embed = token_embedding(cfg, f"{prefix}embed_in")
+  return embed, dropout(cfg, cfg.embd_pdrop, embed(input_ids_BT), deterministic)
 
 
-class GPTNeoXClassifier(nn.Module):
-  """The trunk with a bias-free ``score`` head at the rightmost token that is not the
-  pad id: ``apply(params, input_ids, attention_mask)`` -> float32 ``[B, num_labels]``."""
-  config: GPTNeoXConfig
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask=None):
-    _, h_BTD = neox_trunk(self.config, input_ids, attention_mask)
-    return score_head(self.config, input_ids, h_BTD)
-
-
-class GPTNeoXLM(nn.Module):
-  """The trunk with ``embed_out`` (or ``embed_in`` when tied): ``apply(params,
-  input_ids, attention_mask)`` -> float32 ``[B, T, vocab]``."""
-  config: GPTNeoXConfig
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask=None):
-    embed, h_BTD = neox_trunk(self.config, input_ids, attention_mask)
-    return lm_head(self.config, embed, h_BTD, "embed_out")
+TRUNK = Trunk(embed=neox_embeddings, block=NeoXLayer, final_norm=_norm)
 
 
 def neox_params(state_dict: Mapping[str, Any], cfg: GPTNeoXConfig) -> dict:

@@ -5,35 +5,50 @@ MLP, tied or untied embeddings.
 
 Parameter names follow transformers' (``embed_tokens``, ``layers_{i}/self_attn/q_proj``,
 ``mlp/gate_proj``, ``input_layernorm``, ``norm``, ``lm_head``, ``score``), kernels
-``[in, out]``; :func:`llama_params` converts a transformers state dict.
-:class:`LlamaClassifier` equals ``*ForSequenceClassification`` (a bias-free ``score``
-at the rightmost token that is not the pad id), :class:`LlamaLM` ``*ForCausalLM``.
-
-This module is the family's model only: loading through ``cljax.load_pretrained``,
-generation with the KV cache and the methods' interface to it come after it.
+``[in, out]``; :func:`llama_params` converts a transformers state dict. The family's
+config (with its :data:`LAYOUT`, the interface the methods read) and its trunk
+(:data:`TRUNK`): ``cljax.models.heads``' classifier equals
+``*ForSequenceClassification`` (a bias-free ``score`` at the rightmost token that is
+not the pad id) and its LM ``*ForCausalLM``, with LoRA, adapters, prompts, PNN's
+columns and the KV cache as for GPT-2.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
+from typing import Any, ClassVar
 from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from cljax.models.config import as_dtype
-from cljax.models.heads import pool_index
+from cljax.models.config import Layout, TrunkOptions, as_dtype
+from cljax.models.dropout import dropout
+from cljax.models.kv_cache import attend_cached
+from cljax.models.layers import (RMSNorm, Trunk, attend, projection, rope_frequencies, rotate,
+                                 to_numpy, token_embedding)
+from cljax.models.peft import Adapter
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+LAYOUT = Layout(
+    embedding="embed_tokens", positions=None, block="layers_", attention="self_attn",
+    mlp="mlp", norms=("input_layernorm", "post_attention_layernorm", "q_norm", "k_norm",
+                      "norm"),
+    final_norm="norm", lm_head="lm_head",
+    projections=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    roles=(("attention_in", ("q_proj", "k_proj", "v_proj")), ("attention_out", ("o_proj",)),
+           ("mlp_in", ("gate_proj", "up_proj")), ("mlp_out", ("down_proj",))))
+
+
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-  """A Llama-family model's hyperparameters (transformers' names)."""
+class LlamaConfig(TrunkOptions):
+  """A Llama-family model's hyperparameters (transformers' names), and the options
+  every family's config carries (:class:`TrunkOptions`)."""
+  LAYOUT: ClassVar[Layout] = LAYOUT
+
   model_type: str = "llama"
   vocab_size: int = 32000
   hidden_size: int = 4096
@@ -51,12 +66,17 @@ class LlamaConfig:
   qk_norm: bool = False               # Qwen3: RMSNorm over each head of q and k
   mlp_bias: bool = False
   pad_token_id: int | None = None
+  eos_token_id: int | None = None
   num_labels: int = 2
   initializer_range: float = 0.02
+  attn_pdrop: float = 0.0             # transformers' attention_dropout
+  embd_pdrop: float = 0.0             # (Llama has none; --dropout sets them)
+  resid_pdrop: float = 0.0
   dtype: Any = "float32"
   param_dtype: Any = "float32"
 
   def __post_init__(self):
+    self.check_options()
     if self.model_type not in FAMILIES:
       raise ValueError(f"model_type {self.model_type!r}: the Llama family here is "
                        f"{', '.join(FAMILIES)}.")
@@ -71,6 +91,15 @@ class LlamaConfig:
   @property
   def head_size(self) -> int:
     return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  # The names the family-neutral code reads (GPT-2's config has them as fields).
+  n_layer = property(lambda self: self.num_hidden_layers)
+  n_embd = property(lambda self: self.hidden_size)
+  n_head = property(lambda self: self.num_attention_heads)
+  n_positions = property(lambda self: self.max_position_embeddings)
+  inner_dim = property(lambda self: self.intermediate_size)
+  layer_norm_epsilon = property(lambda self: self.rms_norm_eps)
+  tied = property(lambda self: self.tie_word_embeddings)
 
   @classmethod
   def from_hf(cls, hf: Mapping, **overrides) -> LlamaConfig:
@@ -88,7 +117,10 @@ class LlamaConfig:
     # (transformers' own "dtype" is its storage dtype, not the compute dtype here)
     given = {k: v for k, v in hf.items()
              if k in fields and k not in ("rope_scaling", "dtype", "param_dtype")}
+    eos = hf.get("eos_token_id")
     return cls(**{**given, "model_type": kind, "rope_theta": float(theta),
+                  "eos_token_id": eos[0] if isinstance(eos, list) else eos,
+                  "attn_pdrop": float(hf.get("attention_dropout", 0.0)),
                   "rope_scaling": tuple(sorted(rope.items())),
                   "attention_bias": hf.get("attention_bias", kind == "qwen2"),
                   "qk_norm": kind == "qwen3",
@@ -97,169 +129,94 @@ class LlamaConfig:
 
 
 # ----------------------------------------------------------------------------
-# Rotary positions
-# ----------------------------------------------------------------------------
-
-def inv_frequencies(cfg: LlamaConfig) -> np.ndarray:
-  """The rotary inverse frequencies ``[head_dim / 2]``, with the ``llama3`` scaling
-  (transformers' ``_compute_llama3_parameters``) where the config asks for it."""
-  d = cfg.head_size
-  inv = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-  rope = dict(cfg.rope_scaling)
-  if rope.get("rope_type", rope.get("type")) != "llama3":
-    return inv.astype(np.float32)
-  factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
-  old = rope["original_max_position_embeddings"]
-  wavelen = 2 * math.pi / inv
-  scaled = np.where(wavelen > old / low, inv / factor, inv)
-  smooth = (old / wavelen - low) / (high - low)
-  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-  medium = ~(wavelen < old / high) & ~(wavelen > old / low)
-  return np.where(medium, smoothed, scaled).astype(np.float32)
-
-
-def rotate(x_BTNH, positions_BT, inv_freq):
-  """Rotary embedding of ``x`` (transformers' half-split layout: ``rotate_half``)."""
-  freqs_BTF = positions_BT[..., None].astype(jnp.float32) * inv_freq
-  emb = jnp.concatenate([freqs_BTF, freqs_BTF], -1)[:, :, None, :]
-  cos, sin = jnp.cos(emb).astype(x_BTNH.dtype), jnp.sin(emb).astype(x_BTNH.dtype)
-  half = x_BTNH.shape[-1] // 2
-  rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], -1)
-  return x_BTNH * cos + rotated * sin
-
-
-# ----------------------------------------------------------------------------
 # Layers
 # ----------------------------------------------------------------------------
 
-def causal_mask(mask_BT, T: int):
-  """``[B, 1, T, T]`` bool: each query's earlier keys that are not padding."""
-  return jnp.tril(jnp.ones((T, T), bool))[None, None] & mask_BT[:, None, None, :].astype(bool)
-
-
-def score_head(cfg, input_ids, h_BTD):
-  """The bias-free ``score`` logits (float32) at the rightmost token that is not the pad
-  id (transformers' ``*ForSequenceClassification`` rule). Inside a compact call."""
-  idx_B = pool_index(input_ids, cfg.pad_token_id)
-  h_BD = jnp.take_along_axis(h_BTD, idx_B[:, None, None], axis=1)[:, 0]
-  return dense_layer(cfg, cfg.num_labels, "score", False)(h_BD).astype(jnp.float32)
-
-
-def lm_head(cfg, embed, h_BTD, name: str):
-  """The LM logits (float32): the input embedding ``embed`` when tied, else the
-  bias-free layer ``name``. Inside a compact call."""
-  if cfg.tie_word_embeddings:
-    return embed.attend(h_BTD).astype(jnp.float32)
-  return dense_layer(cfg, cfg.vocab_size, name, False)(h_BTD).astype(jnp.float32)
-
-
-def to_numpy(value) -> np.ndarray:
-  """A state dict's tensor (torch or array) as a float32 numpy array."""
-  return np.asarray(value.detach().float().numpy() if hasattr(value, "detach") else value,
-                    np.float32)
-
-
-class RMSNorm(nn.Module):
-  """transformers' ``LlamaRMSNorm``: normalized in float32, then scaled."""
-  eps: float
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    weight = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-    h = x.astype(jnp.float32)
-    h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), -1, keepdims=True) + self.eps)
-    return weight.astype(x.dtype) * h.astype(x.dtype)
-
-
-def dense_layer(cfg, features: int, name: str, bias: bool = True):
-  """A family's linear layer (its compute and parameter dtypes, its init)."""
-  return nn.Dense(features, use_bias=bias, name=name, dtype=as_dtype(cfg.dtype),
-                  param_dtype=as_dtype(cfg.param_dtype),
-                  kernel_init=nn.initializers.normal(cfg.initializer_range))
+def _norm(cfg: LlamaConfig, name: str):
+  return RMSNorm(cfg.rms_norm_eps, as_dtype(cfg.param_dtype), name=name)
 
 
 class GroupedQueryAttention(nn.Module):
+  """Grouped-query attention with rotary positions (of ``positions_BT``), with
+  :func:`cljax.models.layers.attend`'s pooled query and the KV cache as GPT-2's."""
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BT):
+  def __call__(self, x_BTD, mask_BT, deterministic: bool, query_idx_B=None, kv=None,
+               slot_B=None, positions_BT=None):
     cfg = self.config
     B, T, _ = x_BTD.shape
     N, K, H = cfg.num_attention_heads, cfg.kv_heads, cfg.head_size
     bias, o_bias = cfg.attention_bias, cfg.attention_bias and cfg.model_type != "qwen2"
-    q = dense_layer(cfg, N * H, "q_proj", bias)(x_BTD).reshape(B, T, N, H)
-    k = dense_layer(cfg, K * H, "k_proj", bias)(x_BTD).reshape(B, T, K, H)
-    v = dense_layer(cfg, K * H, "v_proj", bias)(x_BTD).reshape(B, T, K, H)
+    q, k, v = (projection(cfg, n * H, name, x_BTD, slot_B, deterministic, bias).reshape(
+        B, T, n, H) for n, name in ((N, "q_proj"), (K, "k_proj"), (K, "v_proj")))
     if cfg.qk_norm:
-      q = RMSNorm(cfg.rms_norm_eps, as_dtype(cfg.param_dtype), name="q_norm")(q)
-      k = RMSNorm(cfg.rms_norm_eps, as_dtype(cfg.param_dtype), name="k_norm")(k)
-    inv = jnp.asarray(inv_frequencies(cfg))
+      q, k = _norm(cfg, "q_norm")(q), _norm(cfg, "k_norm")(k)
+    inv = jnp.asarray(rope_frequencies(H, cfg.rope_theta, cfg.rope_scaling))
     q, k = rotate(q, positions_BT, inv), rotate(k, positions_BT, inv)
-    k, v = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
-    out = jax.nn.dot_product_attention(q, k, v, mask=causal_mask(mask_BT, T))
-    return dense_layer(cfg, cfg.hidden_size, "o_proj", o_bias)(out.reshape(B, T, N * H))
+    if kv is not None:
+      out, kv = attend_cached(q, k, v, kv)
+    else:
+      out = attend(cfg, q, k, v, mask_BT, deterministic, query_idx_B)
+    out = projection(cfg, cfg.hidden_size, "o_proj", out.reshape(B, out.shape[1], N * H),
+                     slot_B, deterministic, o_bias)
+    out = dropout(cfg, cfg.resid_pdrop, out, deterministic)
+    return out if kv is None else (out, kv)
 
 
 class GatedMLP(nn.Module):
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, deterministic: bool, slot_B=None):
     cfg = self.config
-    gate = dense_layer(cfg, cfg.intermediate_size, "gate_proj", cfg.mlp_bias)(x)
-    up = dense_layer(cfg, cfg.intermediate_size, "up_proj", cfg.mlp_bias)(x)
-    return dense_layer(cfg, cfg.hidden_size, "down_proj", cfg.mlp_bias)(jax.nn.silu(gate) * up)
+
+    def proj(features, name, h):
+      return projection(cfg, features, name, h, slot_B, deterministic, cfg.mlp_bias)
+
+    h = jax.nn.silu(proj(cfg.intermediate_size, "gate_proj", x)) * proj(
+        cfg.intermediate_size, "up_proj", x)
+    return dropout(cfg, cfg.resid_pdrop, proj(cfg.hidden_size, "down_proj", h), deterministic)
 
 
 class Layer(nn.Module):
+  """A pre-RMSNorm decoder layer, with GPT-2's block arguments (:class:`Trunk`)."""
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, positions_BT, mask_BT):
+  def __call__(self, x, mask_BT, deterministic: bool, query_idx_B=None, kv=None, slot_B=None,
+               units_BW=None, positions_BT=None):
     cfg = self.config
-    pdt = as_dtype(cfg.param_dtype)
-    x = x + GroupedQueryAttention(cfg, name="self_attn")(
-        RMSNorm(cfg.rms_norm_eps, pdt, name="input_layernorm")(x), positions_BT, mask_BT)
-    return x + GatedMLP(cfg, name="mlp")(
-        RMSNorm(cfg.rms_norm_eps, pdt, name="post_attention_layernorm")(x))
+    if units_BW is not None:
+      raise ValueError("DEN's units are GPT-2's MLP units; this family has none.")
+    attn = GroupedQueryAttention(cfg, name="self_attn")(
+        _norm(cfg, "input_layernorm")(x), mask_BT, deterministic, query_idx_B, kv, slot_B,
+        positions_BT)
+    if kv is not None:
+      attn, kv = attn
+    if query_idx_B is not None:
+      x = jnp.take_along_axis(x, query_idx_B[:, None, None], axis=1)
+    x = x + attn
+    x = x + GatedMLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(x),
+                                      deterministic, slot_B)
+    if cfg.adapter_size:
+      x = Adapter(cfg, name="adapter")(x, slot_B)
+    return x if kv is None else (x, kv)
 
 
-def llama_trunk(cfg: LlamaConfig, input_ids_BT, attention_mask_BT):
-  """(the ``embed_tokens`` module, the final normed hidden states ``[B, T, D]``).
-  Called inside a model's compact ``__call__``."""
-  B, T = input_ids_BT.shape
-  mask = jnp.ones((B, T), bool) if attention_mask_BT is None else attention_mask_BT
-  embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens",
-                   dtype=as_dtype(cfg.dtype), param_dtype=as_dtype(cfg.param_dtype),
-                   embedding_init=nn.initializers.normal(cfg.initializer_range))
-  x = embed(input_ids_BT)
-  positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-  for i in range(cfg.num_hidden_layers):
-    x = Layer(cfg, name=f"layers_{i}")(x, positions, mask)
-  return embed, RMSNorm(cfg.rms_norm_eps, as_dtype(cfg.param_dtype), name="norm")(x)
+def llama_embeddings(cfg: LlamaConfig, input_ids_BT, positions_BT, deterministic: bool,
+               prefix: str = "", rows_BT=None):
+  """(the ``embed_tokens`` module, the token embeddings after dropout): positions are
+  rotary, in the attention."""
+  del positions_BT
+  if rows_BT is not None or cfg.den_rows:
+    raise ValueError("DEN's token rows are implemented for GPT-2's embedding only.")
+  embed = token_embedding(cfg, f"{prefix}embed_tokens")
+  return embed, dropout(cfg, cfg.embd_pdrop, embed(input_ids_BT), deterministic)
 
 
-class LlamaClassifier(nn.Module):
-  """The trunk with a bias-free ``score`` head at the rightmost token that is not the
-  pad id: ``apply(params, input_ids, attention_mask)`` -> float32 ``[B, num_labels]``."""
-  config: LlamaConfig
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask=None):
-    _, h_BTD = llama_trunk(self.config, input_ids, attention_mask)
-    return score_head(self.config, input_ids, h_BTD)
-
-
-class LlamaLM(nn.Module):
-  """The trunk with its language-model head (``lm_head``, or ``embed_tokens`` when
-  tied): ``apply(params, input_ids, attention_mask)`` -> float32 ``[B, T, vocab]``."""
-  config: LlamaConfig
-
-  @nn.compact
-  def __call__(self, input_ids, attention_mask=None):
-    embed, h_BTD = llama_trunk(self.config, input_ids, attention_mask)
-    return lm_head(self.config, embed, h_BTD, "lm_head")
+TRUNK = Trunk(embed=llama_embeddings, block=Layer, final_norm=_norm)
 
 
 # ----------------------------------------------------------------------------

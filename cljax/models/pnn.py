@@ -1,4 +1,5 @@
-"""Progressive Neural Networks' columns (Rusu et al. 2016): one GPT-2 trunk per task,
+"""Progressive Neural Networks' columns (Rusu et al. 2016): one trunk (of the model's
+family) per task,
 each layer of a later column fed laterally by the earlier columns' layer below."""
 
 from __future__ import annotations
@@ -7,7 +8,6 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from cljax.models.config import GPT2Config, as_dtype
-from cljax.models.gpt2 import Block, embeddings, layer_norm
 
 class Lateral(nn.Module):
   """PNN's lateral connection into one layer of column c: ``sum_{j<c} (alpha_j x_j) U_j``
@@ -29,21 +29,22 @@ class Lateral(nn.Module):
 
 
 def column_prefix(c: int) -> str:
-  """The parameter-name prefix of PNN column c (column 0 has GPT-2's own names)."""
+  """The parameter-name prefix of PNN column c (column 0 has the family's own names)."""
   return "" if c == 0 else f"col{c}_"
 
 
-def columns_hidden(cfg: GPT2Config, input_ids, x0_BTD, mask_BT, deterministic: bool, idx_B,
-                    slot_B):
-  """Progressive Neural Networks (Rusu et al. 2016): ``pnn_columns`` GPT-2 trunks; the
+def columns_hidden(cfg: GPT2Config, trunk, input_ids, x0_BTD, mask_BT, deterministic: bool,
+                   idx_B, slot_B, positions_BT):
+  """Progressive Neural Networks (Rusu et al. 2016): ``pnn_columns`` trunks (``trunk``,
+  a :class:`cljax.models.layers.Trunk`); the
   input of layer i of column c gets :class:`Lateral` connections from the earlier
   columns' outputs of layer i - 1 (and the final LayerNorm's input from their last
   blocks). Returns each example's column's pooled hidden state (``slot_B``; None: the
   last column)."""
   B, T = input_ids.shape
   S, L = cfg.pnn_columns, cfg.n_layer
-  block_cls = nn.remat(Block, static_argnums=(3,)) if cfg.remat else Block
-  xs = [x0_BTD] + [embeddings(cfg, input_ids, jnp.arange(T)[None], deterministic,
+  block_cls = nn.remat(trunk.block, static_argnums=(3,)) if cfg.remat else trunk.block
+  xs = [x0_BTD] + [trunk.embed(cfg, input_ids, jnp.arange(T)[None], deterministic,
                                column_prefix(c))[1] for c in range(1, S)]
   for i in range(L + 1):
     inputs = [x if c == 0 or i == 0 else
@@ -52,10 +53,11 @@ def columns_hidden(cfg: GPT2Config, input_ids, x0_BTD, mask_BT, deterministic: b
     if i == L:
       xs = inputs
       break
-    xs = [block_cls(cfg, name=f"{column_prefix(c)}h_{i}")(
-        x, mask_BT, deterministic, idx_B if i == L - 1 else None) for c, x in enumerate(inputs)]
-  pooled_SBD = jnp.stack([layer_norm(cfg, f"{column_prefix(c)}ln_f")(x[:, 0])
-                          for c, x in enumerate(xs)])
+    xs = [block_cls(cfg, name=f"{column_prefix(c)}{cfg.LAYOUT.block}{i}")(
+        x, mask_BT, deterministic, idx_B if i == L - 1 else None, None, None, None,
+        positions_BT) for c, x in enumerate(inputs)]
+  pooled_SBD = jnp.stack([trunk.final_norm(cfg, f"{column_prefix(c)}{cfg.LAYOUT.final_norm}")(
+      x[:, 0]) for c, x in enumerate(xs)])
   if slot_B is None:
     return pooled_SBD[-1]
   return pooled_SBD[slot_B, jnp.arange(B)]
