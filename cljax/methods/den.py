@@ -537,11 +537,18 @@ def select_for_task(state: DENState, tctx: TaskContext, hp: DENConfig, C: int) -
   return state._replace(selected=jnp.asarray(selected), row_trained=jnp.asarray(trained))
 
 
+def _check_family(ctx: BuildContext) -> None:
+  if ctx.family != "gpt2":
+    raise ValueError(f"den grows GPT-2's MLP units and token rows; it is not implemented for "
+                     f"{ctx.family} models yet (use a GPT-2 --model or --arch=gpt2).")
+
+
 @register("den", "Dynamically Expandable Networks: selective retraining of the token "
           "rows and MLP units a task needs, expansion when its loss stays high, split of "
           "drifted units and rows, timestamps (Yoon et al. 2018)", DENConfig,
           heads=("score",), compose_last=True)
 def den(hp: DENConfig, ctx: BuildContext) -> Method:
+  _check_family(ctx)
   if ctx.head != "score":
     raise ValueError("den grows the units under the score head; --head=lm is not supported "
                      "(use --head=score).")

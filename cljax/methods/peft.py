@@ -48,7 +48,7 @@ import numpy as np
 
 from cljax.methods import head_fixes
 from cljax.methods.registry import BuildContext, hparam, register
-from cljax.models import LORA_TARGETS, column_prefix, is_peft, peft_slot_of
+from cljax.models import column_prefix, is_peft, peft_slot_of
 from cljax.options import DROPOUT, NON_NEGATIVE, POSITIVE
 from cljax.train import losses
 from cljax.train.method import Declarations, Method, StepContext, TaskContext
@@ -63,8 +63,10 @@ class LoRAOptions:
                              bound=POSITIVE)
   lora_dropout: float = hparam(0.0, "Dropout on the input of each LoRA update.",
                                bound=DROPOUT)
-  lora_targets: str = hparam("c_attn", "Projections given a LoRA, comma-separated: c_attn, "
-                             "c_proj (attention's and the MLP's), c_fc.")
+  lora_targets: str = hparam(
+      "attention_in", "Projections given a LoRA, comma-separated: roles (attention_in, "
+      "attention_out, mlp_in, mlp_out) or the family's own names (GPT-2: c_attn, c_proj, "
+      "c_fc; Llama: q_proj ... down_proj; GPT-NeoX: query_key_value ... dense_4h_to_h).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,11 +96,13 @@ class OLoRAConfig(LoRAOptions):
 
 def lora_options(hp: LoRAOptions, ctx: BuildContext) -> dict:
   """The GPT2Config fields of ``hp``'s LoRA, one slot per task."""
-  targets = tuple(t.strip() for t in hp.lora_targets.split(",") if t.strip())
-  unknown = sorted(set(targets) - set(LORA_TARGETS))
+  layout = ctx.layout
+  targets = layout.lora_names(t.strip() for t in hp.lora_targets.split(",") if t.strip())
+  unknown = sorted(set(targets) - set(layout.projections))
   if unknown or not targets:
     raise ValueError(f"--lora_targets={hp.lora_targets!r}: expected some of "
-                     f"{','.join(LORA_TARGETS)}.")
+                     f"{','.join(dict(layout.roles))} or of {ctx.family}'s "
+                     f"{','.join(layout.projections)}.")
   return dict(lora_rank=hp.lora_rank, lora_alpha=hp.lora_alpha, lora_dropout=hp.lora_dropout,
               lora_targets=targets, peft_slots=ctx.num_tasks)
 

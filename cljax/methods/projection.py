@@ -87,9 +87,19 @@ def agem(hp: AGEMConfig, ctx: BuildContext) -> Method:
                 after_task=after_task)
 
 
-# The parts of a GPT-2 --freeze=parts may leave trainable, by the params' names.
-PARTS = {"tokens": ("wte",), "positions": ("wpe",), "attention": ("attn",), "mlp": ("mlp",),
-         "layer_norms": ("ln_1", "ln_2", "ln_f"), "head": ("score",)}
+# The parts --freeze=parts may leave trainable.
+PARTS = ("tokens", "positions", "attention", "mlp", "layer_norms", "head")
+
+
+def part_modules(part: str, ctx: BuildContext) -> tuple[str, ...]:
+  """The module names of ``part`` in the model's family (its declared layout)."""
+  layout = ctx.layout
+  if part == "positions" and layout.positions is None:
+    raise ValueError(f"--freeze_parts=positions: {ctx.family} has rotary positions and no "
+                     "position embedding; leave positions out.")
+  return {"tokens": (layout.embedding,), "positions": (layout.positions,),
+          "attention": (layout.attention,), "mlp": (layout.mlp,), "layer_norms": layout.norms,
+          "head": ("score",) if ctx.tied else ("score", layout.lm_head)}[part]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,13 +115,13 @@ class FreezeConfig:
                             "before it train every parameter.", bound=POSITIVE)
 
 
-def _part_names(hp: FreezeConfig) -> set[str]:
+def _part_names(hp: FreezeConfig, ctx: BuildContext) -> set[str]:
   parts = [p for p in hp.freeze_parts.split(",") if p]
   unknown = sorted(set(parts) - set(PARTS))
   if unknown or not parts:
     raise ValueError(f"--freeze_parts={hp.freeze_parts!r}: expected some of "
                      f"{', '.join(PARTS)}, comma separated.")
-  return {name for p in parts for name in PARTS[p]}
+  return {name for p in parts for name in part_modules(p, ctx)}
 
 
 @register("freeze", "layer freezing: train only the head (--freeze=head), the head, "
@@ -120,15 +130,18 @@ def _part_names(hp: FreezeConfig) -> set[str]:
 def freeze(hp: FreezeConfig, ctx: BuildContext) -> Method:
   if hp.freeze not in ("head", "last_k", "parts"):
     raise ValueError(f"Unknown --freeze={hp.freeze!r}; expected 'head', 'last_k' or 'parts'.")
-  if hp.freeze == "head" and ctx.head == "lm":
+  if hp.freeze == "head" and ctx.head == "lm" and ctx.tied:
     raise ValueError("--freeze=head trains only the score head, and --head=lm has none (its "
-                     "head is wte, shared with the input); use --freeze=last_k.")
+                     "head is the token embedding, shared with the input); use "
+                     "--freeze=last_k.")
   if hp.freeze == "last_k" and not 0 < hp.freeze_k <= ctx.n_layer:
     raise ValueError(f"--freeze_k={hp.freeze_k} must be in 1..{ctx.n_layer}.")
-  names = _part_names(hp) if hp.freeze == "parts" else set()
-  blocks = ({f"h_{i}" for i in range(ctx.n_layer - hp.freeze_k, ctx.n_layer)}
+  layout = ctx.layout
+  names = _part_names(hp, ctx) if hp.freeze == "parts" else set()
+  blocks = ({f"{layout.block}{i}" for i in range(ctx.n_layer - hp.freeze_k, ctx.n_layer)}
             if hp.freeze == "last_k" else set())
-  tops = {"score"} | ({"ln_f"} if hp.freeze == "last_k" else set())
+  tops = ({"score"} | (set() if ctx.tied else {layout.lm_head})
+          | ({layout.final_norm} if hp.freeze == "last_k" else set()))
 
   def keep(path, _):
     keys = [str(getattr(k, "key", k)) for k in path]

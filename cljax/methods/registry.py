@@ -24,6 +24,7 @@ import dataclasses
 from typing import Any, NamedTuple
 from collections.abc import Callable
 
+from cljax.models.config import GPT2_LAYOUT, Layout
 from cljax.options import Bound
 from cljax.train.method import Method, compose, finetune
 
@@ -75,6 +76,11 @@ class BuildContext:
   vocab_size: int | None = None     # the model's rows of wte, before any method's tokens
   pad_token_id: int | None = None   # the tokenizer's (= eos in GPT-2's setup)
   answer_tokens: int = 1      # (--head=lm) the most tokens of any task's label word
+  # The model's family and its declared interface (where its parts live); GPT-2's
+  # unless given.
+  family: str = "gpt2"
+  layout: Layout = GPT2_LAYOUT
+  tied: bool = True           # whether the LM head is the token embedding
 
   def need(self, name: str, method: str) -> int:
     """The field ``name``, or a clear error that ``method`` needs it."""

@@ -9,7 +9,9 @@ import dataclasses
 
 import jax
 
-from cljax.models import hf
+from absl import logging
+
+from cljax.models import families, hf
 from cljax.models.config import SIZE_ALIASES, SIZES, GPT2Config
 from cljax.models.heads import GPT2Classifier, GPT2LabelWords, GPT2LM
 from cljax.models.surgery import random_params
@@ -20,12 +22,17 @@ from cljax.options import DROPOUT, Options, option
 class ModelOptions(Options):
   """The model a run starts from (shared by the study and LM training)."""
 
-  model: str = option("gpt2", "Hub id or local folder of a GPT-2 checkpoint (config.json "
-                      "+ model.safetensors or pytorch_model.bin).")
+  model: str = option("gpt2", "Hub id or local folder of a checkpoint of any family here "
+                      "(gpt2, llama, mistral, qwen2, qwen3, gpt_neox: config.json + "
+                      "model.safetensors, sharded or not, or pytorch_model.bin).")
   init: str = option("pretrained", "Start from --model's weights, or from a random init of "
-                     "--size.", choices=("pretrained", "random"))
-  size: str = option("gpt2", "Size for --init=random: gpt2, gpt2-medium, gpt2-large, "
-                     "gpt2-xl, mini (4x256) or tiny (2x64).")
+                     "--arch at --size.", choices=("pretrained", "random"))
+  arch: str = option("gpt2", "Family for --init=random (config.json's model_type).",
+                     choices=families.SUPPORTED)
+  size: str = option("gpt2", "Size for --init=random: GPT-2's gpt2, gpt2-medium, gpt2-large, "
+                     "gpt2-xl; every family's mini (4x256) or tiny (2x64); real shapes: "
+                     + ", ".join(n for n in families.ARCH_SIZES if n not in ("tiny", "mini"))
+                     + ".")
   tokenizer: str | None = option(None, "Tokenizer hub id or folder (default: --model).")
   dtype: str = option("float32", "Compute dtype; params and optimizer state stay float32.",
                       choices=("float32", "bfloat16"))
@@ -52,13 +59,18 @@ class ModelOptions(Options):
       out.update(embd_pdrop=self.dropout, attn_pdrop=self.dropout, resid_pdrop=self.dropout)
     return out
 
-  def random_init_config(self, tokenizer, n_positions: int, **fields) -> GPT2Config:
-    """The config of a random init of ``--size`` for ``tokenizer`` (its vocabulary,
-    pad and eos), with at least ``n_positions`` positions (1024, as GPT-2, or more)."""
-    return GPT2Config.from_size(
-        self.size, vocab_size=len(tokenizer), dtype=self.dtype,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        n_positions=max(1024, n_positions), **fields, **self.config_overrides())
+  def random_init_config(self, tokenizer, n_positions: int, **fields):
+    """The config of a random init of ``--arch`` at ``--size`` for ``tokenizer`` (its
+    vocabulary, pad and eos), with at least ``n_positions`` positions (1024, as GPT-2,
+    or more)."""
+    common = dict(vocab_size=len(tokenizer), dtype=self.dtype,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                  **fields, **self.config_overrides())
+    if self.arch == "gpt2":
+      return GPT2Config.from_size(self.size, n_positions=max(1024, n_positions), **common)
+    longest = families.ARCH_SIZES[self.size]["max_position_embeddings"]
+    return families.random_config(self.arch, self.size, **common,
+                                  max_position_embeddings=max(longest, n_positions))
 
   def check_vocabulary(self, config: GPT2Config, tokenizer) -> None:
     """A loaded model must embed every token the tokenizer can produce."""
@@ -69,9 +81,13 @@ class ModelOptions(Options):
 
   def validate(self) -> None:
     super().validate()
-    if self.init == "random" and self.size not in SIZES | SIZE_ALIASES:
+    if self.init == "random" and self.arch == "gpt2" and self.size not in SIZES | SIZE_ALIASES:
       raise ValueError(f"--size={self.size!r}: expected one of "
                        f"{sorted(SIZES) + sorted(SIZE_ALIASES)}.")
+    if self.init == "random" and self.arch != "gpt2" and self.size not in families.arch_sizes(
+        self.arch):
+      raise ValueError(f"--size={self.size!r} for --arch={self.arch}: expected one of "
+                       f"{', '.join(families.arch_sizes(self.arch))}.")
     if self.attention == "cudnn" and self.dtype == "float32":
       raise ValueError("--attention=cudnn needs --dtype=bfloat16: cuDNN's fused attention "
                        "has no float32 kernel.")
@@ -96,11 +112,6 @@ def build_model(cfg: ModelOptions, tokenizer, *, kind: str, rng: jax.Array, n_po
     model = (GPT2LM(config) if kind == "lm" else GPT2Classifier(config)
              if kind == "classifier" else GPT2LabelWords(config, label_tokens))
     return model, random_params(model, rng)
-  kind_of = hf.model_type(cfg.model)
-  if kind_of != "gpt2":
-    raise ValueError(f"--model={cfg.model} is a {kind_of} checkpoint: cljax.load_pretrained "
-                     "and cljax.load_lm load it, but the study and its methods run GPT-2 "
-                     "only so far; pass a GPT-2 checkpoint.")
   overrides = cfg.config_overrides()
   if kind == "classifier":
     model, params = hf.load_pretrained(cfg.model, num_labels=num_labels, dtype=cfg.dtype,
@@ -111,6 +122,10 @@ def build_model(cfg: ModelOptions, tokenizer, *, kind: str, rng: jax.Array, n_po
     if kind == "label_words":
       model = GPT2LabelWords(model.config, label_tokens)
   cfg.check_vocabulary(model.config, tokenizer)
+  if model.config.pad_token_id is None:
+    logging.info("The model's config has no pad id: it pools at the tokenizer's pad id %d.",
+                 tokenizer.pad_token_id)
+    model = model.clone(config=model.config.replace(pad_token_id=tokenizer.pad_token_id))
   if kind != "lm" and model.config.pad_token_id != tokenizer.pad_token_id:
     raise ValueError(f"The model's pad id {model.config.pad_token_id} differs from the "
                      f"tokenizer's {tokenizer.pad_token_id}; use the model's tokenizer.")

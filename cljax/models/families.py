@@ -43,6 +43,68 @@ FAMILIES: dict[str, Family] = {
 }
 SUPPORTED = ("gpt2",) + tuple(FAMILIES)
 
+# Random-init shapes beside GPT-2's (config.SIZES): tiny and mini for every family, and
+# the shapes of real small models (their config.json's numbers), so a run or a
+# benchmark can time them without their weights. A real shape names its family.
+_TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=1024)
+_MINI = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+             num_attention_heads=4, max_position_embeddings=1024)
+ARCH_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": _TINY, "mini": _MINI,
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+                         max_position_embeddings=8192, rms_norm_eps=1e-5),
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192,
+                         num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                         max_position_embeddings=131072, rms_norm_eps=1e-5,
+                         rope_scaling={"rope_type": "llama3", "factor": 32.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192,
+                                       "rope_theta": 500000.0}),
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
+                         max_position_embeddings=32768, rms_norm_eps=1e-6),
+    "qwen3-0.6b": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128, vocab_size=151936, tie_word_embeddings=True,
+                       rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5),
+    "pythia-160m": dict(model_type="gpt_neox", hidden_size=768, intermediate_size=3072,
+                        num_hidden_layers=12, num_attention_heads=12, vocab_size=50304,
+                        max_position_embeddings=2048, rotary_pct=0.25),
+    "pythia-410m": dict(model_type="gpt_neox", hidden_size=1024, intermediate_size=4096,
+                        num_hidden_layers=24, num_attention_heads=16, vocab_size=50304,
+                        max_position_embeddings=2048, rotary_pct=0.25),
+}
+# GQA in the small Llama shapes too: 2 key-value heads of 4.
+_KV = {"llama": 2, "mistral": 2, "qwen2": 2, "qwen3": 2, "gpt_neox": None}
+
+
+def arch_sizes(arch: str) -> list[str]:
+  """The ``--size`` values a random init of ``arch`` takes."""
+  return ["tiny", "mini"] + [n for n, s in ARCH_SIZES.items()
+                             if s.get("model_type") == arch]
+
+
+def random_config(arch: str, size: str, **overrides):
+  """The config of a random init of family ``arch`` (a ``model_type`` other than
+  gpt2) at ``size`` (:func:`arch_sizes`), with ``overrides`` (config fields; ``vocab_size``
+  and ``max_position_embeddings`` as given)."""
+  check_supported(arch)
+  if size not in arch_sizes(arch):
+    raise ValueError(f"--size={size!r} for --arch={arch}: expected one of "
+                     f"{', '.join(arch_sizes(arch))}.")
+  shape = dict(ARCH_SIZES[size])
+  if size in ("tiny", "mini") and _KV[arch]:
+    shape["num_key_value_heads"] = _KV[arch]
+  return FAMILIES[arch].config.from_hf({**shape, "model_type": arch}, **overrides)
+
 
 def check_supported(model_type: str | None) -> None:
   """A one-line error for a ``model_type`` no family here implements."""

@@ -413,7 +413,13 @@ def load_tokenizer(name_or_path: str):
     raise OSError(f"Could not load a tokenizer from {name_or_path!r} ({e}). Offline, pass "
                   "a local folder holding vocab.json and merges.txt (or tokenizer.json).") from e
   if tok.pad_token is None:
+    if tok.eos_token is None:
+      raise ValueError(f"The tokenizer {name_or_path!r} has neither a pad nor an end-of-text "
+                       "token; give it a pad token (tokenizer.json's special tokens).")
     tok.pad_token = tok.eos_token
+    logging.info("The tokenizer has no pad token: rows are right-padded with its end-of-text "
+                 "token %r (id %d), and a classifier pools at each row's last token that is "
+                 "not it.", tok.eos_token, tok.eos_token_id)
   tok.padding_side = "right"
   if not tok("hello world")["input_ids"]:
     raise ValueError(f"The tokenizer loaded from {name_or_path!r} encodes 'hello world' "

@@ -15,21 +15,31 @@ import numpy as np
 from cljax.models.config import GPT2Config
 from cljax.models.pnn import column_prefix
 
-def add_token_embeddings(params, config: GPT2Config, ids, num_known: int):
-  """(params, config) with ``wte`` rows for new tokens ``ids``: the table grows to
-  hold them (``vocab_size`` too) and each of their rows is set to the mean embedding
-  of the ``num_known`` tokens before them. No other parameter changes, so no logit
-  over the other tokens changes (the tied LM head only gains columns)."""
-  ids = [int(i) for i in ids]
-  wte = params["wte"]["embedding"]
-  old, dim = wte.shape
+def _grown_rows(table_VD, ids, num_known: int):
+  """``table_VD`` with rows ``ids`` (growing it to hold them) set to the mean of its
+  first ``num_known`` rows."""
+  old, dim = table_VD.shape
   size = max(old, max(ids) + 1)
-  mean_D = jnp.mean(wte[:num_known].astype(jnp.float32), axis=0).astype(wte.dtype)
+  mean_D = jnp.mean(table_VD[:num_known].astype(jnp.float32), axis=0).astype(table_VD.dtype)
   if size > old:
-    wte = jnp.concatenate([wte, jnp.zeros((size - old, dim), wte.dtype)])
-  wte = wte.at[jnp.asarray(ids)].set(mean_D)
-  params = {**params, "wte": {**params["wte"], "embedding": wte}}
-  return params, config.replace(vocab_size=size)
+    table_VD = jnp.concatenate([table_VD, jnp.zeros((size - old, dim), table_VD.dtype)])
+  return table_VD.at[jnp.asarray(ids)].set(mean_D)
+
+
+def add_token_embeddings(params, config: GPT2Config, ids, num_known: int):
+  """(params, config) with token-embedding rows for new tokens ``ids``: the table
+  grows to hold them (``vocab_size`` too) and each of their rows is set to the mean
+  embedding of the ``num_known`` tokens before them; an untied LM head (``lm_head``)
+  gains their columns the same way. No other parameter changes, so no logit over the
+  other tokens changes (the LM head only gains columns)."""
+  ids = [int(i) for i in ids]
+  layout = config.LAYOUT
+  table = _grown_rows(params[layout.embedding]["embedding"], ids, num_known)
+  params = {**params, layout.embedding: {**params[layout.embedding], "embedding": table}}
+  if not config.tied and layout.lm_head in params:
+    kernel = _grown_rows(params[layout.lm_head]["kernel"].T, ids, num_known).T
+    params = {**params, layout.lm_head: {**params[layout.lm_head], "kernel": kernel}}
+  return params, config.replace(vocab_size=table.shape[0])
 
 
 def is_peft(path) -> bool:
@@ -62,7 +72,10 @@ def add_peft_params(model, params, rng: jax.Array):
   given, params = params, overlay(fresh, params)
   cfg = model.config
   if cfg.pnn_columns > 1:   # a new column starts as a copy of the first (e.g. pretrained)
-    base = ["wte", "wpe", "ln_f"] + [f"h_{i}" for i in range(cfg.n_layer)]
+    layout = cfg.LAYOUT
+    base = ([layout.embedding, layout.final_norm] + ([layout.positions] if layout.positions
+                                                     else [])
+            + [f"{layout.block}{i}" for i in range(cfg.n_layer)])
     params = {**params, **{column_prefix(c) + n: jax.tree.map(jnp.copy, params[n])
                            for c in range(1, cfg.pnn_columns) for n in base
                            if column_prefix(c) + n not in given}}
@@ -127,7 +140,7 @@ def param_shapes(model):
 
 def add_method_tokens(model, params, tokenizer, tokens: tuple[str, ...]):
   """(model, params) with the method's tokens added to ``tokenizer`` (in place) and
-  their ``wte`` rows grown (the mean embedding, :func:`add_token_embeddings`)."""
+  their embedding rows grown (the mean embedding, :func:`add_token_embeddings`)."""
   first = len(tokenizer)
   tokenizer.add_tokens(list(tokens), special_tokens=True)
   ids = tokenizer.convert_tokens_to_ids(list(tokens))

@@ -105,6 +105,7 @@ def make_results(study, record, command_flags: dict | None, wall_s: float) -> di
                 # The weights it started from (a record older than base_sha256: those
                 # at --model when it ended).
                 "source_sha256": record.base_sha256 or study.base_sha256,
+                "family": model.config.family,
                 "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
                 "vocab_size": model.config.vocab_size, "dtype": cfg.dtype,
                 "parameters": count_params(study.param_shapes),

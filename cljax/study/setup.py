@@ -167,7 +167,8 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
       n_layer=model.config.n_layer, head=cfg.head, first_new_token=len(tokenizer),
       eos_token_id=tokenizer.eos_token_id, n_embd=model.config.n_embd,
       vocab_size=model.config.vocab_size, pad_token_id=tokenizer.pad_token_id,
-      answer_tokens=data_lib.answer_tokens(tasks, tokenizer) if as_text else 1)
+      answer_tokens=data_lib.answer_tokens(tasks, tokenizer) if as_text else 1,
+      family=model.config.family, layout=model.config.LAYOUT, tied=model.config.tied)
   method = build_method(cfg.method, cfg.method_config, method_context)
   declares = method.declares
   if declares.tokens:

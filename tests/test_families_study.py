@@ -1,0 +1,49 @@
+"""Every method on every family: the tiny study (IMDb -> AG News, tiny local data) on a
+tiny random Llama (grouped-query, 2 of 4 key-value heads) and a tiny GPT-NeoX, each
+method learning its first task; DEN, built for GPT-2's MLP units, refused in one
+line. The fast tier takes three methods on the Llama; the slow tier takes all."""
+
+import numpy as np
+import pytest
+
+from cljax import study
+from cljax.methods import MethodConfig, registry
+
+from test_study import SMALL_HP, tiny_config
+
+AS_TEXT = dict(head="lm", label_words=("imdb=bad,good", "ag_news=software,match"))
+FAST = ("finetune", "lora_per_task", "ewc")
+
+
+def _run(arch, method, data_dir, tokenizer_dir, workdir):
+  cfg = tiny_config(data_dir, tokenizer_dir, arch=arch, method=method,
+                    method_config=MethodConfig(**SMALL_HP),
+                    **(AS_TEXT if method == "lamol" else {}))
+  return study.run(cfg, workdir)
+
+
+def _cases():
+  for arch in ("llama", "gpt_neox"):
+    for method in registry.names():
+      if method == "den":
+        continue
+      slow = not (arch == "llama" and method in FAST)
+      yield pytest.param(arch, method, id=f"{arch}-{method}",
+                         marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("arch,method", list(_cases()))
+def test_every_method_learns_its_first_task_on_each_family(arch, method, tiny_data_dir,
+                                                           tiny_tokenizer_dir, tmp_path):
+  r = _run(arch, method, tiny_data_dir, tiny_tokenizer_dir, str(tmp_path))
+  aware = np.array(r["task_aware_accuracy_matrix"])
+  assert r["method"] == method and r["model"]["family"] == arch
+  # chance is 0.5; the tiny task is learned to >= 0.75 by fine-tuning on every family
+  assert aware[0, 0] >= 0.7, (method, aware)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_den_on_another_family_is_refused_in_one_line(arch, tiny_data_dir, tiny_tokenizer_dir,
+                                                      tmp_path):
+  with pytest.raises(ValueError, match=f"den grows GPT-2's MLP units.*{arch}"):
+    _run(arch, "den", tiny_data_dir, tiny_tokenizer_dir, str(tmp_path))
