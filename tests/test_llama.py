@@ -103,9 +103,13 @@ def test_a_saved_sharded_folder_loads_through_the_public_contract(kind, tmp_path
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
   from cljax.models import build
   from cljax.study import StudyConfig
-  with pytest.raises(ValueError, match="the study and its methods run GPT-2 only so far"):
-    build.build_model(StudyConfig(init="pretrained", model=str(folder)), None,
-                      kind="classifier", rng=None, n_positions=64, num_labels=2)
+  tokenizer = type("Tokenizer", (), {"pad_token_id": PAD, "eos_token_id": PAD,
+                                     "__len__": lambda self: 128})()
+  model, params = build.build_model(StudyConfig(init="pretrained", model=str(folder)),
+                                    tokenizer, kind="classifier", rng=None, n_positions=64,
+                                    num_labels=3)
+  np.testing.assert_allclose(np.asarray(model.apply({"params": params}, ids, mask)), want,
+                             atol=1e-5, rtol=1e-5)   # the study loads the family's folder
 
 
 def test_an_unknown_model_type_lists_the_supported_ones(tmp_path):

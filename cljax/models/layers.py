@@ -146,6 +146,17 @@ def token_embedding(cfg, name: str, rows: int | None = None):
                   embedding_init=nn.initializers.normal(cfg.initializer_range))
 
 
+def rotary_embeddings(cfg, input_ids_BT, positions_BT, deterministic: bool, prefix: str = "",
+                      rows_BT=None):
+  """A rotary family's :class:`Trunk` embedding: (its token ``nn.Embed``, named by its
+  layout, the token embeddings after dropout); positions act in the attention."""
+  del positions_BT
+  if rows_BT is not None or cfg.den_rows:
+    raise ValueError("DEN's token rows are implemented for GPT-2's embedding only.")
+  embed = token_embedding(cfg, f"{prefix}{cfg.LAYOUT.embedding}")
+  return embed, dropout(cfg, cfg.embd_pdrop, embed(input_ids_BT), deterministic)
+
+
 def to_numpy(value) -> np.ndarray:
   """A state dict's tensor (torch or array) as a float32 numpy array."""
   return np.asarray(value.detach().float().numpy() if hasattr(value, "detach") else value,

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from cljax.models.config import Layout, TrunkOptions, as_dtype
 from cljax.models.dropout import dropout
 from cljax.models.kv_cache import attend_cached
-from cljax.models.layers import (RMSNorm, Trunk, attend, projection, rope_frequencies, rotate,
-                                 to_numpy, token_embedding)
+from cljax.models.layers import (RMSNorm, Trunk, attend, projection, rope_frequencies,
+                                 rotary_embeddings, rotate, to_numpy)
 from cljax.models.peft import Adapter
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -205,18 +205,7 @@ class Layer(nn.Module):
     return x if kv is None else (x, kv)
 
 
-def llama_embeddings(cfg: LlamaConfig, input_ids_BT, positions_BT, deterministic: bool,
-               prefix: str = "", rows_BT=None):
-  """(the ``embed_tokens`` module, the token embeddings after dropout): positions are
-  rotary, in the attention."""
-  del positions_BT
-  if rows_BT is not None or cfg.den_rows:
-    raise ValueError("DEN's token rows are implemented for GPT-2's embedding only.")
-  embed = token_embedding(cfg, f"{prefix}embed_tokens")
-  return embed, dropout(cfg, cfg.embd_pdrop, embed(input_ids_BT), deterministic)
-
-
-TRUNK = Trunk(embed=llama_embeddings, block=Layer, final_norm=_norm)
+TRUNK = Trunk(embed=rotary_embeddings, block=Layer, final_norm=_norm)
 
 
 # ----------------------------------------------------------------------------
