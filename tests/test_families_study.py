@@ -13,10 +13,10 @@ from test_study import SMALL_HP, tiny_config
 
 AS_TEXT = dict(head="lm", label_words=("imdb=bad,good", "ag_news=software,match"))
 FAST = ("finetune", "lora_per_task", "ewc")
-# Runs that stayed below 10 of 16 on their first task at this tiny size (measured
-# 2026-12-07; open in issue 44): they run, but are not asserted to learn.
-WEAK = {("llama", "generative_replay"), ("gpt_neox", "generative_replay"),
-        ("gpt_neox", "progressive_prompts"), ("gpt_neox", "freeze")}
+# Runs that train only a head or prompts over the tiny random GPT-NeoX's features and
+# stay at 7-8 of 16 on their first task (measured 2026-12-07): they run, but are not
+# asserted to learn (the same methods on the tiny Llama are).
+WEAK = {("gpt_neox", "progressive_prompts"), ("gpt_neox", "freeze")}
 
 
 def _run(arch, method, data_dir, tokenizer_dir, workdir):

@@ -79,8 +79,8 @@ def test_an_unsupported_rope_or_window_is_one_line():
 @pytest.mark.parametrize("kind", ["Qwen3Config", "GPTNeoXConfig"])
 def test_a_saved_sharded_folder_loads_through_the_public_contract(kind, tmp_path):
   """transformers' save_pretrained (safetensors, sharded: an index) -> cljax.load_lm and
-  cljax.load_pretrained give the torch models' logits; the study refuses the family in
-  one line, before any work."""
+  cljax.load_pretrained give the torch models' logits; the study's classifier that keeps
+  the LM head (for generative replay) keeps the checkpoint's."""
   import cljax
   extra = (dict(num_key_value_heads=2) if kind == "Qwen3Config"
            else dict(hidden_dropout=0.0, attention_dropout=0.0))
@@ -100,7 +100,19 @@ def test_a_saved_sharded_folder_loads_through_the_public_contract(kind, tmp_path
     got = np.asarray(model.apply({"params": params}, ids, mask))
     if loader is cljax.load_lm:
       got, want = got[mask.astype(bool)], want[mask.astype(bool)]
+      lm_folder = folder
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  from cljax.models import build
+  from cljax.study import StudyConfig
+  tokenizer = type("Tokenizer", (), {"pad_token_id": PAD, "eos_token_id": PAD,
+                                     "__len__": lambda self: 128})()
+  classifier, params = build.build_model(
+      StudyConfig(init="pretrained", model=str(lm_folder)), tokenizer, kind="classifier",
+      rng=None, n_positions=64, num_labels=3, lm_head=True)
+  lm, lm_params = cljax.load_lm(str(lm_folder))
+  head = classifier.config.LAYOUT.lm_head
+  np.testing.assert_array_equal(params[head]["kernel"], lm_params[head]["kernel"])
+  assert classifier.apply({"params": params}, ids, mask).shape == (len(ids), 3)
   from cljax.models import build
   from cljax.study import StudyConfig
   tokenizer = type("Tokenizer", (), {"pad_token_id": PAD, "eos_token_id": PAD,

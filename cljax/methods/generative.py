@@ -371,7 +371,8 @@ def _generative_method(spec: _Spec, gen: GenerationConfig, ctx: BuildContext) ->
                 train_arrays=functools.partial(_train_arrays, s),
                 prepare_batch=functools.partial(_prepare_batch, s),
                 loss=functools.partial(_loss, s), declares=Declarations(
-                    tokens=tokens, answer_marker=ANSWER_TOKEN if spec.lamol else ""))
+                    tokens=tokens, answer_marker=ANSWER_TOKEN if spec.lamol else "",
+                    reads_lm=True))
 
 
 @register("generative_replay", "deep generative replay: the trunk also learns to write "

@@ -188,7 +188,8 @@ def _per_task(name: str, options: dict, infer: str, ctx: BuildContext,
   return Method(name=name, init=init, before_task=before_task, prepare_batch=prepare_batch,
                 eval_logits=lambda state, sctx: infer_task(state, sctx, infer),
                 declares=Declarations(trainable=trainable,
-                                      model_options=tuple(options.items())))
+                                      model_options=tuple(options.items()),
+                                      reads_lm=infer == "perplexity"))
 
 
 @register("lora_per_task", "a LoRA per task, earlier ones frozen, the task given or inferred "

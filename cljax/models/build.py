@@ -95,24 +95,26 @@ class ModelOptions(Options):
 
 def build_model(cfg: ModelOptions, tokenizer, *, kind: str, rng: jax.Array, n_positions: int,
                 num_labels: int = 2, label_tokens: tuple[int, ...] | None = None,
-                seed: int = 0):
+                seed: int = 0, lm_head: bool = False):
   """(model, params) of ``cfg``: ``--model``'s weights (a classifier's head, where the
   checkpoint has none, initialized from ``seed``) or a random init of ``--size`` from
   ``rng`` with ``n_positions``. ``kind``: ``classifier`` (a ``score`` head of
   ``num_labels``), ``label_words`` (classification as text over ``label_tokens``) or
-  ``lm``. Checks the vocabulary (and for the classifiers the pad id) against
+  ``lm``; ``lm_head``: a classifier of an untied family keeps its LM head too
+  (``classifier_lm_head``). Checks the vocabulary (and for the classifiers the pad id) against
   ``tokenizer``."""
   if kind not in ("classifier", "label_words", "lm"):
     raise ValueError(f"Unknown model kind {kind!r}; expected classifier, label_words or lm.")
   if cfg.init not in ("pretrained", "random"):
     raise ValueError(f"Unknown init {cfg.init!r}; expected 'pretrained' or 'random'.")
+  keep = {"classifier_lm_head": True} if lm_head and kind == "classifier" else {}
   if cfg.init == "random":
-    config = cfg.random_init_config(tokenizer, n_positions, **(
+    config = cfg.random_init_config(tokenizer, n_positions, **keep, **(
         {} if kind == "lm" else {"num_labels": num_labels}))
     model = (GPT2LM(config) if kind == "lm" else GPT2Classifier(config)
              if kind == "classifier" else GPT2LabelWords(config, label_tokens))
     return model, random_params(model, rng)
-  overrides = cfg.config_overrides()
+  overrides = {**cfg.config_overrides(), **keep}
   if kind == "classifier":
     model, params = hf.load_pretrained(cfg.model, num_labels=num_labels, dtype=cfg.dtype,
                                        seed=seed, **overrides)

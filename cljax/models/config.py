@@ -106,6 +106,10 @@ class TrunkOptions:
   # and this many token-embedding rows beside the embedding (``den_wte``): the copies
   # of the rows DEN splits, read where the per-example row indices (``den_rows``) say.
   den_rows: int = 0
+  # A classifier of a family with an untied LM head keeps that head (``lm_head``,
+  # ``embed_out``) beside ``score``, for the methods that read the LM (generative
+  # replay, task inference by perplexity); tied families (GPT-2) always have it.
+  classifier_lm_head: bool = False
 
   def check_options(self) -> None:
     """One-line errors for options that do not fit together (or this family)."""

@@ -133,14 +133,16 @@ def load(hf_config: Mapping, state_dict: Mapping[str, np.ndarray], folder: str, 
          **overrides):
   """(model, params) of ``head`` ("classifier" or "lm") for a family's checkpoint:
   a classifier keeps the checkpoint's ``score`` when its shape fits, else draws a
-  fresh one; a language model needs ``lm_head`` (``embed_out``) unless tied."""
+  fresh one, and its LM head only where the config asks (``classifier_lm_head``); a
+  language model needs ``lm_head`` (``embed_out``) unless tied."""
   family = FAMILIES[hf_config.get("model_type")]
   extra = {"num_labels": num_labels} if head == "classifier" else {}
   cfg = family.config.from_hf(hf_config, dtype=dtype, **extra, **overrides)
   model = (GPT2Classifier if head == "classifier" else GPT2LM)(cfg)
   want = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
   want = want["params"]
-  drop = (("lm_head.", "embed_out.") if head == "classifier" else ("score.",))
+  drop = (("score.",) if head != "classifier" else () if cfg.classifier_lm_head
+          else ("lm_head.", "embed_out."))
   state = {k: v for k, v in state_dict.items() if not k.startswith(drop)}
   params = family.params(state, cfg)
   fresh = head == "classifier" and np.shape(params.get("score", {}).get("kernel")) != tuple(
@@ -148,9 +150,16 @@ def load(hf_config: Mapping, state_dict: Mapping[str, np.ndarray], folder: str, 
   if fresh:
     params["score"] = {"kernel": jax.random.normal(jax.random.key(seed), want["score"][
         "kernel"].shape) * cfg.initializer_range}
+  lm_head = cfg.LAYOUT.lm_head
+  fresh_lm = lm_head in want and lm_head not in params   # a classification checkpoint
+  if fresh_lm:
+    params[lm_head] = {"kernel": jax.random.normal(jax.random.fold_in(jax.random.key(seed), 1),
+                                                   want[lm_head]["kernel"].shape)
+                       * cfg.initializer_range}
   _shapes_match(params, want, folder)
-  logging.info("Loaded a %s %s from %s%s.", hf_config.get("model_type"), head, folder,
-               " (fresh classification head)" if fresh else "")
+  logging.info("Loaded a %s %s from %s%s%s.", hf_config.get("model_type"), head, folder,
+               " (fresh classification head)" if fresh else "",
+               f" (fresh {lm_head}: the checkpoint has no LM head)" if fresh_lm else "")
   return model, params
 
 

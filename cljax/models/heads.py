@@ -109,6 +109,8 @@ class GPT2Classifier(nn.Module):
     _, x_BD = pooled_hidden(self.config, input_ids, attention_mask, deterministic,
                              peft_slot, prompt_active, den_units, den_rows)
     logits_BC = dense(self.config.num_labels, self.config, "score", use_bias=False)(x_BD)
+    if self.config.classifier_lm_head and not self.config.tied and self.is_initializing():
+      lm_logits(self.config, None, x_BD[:1])   # declares the LM head (GPT2LM reads it)
     return logits_BC.astype(jnp.float32)
 
 

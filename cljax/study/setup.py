@@ -129,14 +129,15 @@ class Study:
 # Building blocks
 # ----------------------------------------------------------------------------
 
-def study_model(cfg: StudyConfig, tokenizer, num_labels: int, label_tokens=None):
+def study_model(cfg: StudyConfig, tokenizer, num_labels: int, label_tokens=None,
+                lm_head: bool = False):
   """(model, params): pretrained weights or a random init of a named size; with
   ``label_tokens`` (``--head=lm``) a :class:`~cljax.models.GPT2LabelWords` over the
-  LM's weights."""
+  LM's weights; ``lm_head``: a classifier keeps an untied family's LM head."""
   return build_model(cfg, tokenizer, kind="classifier" if label_tokens is None
                           else "label_words", rng=jax.random.PRNGKey(cfg.seed),
                           n_positions=cfg.max_length, num_labels=num_labels,
-                          label_tokens=label_tokens, seed=cfg.seed)
+                          label_tokens=label_tokens, seed=cfg.seed, lm_head=lm_head)
 
 
 def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
@@ -171,6 +172,10 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
       family=model.config.family, layout=model.config.LAYOUT, tied=model.config.tied)
   method = build_method(cfg.method, cfg.method_config, method_context)
   declares = method.declares
+  if declares.reads_lm and not as_text and not model.config.tied:
+    logging.info("%s reads the LM head: the %s classifier keeps its untied %s.",
+                 cfg.method, model.config.family, model.config.LAYOUT.lm_head)
+    model, params = study_model(cfg, tokenizer, total_labels, lm_head=True)
   if declares.tokens:
     model, params = models.add_method_tokens(model, params, tokenizer, declares.tokens)
   if declares.model_options:

@@ -165,6 +165,7 @@ class Declarations(NamedTuple):
   model_options: tuple[tuple[str, Any], ...] = ()   # GPT2Config fields, as pairs
   tokens: tuple[str, ...] = ()     # vocabulary the method adds (ids: see the module doc)
   answer_marker: str = ""          # (--head=lm) appended to every task's prompt
+  reads_lm: bool = False           # reads ``lm_apply_fn`` (with a score head too)
   programs: ProgramsFn = lambda state, ctx: []
 
 
