@@ -5,6 +5,7 @@ untied embeddings, Qwen2's biases and Qwen3's q/k norms."""
 
 import functools
 
+import jax
 import numpy as np
 import pytest
 
@@ -74,6 +75,14 @@ def test_an_unsupported_rope_or_window_is_one_line():
     llama.LlamaConfig.from_hf({"model_type": "qwen2", "use_sliding_window": True})
   with pytest.raises(ValueError, match="the Llama family here is llama, mistral"):
     llama.LlamaConfig(model_type="gpt_neox")
+  # Mistral's window: full attention equals it up to the window; longer is refused
+  hf = transformers.MistralConfig(**TINY, num_key_value_heads=2, sliding_window=8).to_dict()
+  cfg = llama.LlamaConfig.from_hf(hf)
+  assert cfg.n_positions == 8 and llama.LlamaConfig.from_hf(
+      {**hf, "model_type": "qwen2"}).n_positions == TINY["max_position_embeddings"]
+  ids = np.ones((1, 9), np.int32)
+  with pytest.raises(ValueError, match="Sequence length 9 exceeds n_positions=8"):
+    GPT2LM(cfg).init(jax.random.key(0), ids)
 
 
 @pytest.mark.parametrize("kind", ["Qwen3Config", "GPTNeoXConfig"])
@@ -208,3 +217,27 @@ def test_greedy_generate_equals_transformers_token_for_token(case):
       want = lm.generate(torch.tensor(ids[b:b + 1, :n]), max_new_tokens=8, do_sample=False,
                          eos_token_id=127, pad_token_id=PAD)[0, n:].numpy()
     np.testing.assert_array_equal(got[b, :len(want)], want)
+
+
+@pytest.mark.parametrize("kind", ["Qwen3Config", "GPTNeoXConfig"])
+def test_bfloat16_compute_over_float32_master_weights(kind, tmp_path):
+  """``dtype="bfloat16"``: the params stay float32, the matmuls run in bfloat16, and
+  the logits (float32) stay within 0.05 of transformers' float32 ones."""
+  import cljax
+  extra = (dict(num_key_value_heads=2) if kind == "Qwen3Config"
+           else dict(hidden_dropout=0.0, attention_dropout=0.0))
+  hf_cfg = getattr(transformers, kind)(**TINY, **extra, attn_implementation="eager")
+  torch.manual_seed(0)
+  torch_model = transformers.AutoModelForSequenceClassification.from_config(hf_cfg).eval()
+  torch_model.save_pretrained(tmp_path)
+  ids, mask = _inputs()
+  with torch.no_grad():
+    want = torch_model(input_ids=torch.tensor(ids),
+                       attention_mask=torch.tensor(mask)).logits.numpy()
+  model, params = cljax.load_pretrained(str(tmp_path), num_labels=3, dtype="bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+  apply = functools.partial(model.apply, {"params": params})
+  assert "bf16[3,11,64]" in str(jax.make_jaxpr(apply)(ids, mask))   # bfloat16 activations
+  got = np.asarray(apply(ids, mask))
+  assert got.dtype == np.float32
+  assert np.abs(got - want).max() < 0.05 and not np.allclose(got, want, atol=1e-5)

@@ -1,7 +1,7 @@
 """The Llama family in Flax: Llama 2 and 3.x (with the ``llama3`` RoPE scaling),
-Mistral (without a sliding window), Qwen2 (q/k/v biases) and Qwen3 (q/k RMSNorm, its
-own ``head_dim``): grouped-query attention with rotary positions, RMSNorm, a SwiGLU
-MLP, tied or untied embeddings.
+Mistral (inputs up to its sliding window, where full attention equals it), Qwen2
+(q/k/v biases) and Qwen3 (q/k RMSNorm, its own ``head_dim``): grouped-query
+attention with rotary positions, RMSNorm, a SwiGLU MLP, tied or untied embeddings.
 
 Parameter names follow transformers' (``embed_tokens``, ``layers_{i}/self_attn/q_proj``,
 ``mlp/gate_proj``, ``input_layernorm``, ``norm``, ``lm_head``, ``score``), kernels
@@ -58,6 +58,9 @@ class LlamaConfig(TrunkOptions):
   num_key_value_heads: int | None = None
   head_dim: int | None = None
   max_position_embeddings: int = 2048
+  # Mistral's window: attention over the whole context equals it up to this many
+  # tokens, so longer inputs are refused (n_positions); None: no window.
+  sliding_window: int | None = None
   rms_norm_eps: float = 1e-6
   rope_theta: float = 10000.0
   rope_scaling: tuple = ()            # (key, value) pairs of the rope parameters
@@ -96,7 +99,8 @@ class LlamaConfig(TrunkOptions):
   n_layer = property(lambda self: self.num_hidden_layers)
   n_embd = property(lambda self: self.hidden_size)
   n_head = property(lambda self: self.num_attention_heads)
-  n_positions = property(lambda self: self.max_position_embeddings)
+  n_positions = property(lambda self: min(self.max_position_embeddings,
+                                          self.sliding_window or self.max_position_embeddings))
   inner_dim = property(lambda self: self.intermediate_size)
   layer_norm_epsilon = property(lambda self: self.rms_norm_eps)
   tied = property(lambda self: self.tie_word_embeddings)
@@ -124,6 +128,8 @@ class LlamaConfig(TrunkOptions):
                   "rope_scaling": tuple(sorted(rope.items())),
                   "attention_bias": hf.get("attention_bias", kind == "qwen2"),
                   "qk_norm": kind == "qwen3",
+                  # (Qwen's sliding_window applies only with use_sliding_window)
+                  "sliding_window": hf.get("sliding_window") if kind == "mistral" else None,
                   "num_labels": len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
                   **overrides})
 
