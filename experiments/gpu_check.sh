@@ -32,15 +32,21 @@
 #      seed-size study, one after another in one process and side by side
 #      (--parallel_runs=5), both with --dropout_rng_impl=threefry, timed from the shell
 #      (compare with 5 x stage 2's Trainer time).
+#   8. (not in the default stages: STAGES=8, about 3 minutes) Llama-3.2-1B's shape
+#      (random init: grouped-query, 128k vocabulary, llama3 RoPE), sequence 128, batch
+#      $LLAMA_BATCH, bfloat16: the train and eval steps against transformers'
+#      LlamaForSequenceClassification with the same config and optimizer.
 # Stage 3's results.json counts the programs compiled and loaded (a warm rerun should
 # compile none) and those built after the first step.
 # Smaller settings through the environment (a CPU smoke run of the script itself):
 #   SIZE=tiny BATCH=8 BIG_BATCH=16 NUM_TRAIN=32 NUM_TEST=16 bash experiments/gpu_check.sh
+#   STAGES=8 LLAMA_SIZE=tiny LLAMA_BATCH=8 bash experiments/gpu_check.sh
 # and STAGES="2 3" runs only those stages (the versions always print).
 set -uo pipefail
 STAGES=" ${STAGES:-1 2 3 4 5} "
 want() { [[ $STAGES == *" $1 "* ]]; }
 SIZE=${SIZE:-gpt2} BATCH=${BATCH:-256} BIG_BATCH=${BIG_BATCH:-512}
+LLAMA_SIZE=${LLAMA_SIZE:-llama-3.2-1b} LLAMA_BATCH=${LLAMA_BATCH:-32}
 NUM_TRAIN=${NUM_TRAIN:-2000} NUM_TEST=${NUM_TEST:-500} DTYPE=${DTYPE:-bfloat16}
 out=${OUT:-/tmp/gpu_check}
 mkdir -p "$out"
@@ -152,5 +158,11 @@ print(json.dumps({"mode": mode, "rc": rc, "wall_seconds_from_shell": t1 - t0,
                   "runs": len(runs), "matrices": [r["accuracy_matrix"] for r in runs]}))
 EOF
 done
+fi
+if want 8; then
+stage "8 Llama-3.2-1B's shape: the step against transformers', batch $LLAMA_BATCH"
+timeout 240 python3 experiments/benchmark.py --arch=llama --size="$LLAMA_SIZE" \
+  --seq_len=128 --batch_size="$LLAMA_BATCH" --dtype="$DTYPE" --steps=10 --warmup=2 \
+  --compare_torch --output="$out/bench_llama.jsonl" 2>&1 | tail -1
 fi
 stage "done"

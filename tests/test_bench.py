@@ -48,3 +48,22 @@ def test_the_trainer_script_runs_the_study(tiny_data_dir, tiny_tokenizer_dir, tm
   matrix = np.array(out["trainer_accuracy_matrix"])
   assert matrix.shape == (2, 2) and ((0 <= matrix) & (matrix <= 1)).all()
   assert out["trainer_wall_seconds"] > out["trainer_train_and_eval_seconds"] > 0
+
+
+def test_train_flops_count_each_family_s_block_kernels():
+  """6N per token (N: the blocks' projection weights) plus attention's 12 L T^2 H d_head,
+  checked against the closed forms: GPT-2's 4 D^2 + 2 D inner per block, and a
+  grouped-query Llama's q, o (D x D), k, v (D x D/2 with 2 of 4 heads) and three MLP
+  matrices."""
+  from cljax.bench import throughput
+  T = 16
+  gpt2 = throughput.bench_config("gpt2", "tiny")
+  D, L, inner = gpt2.n_embd, gpt2.n_layer, gpt2.inner_dim
+  assert throughput.train_flops_per_example(gpt2, T) == (
+      6 * L * (4 * D * D + 2 * D * inner) * T + 12 * L * T * T * D)
+  llama = throughput.bench_config("llama", "tiny")
+  D, L, inner = llama.n_embd, llama.n_layer, llama.inner_dim
+  assert llama.kv_heads * 2 == llama.n_head
+  per_block = 2 * D * D + 2 * D * (D // 2) + 3 * D * inner
+  assert throughput.train_flops_per_example(llama, T) == (
+      6 * L * per_block * T + 12 * L * T * T * D)

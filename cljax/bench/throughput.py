@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax.models import GPT2Classifier, GPT2Config, init_params
+from cljax.models import GPT2Classifier, GPT2Config, families, init_params
 from cljax.train import losses
 from cljax.train import optim
 from cljax.train import sharding
@@ -37,11 +37,27 @@ def peak_flops(device) -> float | None:
 
 
 def train_flops_per_example(config: GPT2Config, seq_len: int) -> float:
-  """Matmul FLOPs of forward + backward for one sequence (6N per token plus
-  attention's 12 L T D per token, as in the PaLM appendix); embeddings excluded."""
-  d, L = config.n_embd, config.n_layer
-  n = L * (4 * d * d + 2 * d * config.inner_dim)
-  return 6.0 * n * seq_len + 12.0 * L * seq_len * seq_len * d
+  """Matmul FLOPs of forward + backward for one sequence (6N per token, N the blocks'
+  projection weights, plus attention's 12 L T H d_head per token, as in the PaLM
+  appendix); embeddings and the head excluded. Any family: N is counted from the
+  block's kernels (GPT-2: ``4 D^2 + 2 D inner``; Llama: its grouped-query q/k/v/o and
+  its three MLP matrices)."""
+  block = jax.eval_shape(functools.partial(init_params, GPT2Classifier(config)),
+                         jax.random.PRNGKey(0))[f"{config.LAYOUT.block}0"]
+  n = config.n_layer * sum(int(np.prod(x.shape)) for p, x in
+                           jax.tree_util.tree_flatten_with_path(block)[0]
+                           if str(getattr(p[-1], "key", "")) == "kernel")
+  attention = config.n_head * config.head_size
+  return 6.0 * n * seq_len + 12.0 * config.n_layer * seq_len * seq_len * attention
+
+
+def bench_config(arch: str, size: str, **fields):
+  """The random-init config of a benchmark: GPT-2's ``size`` (``config.SIZES``) or
+  another family's (``families.arch_sizes``), with ``fields``."""
+  if arch == "gpt2":
+    return GPT2Config.from_size(size, **fields)
+  fields.setdefault("pad_token_id", 0)
+  return families.random_config(arch, size, **fields)
 
 
 def random_batch(config: GPT2Config, batch_size: int, seq_len: int, seed: int = 0):
@@ -106,17 +122,21 @@ def bench_jax(config: GPT2Config, batch_size: int, seq_len: int, steps_: int,
 
 def bench_torch(config: GPT2Config, batch_size: int, seq_len: int, steps_: int,
                 warmup: int, device: str | None = None) -> dict[str, Any]:
-  """The same step in transformers' PyTorch GPT2ForSequenceClassification:
-  AdamW, linear decay, clipping at 1.0, dropout on in training."""
+  """The same step in transformers' PyTorch ``*ForSequenceClassification`` of the
+  config's family: AdamW, linear decay, clipping at 1.0, dropout on in training."""
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   from cljax.models import as_dtype  # pylint: disable=import-outside-toplevel
   device = device or ("cuda" if torch.cuda.is_available() else "cpu")
   if device == "cpu":
     torch.set_num_threads(os.cpu_count() or 1)
-  hf = transformers.GPT2Config(**{k: v for k, v in config.to_hf().items()
-                                  if k not in ("architectures", "torch_dtype")})
-  model = transformers.GPT2ForSequenceClassification(hf).to(device)
+  if isinstance(config, GPT2Config):
+    hf = transformers.GPT2Config(**{k: v for k, v in config.to_hf().items()
+                                    if k not in ("architectures", "torch_dtype")})
+  else:
+    fields = families.hf_config(config, "score")
+    hf = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+  model = transformers.AutoModelForSequenceClassification.from_config(hf).to(device)
   opt = torch.optim.AdamW(model.parameters(), lr=5e-5, weight_decay=0.0)
   sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / 10_000))
   b = random_batch(config, batch_size, seq_len)
@@ -152,16 +172,18 @@ def bench_torch(config: GPT2Config, batch_size: int, seq_len: int, steps_: int,
 def run(size: str, batch_size: int, seq_len: int, steps_: int, warmup: int,
         dtype: str = "float32", remat: bool = False, compare_torch: bool = False,
         num_labels: int = 4, mesh_data: int = -1, mesh_model: int = 1,
-        attention: str = "xla", attn_pdrop: float | None = None) -> dict[str, Any]:
+        attention: str = "xla", attn_pdrop: float | None = None,
+        arch: str = "gpt2") -> dict[str, Any]:
   """Runs the JAX (and optionally PyTorch) benchmark; returns one flat dict.
-  ``attention``: the fused kernel where attention has no dropout; ``attn_pdrop``:
-  attention dropout (default GPT-2's 0.1; 0 lets training use the fused kernel)."""
-  config = GPT2Config.from_size(size, num_labels=num_labels, dtype=dtype, remat=remat,
-                                attention=attention,
-                                **({} if attn_pdrop is None else {"attn_pdrop": attn_pdrop}))
+  ``arch``: the family (``size`` one of its sizes); ``attention``: the fused kernel
+  where attention has no dropout; ``attn_pdrop``: attention dropout (default the
+  family's: GPT-2's 0.1, Llama's 0; 0 lets training use the fused kernel)."""
+  config = bench_config(arch, size, num_labels=num_labels, dtype=dtype, remat=remat,
+                        attention=attention,
+                        **({} if attn_pdrop is None else {"attn_pdrop": attn_pdrop}))
   if seq_len > config.n_positions:
     raise ValueError(f"seq_len {seq_len} exceeds n_positions {config.n_positions}.")
-  out = {"size": size, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype,
+  out = {"arch": arch, "size": size, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype,
          "attention": attention, "attn_pdrop": config.attn_pdrop,
          "steps": steps_, "backend": jax.default_backend(),
          "device": jax.devices()[0].device_kind, "device_count": jax.device_count(),

@@ -7,6 +7,7 @@ r"""Examples per second of the jitted train and eval steps (and PyTorch's).
   cljax-benchmark --size=tiny --loop_overhead --steps=300   # the loop against a bare one
   cljax-benchmark --size=gpt2 --compile_overhead   # compile against a minimal GPT-2
   cljax-benchmark --size=gpt2 --checkpoint_overhead  # a boundary checkpoint's blocking
+  cljax-benchmark --arch=llama --size=smollm2-135m --compare_torch  # any family's step
 
 Prints one JSON line: JAX train/eval examples/s, with --compare_torch the
 transformers PyTorch model's figures measured in the same run and their ratios,
@@ -17,14 +18,20 @@ import json
 
 import sys
 
+from absl import app
 from absl import flags
 
 from cljax import cli
 from cljax.bench import overhead as bench_overhead
 from cljax.bench import throughput as bench
+from cljax.models import families
 
+_ARCH = flags.DEFINE_enum("arch", "gpt2", list(families.SUPPORTED), "Family of the "
+                          "train/eval step benchmark (config.json's model_type; random init).")
 _SIZE = flags.DEFINE_string("size", "gpt2", "Model size: gpt2 (small), gpt2-medium, "
-                            "gpt2-large, gpt2-xl, mini or tiny. Random init.")
+                            "gpt2-large, gpt2-xl, mini or tiny for --arch=gpt2; another "
+                            "family's: tiny, mini or a real shape such as llama-3.2-1b. "
+                            "Random init.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Examples per step (global).")
 _SEQ = flags.DEFINE_integer("seq_len", 128, "Tokens per example.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (after warmup).")
@@ -73,6 +80,13 @@ _OUT = flags.DEFINE_string("output", None, "Also append the JSON line to this fi
 
 def main(argv):
   del argv
+  modes = {"--loop_overhead": _LOOP.value, "--compile_overhead": _COMPILE.value,
+           "--checkpoint_overhead": _CKPT.value, "--profile_step": _PROFILE.value,
+           "--fisher_samples": _FISHER.value, "--generate_tokens": _GENERATE.value}
+  if _ARCH.value != "gpt2" and any(modes.values()):
+    raise app.UsageError(f"{', '.join(k for k, v in modes.items() if v)} times GPT-2 "
+                         f"only; --arch={_ARCH.value} times the train and eval steps "
+                         "(drop the flag).")
   if _LOOP.value:
     result = bench_overhead.loop_overhead(_SIZE.value, _BATCH.value, _SEQ.value, _STEPS.value)
   elif _COMPILE.value:
@@ -95,7 +109,7 @@ def main(argv):
                        dtype=_DTYPE.value, remat=_REMAT.value, attention=_ATTENTION.value,
                        attn_pdrop=_ATTN_PDROP.value,
                        compare_torch=_TORCH.value, mesh_data=_MESH_DATA.value,
-                       mesh_model=_MESH_MODEL.value)
+                       mesh_model=_MESH_MODEL.value, arch=_ARCH.value)
   line = json.dumps(result)
   print(line)
   if _OUT.value:
