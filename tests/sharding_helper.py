@@ -1,6 +1,6 @@
 """Run in a subprocess with simulated CPU devices (XLA_FLAGS set by the test):
 
-  python sharding_helper.py steps              # mesh vs one device, 3 methods
+  python sharding_helper.py steps [ARCH]       # mesh vs one device, 3 methods (gpt2, llama)
   python sharding_helper.py save DIR           # save a sharded state (4 x 2 mesh)
   python sharding_helper.py restore DIR        # restore it on this process's devices
 """
@@ -17,6 +17,7 @@ from cljax import steps
 from cljax.methods import BuildContext, MethodConfig, build
 from cljax.methods import regularizers
 from cljax.models import GPT2Classifier, GPT2Config, init_params
+from cljax.models.llama import LlamaConfig
 from cljax.train import sharding
 from cljax.train.checkpoint import Checkpointer
 
@@ -24,6 +25,11 @@ from cljax.train.checkpoint import Checkpointer
 sharding.MIN_SHARDED_SIZE = 1024
 CONFIG = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4,
                     num_labels=4, pad_token_id=63, eos_token_id=63)
+# A grouped-query Llama (2 of 4 key-value heads): its k/v projections are half the width.
+CONFIGS = {"gpt2": CONFIG, "llama": LlamaConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16, num_labels=4,
+    pad_token_id=63, eos_token_id=63)}
 CTX = BuildContext(num_labels=4, num_tasks=2, max_length=12, n_layer=2, pad_token_id=63)
 
 
@@ -43,8 +49,8 @@ def batches(n, batch_size=8, seed=0):
   return out
 
 
-def train(mesh, method_name):
-  model = GPT2Classifier(CONFIG)
+def train(mesh, method_name, config=CONFIG):
+  model = GPT2Classifier(config)
   params = init_params(model, jax.random.PRNGKey(0))
   params = jax.device_put(params, sharding.param_shardings(mesh, params))
   method = build(method_name, MethodConfig(ewc_lambda=50.0, replay_size=8,
@@ -69,26 +75,29 @@ def train(mesh, method_name):
   return jax.device_get(state)
 
 
-def check_steps():
+def check_steps(arch="gpt2"):
   devices = jax.devices()
   assert len(devices) == 8, devices
   one = sharding.make_mesh(1, 1, devices[:1])
   many = sharding.make_mesh(4, 2)
+  config = CONFIGS[arch]
   for method in ("finetune", "ewc", "replay"):
-    a, b = train(one, method), train(many, method)
+    a, b = train(one, method, config), train(many, method, config)
     worst = max(float(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)).max())
                 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
                 if np.issubdtype(np.asarray(x).dtype, np.floating))
     assert worst < 2e-5, (method, worst)
     moved = float(np.abs(np.asarray(a.params["score"]["kernel"]) -
-                         np.asarray(init_params(GPT2Classifier(CONFIG), jax.random.PRNGKey(0))
+                         np.asarray(init_params(GPT2Classifier(config), jax.random.PRNGKey(0))
                                     ["score"]["kernel"])).max())
     assert moved > 1e-4, (method, moved)
     print(f"{method}: max |one device - 4x2 mesh| = {worst:.2e}")
-  model = GPT2Classifier(CONFIG)
-  params = init_params(model, jax.random.PRNGKey(0))
-  sh = sharding.param_shardings(many, params)["h_0"]["mlp"]["c_fc"]["kernel"]
-  assert sh.spec == jax.sharding.PartitionSpec(None, "model"), sh.spec
+  params = init_params(GPT2Classifier(config), jax.random.PRNGKey(0))
+  mlp_in = {"gpt2": ("h_0", "mlp", "c_fc"), "llama": ("layers_0", "mlp", "up_proj")}[arch]
+  sh = sharding.param_shardings(many, params)
+  for name in mlp_in:
+    sh = sh[name]
+  assert sh["kernel"].spec == jax.sharding.PartitionSpec(None, "model"), sh["kernel"].spec
   print("OK")
 
 
@@ -136,5 +145,5 @@ def restore(directory):
 
 
 if __name__ == "__main__":
-  {"steps": lambda: check_steps(), "save": lambda: save(sys.argv[2]),
+  {"steps": lambda: check_steps(*sys.argv[2:]), "save": lambda: save(sys.argv[2]),
    "restore": lambda: restore(sys.argv[2])}[sys.argv[1]]()

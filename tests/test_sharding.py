@@ -20,10 +20,12 @@ def _run(devices, *args):
   return proc.stdout
 
 
-def test_mesh_training_matches_one_device():
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_mesh_training_matches_one_device(arch):
   """finetune, EWC (Fisher computed on the mesh) and replay: 4 steps on a 4 x 2 mesh
-  (batch split 4 ways, params and optimizer state split 2 ways) match one device."""
-  out = _run(8, "steps")
+  (batch split 4 ways, params and optimizer state split 2 ways) match one device, on
+  GPT-2 and a grouped-query Llama."""
+  out = _run(8, "steps", arch)
   for method in ("finetune", "ewc", "replay"):
     assert f"{method}: max" in out
 
