@@ -18,6 +18,7 @@ from cljax import study
 from cljax.methods import BuildContext, MethodConfig, StepContext, TaskContext, build
 from cljax.methods import den
 from cljax.models import GPT2Classifier, GPT2Config, add_peft_params, init_params
+from cljax.models.config import GPT2_LAYOUT as LAYOUT
 from cljax.models.den import NEVER, alive, unit_arrays, with_units
 
 BASE = GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4,
@@ -121,14 +122,15 @@ def test_capacity_changes_no_logit_and_unit_views_round_trip(start):
   ids = _data(0)["input_ids"]
   plain = GPT2Classifier(BASE).apply({"params": base}, ids)
   np.testing.assert_array_equal(model.apply({"params": params}, ids), plain)
-  units = unit_arrays(params, 2)
+  units = unit_arrays(params, 2, LAYOUT)
   assert units["fc_k"].shape == (2, 32, W) and units["proj_k"].shape == (2, W, 32)
-  back = with_units(params, units, 2)
+  back = with_units(params, units, 2, LAYOUT)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back),
                                                   jax.tree.leaves(params)))
   # A unit out of use contributes nothing, whatever its weights; one in use does.
   mask = jnp.broadcast_to((jnp.arange(W) < INNER).astype(jnp.float32), (len(ids), 2, W))
-  moved = with_units(params, {**units, "proj_k": units["proj_k"].at[:, INNER + 3].add(1.0)}, 2)
+  moved = with_units(params, {**units, "proj_k": units["proj_k"].at[:, INNER + 3].add(1.0)},
+                     2, LAYOUT)
   np.testing.assert_array_equal(model.apply({"params": moved}, ids, den_units=mask), plain)
   on = mask.at[:, :, INNER + 3].set(1.0)
   assert np.abs(model.apply({"params": moved}, ids, den_units=on) - plain).max() > 1e-3
@@ -139,9 +141,10 @@ def test_capacity_changes_no_logit_and_unit_views_round_trip(start):
   rows = jnp.where(ids == 5, 97 + 3, ids)
   np.testing.assert_array_equal(model.apply({"params": copy}, ids, den_rows=rows), plain)
   assert np.abs(model.apply({"params": params}, ids, den_rows=rows) - plain).max() > 1e-3
-  table = den.embedding_rows(params)
+  table = den.embedding_rows(params, LAYOUT)
   assert table.shape == (97 + ROWS, 32)
-  np.testing.assert_array_equal(den.embedding_rows(den.with_rows(params, table)), table)
+  np.testing.assert_array_equal(
+      den.embedding_rows(den.with_rows(params, table, LAYOUT), LAYOUT), table)
 
 
 # ----------------------------------------------------------------------------
@@ -205,7 +208,7 @@ def test_selective_retraining_moves_only_the_selected_units(start, after_first):
   trained, state = _train(method, model, params, mstate, 1)
   selected = np.asarray(state.selected)
   assert 0 < selected.sum() < np.asarray(alive(state.birth, state.retired, 1)).sum()
-  before, after = unit_arrays(params, 2), unit_arrays(trained, 2)
+  before, after = unit_arrays(params, 2, LAYOUT), unit_arrays(trained, 2, LAYOUT)
   same = {k: np.asarray(before[k]) == np.asarray(after[k]) for k in before}
   # every weight of every unit outside the selection is bit-identical
   assert same["fc_k"].all(1)[~selected].all() and same["fc_b"][~selected].all()
@@ -223,8 +226,8 @@ def test_selective_retraining_moves_only_the_selected_units(start, after_first):
   read = np.zeros(97 + ROWS, bool)
   read[np.unique(_data(1)["input_ids"])] = True
   np.testing.assert_array_equal(np.asarray(state.row_trained), read)
-  same_rows = (np.asarray(den.embedding_rows(params))
-               == np.asarray(den.embedding_rows(trained))).all(1)
+  same_rows = (np.asarray(den.embedding_rows(params, LAYOUT))
+               == np.asarray(den.embedding_rows(trained, LAYOUT))).all(1)
   assert same_rows[~read].all() and not same_rows[read].any()
 
 
@@ -242,15 +245,15 @@ def test_the_l1_step_follows_every_step_on_what_the_task_trains(start, after_fir
   params, mstate = after_first
   trained, state = _train(method, model, params, mstate, 1, epochs=1)
   selected = np.asarray(state.selected)
-  units, before = unit_arrays(trained, 2), unit_arrays(params, 2)
+  units, before = unit_arrays(trained, 2, LAYOUT), unit_arrays(params, 2, LAYOUT)
   assert (np.asarray(units["fc_k"]).transpose(0, 2, 1)[selected] == 0).all()
   assert (np.asarray(units["proj_k"])[selected] == 0).all()
   np.testing.assert_array_equal(np.asarray(units["fc_b"])[~selected],
                                 np.asarray(before["fc_b"])[~selected])
-  rows = np.asarray(den.embedding_rows(trained))
+  rows = np.asarray(den.embedding_rows(trained, LAYOUT))
   assert (rows[np.asarray(state.row_trained)] == 0).all()
   np.testing.assert_array_equal(rows[~np.asarray(state.row_trained)],
-                                np.asarray(den.embedding_rows(params))[~np.asarray(
+                                np.asarray(den.embedding_rows(params, LAYOUT))[~np.asarray(
                                     state.row_trained)])
   score = np.asarray(trained["score"]["kernel"])
   assert (score[:, 2:] == 0).all()
@@ -310,11 +313,11 @@ def test_k_units_per_block_are_added_and_the_zeroed_ones_pruned(start, after_fir
   np.testing.assert_array_equal(state.birth, before.birth)
   new = (np.asarray(before.birth) == NEVER) & (np.cumsum(np.asarray(before.birth) == NEVER, 1)
                                                <= k)
-  assert (np.asarray(den.unit_sq(unit_arrays(final, 2)))[new] == 0).all()
+  assert (np.asarray(den.unit_sq(unit_arrays(final, 2, LAYOUT)))[new] == 0).all()
   # In between, exactly the units the group lasso zeroed are removed.
   *_, final, state, report = _consolidate(start, after_first, second, den_loss_threshold=0.0,
                                           den_expand_k=k, den_group_lasso=0.04)
-  norm = np.asarray(den.unit_sq(unit_arrays(final, 2)))
+  norm = np.asarray(den.unit_sq(unit_arrays(final, 2, LAYOUT)))
   kept = np.asarray(state.birth) == 1
   np.testing.assert_array_equal(kept, new & (norm > 0))
   assert report["units_pruned"] == (new & (norm == 0)).sum(1).tolist()
@@ -345,7 +348,7 @@ def test_a_drifted_unit_is_split_and_the_old_task_gets_its_logits_back(start, af
   assert (np.asarray(state.row_retired)[ids] == 1).all()
   # a threshold between the drifts splits exactly the units over it, the drift
   # measured on all of a unit's shared weights (c_fc column, bias, c_proj row)
-  before, after = unit_arrays(params, 2), unit_arrays(trained, 2)
+  before, after = unit_arrays(params, 2, LAYOUT), unit_arrays(trained, 2, LAYOUT)
   drift = np.sqrt(np.asarray(den.unit_sq(jax.tree.map(jnp.subtract, after, before))))
   only_fc = np.sqrt(((np.asarray(after["fc_k"]) - np.asarray(before["fc_k"])) ** 2).sum(1))
   assert (drift[selected] > only_fc[selected]).all()
@@ -453,3 +456,51 @@ def test_den_refuses_perplexity_task_inference():
   build("den", MethodConfig(), ctx)
   with pytest.raises(ValueError, match=r"den infers the task by entropy only"):
     build("den", MethodConfig(peft_infer="perplexity"), ctx)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_a_capacity_unit_in_use_is_a_unit_of_the_family_s_own_mlp(arch):
+  """DEN's unit in a gated MLP (Llama: a gate_proj and an up_proj column with a
+  down_proj row) and in GPT-NeoX's (a dense_h_to_4h column and bias, a dense_4h_to_h
+  row): with no capacity unit in use the model is the plain family's; with capacity
+  unit 0 in use it equals the plain family with that unit appended to its MLP's own
+  weights (intermediate size + 1). The unit arrays round-trip."""
+  from cljax.models import families
+  config = families.random_config(arch, "tiny", vocab_size=97, max_position_embeddings=32,
+                                  pad_token_id=0)
+  lay, L, inner = config.LAYOUT, config.n_layer, config.inner_dim
+  model = GPT2Classifier(config.replace(den_capacity=4))
+  params = init_params(model, jax.random.key(0))
+  ids = jax.random.randint(jax.random.key(1), (3, 10), 1, 97)
+  loaded = (jnp.arange(inner + 4) < inner).astype(jnp.float32)
+
+  def den_logits(units_W):
+    return model.apply({"params": params}, ids, den_units=jnp.broadcast_to(units_W, (3, L,
+                                                                                 inner + 4)))
+
+  def plain(extra: int):
+    out = {k: v for k, v in params.items() if not k.startswith(f"{lay.block}")}
+    for i in range(L):
+      block = dict(params[f"{lay.block}{i}"])
+      mlp = {}
+      for key, name, capacity in lay.den_units:
+        axis = 0 if key == "proj" else 1
+        module = {"kernel": jnp.concatenate([block[lay.mlp][name]["kernel"], jnp.take(
+            block[lay.mlp][capacity]["kernel"], jnp.arange(extra), axis)], axis)}
+        if "bias" in block[lay.mlp][name]:
+          module["bias"] = (block[lay.mlp][name]["bias"] if key == "proj" else jnp.concatenate(
+              [block[lay.mlp][name]["bias"], block[lay.mlp][capacity]["bias"][:extra]]))
+        mlp[name] = module
+      out[f"{lay.block}{i}"] = {**block, lay.mlp: mlp}
+    return GPT2Classifier(config.replace(intermediate_size=inner + extra)).apply({"params": out},
+                                                                           ids)
+
+  np.testing.assert_allclose(den_logits(loaded), plain(0), atol=1e-5, rtol=1e-5)
+  with_first = loaded.at[inner].set(1.0)
+  assert not np.allclose(den_logits(with_first), den_logits(loaded), atol=1e-4)
+  np.testing.assert_allclose(den_logits(with_first), plain(1), atol=1e-5, rtol=1e-5)
+  units = unit_arrays(params, L, lay)
+  assert units["proj_k"].shape == (L, inner + 4, config.n_embd)
+  back = with_units(params, units, L, lay)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)

@@ -67,7 +67,15 @@ def test_dropout_only_when_not_deterministic():
   assert not np.allclose(a, c) and not np.allclose(c, d)
 
 
-def test_remat_gives_the_same_gradients():
+_DROPOUT = dict(vocab_size=97, max_position_embeddings=32, pad_token_id=0, attn_pdrop=0.1,
+                resid_pdrop=0.1, embd_pdrop=0.1)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gpt_neox"])
+def test_remat_gives_the_same_gradients(arch):
+  """Each family's blocks rematerialized: the same gradients, dropout included."""
+  from cljax.models import families
+  config = TINY if arch == "gpt2" else families.random_config(arch, "tiny", **_DROPOUT)
   ids = jnp.arange(16).reshape(2, 8)
   def grads(config):
     model = GPT2Classifier(config)
@@ -75,7 +83,8 @@ def test_remat_gives_the_same_gradients():
     loss = lambda p: model.apply({"params": p}, ids, deterministic=False,
                                  rngs={"dropout": jax.random.key(3)}).sum()
     return jax.jit(jax.grad(loss))(params)
-  for a, b in zip(jax.tree.leaves(grads(TINY)), jax.tree.leaves(grads(TINY.replace(remat=True)))):
+  for a, b in zip(jax.tree.leaves(grads(config)),
+                  jax.tree.leaves(grads(config.replace(remat=True)))):
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 

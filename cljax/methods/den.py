@@ -1,8 +1,10 @@
-"""Dynamically Expandable Networks (Yoon, Yang, Lee and Hwang, ICLR 2018) on GPT-2.
+"""Dynamically Expandable Networks (Yoon, Yang, Lee and Hwang, ICLR 2018) on a transformer.
 
 DEN's layers here are the token embedding (the weights of the one-hot input: a row per
-token) and each block's MLP (its hidden neurons, the units: ``c_fc`` column and bias,
-``c_proj`` row; :mod:`cljax.models.den`). ``den_capacity`` units per block and
+token) and each block's MLP (its hidden neurons, the units: GPT-2's ``c_fc`` column and
+bias and ``c_proj`` row; a gated MLP's ``gate_proj`` and ``up_proj`` columns and
+``down_proj`` row; :mod:`cljax.models.den`, by the family's ``Layout.den_units``; the
+``c_fc``/``c_proj`` below stand for them). ``den_capacity`` units per block and
 ``den_row_capacity`` embedding rows are allocated ahead and used by masks. A unit or
 row has a ``birth`` (the task it was made at; ``NEVER`` while free) and a ``retired``
 (the first task it no longer serves: a split one's old copy); task k reads the units
@@ -11,7 +13,7 @@ of each token), k given (task-aware) or inferred by entropy, as ``pnn``. A task'
 is its rows of the ``score`` head (the labels trick).
 
 Task 1 trains the whole network, with the L1 step (below). At task t > 1, attention,
-position embeddings, LayerNorms and ``c_proj``'s bias stay frozen, and:
+position embeddings, the norms and ``c_proj``'s bias stay frozen, and:
 
 1. Selective retraining. ``before_task`` fits the paper's sparse linear model of task
    t's classes on every block's (standardized) unit activations at the pooled token
@@ -94,14 +96,18 @@ from cljax.methods.registry import BuildContext, hparam, register
 from cljax.models import pool_index
 from cljax.models.den import (NEVER, alive, first_free, group_lasso, keep_units, new_units,
                               pooled_units, soft_threshold, split_rows, split_units,
-                              unit_arrays, unit_sq, with_units)
+                              unit_arrays, unit_size, unit_sq, with_units)
 from cljax.options import FRACTION, NON_NEGATIVE, POSITIVE
 from cljax.train import loop
 from cljax.train.method import Declarations, Method, StepContext, TaskContext
 
 _KEYS = ("input_ids", "attention_mask", "labels", "weights", "class_mask", "task_ids")
-# The parameters DEN grows into; frozen while the first task trains.
-CAPACITY = ("den_fc", "den_proj", "den_wte")
+
+
+def capacity_names(layout) -> tuple[str, ...]:
+  """The parameters DEN grows into (its projections beside the MLP's, its token rows);
+  frozen while the first task trains."""
+  return tuple(capacity for _, _, capacity in layout.den_units) + ("den_wte",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,16 +169,20 @@ def alive_table(state: DENState) -> jax.Array:
   return alive(state.birth[None], state.retired[None], s)
 
 
-def embedding_rows(params) -> jax.Array:
-  """``[V + R, D]``: ``wte``'s rows, then DEN's copies (``den_wte``)."""
-  return jnp.concatenate([params["wte"]["embedding"], params["den_wte"]["embedding"]])
+def embedding_rows(params, layout) -> jax.Array:
+  """``[V + R, D]``: the token embedding's rows (GPT-2's ``wte``), then DEN's copies
+  (``den_wte``)."""
+  return jnp.concatenate([params[layout.embedding]["embedding"],
+                          params["den_wte"]["embedding"]])
 
 
-def with_rows(params, rows_RD):
-  """``params`` with ``wte`` and ``den_wte`` from ``rows_RD`` (as :func:`embedding_rows`)."""
-  V = params["wte"]["embedding"].shape[0]
+def with_rows(params, rows_RD, layout):
+  """``params`` with the token embedding and ``den_wte`` from ``rows_RD`` (as
+  :func:`embedding_rows`)."""
+  embed = params[layout.embedding]["embedding"]
+  V = embed.shape[0]
   cast = lambda x, like: jnp.asarray(x, like.dtype)   # noqa: E731
-  return {**params, "wte": {"embedding": cast(rows_RD[:V], params["wte"]["embedding"])},
+  return {**params, layout.embedding: {"embedding": cast(rows_RD[:V], embed)},
           "den_wte": {"embedding": cast(rows_RD[V:], params["den_wte"]["embedding"])}}
 
 
@@ -222,7 +232,7 @@ def pooled_features(model, params, units_LW, rows_V, batches) -> tuple[np.ndarra
     _, inter = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
                            **network_inputs(units_LW, rows_V, batch), mutable=["intermediates"])
     idx_B = pool_index(batch["input_ids"], model.config.pad_token_id)
-    return pooled_units(inter["intermediates"], idx_B, L)
+    return pooled_units(inter["intermediates"], idx_B, model.config.LAYOUT, L)
 
   xs, ys = [], []
   for b in batches:
@@ -318,7 +328,7 @@ def _head_loss(model, n_layer):
   ``params``, with theta's values."""
   def loss_fn(theta, consts, batch):
     params, units_LW, rows_V = consts
-    p = with_units(params, theta["units"], n_layer)
+    p = with_units(params, theta["units"], n_layer, model.config.LAYOUT)
     p = {**p, "score": {**p["score"], "kernel": theta["score"]}}
     logits = model.apply({"params": p}, batch["input_ids"], batch["attention_mask"],
                          **network_inputs(units_LW, rows_V, batch))
@@ -367,13 +377,14 @@ def params_in_use(params, state: DENState, k: int) -> int:
   """Parameters task k's network reads: everything but the units, the rows and the
   head, plus its units, its row of each token and its head columns."""
   total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  L, D, W = state.anchor["units"]["fc_k"].shape
+  L, W, D = state.anchor["units"]["proj_k"].shape
+  size = unit_size(state.anchor["units"])
   C = state.tasks.slot_classes.shape[1]
   R, V = state.row_birth.shape[0], state.rows.shape[1]
   units = int(np.sum(np.asarray(alive(state.birth, state.retired, k))))
   classes = int(np.sum(np.asarray(state.tasks.slot_classes[k])))
-  return (total - L * W * (2 * D + 1) - D * C - R * D
-          + units * (2 * D + 1) + D * classes + V * D)
+  return (total - L * W * size - D * C - R * D
+          + units * size + D * classes + V * D)
 
 
 def _grow(model, ctx, hp, theta, st, units_LW, classes_C, t, rec):
@@ -420,15 +431,16 @@ def consolidate(model, ctx: TaskContext, state: DENState, hp: DENConfig):
   """Steps 2 and 3 after the selective retraining of task t (``ctx.params``):
   (the new state, the report)."""
   t, L, prev = ctx.task_index, state.birth.shape[0], state.anchor
+  lay = model.config.LAYOUT
   classes_C = np.asarray(state.tasks.slot_classes[t])
-  units = keep_units(unit_arrays(ctx.params, L), state.selected, prev["units"])
+  units = keep_units(unit_arrays(ctx.params, L, lay), state.selected, prev["units"])
   table = np.where(np.asarray(state.row_trained)[:, None],
-                   np.asarray(embedding_rows(ctx.params)), np.asarray(prev["rows"]))
+                   np.asarray(embedding_rows(ctx.params, lay)), np.asarray(prev["rows"]))
   theta = {"units": units, "score": jnp.where(classes_C[None, :], ctx.params["score"]["kernel"],
                                               prev["score"])}
   st = {k: np.array(getattr(state, k)) for k in ("birth", "retired", "rows", "row_birth",
                                                  "row_retired", "row_token")}
-  ctx = ctx._replace(params=with_rows(ctx.params, table))
+  ctx = ctx._replace(params=with_rows(ctx.params, table, lay))
   units_LW = alive(st["birth"], st["retired"], t)
   loss = mean_loss(model, ctx.params, theta, units_LW, st["rows"][t],
                    _batches(ctx.train, ctx.batch_size))
@@ -442,7 +454,7 @@ def consolidate(model, ctx: TaskContext, state: DENState, hp: DENConfig):
   born = st["birth"] == t
   if born.any() and hp.den_split_steps and sum(rec["units_split"]):
     batches = _batches(ctx.train, ctx.batch_size, hp.den_split_steps, _seed(ctx.rng, 3))
-    theta = train_units(model, with_rows(ctx.params, table), theta,
+    theta = train_units(model, with_rows(ctx.params, table, lay), theta,
                         alive(st["birth"], st["retired"], t), st["rows"][t], born, classes_C,
                         batches, hp)
   state = state._replace(**{k: jnp.asarray(v) for k, v in st.items()},
@@ -455,52 +467,57 @@ def parameters_trained(state: DENState, rec: dict, D: int) -> int:
   it read, its head columns."""
   units = int(np.sum(np.asarray(state.selected))) + sum(rec["units_added"])
   classes = int(np.sum(np.asarray(state.tasks.slot_classes[int(state.task)])))
-  return units * (2 * D + 1) + int(np.sum(np.asarray(state.row_trained))) * D + classes * D
+  return (units * unit_size(state.anchor["units"])
+          + int(np.sum(np.asarray(state.row_trained))) * D + classes * D)
 
 
 # ----------------------------------------------------------------------------
 # The method
 # ----------------------------------------------------------------------------
 
-def den_trainable(params, task_index: int):
-  """Task 1: everything but the capacity; later tasks: the units, the token rows and
-  the head."""
+def den_trainable(params, task_index: int, layout):
+  """Task 1: everything but the capacity; later tasks: the units (the MLP's projections
+  but the outgoing one's bias), the token rows and the head."""
+  capacity, out_name = capacity_names(layout), layout.den_units[-1][1]
+
   def keep(path, _):
     names = [str(getattr(k, "key", k)) for k in path]
     if task_index == 0:
-      return not any(n in CAPACITY for n in names)
-    if names[0] in ("score", "wte", "den_wte"):
+      return not any(n in capacity for n in names)
+    if names[0] in ("score", layout.embedding, "den_wte"):
       return True
-    return "mlp" in names and not (names[-2:] == ["c_proj", "bias"])
+    return layout.mlp in names and not (names[-2:] == [out_name, "bias"])
   return jax.tree_util.tree_map_with_path(keep, params)
 
 
-def _l1_step(state: DENState, params, l1: float, L: int):
+def _l1_step(state: DENState, params, l1: float, L: int, lay):
   """The L1 step on what task ``state.task`` trains: the first task, everything but
   the capacity; a later task, its selected units, its rows and its head columns."""
   soft = jax.tree.map(lambda x: soft_threshold(x, l1), params)
   first = jax.tree.map(lambda s, p, keep: s if keep else p, soft, params,
-                       den_trainable(params, 0))
-  later = with_units(params, keep_units(unit_arrays(soft, L), state.selected,
-                                        unit_arrays(params, L)), L)
-  later = with_rows(later, jnp.where(state.row_trained[:, None], embedding_rows(soft),
-                                     embedding_rows(params)))
+                       den_trainable(params, 0, lay))
+  later = with_units(params, keep_units(unit_arrays(soft, L, lay), state.selected,
+                                        unit_arrays(params, L, lay)), L, lay)
+  later = with_rows(later, jnp.where(state.row_trained[:, None], embedding_rows(soft, lay),
+                                     embedding_rows(params, lay)), lay)
   classes = state.tasks.slot_classes[state.task]
   later = {**later, "score": {**later["score"], "kernel": jnp.where(
       classes[None, :], soft["score"]["kernel"], params["score"]["kernel"])}}
   return jax.tree.map(lambda a, b: jnp.where(state.task == 0, a, b), first, later)
 
 
-def init_state(params, S: int, C: int, L: int, V: int, row_capacity: int) -> DENState:
+def init_state(params, S: int, C: int, L: int, V: int, row_capacity: int,
+               lay) -> DENState:
   """The state before the first task: the loaded units and rows in use by every task,
   the capacity free, the anchor the loaded values."""
-  if params["wte"]["embedding"].shape[0] != V:
-    raise ValueError(f"den was built for {V} token rows and the model has "
-                     f"{params['wte']['embedding'].shape[0]}: build it after the "
-                     "vocabulary is final (no method that adds tokens combines with den).")
-  units = unit_arrays(params, L)
-  inner = params["h_0"]["mlp"]["c_fc"]["kernel"].shape[1]
-  W = units["fc_b"].shape[1]
+  rows = params[lay.embedding]["embedding"].shape[0]
+  if rows != V:
+    raise ValueError(f"den was built for {V} token rows and the model has {rows}: build "
+                     "it after the vocabulary is final (no method that adds tokens "
+                     "combines with den).")
+  units = unit_arrays(params, L, lay)
+  inner = params[f"{lay.block}0"][lay.mlp][lay.den_units[0][1]]["kernel"].shape[1]
+  W = units["proj_k"].shape[1]
   birth = jnp.broadcast_to(jnp.where(jnp.arange(W) < inner, 0, NEVER), (L, W))
   loaded = jnp.arange(V + row_capacity) < V
   return DENState(
@@ -511,7 +528,7 @@ def init_state(params, S: int, C: int, L: int, V: int, row_capacity: int) -> DEN
       jnp.full((V + row_capacity,), NEVER, jnp.int32),
       jnp.where(loaded, jnp.arange(V + row_capacity), -1).astype(jnp.int32), loaded,
       {"units": units, "score": jnp.copy(params["score"]["kernel"]),
-       "rows": embedding_rows(params)})
+       "rows": embedding_rows(params, lay)})
 
 
 def select_for_task(state: DENState, tctx: TaskContext, hp: DENConfig, C: int) -> DENState:
@@ -537,18 +554,11 @@ def select_for_task(state: DENState, tctx: TaskContext, hp: DENConfig, C: int) -
   return state._replace(selected=jnp.asarray(selected), row_trained=jnp.asarray(trained))
 
 
-def _check_family(ctx: BuildContext) -> None:
-  if ctx.family != "gpt2":
-    raise ValueError(f"den grows GPT-2's MLP units and token rows; it is not implemented for "
-                     f"{ctx.family} models yet (use a GPT-2 --model or --arch=gpt2).")
-
-
 @register("den", "Dynamically Expandable Networks: selective retraining of the token "
           "rows and MLP units a task needs, expansion when its loss stays high, split of "
           "drifted units and rows, timestamps (Yoon et al. 2018)", DENConfig,
           heads=("score",), compose_last=True)
 def den(hp: DENConfig, ctx: BuildContext) -> Method:
-  _check_family(ctx)
   if ctx.head != "score":
     raise ValueError("den grows the units under the score head; --head=lm is not supported "
                      "(use --head=score).")
@@ -556,12 +566,12 @@ def den(hp: DENConfig, ctx: BuildContext) -> Method:
     raise ValueError("den infers the task by entropy only (--peft_infer=entropy): its "
                      "networks have no language-model head to measure perplexity with.")
   D, V = ctx.need("n_embd", "den"), ctx.need("vocab_size", "den")
-  S, C, L = ctx.num_tasks, ctx.num_labels, ctx.n_layer
+  S, C, L, lay = ctx.num_tasks, ctx.num_labels, ctx.n_layer, ctx.layout
   capacity = hp.den_capacity or 2 * D
   row_capacity = hp.den_row_capacity or max(1, (S - 1) * V // 4)
 
   def init(params):
-    return init_state(params, S, C, L, V, row_capacity)
+    return init_state(params, S, C, L, V, row_capacity, lay)
 
   def before_task(state: DENState, tctx: TaskContext):
     return select_for_task(state, tctx, hp, C)
@@ -573,32 +583,33 @@ def den(hp: DENConfig, ctx: BuildContext) -> Method:
             "den_rows": jnp.take_along_axis(state.rows[s], batch["input_ids"], axis=1)}
 
   def loss(state: DENState, sctx: StepContext):
-    moved = unit_sq(jax.tree.map(jnp.subtract, unit_arrays(sctx.params, L),
+    moved = unit_sq(jax.tree.map(jnp.subtract, unit_arrays(sctx.params, L, lay),
                                  state.anchor["units"]))
     pull = 0.5 * jnp.sum(jnp.where(state.selected, moved, 0.0))
-    rows = jnp.sum(jnp.square(embedding_rows(sctx.params) - state.anchor["rows"]), 1)
+    rows = jnp.sum(jnp.square(embedding_rows(sctx.params, lay) - state.anchor["rows"]), 1)
     pull = pull + 0.5 * jnp.sum(jnp.where(state.row_trained, rows, 0.0))
     return jnp.where(state.task > 0, hp.den_l2 * pull, 0.0), ()
 
   def transform_grads(state: DENState, sctx: StepContext):
     first = state.task == 0
-    grads = with_units(sctx.grads, keep_units(unit_arrays(sctx.grads, L),
-                                              state.selected | first), L)
+    grads = with_units(sctx.grads, keep_units(unit_arrays(sctx.grads, L, lay),
+                                              state.selected | first), L, lay)
     return with_rows(grads, jnp.where((state.row_trained | first)[:, None],
-                                      embedding_rows(grads), 0.0))
+                                      embedding_rows(grads, lay), 0.0), lay)
 
   def proximal(state: DENState, sctx: StepContext):
-    return _l1_step(state, sctx.new_params, hp.den_l1, L) if hp.den_l1 else sctx.new_params
+    return (_l1_step(state, sctx.new_params, hp.den_l1, L, lay) if hp.den_l1
+            else sctx.new_params)
 
   def after_task(state: DENState, tctx: TaskContext):
     t = tctx.task_index
     if t == 0:
-      state = state._replace(anchor={"units": unit_arrays(tctx.params, L),
+      state = state._replace(anchor={"units": unit_arrays(tctx.params, L, lay),
                                      "score": jnp.copy(tctx.params["score"]["kernel"]),
-                                     "rows": embedding_rows(tctx.params)})
+                                     "rows": embedding_rows(tctx.params, lay)})
       rec = {"units_selected": np.asarray(state.selected).sum(1).tolist(),
              "parameters_trained": sum(int(np.prod(x.shape)) for x, keep in zip(
-                 jax.tree.leaves(tctx.params), jax.tree.leaves(den_trainable(tctx.params, 0)))
+                 jax.tree.leaves(tctx.params), jax.tree.leaves(den_trainable(tctx.params, 0, lay)))
                                        if keep)}
     else:
       state, rec = consolidate(tctx.model, tctx, state, hp)
@@ -611,7 +622,8 @@ def den(hp: DENConfig, ctx: BuildContext) -> Method:
     return state
 
   def adjust_params(state: DENState, tctx: TaskContext):
-    params = with_rows(with_units(tctx.params, state.anchor["units"], L), state.anchor["rows"])
+    params = with_rows(with_units(tctx.params, state.anchor["units"], L, lay),
+                       state.anchor["rows"], lay)
     # copies: the train state donates its buffers, and none may be there twice
     return {**params, "score": {**params["score"], "kernel": jnp.copy(state.anchor["score"])}}
 
@@ -625,5 +637,6 @@ def den(hp: DENConfig, ctx: BuildContext) -> Method:
   return Method(name="den", init=init, before_task=before_task, prepare_batch=prepare_batch,
                 loss=loss, transform_grads=transform_grads, proximal=proximal,
                 after_task=after_task, adjust_params=adjust_params, eval_logits=eval_logits,
-                declares=Declarations(trainable=den_trainable, model_options=(
+                declares=Declarations(trainable=functools.partial(den_trainable, layout=lay),
+                                      model_options=(
                     ("den_capacity", capacity), ("den_rows", row_capacity))))

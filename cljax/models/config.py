@@ -57,6 +57,11 @@ class Layout(NamedTuple):
   lm_head: str                    # the untied LM head (where the config is not tied)
   projections: tuple[str, ...]    # the linear layers a LoRA may target
   roles: tuple                    # (role, projections): attention_in, attention_out, ...
+  # DEN's unit in the MLP: (key, projection, DEN's capacity projection) per incoming
+  # projection (a column of each, its bias where it has one), then the outgoing one
+  # (a row; its key is "proj"). GPT-2: c_fc's column and c_proj's row; a gated MLP:
+  # gate_proj's and up_proj's columns and down_proj's row.
+  den_units: tuple = ()
 
   def lora_names(self, targets) -> tuple[str, ...]:
     """The projections named by ``targets`` (roles or this family's own names)."""
@@ -100,8 +105,9 @@ class TrunkOptions:
   # every earlier column's block outputs into each later one.
   pnn_columns: int = 0
   # Dynamically Expandable Networks: this many MLP units per block allocated ahead
-  # beside the loaded ones (``den_fc``, ``den_proj``), used only where the method's
-  # per-example mask (``den_units``) says (cljax/models/den.py); 0: none.
+  # beside the loaded ones (``Layout.den_units``: GPT-2's ``den_fc``, ``den_proj``),
+  # used only where the method's per-example mask (``den_units``) says
+  # (cljax/models/den.py); 0: none.
   den_capacity: int = 0
   # and this many token-embedding rows beside the embedding (``den_wte``): the copies
   # of the rows DEN splits, read where the per-example row indices (``den_rows``) say.
@@ -154,7 +160,8 @@ GPT2_LAYOUT = Layout(
     norms=("ln_1", "ln_2", "ln_f"), final_norm="ln_f", lm_head="wte",
     projections=LORA_TARGETS,
     roles=(("attention_in", ("c_attn",)), ("attention_out", ("c_proj",)),
-           ("mlp_in", ("c_fc",)), ("mlp_out", ("c_proj",))))
+           ("mlp_in", ("c_fc",)), ("mlp_out", ("c_proj",))),
+    den_units=(("fc", "c_fc", "den_fc"), ("proj", "c_proj", "den_proj")))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from cljax.models.config import GPT2Config, as_dtype
-from cljax.models.den import den_mlp, den_tokens
+from cljax.models.den import den_mlp
 from cljax.models.dropout import dropout
 from cljax.models.kv_cache import attend_cached
-from cljax.models.layers import Trunk, attend, dense, projection, token_embedding
+from cljax.models.layers import (Trunk, attend, dense, embed_tokens, projection,
+                                 token_embedding)
 from cljax.models.peft import Adapter
 
 def layer_norm(config: GPT2Config, name: str):
@@ -68,7 +69,8 @@ class MLP(nn.Module):
     cfg = self.config
     h = projection(cfg, cfg.inner_dim, "c_fc", x_BTD, slot_B, deterministic)
     if cfg.den_capacity:   # DEN's units beside the loaded ones, masked by units_BW
-      return dropout(cfg, cfg.resid_pdrop, den_mlp(self, x_BTD, h, units_BW, dense),
+      return dropout(cfg, cfg.resid_pdrop, den_mlp(
+          self, x_BTD, (h,), units_BW, dense, lambda h: jax.nn.gelu(h, approximate=True)),
                      deterministic)
     h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
     h = projection(cfg, cfg.n_embd, "c_proj", h, slot_B, deterministic)
@@ -109,12 +111,7 @@ def embeddings(cfg: GPT2Config, input_ids_BT, positions_BT, deterministic: bool,
   a model's compact ``__call__``: ``wte`` and ``wpe`` (names after ``prefix``) are
   that model's parameters. With DEN's rows (``den_rows``), ``rows_BT`` indexes each
   token's row in ``wte`` then ``den_wte`` (None: ``input_ids_BT``, ``wte``'s own)."""
-  wte = token_embedding(cfg, f"{prefix}wte")
-  if cfg.den_rows:
-    tokens_BTD = den_tokens(wte, token_embedding(cfg, f"{prefix}den_wte", cfg.den_rows),
-                            input_ids_BT if rows_BT is None else rows_BT, cfg.vocab_size)
-  else:
-    tokens_BTD = wte(input_ids_BT)
+  wte, tokens_BTD = embed_tokens(cfg, input_ids_BT, prefix, rows_BT)
   x_BTD = tokens_BTD + token_embedding(cfg, f"{prefix}wpe", cfg.n_positions)(positions_BT)
   return wte, dropout(cfg, cfg.embd_pdrop, x_BTD, deterministic)
 

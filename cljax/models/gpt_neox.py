@@ -13,6 +13,7 @@ config (with its :data:`LAYOUT`) and trunk (:data:`TRUNK`), as
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 from collections.abc import Mapping
 
@@ -21,10 +22,11 @@ import jax
 import jax.numpy as jnp
 
 from cljax.models.config import Layout, TrunkOptions, as_dtype
+from cljax.models.den import den_mlp
 from cljax.models.dropout import dropout
 from cljax.models.kv_cache import attend_cached
-from cljax.models.layers import (Trunk, attend, projection, rope_frequencies, rotary_embeddings,
-                                 rotate, to_numpy)
+from cljax.models.layers import (Trunk, attend, dense, projection, rope_frequencies,
+                                 rotary_embeddings, rotate, to_numpy)
 from cljax.models.peft import Adapter
 
 LAYOUT = Layout(
@@ -33,7 +35,9 @@ LAYOUT = Layout(
     final_norm="final_layer_norm", lm_head="embed_out",
     projections=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
     roles=(("attention_in", ("query_key_value",)), ("attention_out", ("dense",)),
-           ("mlp_in", ("dense_h_to_4h",)), ("mlp_out", ("dense_4h_to_h",))))
+           ("mlp_in", ("dense_h_to_4h",)), ("mlp_out", ("dense_4h_to_h",))),
+    den_units=(("fc", "dense_h_to_4h", "den_dense_h_to_4h"),
+               ("proj", "dense_4h_to_h", "den_dense_4h_to_h")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,11 +149,14 @@ class NeoXMLP(nn.Module):
   config: GPTNeoXConfig
 
   @nn.compact
-  def __call__(self, x, deterministic: bool, slot_B=None):
+  def __call__(self, x, deterministic: bool, slot_B=None, units_BW=None):
     cfg = self.config
-    h = jax.nn.gelu(projection(cfg, cfg.intermediate_size, "dense_h_to_4h", x, slot_B,
-                               deterministic), approximate=False)
-    h = projection(cfg, cfg.hidden_size, "dense_4h_to_h", h, slot_B, deterministic)
+    h = projection(cfg, cfg.intermediate_size, "dense_h_to_4h", x, slot_B, deterministic)
+    gelu = functools.partial(jax.nn.gelu, approximate=False)
+    if cfg.den_capacity:   # DEN's units beside the loaded ones, masked by units_BW
+      h = den_mlp(self, x, (h,), units_BW, dense, gelu)
+    else:
+      h = projection(cfg, cfg.hidden_size, "dense_4h_to_h", gelu(h), slot_B, deterministic)
     return dropout(cfg, cfg.resid_pdrop, h, deterministic)
 
 
@@ -162,8 +169,6 @@ class NeoXLayer(nn.Module):
   def __call__(self, x, mask_BT, deterministic: bool, query_idx_B=None, kv=None, slot_B=None,
                units_BW=None, positions_BT=None):
     cfg = self.config
-    if units_BW is not None:
-      raise ValueError("DEN's units are GPT-2's MLP units; this family has none.")
     attn = NeoXAttention(cfg, name="attention")(_norm(cfg, "input_layernorm")(x), mask_BT,
                                                 deterministic, query_idx_B, kv, slot_B,
                                                 positions_BT)
@@ -173,10 +178,11 @@ class NeoXLayer(nn.Module):
       x = jnp.take_along_axis(x, query_idx_B[:, None, None], axis=1)
     mlp = NeoXMLP(cfg, name="mlp")
     if cfg.use_parallel_residual:
-      x = x + attn + mlp(_norm(cfg, "post_attention_layernorm")(x), deterministic, slot_B)
+      x = x + attn + mlp(_norm(cfg, "post_attention_layernorm")(x), deterministic, slot_B,
+                         units_BW)
     else:
       x = x + attn
-      x = x + mlp(_norm(cfg, "post_attention_layernorm")(x), deterministic, slot_B)
+      x = x + mlp(_norm(cfg, "post_attention_layernorm")(x), deterministic, slot_B, units_BW)
     if cfg.adapter_size:
       x = Adapter(cfg, name="adapter")(x, slot_B)
     return x if kv is None else (x, kv)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cljax.models.config import as_dtype
+from cljax.models.den import den_tokens
 from cljax.models.dropout import dropout
 from cljax.models.peft import LoRA
 
@@ -146,15 +147,25 @@ def token_embedding(cfg, name: str, rows: int | None = None):
                   embedding_init=nn.initializers.normal(cfg.initializer_range))
 
 
+def embed_tokens(cfg, input_ids_BT, prefix: str = "", rows_BT=None):
+  """(the token ``nn.Embed``, named by the layout after ``prefix``, the token embeddings
+  ``[B, T, D]``). With DEN's rows (``den_rows``), ``rows_BT`` indexes each token's row
+  in the embedding then ``den_wte`` (None: ``input_ids_BT``, the embedding's own)."""
+  embed = token_embedding(cfg, f"{prefix}{cfg.LAYOUT.embedding}")
+  if not cfg.den_rows:
+    return embed, embed(input_ids_BT)
+  copies = token_embedding(cfg, f"{prefix}den_wte", cfg.den_rows)
+  return embed, den_tokens(embed, copies, input_ids_BT if rows_BT is None else rows_BT,
+                           cfg.vocab_size)
+
+
 def rotary_embeddings(cfg, input_ids_BT, positions_BT, deterministic: bool, prefix: str = "",
                       rows_BT=None):
   """A rotary family's :class:`Trunk` embedding: (its token ``nn.Embed``, named by its
   layout, the token embeddings after dropout); positions act in the attention."""
   del positions_BT
-  if rows_BT is not None or cfg.den_rows:
-    raise ValueError("DEN's token rows are implemented for GPT-2's embedding only.")
-  embed = token_embedding(cfg, f"{prefix}{cfg.LAYOUT.embedding}")
-  return embed, dropout(cfg, cfg.embd_pdrop, embed(input_ids_BT), deterministic)
+  embed, tokens_BTD = embed_tokens(cfg, input_ids_BT, prefix, rows_BT)
+  return embed, dropout(cfg, cfg.embd_pdrop, tokens_BTD, deterministic)
 
 
 def to_numpy(value) -> np.ndarray:

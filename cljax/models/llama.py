@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 
 from cljax.models.config import Layout, TrunkOptions, as_dtype
+from cljax.models.den import den_mlp
 from cljax.models.dropout import dropout
 from cljax.models.kv_cache import attend_cached
-from cljax.models.layers import (RMSNorm, Trunk, attend, projection, rope_frequencies,
+from cljax.models.layers import (RMSNorm, Trunk, attend, dense, projection, rope_frequencies,
                                  rotary_embeddings, rotate, to_numpy)
 from cljax.models.peft import Adapter
 
@@ -40,7 +41,9 @@ LAYOUT = Layout(
     final_norm="norm", lm_head="lm_head",
     projections=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
     roles=(("attention_in", ("q_proj", "k_proj", "v_proj")), ("attention_out", ("o_proj",)),
-           ("mlp_in", ("gate_proj", "up_proj")), ("mlp_out", ("down_proj",))))
+           ("mlp_in", ("gate_proj", "up_proj")), ("mlp_out", ("down_proj",))),
+    den_units=(("gate", "gate_proj", "den_gate_proj"), ("up", "up_proj", "den_up_proj"),
+               ("proj", "down_proj", "den_down_proj")))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,20 +173,29 @@ class GroupedQueryAttention(nn.Module):
     return out if kv is None else (out, kv)
 
 
+def _swiglu(gate, up):
+  return jax.nn.silu(gate) * up
+
+
 class GatedMLP(nn.Module):
-  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``; with DEN's capacity, its units (a
+  ``gate_proj`` and an ``up_proj`` column with a ``down_proj`` row) beside them,
+  masked by ``units_BW``."""
   config: LlamaConfig
 
   @nn.compact
-  def __call__(self, x, deterministic: bool, slot_B=None):
+  def __call__(self, x, deterministic: bool, slot_B=None, units_BW=None):
     cfg = self.config
 
     def proj(features, name, h):
       return projection(cfg, features, name, h, slot_B, deterministic, cfg.mlp_bias)
 
-    h = jax.nn.silu(proj(cfg.intermediate_size, "gate_proj", x)) * proj(
-        cfg.intermediate_size, "up_proj", x)
-    return dropout(cfg, cfg.resid_pdrop, proj(cfg.hidden_size, "down_proj", h), deterministic)
+    gate, up = (proj(cfg.intermediate_size, name, x) for name in ("gate_proj", "up_proj"))
+    if cfg.den_capacity:
+      out = den_mlp(self, x, (gate, up), units_BW, dense, _swiglu, cfg.mlp_bias)
+    else:
+      out = proj(cfg.hidden_size, "down_proj", _swiglu(gate, up))
+    return dropout(cfg, cfg.resid_pdrop, out, deterministic)
 
 
 class Layer(nn.Module):
@@ -194,8 +206,6 @@ class Layer(nn.Module):
   def __call__(self, x, mask_BT, deterministic: bool, query_idx_B=None, kv=None, slot_B=None,
                units_BW=None, positions_BT=None):
     cfg = self.config
-    if units_BW is not None:
-      raise ValueError("DEN's units are GPT-2's MLP units; this family has none.")
     attn = GroupedQueryAttention(cfg, name="self_attn")(
         _norm(cfg, "input_layernorm")(x), mask_BT, deterministic, query_idx_B, kv, slot_B,
         positions_BT)
@@ -205,7 +215,7 @@ class Layer(nn.Module):
       x = jnp.take_along_axis(x, query_idx_B[:, None, None], axis=1)
     x = x + attn
     x = x + GatedMLP(cfg, name="mlp")(_norm(cfg, "post_attention_layernorm")(x),
-                                      deterministic, slot_B)
+                                      deterministic, slot_B, units_BW)
     if cfg.adapter_size:
       x = Adapter(cfg, name="adapter")(x, slot_B)
     return x if kv is None else (x, kv)
