@@ -554,17 +554,21 @@ def select_for_task(state: DENState, tctx: TaskContext, hp: DENConfig, C: int) -
   return state._replace(selected=jnp.asarray(selected), row_trained=jnp.asarray(trained))
 
 
-@register("den", "Dynamically Expandable Networks: selective retraining of the token "
-          "rows and MLP units a task needs, expansion when its loss stays high, split of "
-          "drifted units and rows, timestamps (Yoon et al. 2018)", DENConfig,
-          heads=("score",), compose_last=True)
-def den(hp: DENConfig, ctx: BuildContext) -> Method:
+def _check(hp: DENConfig, ctx: BuildContext) -> None:
   if ctx.head != "score":
     raise ValueError("den grows the units under the score head; --head=lm is not supported "
                      "(use --head=score).")
   if hp.peft_infer != "entropy":
     raise ValueError("den infers the task by entropy only (--peft_infer=entropy): its "
                      "networks have no language-model head to measure perplexity with.")
+
+
+@register("den", "Dynamically Expandable Networks: selective retraining of the token "
+          "rows and MLP units a task needs, expansion when its loss stays high, split of "
+          "drifted units and rows, timestamps (Yoon et al. 2018)", DENConfig,
+          heads=("score",), compose_last=True)
+def den(hp: DENConfig, ctx: BuildContext) -> Method:
+  _check(hp, ctx)
   D, V = ctx.need("n_embd", "den"), ctx.need("vocab_size", "den")
   S, C, L, lay = ctx.num_tasks, ctx.num_labels, ctx.n_layer, ctx.layout
   capacity = hp.den_capacity or 2 * D
