@@ -187,11 +187,14 @@ def test_training_moves_only_the_current_slot(method, tiny_data_dir, tiny_tokeni
 
 
 @pytest.mark.slow
-def test_resume_mid_task_with_per_task_modules(tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_resume_mid_task_with_per_task_modules(arch, tiny_data_dir, tiny_tokenizer_dir,
+                                               tmp_path):
   """A checkpoint inside task 1 holds task 1's optimizer (slot 1 trainable, the rest
-  without optimizer state); resuming restores it and ends with the same matrices."""
+  without optimizer state); resuming restores it and ends with the same matrices, on
+  GPT-2 and on a grouped-query Llama."""
   cfg = study.StudyConfig(tasks=("imdb", "ag_news"), data_dir=tiny_data_dir,
-                          tokenizer=tiny_tokenizer_dir, init="random", size="tiny",
+                          tokenizer=tiny_tokenizer_dir, init="random", size="tiny", arch=arch,
                           num_train=32, num_test=16, max_length=24, batch_size=8,
                           eval_batch_size=16, epochs=1, learning_rate=1e-2,
                           checkpoint_every=1, method="lora_per_task",
