@@ -32,10 +32,12 @@
 #      seed-size study, one after another in one process and side by side
 #      (--parallel_runs=5), both with --dropout_rng_impl=threefry, timed from the shell
 #      (compare with 5 x stage 2's Trainer time).
-#   8. (not in the default stages: STAGES=8, about 3 minutes) Llama-3.2-1B's shape
+#   8. (not in the default stages: STAGES=8, about 6 minutes) Llama-3.2-1B's shape
 #      (random init: grouped-query, 128k vocabulary, llama3 RoPE), sequence 128, batch
 #      $LLAMA_BATCH, bfloat16: the train and eval steps against transformers'
-#      LlamaForSequenceClassification with the same config and optimizer.
+#      LlamaForSequenceClassification with the same config and optimizer; then the
+#      seed-size study on that shape (GPT-2's vocabulary: the study's tokenizer) in
+#      cljax and in the seed's Trainer script with transformers' Llama, one process.
 # Stage 3's results.json counts the programs compiled and loaded (a warm rerun should
 # compile none) and those built after the first step.
 # Smaller settings through the environment (a CPU smoke run of the script itself):
@@ -164,5 +166,10 @@ stage "8 Llama-3.2-1B's shape: the step against transformers', batch $LLAMA_BATC
 timeout 240 python3 experiments/benchmark.py --arch=llama --size="$LLAMA_SIZE" \
   --seq_len=128 --batch_size="$LLAMA_BATCH" --dtype="$DTYPE" --steps=10 --warmup=2 \
   --compare_torch --output="$out/bench_llama.jsonl" 2>&1 | tail -1
+rm -rf /tmp/vs_torch_llama
+timeout 300 python3 experiments/study_vs_torch.py "${study_flags[@]}" --arch=llama \
+  --size="$LLAMA_SIZE" --workdir=/tmp/vs_torch_llama > "$out/study_llama.log" 2>&1
+grep '^{' "$out/study_llama.log" | tail -1 | tee "$out/study_llama.jsonl"
+tail -2 "$out/study_llama.log"
 fi
 stage "done"

@@ -37,14 +37,18 @@ def test_the_trainer_script_sees_cljaxs_rows_and_tokens(tiny_data_dir, tiny_toke
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("has_datasets", [True, False])
+@pytest.mark.parametrize("has_datasets,arch", [(True, "gpt2"), (False, "gpt2"),
+                                              (True, "llama")])
 def test_the_trainer_script_runs_the_study(tiny_data_dir, tiny_tokenizer_dir, tmp_path,
-                                           monkeypatch, has_datasets):
+                                           monkeypatch, has_datasets, arch):
   pytest.importorskip("accelerate")
   if not has_datasets:   # a machine without the package: the same rows from a list
     monkeypatch.setitem(sys.modules, "datasets", None)
-  out = baselines.trainer_study(_config(tiny_data_dir, tiny_tokenizer_dir), str(tmp_path))
+  out = baselines.trainer_study(_config(tiny_data_dir, tiny_tokenizer_dir, arch=arch),
+                                str(tmp_path))
   assert out["trainer_data"] == ("datasets.map" if has_datasets else "list")
+  assert out["trainer_model"] == {"gpt2": "GPT2", "llama": "Llama"}[arch] + (
+      "ForSequenceClassification")
   matrix = np.array(out["trainer_accuracy_matrix"])
   assert matrix.shape == (2, 2) and ((0 <= matrix) & (matrix <= 1)).all()
   assert out["trainer_wall_seconds"] > out["trainer_train_and_eval_seconds"] > 0

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from cljax.models import GPT2Config
+from cljax.models import GPT2Config, families
 
 # ----------------------------------------------------------------------------
 # A PyTorch loop over cljax's arrays
@@ -94,9 +94,16 @@ def torch_study(cfg, device: str | None = None) -> dict[str, Any]:
 
 
 def _hf_model(cfg, tokenizer, num_labels: int):
-  """transformers' GPT2ForSequenceClassification, random init of ``cfg.size``."""
+  """transformers' ``*ForSequenceClassification`` of ``cfg.arch`` (GPT-2's
+  GPT2ForSequenceClassification by default), random init of ``cfg.size``."""
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
+  if cfg.arch != "gpt2":   # the family's random-init shape, as the study builds it
+    config = cfg.random_init_config(tokenizer, cfg.max_length, num_labels=num_labels)
+    fields = families.hf_config(config, "score")
+    hf_config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    torch.manual_seed(cfg.seed)
+    return transformers.AutoModelForSequenceClassification.from_config(hf_config)
   config = GPT2Config.from_size(cfg.size, vocab_size=len(tokenizer), num_labels=num_labels,
                                 pad_token_id=tokenizer.pad_token_id,
                                 eos_token_id=tokenizer.eos_token_id)
@@ -197,4 +204,5 @@ def trainer_study(cfg, workdir: str) -> dict[str, Any]:
     rows.append(row(last))
   return {"trainer_accuracy_matrix": rows, "trainer_train_and_eval_seconds": sum(train_s),
           "trainer_wall_seconds": time.perf_counter() - t_start, "trainer_data": data_path,
+          "trainer_model": type(model).__name__,
           "transformers": transformers.__version__, "torch": torch.__version__}

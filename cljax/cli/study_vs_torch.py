@@ -44,7 +44,7 @@ def main(argv):
   t0 = time.perf_counter()
   results = study.run(cfg, os.path.join(_WORKDIR.value, "cljax"))
   jax_wall = time.perf_counter() - t0
-  out = {"size": cfg.size, "dtype": cfg.dtype, "num_train": cfg.num_train,
+  out = {"arch": cfg.arch, "size": cfg.size, "dtype": cfg.dtype, "num_train": cfg.num_train,
          "num_test": cfg.num_test, "batch_size": cfg.batch_size, "epochs": cfg.epochs,
          "length_bucket": cfg.length_bucket, "device": results["environment"]["devices"][0],
          "jax_wall_seconds": jax_wall, "jax_train_seconds": results["timing"]["train_seconds"],
