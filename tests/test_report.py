@@ -455,3 +455,17 @@ def test_a_strength_candidate_that_diverges_is_not_chosen(tmp_path, monkeypatch)
                                        r"10000\): lower --learning_rate"):
     sweep.run_sweep(BASE.replace(num_val=10), str(tmp_path / "all"), ["ewc"], [0], grid,
                     selection_seed=7)
+
+
+def test_a_report_over_two_families_names_the_second_by_its_family(tmp_path):
+  """The same methods swept on another model family into a second root: its rows are
+  named by the family (results.json's model.family), not by the root's path."""
+  for root, family in (("a", "gpt2"), ("b", "llama")):
+    for seed in range(2):
+      r = fake_results("finetune", seed, [[0.9, 0.0], [0.1, 0.8]])
+      r["model"] = {**r.get("model", {}), "family": family}
+      folder = tmp_path / root / "finetune" / "default" / f"seed{seed}"
+      folder.mkdir(parents=True)
+      (folder / "results.json").write_text(json.dumps(r))
+  out = report.write_report([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "both"))
+  assert sorted(r["method"] for r in out["rows"]) == ["finetune", "finetune (llama)"]

@@ -98,10 +98,17 @@ def collect(root: str) -> list[dict]:
 
 def _variant(method: str, config: dict, earlier: dict, root: str) -> str:
   """A name for ``method`` run with ``config`` where an earlier root ran it with
-  ``earlier``: the settings that differ, or the root when none does."""
-  changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
-             for k, v in sorted(config.items()) if earlier.get(k) != v]
+  ``earlier``: the model family where it differs, the settings that differ, or the
+  root when nothing does (``config``'s ``family``: the run's ``model.family``)."""
+  changed = [str(v) if k == "family" else f"{k}={v:g}" if isinstance(v, float)
+             else f"{k}={v}" for k, v in sorted(config.items()) if earlier.get(k) != v]
   return f"{method} ({', '.join(changed) or os.path.normpath(root)})"
+
+
+def _setting(run: dict) -> dict:
+  """What names a run's variant: its method's settings and its model's family."""
+  return {**(run.get("method_config") or {}),
+          "family": (run.get("model") or {}).get("family", "gpt2")}
 
 
 def collect_roots(roots: Sequence[str]) -> list[dict]:
@@ -113,11 +120,10 @@ def collect_roots(roots: Sequence[str]) -> list[dict]:
     runs = collect(root)
     if not runs:
       raise ValueError(f"No results.json found under {root}.")
-    earlier = {r["method"]: r.get("method_config") or {} for r in out}
+    earlier = {r["method"]: _setting(r) for r in out}
     for r in runs:
       if r["method"] in earlier:
-        r["method"] = _variant(r["method"], r.get("method_config") or {},
-                               earlier[r["method"]], root)
+        r["method"] = _variant(r["method"], _setting(r), earlier[r["method"]], root)
     out += runs
   return out
 
