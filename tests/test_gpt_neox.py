@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from cljax.models import gpt_neox  # noqa: E402
-from cljax.models.heads import GPT2LM, GPT2Classifier  # noqa: E402
+from family_parity import assert_greedy_equal, assert_logits_equal  # noqa: E402
 
 PAD = 0
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -42,17 +42,8 @@ def test_the_logits_equal_transformers(case, head):
   hf_cfg, lm, clf = case
   cfg = gpt_neox.GPTNeoXConfig.from_hf(hf_cfg.to_dict())
   assert cfg.rotary_dims == int(16 * hf_cfg.to_dict()["rope_parameters"]["partial_rotary_factor"])
-  torch_model = lm if head == "lm" else clf
-  ids, mask = _inputs()
-  with torch.no_grad():
-    want = torch_model(input_ids=torch.tensor(ids),
-                       attention_mask=torch.tensor(mask)).logits.numpy()
-  params = gpt_neox.neox_params(torch_model.state_dict(), cfg)
-  module = GPT2LM(cfg) if head == "lm" else GPT2Classifier(cfg)
-  got = np.asarray(module.apply({"params": params}, ids, mask))
-  if head == "lm":
-    got, want = got[mask.astype(bool)], want[mask.astype(bool)]
-  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  assert_logits_equal(cfg, gpt_neox.neox_params, lm if head == "lm" else clf, head,
+                      *_inputs())
 
 
 def test_a_checkpoint_s_names_convert_alike(case):
@@ -73,14 +64,7 @@ def test_a_checkpoint_s_names_convert_alike(case):
 def test_greedy_generate_equals_transformers_token_for_token(case):
   """cljax.generate with the KV cache (partial rotary from each row's own length,
   right-padded prompts) against transformers' greedy generate, row by row."""
-  import cljax
   hf_cfg, lm, _ = case
   cfg = gpt_neox.GPTNeoXConfig.from_hf(hf_cfg.to_dict(), eos_token_id=127)
-  ids, mask = _inputs()
-  got = cljax.generate(GPT2LM(cfg), gpt_neox.neox_params(lm.state_dict(), cfg), ids, mask,
-                       max_new_tokens=8)
-  for b, n in enumerate(mask.sum(1)):
-    with torch.no_grad():
-      want = lm.generate(torch.tensor(ids[b:b + 1, :n]), max_new_tokens=8, do_sample=False,
-                         eos_token_id=127, pad_token_id=PAD)[0, n:].numpy()
-    np.testing.assert_array_equal(got[b, :len(want)], want)
+  assert_greedy_equal(cfg, gpt_neox.neox_params(lm.state_dict(), cfg), lm, *_inputs(),
+                      eos=127, pad=PAD)

@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from cljax.models import llama  # noqa: E402
 from cljax.models.heads import GPT2LM, GPT2Classifier  # noqa: E402
+from family_parity import assert_greedy_equal, assert_logits_equal  # noqa: E402
 
 PAD = 0
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -54,18 +55,7 @@ def case(request):
 def test_the_logits_equal_transformers(case, head):
   hf_cfg, lm, clf = case
   cfg = llama.LlamaConfig.from_hf(hf_cfg.to_dict())
-  torch_model = lm if head == "lm" else clf
-  ids, mask = _inputs()
-  with torch.no_grad():
-    want = torch_model(input_ids=torch.tensor(ids),
-                       attention_mask=torch.tensor(mask)).logits.numpy()
-  params = llama.llama_params(torch_model.state_dict(), cfg)
-  module = GPT2LM(cfg) if head == "lm" else GPT2Classifier(cfg)
-  got = np.asarray(module.apply({"params": params}, ids, mask))
-  if head == "lm":
-    real = mask.astype(bool)
-    got, want = got[real], want[real]
-  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  assert_logits_equal(cfg, llama.llama_params, lm if head == "lm" else clf, head, *_inputs())
 
 
 def test_an_unsupported_rope_or_window_is_one_line():
@@ -206,17 +196,10 @@ def test_greedy_generate_equals_transformers_token_for_token(case):
   """cljax.generate (KV cache, grouped-query heads, each row's rotary positions from
   its own length, right-padded prompts) against transformers' greedy generate, row by
   row (no padding on the torch side), for as long as neither stops."""
-  import cljax
   hf_cfg, lm, _ = case
   cfg = llama.LlamaConfig.from_hf(hf_cfg.to_dict(), eos_token_id=127)
-  ids, mask = _inputs()
-  got = cljax.generate(GPT2LM(cfg), llama.llama_params(lm.state_dict(), cfg), ids, mask,
-                       max_new_tokens=8)
-  for b, n in enumerate(mask.sum(1)):
-    with torch.no_grad():
-      want = lm.generate(torch.tensor(ids[b:b + 1, :n]), max_new_tokens=8, do_sample=False,
-                         eos_token_id=127, pad_token_id=PAD)[0, n:].numpy()
-    np.testing.assert_array_equal(got[b, :len(want)], want)
+  assert_greedy_equal(cfg, llama.llama_params(lm.state_dict(), cfg), lm, *_inputs(), eos=127,
+                      pad=PAD)
 
 
 @pytest.mark.parametrize("kind", ["Qwen3Config", "GPTNeoXConfig"])
