@@ -140,6 +140,22 @@ def study_model(cfg: StudyConfig, tokenizer, num_labels: int, label_tokens=None,
                           label_tokens=label_tokens, seed=cfg.seed, lm_head=lm_head)
 
 
+def _lm_head_where_read(model, params, reads_lm: bool, method: str):
+  """(model, params) with the classifier's untied LM head (loaded with it, once) kept
+  only for a method that reads the LM (``Declarations.reads_lm``); tied heads (GPT-2's
+  ``wte``) are the embedding and stay."""
+  config = model.config
+  if not config.classifier_lm_head:   # label words, or an LM: its head is its own
+    return model, params
+  if reads_lm and not config.tied:
+    logging.info("%s reads the LM head: the %s classifier keeps its untied %s.", method,
+                 config.family, config.LAYOUT.lm_head)
+    return model, params
+  if not config.tied:
+    params = {k: v for k, v in params.items() if k != config.LAYOUT.lm_head}
+  return model.clone(config=config.replace(classifier_lm_head=False)), params
+
+
 def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
   """Loads the tokenizer, the model (checked against the tokenizer), the method and
   then the data; builds the mesh, the compiled evaluation and the checkpointer.
@@ -162,7 +178,8 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
   total_labels = data_lib.num_labels(tasks)
   as_text = cfg.head == "lm"
   model, params = study_model(cfg, tokenizer, total_labels,
-                              data_lib.label_tokens(tasks, tokenizer) if as_text else None)
+                              data_lib.label_tokens(tasks, tokenizer) if as_text else None,
+                              lm_head=True)
   method_context = BuildContext(
       num_labels=total_labels, num_tasks=len(tasks), max_length=cfg.max_length,
       n_layer=model.config.n_layer, head=cfg.head, first_new_token=len(tokenizer),
@@ -172,10 +189,7 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
       family=model.config.family, layout=model.config.LAYOUT, tied=model.config.tied)
   method = build_method(cfg.method, cfg.method_config, method_context)
   declares = method.declares
-  if declares.reads_lm and not as_text and not model.config.tied:
-    logging.info("%s reads the LM head: the %s classifier keeps its untied %s.",
-                 cfg.method, model.config.family, model.config.LAYOUT.lm_head)
-    model, params = study_model(cfg, tokenizer, total_labels, lm_head=True)
+  model, params = _lm_head_where_read(model, params, declares.reads_lm, cfg.method)
   if declares.tokens:
     model, params = models.add_method_tokens(model, params, tokenizer, declares.tokens)
   if declares.model_options:
