@@ -43,3 +43,20 @@ def test_every_method_learns_its_first_task_on_each_family(arch, method, tiny_da
   # chance is 0.5 (16 test rows): at least 10 right; fine-tuning gets 0.75 or more
   if (arch, method) not in WEAK:
     assert aware[0, 0] >= 0.625, (method, aware)
+
+
+@pytest.mark.slow
+def test_a_study_with_its_layers_under_scan_gives_the_unscanned_matrices(
+    tiny_data_dir, tiny_tokenizer_dir, tmp_path):
+  """EWC on the tiny Llama, without dropout (a scan draws other masks): the same
+  accuracy matrices with --scan_layers (stacked blocks, and so a stacked Fisher)."""
+  out = []
+  for scanned in (False, True):
+    cfg = tiny_config(tiny_data_dir, tiny_tokenizer_dir, arch="llama", method="ewc",
+                      method_config=MethodConfig(**SMALL_HP), dropout=0.0,
+                      scan_layers=scanned, epochs=2)
+    out.append(study.run(cfg, str(tmp_path / str(scanned))))
+  assert out[1]["accuracy_matrix"] == out[0]["accuracy_matrix"]
+  assert out[1]["task_aware_accuracy_matrix"] == out[0]["task_aware_accuracy_matrix"]
+  assert out[1]["model"].get("family") == "llama"
+  assert [r["flags"]["scan_layers"] for r in out] == [False, True]

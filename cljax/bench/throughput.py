@@ -42,7 +42,8 @@ def train_flops_per_example(config: GPT2Config, seq_len: int) -> float:
   appendix); embeddings and the head excluded. Any family: N is counted from the
   block's kernels (GPT-2: ``4 D^2 + 2 D inner``; Llama: its grouped-query q/k/v/o and
   its three MLP matrices)."""
-  block = jax.eval_shape(functools.partial(init_params, GPT2Classifier(config)),
+  plain = GPT2Classifier(config.replace(scan_layers=False))   # one subtree per block
+  block = jax.eval_shape(functools.partial(init_params, plain),
                          jax.random.PRNGKey(0))[f"{config.LAYOUT.block}0"]
   n = config.n_layer * sum(int(np.prod(x.shape)) for p, x in
                            jax.tree_util.tree_flatten_with_path(block)[0]
@@ -173,18 +174,19 @@ def run(size: str, batch_size: int, seq_len: int, steps_: int, warmup: int,
         dtype: str = "float32", remat: bool = False, compare_torch: bool = False,
         num_labels: int = 4, mesh_data: int = -1, mesh_model: int = 1,
         attention: str = "xla", attn_pdrop: float | None = None,
-        arch: str = "gpt2") -> dict[str, Any]:
+        arch: str = "gpt2", scan_layers: bool = False) -> dict[str, Any]:
   """Runs the JAX (and optionally PyTorch) benchmark; returns one flat dict.
   ``arch``: the family (``size`` one of its sizes); ``attention``: the fused kernel
   where attention has no dropout; ``attn_pdrop``: attention dropout (default the
   family's: GPT-2's 0.1, Llama's 0; 0 lets training use the fused kernel)."""
   config = bench_config(arch, size, num_labels=num_labels, dtype=dtype, remat=remat,
-                        attention=attention,
+                        attention=attention, scan_layers=scan_layers,
                         **({} if attn_pdrop is None else {"attn_pdrop": attn_pdrop}))
   if seq_len > config.n_positions:
     raise ValueError(f"seq_len {seq_len} exceeds n_positions {config.n_positions}.")
   out = {"arch": arch, "size": size, "batch_size": batch_size, "seq_len": seq_len, "dtype": dtype,
-         "attention": attention, "attn_pdrop": config.attn_pdrop,
+         "attention": attention, "attn_pdrop": config.attn_pdrop, "remat": remat,
+         "scan_layers": scan_layers,
          "steps": steps_, "backend": jax.default_backend(),
          "device": jax.devices()[0].device_kind, "device_count": jax.device_count(),
          "jax_version": jax.__version__}

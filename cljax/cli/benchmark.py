@@ -40,6 +40,8 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps before timing (the fi
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype; params and optimizer state stay float32.")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialize each block in the backward pass.")
+_SCAN = flags.DEFINE_bool("scan_layers", False, "The blocks under nn.scan, their params "
+                          "stacked (one block's compile whatever the depth).")
 _ATTENTION = flags.DEFINE_enum("attention", "xla", ["xla", "cudnn"], "The fused attention "
                                "kernel where attention has no dropout (cudnn: NVIDIA GPUs, "
                                "--dtype=bfloat16).")
@@ -106,7 +108,8 @@ def main(argv):
                                   repeats=_REPEATS.value, compare_torch=_TORCH.value)
   else:
     result = bench.run(_SIZE.value, _BATCH.value, _SEQ.value, _STEPS.value, _WARMUP.value,
-                       dtype=_DTYPE.value, remat=_REMAT.value, attention=_ATTENTION.value,
+                       dtype=_DTYPE.value, remat=_REMAT.value, scan_layers=_SCAN.value,
+                       attention=_ATTENTION.value,
                        attn_pdrop=_ATTN_PDROP.value,
                        compare_torch=_TORCH.value, mesh_data=_MESH_DATA.value,
                        mesh_model=_MESH_MODEL.value, arch=_ARCH.value)

@@ -568,6 +568,7 @@ def _check(hp: DENConfig, ctx: BuildContext) -> None:
           "drifted units and rows, timestamps (Yoon et al. 2018)", DENConfig,
           heads=("score",), compose_last=True)
 def den(hp: DENConfig, ctx: BuildContext) -> Method:
+  ctx.check_per_block("den")
   _check(hp, ctx)
   D, V = ctx.need("n_embd", "den"), ctx.need("vocab_size", "den")
   S, C, L, lay = ctx.num_tasks, ctx.num_labels, ctx.n_layer, ctx.layout

@@ -327,6 +327,7 @@ def column_trainable(params, task_index: int):
           "connections from the earlier, frozen columns (Rusu et al. 2016); small models "
           "only", InferenceOptions, heads=("score",))
 def pnn(hp: InferenceOptions, ctx: BuildContext) -> Method:
+  ctx.check_per_block("pnn")
   if ctx.head != "score":
     raise ValueError("pnn gives each column its pooled output for the score head; --head=lm "
                      "is not supported (use --head=score).")

@@ -134,6 +134,8 @@ def freeze(hp: FreezeConfig, ctx: BuildContext) -> Method:
     raise ValueError("--freeze=head trains only the score head, and --head=lm has none (its "
                      "head is the token embedding, shared with the input); use "
                      "--freeze=last_k.")
+  if hp.freeze == "last_k":
+    ctx.check_per_block("freeze --freeze=last_k")
   if hp.freeze == "last_k" and not 0 < hp.freeze_k <= ctx.n_layer:
     raise ValueError(f"--freeze_k={hp.freeze_k} must be in 1..{ctx.n_layer}.")
   layout = ctx.layout

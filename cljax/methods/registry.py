@@ -81,6 +81,13 @@ class BuildContext:
   family: str = "gpt2"
   layout: Layout = GPT2_LAYOUT
   tied: bool = True           # whether the LM head is the token embedding
+  scan_layers: bool = False   # the blocks under nn.scan, their params stacked
+
+  def check_per_block(self, method: str) -> None:
+    """Refuses ``method``, which changes single blocks, on blocks under nn.scan."""
+    if self.scan_layers:
+      raise ValueError(f"{method} changes single blocks, and --scan_layers stacks them into "
+                       "one; drop --scan_layers for it.")
 
   def need(self, name: str, method: str) -> int:
     """The field ``name``, or a clear error that ``method`` needs it."""

@@ -8,6 +8,7 @@
 - ``peft.py``: LoRA, adapters and soft prompts in per-task slots.
 - ``pnn.py``: Progressive Neural Networks' columns and laterals.
 - ``den.py``: Dynamically Expandable Networks' MLP units (capacity, masks, views).
+- ``scan.py``: the blocks under ``nn.scan`` (``scan_layers``), their params stacked.
 - ``surgery.py``: new token rows, added modules' params, LoRA merging, random init.
 - ``minimal.py``: a bare GPT-2 classifier, the compile benchmark's baseline.
 

@@ -40,6 +40,9 @@ class ModelOptions(Options):
                                  "(default: the checkpoint's, 0.1 for GPT-2).",
                                  bound=DROPOUT)
   remat: bool = option(False, "Rematerialize blocks in the backward pass (memory).")
+  scan_layers: bool = option(False, "Run the blocks under nn.scan, their params stacked: "
+                             "one block's compile whatever the depth (big models). Refused "
+                             "with PNN, DEN and --freeze=last_k; with dropout, other masks.")
   dropout_rng_impl: str = option(
       "threefry", "How a train step draws its dropout masks: threefry (JAX's partitionable "
       "threefry: the same masks on any device mesh, inside a vmap and at any padded "
@@ -53,7 +56,8 @@ class ModelOptions(Options):
   def config_overrides(self) -> dict:
     """The ``GPT2Config`` fields these options set: remat, the attention kernel, the
     dropout masks' layout, and dropout everywhere when it is given."""
-    out: dict = {"remat": self.remat, "attention": self.attention,
+    out: dict = {"remat": self.remat, "scan_layers": self.scan_layers,
+                 "attention": self.attention,
                  "length_stable_dropout": self.dropout_rng_impl == "threefry"}
     if self.dropout is not None:
       out.update(embd_pdrop=self.dropout, attn_pdrop=self.dropout, resid_pdrop=self.dropout)

@@ -83,6 +83,9 @@ class TrunkOptions:
   LAYOUT: ClassVar[Layout]
 
   remat: bool = False
+  # The blocks under nn.scan, their params stacked (cljax/models/scan.py): one block's
+  # compile whatever the depth.
+  scan_layers: bool = False
   # The fused attention kernel where attention has no dropout (evaluation, generation,
   # attn_pdrop=0): "xla" (XLA's, everywhere) or "cudnn" (NVIDIA GPUs, float16 or
   # bfloat16 compute only; the values differ from XLA's in the last bits).
@@ -135,6 +138,10 @@ class TrunkOptions:
     if self.pnn_columns > 1 and (self.lora_rank or self.adapter_size or self.prompt_length):
       raise ValueError("Progressive columns (pnn_columns) do not combine with LoRA, "
                        "adapters or prompts.")
+    if self.scan_layers and (self.pnn_columns > 1 or self.den_capacity or self.den_rows):
+      raise ValueError("Layers under nn.scan (scan_layers) share one block's structure; "
+                       "PNN's columns and DEN's units change single blocks: drop "
+                       "--scan_layers for them.")
     if (self.den_capacity or self.den_rows) and (
         self.lora_rank or self.adapter_size or self.prompt_length or self.pnn_columns > 1):
       raise ValueError("DEN's units and rows (den_capacity, den_rows) do not combine with "

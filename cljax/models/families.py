@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cljax.models import gpt_neox, llama
+from cljax.models import gpt_neox, llama, scan
 from cljax.models.heads import GPT2Classifier, GPT2LM
 
 
@@ -139,7 +139,9 @@ def load(hf_config: Mapping, state_dict: Mapping[str, np.ndarray], folder: str, 
   extra = {"num_labels": num_labels} if head == "classifier" else {}
   cfg = family.config.from_hf(hf_config, dtype=dtype, **extra, **overrides)
   model = (GPT2Classifier if head == "classifier" else GPT2LM)(cfg)
-  want = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))
+  per_block = model.clone(config=cfg.replace(scan_layers=False))   # Hugging Face's layout
+  want = jax.eval_shape(lambda: per_block.init(jax.random.key(0),
+                                               jnp.zeros((1, 2), jnp.int32)))
   want = want["params"]
   drop = (("score.",) if head != "classifier" else () if cfg.classifier_lm_head
           else ("lm_head.", "embed_out."))
@@ -160,7 +162,7 @@ def load(hf_config: Mapping, state_dict: Mapping[str, np.ndarray], folder: str, 
   logging.info("Loaded a %s %s from %s%s%s.", hf_config.get("model_type"), head, folder,
                " (fresh classification head)" if fresh else "",
                f" (fresh {lm_head}: the checkpoint has no LM head)" if fresh_lm else "")
-  return model, params
+  return model, scan.as_layout(params, cfg)
 
 
 # ----------------------------------------------------------------------------

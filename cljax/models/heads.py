@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cljax.models import gpt2, gpt_neox, llama
+from cljax.models import gpt2, gpt_neox, llama, scan
 from cljax.models.config import GPT2Config
 from cljax.models.kv_cache import KVCache, LayerCache
 from cljax.models.layers import Trunk, dense, pool_index
@@ -79,7 +79,11 @@ def pooled_hidden(cfg, input_ids, attention_mask, deterministic: bool,
   if cfg.pnn_columns > 1:
     return wte, columns_hidden(cfg, trunk, input_ids, x_BTD, attention_mask, deterministic,
                                idx_B, peft_slot, positions_BT)
-  for i in range(cfg.n_layer):
+  if cfg.scan_layers:
+    x_BTD = scan.scanned_blocks(block_cls, cfg, x_BTD, attention_mask, deterministic,
+                                peft_slot, positions_BT)
+    x_BTD = jnp.take_along_axis(x_BTD, idx_B[:, None, None], axis=1)
+  for i in range(0 if cfg.scan_layers else cfg.n_layer):
     last = i == cfg.n_layer - 1
     x_BTD = block_cls(cfg, name=f"{cfg.LAYOUT.block}{i}")(
         x_BTD, attention_mask, deterministic, idx_B if last else None, None, peft_slot,
@@ -175,8 +179,14 @@ class GPT2LM(nn.Module):
       cache = cache._replace(valid=jax.lax.dynamic_update_slice(cache.valid, real_BT,
                                                                 (0, cache_index)))
     block_cls = block_class(cfg, cfg.remat and cache is None)
+    if cfg.scan_layers and cache is None:
+      x_BTD = scan.scanned_blocks(block_cls, cfg, x_BTD, attention_mask, deterministic,
+                                  peft_slot, positions)
+    elif cfg.scan_layers:
+      x_BTD, cache = scan.scanned_cached_blocks(block_cls, cfg, x_BTD, deterministic, cache,
+                                                cache_index, peft_slot, positions)
     new_k, new_v = [], []
-    for i in range(cfg.n_layer):
+    for i in range(0 if cfg.scan_layers else cfg.n_layer):
       block = block_cls(cfg, name=f"{cfg.LAYOUT.block}{i}")
       if cache is None:
         x_BTD = block(x_BTD, attention_mask, deterministic, None, None, peft_slot, None,
@@ -192,6 +202,7 @@ class GPT2LM(nn.Module):
     elif logits_index is not None:   # [B, K] -> [B, K, D]
       x_BTD = jnp.take_along_axis(x_BTD, logits_index[:, :, None], axis=1)
     logits = lm_logits(cfg, wte, trunk.final_norm(cfg, cfg.LAYOUT.final_norm)(x_BTD))
-    return logits if cache is None else (logits, cache._replace(k=tuple(new_k),
-                                                                v=tuple(new_v)))
+    if cache is None or cfg.scan_layers:
+      return logits if cache is None else (logits, cache)
+    return logits, cache._replace(k=tuple(new_k), v=tuple(new_v))
 

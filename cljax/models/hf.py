@@ -22,7 +22,7 @@ import numpy as np
 
 from cljax import models as model_lib
 from cljax.models import GPT2LM, GPT2Classifier, GPT2Config
-from cljax.models import families
+from cljax.models import families, scan
 
 PREFIX = "transformer."
 
@@ -271,10 +271,10 @@ def load_lm(name_or_path: str, *, dtype: str = "float32", **config_overrides
   model = GPT2LM(config)
   state_dict = read_state_dict(folder)
   _check_tied(state_dict, folder)
-  flat, _ = merge_weights(state_dict, flatten(model_lib.param_shapes(model)),
+  flat, _ = merge_weights(state_dict, flatten(model_lib.param_shapes(_per_block(model))),
                           ignore=(r"^score\.weight$",))
   logging.info("Loaded %d tensors from %s as a language model.", len(flat), folder)
-  return model, unflatten(flat)
+  return model, scan.as_layout(unflatten(flat), config)
 
 
 def load_pretrained(name_or_path: str, *, num_labels: int, dtype: str = "float32",
@@ -302,7 +302,7 @@ def load_pretrained(name_or_path: str, *, num_labels: int, dtype: str = "float32
   config = GPT2Config.from_hf(hf_config, num_labels=num_labels, dtype=dtype,
                               **config_overrides)
   model = GPT2Classifier(config)
-  targets = model_lib.param_shapes(model)
+  targets = model_lib.param_shapes(_per_block(model))
   state_dict = read_state_dict(folder)
   _check_tied(state_dict, folder)
   fresh_head = {HEAD: jax.jit(
@@ -311,7 +311,12 @@ def load_pretrained(name_or_path: str, *, num_labels: int, dtype: str = "float32
   flat, fresh = merge_weights(state_dict, flatten(targets), fresh_head)
   logging.info("Loaded %d tensors from %s%s.", len(flat) - len(fresh), folder,
                " (fresh classification head)" if fresh else "")
-  return model, unflatten(flat)
+  return model, scan.as_layout(unflatten(flat), config)
+
+
+def _per_block(model):
+  """``model`` with one subtree of params per block (Hugging Face's layout)."""
+  return model.clone(config=model.config.replace(scan_layers=False))
 
 
 # ----------------------------------------------------------------------------
@@ -328,6 +333,7 @@ def save_pretrained(params: Mapping[str, Any], config: GPT2Config, folder: str, 
   ``config.json`` and ``model.safetensors`` (float32).
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  params, config = scan.plain_layout(params, config), config.replace(scan_layers=False)
   if not isinstance(config, GPT2Config):   # a Llama-family or GPT-NeoX config
     return families.save(params, config, folder, head or ("score" if "score" in params
                                                           else "lm"))

@@ -24,8 +24,9 @@ class LayerCache(NamedTuple):
 
 class KVCache(NamedTuple):
   """Keys and values of every layer (tuples of ``[B, heads, S, head_dim]``: each head's
-  slots contiguous, so attention reads them without a transpose) and the slots that
-  hold a real token (``valid [B, S]``).
+  slots contiguous, so attention reads them without a transpose; under ``scan_layers``
+  one array ``[L, B, heads, S, head_dim]`` each) and the slots that hold a real token
+  (``valid [B, S]``).
 
   Slots are in the order tokens were written; a token's position (its ``wpe`` row,
   or its rotary angle, applied before its key is written) is passed separately, so
@@ -40,6 +41,9 @@ class KVCache(NamedTuple):
 def init_cache(config: GPT2Config, batch: int, length: int) -> KVCache:
   """An empty cache of ``length`` slots per row (the prompt plus the new tokens)."""
   shape = (batch, config.kv_heads, length, config.head_size)
+  if config.scan_layers:   # the layers' under nn.scan: one array [L, ...] each
+    zeros = jnp.zeros((config.n_layer, *shape), jnp.dtype(config.dtype))
+    return KVCache(zeros, zeros, jnp.zeros((batch, length), bool))
   zeros = tuple(jnp.zeros(shape, jnp.dtype(config.dtype)) for _ in range(config.n_layer))
   return KVCache(zeros, zeros, jnp.zeros((batch, length), bool))
 

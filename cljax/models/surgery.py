@@ -14,6 +14,7 @@ import numpy as np
 
 from cljax.models.config import GPT2Config
 from cljax.models.pnn import column_prefix
+from cljax.models import scan
 
 def _grown_rows(table_VD, ids, num_known: int):
   """``table_VD`` with rows ``ids`` (growing it to hold them) set to the mean of its
@@ -113,8 +114,13 @@ def merge_lora(params, config: GPT2Config, slot: int | None = None):
 
 def init_params(model, rng: jax.Array, seq_len: int = 8):
   """Randomly initialized params of ``model`` (any of the three models of
-  :mod:`cljax.models.heads`; float32 unless ``param_dtype`` says)."""
+  :mod:`cljax.models.heads`; float32 unless ``param_dtype`` says). Blocks under
+  ``scan_layers`` get the unscanned model's draw, stacked: the same run either way."""
   ids = jnp.zeros((1, seq_len), jnp.int32)
+  cfg = model.config
+  if cfg.scan_layers:
+    plain = model.clone(config=cfg.replace(scan_layers=False))
+    return scan.stack_blocks(plain.init(rng, ids)["params"], cfg)
   return model.init(rng, ids)["params"]
 
 

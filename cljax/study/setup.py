@@ -186,7 +186,8 @@ def setup(cfg: StudyConfig, workdir: str, resume: bool = False) -> Study:
       eos_token_id=tokenizer.eos_token_id, n_embd=model.config.n_embd,
       vocab_size=model.config.vocab_size, pad_token_id=tokenizer.pad_token_id,
       answer_tokens=data_lib.answer_tokens(tasks, tokenizer) if as_text else 1,
-      family=model.config.family, layout=model.config.LAYOUT, tied=model.config.tied)
+      family=model.config.family, layout=model.config.LAYOUT, tied=model.config.tied,
+      scan_layers=model.config.scan_layers)
   method = build_method(cfg.method, cfg.method_config, method_context)
   declares = method.declares
   model, params = _lm_head_where_read(model, params, declares.reads_lm, cfg.method)
