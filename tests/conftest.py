@@ -8,11 +8,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models: compiling dominates, so fewer XLA passes make the suite about a third
 # faster; every comparison runs both sides under the same setting (subprocesses too).
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-# No persistent cache of compiled programs (cljax's default, ~/.cache/cljax/xla, and a
-# sweep's own): writing each program costs about its compile again, and a sweep's cache
-# stayed on for every later test in its worker (3x slower). The test of the cache turns
-# it on for its own subprocesses.
-os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
 
 import numpy as np
 import pytest
