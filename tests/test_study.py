@@ -289,14 +289,14 @@ def test_a_new_task_does_not_keep_the_previous_optimizer_state(tiny_data_dir,
   assert peak[1] - peak[0] < 0.5 * param_bytes, (peak, param_bytes)
 
 
-def _cli(workdir, cfg_argv, *extra, file_size_limit_kb=None, env=None):
+def _cli(workdir, cfg_argv, *extra, file_size_limit_kb=None):
   cmd = [sys.executable, os.path.join(ROOT, "experiments", "forgetting.py"),
          f"--workdir={workdir}", *cfg_argv, *extra]
   if file_size_limit_kb:   # writes past the limit fail with EFBIG, as on a full disk
     cmd = ["bash", "-c", f'trap "" XFSZ; ulimit -f {file_size_limit_kb}; exec "$@"', "_",
            *cmd]
   return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 def _tiny_argv(data_dir, tokenizer_dir):
@@ -486,7 +486,7 @@ def test_every_program_compiles_before_the_first_step_and_a_rerun_only_loads(
           f"--cache_dir={tmp_path / 'cache'}"]
   timings = []
   for run in ("cold", "warm"):
-    proc = _cli(tmp_path / run, argv, env={"JAX_ENABLE_COMPILATION_CACHE": "true"})
+    proc = _cli(tmp_path / run, argv)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / run / "results.json") as f:
       timings.append(json.load(f)["timing"])

@@ -139,7 +139,7 @@ def load(hf_config: Mapping, state_dict: Mapping[str, np.ndarray], folder: str, 
   extra = {"num_labels": num_labels} if head == "classifier" else {}
   cfg = family.config.from_hf(hf_config, dtype=dtype, **extra, **overrides)
   model = (GPT2Classifier if head == "classifier" else GPT2LM)(cfg)
-  per_block = model.clone(config=cfg.replace(scan_layers=False))   # Hugging Face's layout
+  per_block = scan.per_block(model)   # Hugging Face's layout
   want = jax.eval_shape(lambda: per_block.init(jax.random.key(0),
                                                jnp.zeros((1, 2), jnp.int32)))
   want = want["params"]

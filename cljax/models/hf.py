@@ -271,7 +271,7 @@ def load_lm(name_or_path: str, *, dtype: str = "float32", **config_overrides
   model = GPT2LM(config)
   state_dict = read_state_dict(folder)
   _check_tied(state_dict, folder)
-  flat, _ = merge_weights(state_dict, flatten(model_lib.param_shapes(_per_block(model))),
+  flat, _ = merge_weights(state_dict, flatten(model_lib.param_shapes(scan.per_block(model))),
                           ignore=(r"^score\.weight$",))
   logging.info("Loaded %d tensors from %s as a language model.", len(flat), folder)
   return model, scan.as_layout(unflatten(flat), config)
@@ -302,7 +302,7 @@ def load_pretrained(name_or_path: str, *, num_labels: int, dtype: str = "float32
   config = GPT2Config.from_hf(hf_config, num_labels=num_labels, dtype=dtype,
                               **config_overrides)
   model = GPT2Classifier(config)
-  targets = model_lib.param_shapes(_per_block(model))
+  targets = model_lib.param_shapes(scan.per_block(model))
   state_dict = read_state_dict(folder)
   _check_tied(state_dict, folder)
   fresh_head = {HEAD: jax.jit(
@@ -312,11 +312,6 @@ def load_pretrained(name_or_path: str, *, num_labels: int, dtype: str = "float32
   logging.info("Loaded %d tensors from %s%s.", len(flat) - len(fresh), folder,
                " (fresh classification head)" if fresh else "")
   return model, scan.as_layout(unflatten(flat), config)
-
-
-def _per_block(model):
-  """``model`` with one subtree of params per block (Hugging Face's layout)."""
-  return model.clone(config=model.config.replace(scan_layers=False))
 
 
 # ----------------------------------------------------------------------------

@@ -45,6 +45,11 @@ def unstack_blocks(params, cfg):
                      for i in range(cfg.n_layer)}}
 
 
+def per_block(model):
+  """``model`` with one subtree of params per block (Hugging Face's layout)."""
+  return model.clone(config=model.config.replace(scan_layers=False))
+
+
 def as_layout(params, cfg):
   """Per-block ``params`` (as loaded from Hugging Face) in ``cfg``'s layout."""
   return stack_blocks(params, cfg) if cfg.scan_layers else params

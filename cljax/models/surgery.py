@@ -119,8 +119,7 @@ def init_params(model, rng: jax.Array, seq_len: int = 8):
   ids = jnp.zeros((1, seq_len), jnp.int32)
   cfg = model.config
   if cfg.scan_layers:
-    plain = model.clone(config=cfg.replace(scan_layers=False))
-    return scan.stack_blocks(plain.init(rng, ids)["params"], cfg)
+    return scan.stack_blocks(scan.per_block(model).init(rng, ids)["params"], cfg)
   return model.init(rng, ids)["params"]
 
 
